@@ -1,0 +1,150 @@
+"""Compiled CPU linear scans (numba): diagonal (real/complex) and k×k blocks, forward/reverse/adjoint.
+
+Semantics are exactly those of :func:`pararnn.kernels.reference.scan_reference`; the tests compare
+the two. Each independent lane (a batch row and a slice of the state) walks T sequentially: on a
+CPU the scan is memory-bound, and a sequential walk reads A and b once and writes h once, which is
+the memory floor. Lanes run in parallel with ``numba.prange``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+try:  # numba is optional: without it the plain PyTorch loop serves
+    import numba
+    from numba import njit, prange
+
+    HAVE_NUMBA = os.environ.get("PARARNN_DISABLE_NUMBA", "0") != "1"
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    HAVE_NUMBA = False
+
+_SUPPORTED = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+if HAVE_NUMBA:
+
+    @njit(cache=True, parallel=True, nogil=True)
+    def _diag_kernel(A, b, h0, has_h0, out, reverse, adjoint, chunk):  # pragma: no cover - compiled
+        # A, b, out: [B, T, d]; h0: [B, d]. A lane = (batch row, slice of `chunk` state entries),
+        # carried in a local buffer h so each step reads A_t, b_t once and writes h_t once.
+        B, T, d = b.shape
+        nchunk = (d + chunk - 1) // chunk
+        for lane in prange(B * nchunk):
+            bi = lane // nchunk
+            lo = (lane % nchunk) * chunk
+            n = min(lo + chunk, d) - lo
+            Ab = A[bi]
+            bb = b[bi]
+            ob = out[bi]
+            h = np.zeros(n, dtype=out.dtype)
+            if has_h0 and not adjoint:
+                for i in range(n):
+                    h[i] = h0[bi, lo + i]
+            for s in range(T):
+                t = T - 1 - s if reverse else s
+                bt = bb[t, lo:lo + n]
+                ot = ob[t, lo:lo + n]
+                if adjoint:  # transition of the neighbour already visited, conjugated
+                    if s == 0:
+                        for i in range(n):
+                            h[i] = bt[i]
+                    else:
+                        At = Ab[t + 1 if reverse else t - 1, lo:lo + n]
+                        for i in range(n):
+                            h[i] = At[i].conjugate() * h[i] + bt[i]
+                else:
+                    At = Ab[t, lo:lo + n]
+                    for i in range(n):
+                        h[i] = At[i] * h[i] + bt[i]
+                for i in range(n):
+                    ot[i] = h[i]
+
+    @njit(cache=True, parallel=True, nogil=True)
+    def _block_kernel(A, b, h0, has_h0, out, reverse, adjoint, chunk):  # pragma: no cover - compiled
+        # A: [B, T, m, k, k]; b, out: [B, T, m*k]; h0: [B, m*k]. A lane = (batch row, `chunk` blocks).
+        B, T, m, k, _ = A.shape
+        nchunk = (m + chunk - 1) // chunk
+        for lane in prange(B * nchunk):
+            bi = lane // nchunk
+            j0 = (lane % nchunk) * chunk
+            nb = min(j0 + chunk, m) - j0
+            lo = j0 * k
+            n = nb * k
+            h = np.zeros(n, dtype=out.dtype)
+            hn = np.zeros(n, dtype=out.dtype)
+            if has_h0 and not adjoint:
+                for i in range(n):
+                    h[i] = h0[bi, lo + i]
+            for s in range(T):
+                t = T - 1 - s if reverse else s
+                bt = b[bi, t, lo:lo + n]
+                if adjoint and s == 0:
+                    for i in range(n):
+                        hn[i] = bt[i]
+                elif adjoint:
+                    At = A[bi, t + 1 if reverse else t - 1]
+                    for jj in range(nb):
+                        Aj = At[j0 + jj]
+                        for r in range(k):
+                            acc = bt[jj * k + r]
+                            for c in range(k):
+                                acc += Aj[c, r].conjugate() * h[jj * k + c]
+                            hn[jj * k + r] = acc
+                else:
+                    At = A[bi, t]
+                    for jj in range(nb):
+                        Aj = At[j0 + jj]
+                        for r in range(k):
+                            acc = bt[jj * k + r]
+                            for c in range(k):
+                                acc += Aj[r, c] * h[jj * k + c]
+                            hn[jj * k + r] = acc
+                ot = out[bi, t, lo:lo + n]
+                for i in range(n):
+                    h[i] = hn[i]
+                    ot[i] = hn[i]
+
+
+def _lanes(rows: int, width: int, min_chunk: int) -> int:
+    """Chunk size so that rows * (width / chunk) lanes keep every thread busy."""
+    want = max(1, -(-2 * numba.get_num_threads() // max(rows, 1)))
+    return max(min(min_chunk, width), -(-width // want))
+
+
+def available(A: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the compiled path can take these tensors (CPU, supported dtype, numba present)."""
+    return HAVE_NUMBA and b.device.type == "cpu" and A.device.type == "cpu"
+
+
+def _np(t: torch.Tensor):
+    return t.detach().resolve_conj().contiguous().numpy()
+
+
+def scan_cpu(A, b, h0, structure, reverse=False, adjoint=False, out=None):
+    """Compiled twin of :func:`scan_reference` (same arguments); writes into ``out`` if given.
+
+    fp16/bf16 inputs are computed in fp32 and cast back.
+    """
+    dtype = b.dtype
+    if dtype not in _SUPPORTED:  # half precisions: accumulate in fp32
+        work = torch.float32
+        res = scan_cpu(A.to(work), b.to(work), None if h0 is None else h0.to(work), structure, reverse, adjoint)
+        return res.to(dtype) if out is None else out.copy_(res)
+    B, T, d = b.shape
+    if out is None or not out.is_contiguous():
+        res = torch.empty((B, T, d), dtype=dtype)
+    else:
+        res = out
+    has_h0 = h0 is not None
+    h0n = _np(h0) if has_h0 else _np(b.new_zeros(1, 1))
+    if structure == "diagonal":
+        _diag_kernel(_np(A), _np(b), h0n, has_h0, res.numpy(), reverse, adjoint, _lanes(B, d, 64))
+    else:
+        Ab = A.unsqueeze(2) if structure == "dense" else A  # dense = one block of size d
+        m, k = Ab.shape[2], Ab.shape[3]
+        _block_kernel(_np(Ab), _np(b), h0n, has_h0, res.numpy(), reverse, adjoint, _lanes(B, m, max(1, 64 // k)))
+    if out is not None and res is not out:
+        out.copy_(res)
+        return out
+    return res

@@ -1,0 +1,201 @@
+"""Newton's method on F(H)_t = h_t - f(h_{t-1}, u_t) = 0: every iteration is one linear scan."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .scan import scan_dispatch
+
+
+class ConvergenceError(RuntimeError):
+    """Raised by ``on_fail="raise"`` when Newton does not converge for some sequences."""
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """Issued by ``on_fail="warn"`` or ``"fallback"`` when Newton does not converge."""
+
+
+_DEFAULT_TOL = {  # (rtol, atol) on the residual max|f(h_{t-1}) - h_t|
+    torch.float64: (1e-12, 1e-12),
+    torch.complex128: (1e-12, 1e-12),
+    torch.float32: (2e-6, 2e-6),
+    torch.complex64: (2e-6, 2e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+
+@dataclass
+class SolverOptions:
+    """Newton solver options (all keyword arguments of :class:`pararnn.RNN`).
+
+    Attributes:
+        max_iters: most Newton steps (linear scans). Newton needs at most T; typical cells 2-10.
+        rtol, atol: converged when ``max|f(h_{t-1}, u_t) - h_t| <= atol + rtol * max|h|`` per
+            sequence. ``None`` = a default per dtype (fp64 1e-12, fp32 2e-6, fp16 2e-3).
+        init: initial guess: ``"step"`` (``h_t = f(h0, u_t)`` for all t, as ParaRNN with h0=0),
+            ``"zeros"``, or a tensor ``[B, T, d]`` (warm start, e.g. a previous solution).
+        on_fail: ``"raise"`` (ConvergenceError), ``"warn"`` (return the last iterate with a
+            ConvergenceWarning) or ``"fallback"`` (recompute the non-converged sequences
+            sequentially, with a warning). Non-finite iterates count as non-converged.
+        damping: step size in (0, 1]: ``H += damping * delta``. Below 1 it trades speed for
+            robustness on non-contractive cells.
+        backend: linear-scan backend (see :func:`pararnn.linear_scan`).
+        check_finite: raise on NaN/Inf in x or h0 before solving.
+    """
+
+    max_iters: int = 30
+    rtol: float | None = None
+    atol: float | None = None
+    init: str | torch.Tensor = "step"
+    on_fail: str = "fallback"
+    damping: float = 1.0
+    backend: str = "auto"
+    check_finite: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.max_iters, int) or self.max_iters < 1:
+            raise ValueError(f"max_iters must be an int >= 1, got {self.max_iters!r}")
+        if self.on_fail not in ("raise", "warn", "fallback"):
+            raise ValueError(f"on_fail must be 'raise', 'warn' or 'fallback', got {self.on_fail!r}")
+        if not (0.0 < float(self.damping) <= 1.0):
+            raise ValueError(f"damping must be in (0, 1], got {self.damping!r}")
+        if isinstance(self.init, str) and self.init not in ("step", "zeros"):
+            raise ValueError(f"init must be 'step', 'zeros' or a tensor, got {self.init!r}")
+        for name in ("rtol", "atol"):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
+
+    def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
+        rtol, atol = _DEFAULT_TOL.get(dtype, (1e-5, 1e-5))
+        return (rtol if self.rtol is None else self.rtol, atol if self.atol is None else self.atol)
+
+
+@dataclass
+class SolverInfo:
+    """What the last solve did. ``rnn.last_info`` after every forward.
+
+    Attributes:
+        mode: ``"parallel"`` or ``"sequential"``.
+        iterations: Newton steps taken (linear scans); 0 for sequential mode.
+        residuals: max residual over the batch before each step and after the last one
+            (length ``iterations + 1``).
+        converged: ``[B]`` bool, which sequences met the tolerance by Newton.
+        fell_back: ``[B]`` bool, which sequences were recomputed sequentially.
+        tol: the tolerance that was applied (per-sequence ``atol + rtol*max|h|``, max over batch).
+    """
+
+    mode: str
+    iterations: int = 0
+    residuals: list[float] = field(default_factory=list)
+    converged: torch.Tensor | None = None
+    fell_back: torch.Tensor | None = None
+    tol: float | None = None
+
+    @property
+    def all_converged(self) -> bool:
+        return self.converged is None or bool(self.converged.all())
+
+
+def sequential_solve(step: Callable, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """The strong sequential loop: ``h_t = step(h_{t-1}, u_t)`` over ``u.unbind(1)``.
+
+    u: ``[B, T, *]``, h0: ``[B, d]``. Returns ``[B, T, d]``. Differentiable by plain autograd.
+    """
+    h = h0
+    out = []
+    for u_t in u.unbind(1):
+        h = step(h, u_t)
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def evaluate(cell, S: torch.Tensor, u: torch.Tensor):
+    """f and J at every position: ``S [B, T+1, d]`` holds (h0, h_1..h_T); u ``[B, T, *]``.
+
+    Returns ``f [B, T, d]`` and ``J [B, T, *jac]``.
+    """
+    B, T = u.shape[:2]
+    f, J = cell.step_and_jacobian(_flat(S[:, :-1]), _flat(u))
+    return f.reshape(B, T, -1), J.reshape(B, T, *J.shape[1:])
+
+
+def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
+    """Solve ``h_t = f(h_{t-1}, u_t)``, t = 1..T, by Newton with parallel linear scans.
+
+    u: ``[B, T, *]`` (prepared inputs), h0: ``[B, d]``. Runs without autograd.
+
+    Returns ``(S, J, info)``: ``S [B, T+1, d]`` holds ``(h0, h_1..h_T)`` (so ``S[:, 1:]`` is the
+    solution and ``S[:, :-1]`` the previous states), ``J [B, T, *jac]`` is df/dh at the solution
+    and ``info`` a :class:`SolverInfo`. J is what the adjoint backward needs, so the final
+    convergence check doubles as the backward's linearisation.
+    """
+    structure = cell.get_structure()
+    B, T = u.shape[:2]
+    d = cell.state_size
+    rtol, atol = opts.tolerances(h0.dtype)
+    # S holds h0 and the iterate: S[:, 1:] = H and S[:, :-1] = (h0, h_1..h_{T-1}), as views.
+    S = torch.empty(B, T + 1, d, dtype=h0.dtype, device=h0.device)  # [B, T+1, d]
+    S[:, 0] = h0
+    H = S[:, 1:]
+    if isinstance(opts.init, torch.Tensor):
+        if tuple(opts.init.shape) != (B, T, d):
+            raise ValueError(f"init (warm start) must be [B, T, d] = {[B, T, d]}, got {list(opts.init.shape)}")
+        H.copy_(opts.init)
+    elif opts.init == "zeros":
+        H.zero_()
+    else:  # f(h0, u_t) for every t
+        H.copy_(cell.step(h0.unsqueeze(1).expand(B, T, d).reshape(B * T, d), _flat(u)).reshape(B, T, d))
+    info = SolverInfo(mode="parallel")
+    r = torch.empty(B, T, d, dtype=h0.dtype, device=h0.device)  # residual, reused
+    delta = torch.empty_like(r)  # Newton update, reused
+    prev_err = None
+    while True:
+        f, J = evaluate(cell, S, u)
+        torch.sub(f, H, out=r)
+        err = r.abs().amax(dim=(1, 2))  # [B]
+        tol = atol + rtol * f.abs().amax(dim=(1, 2))
+        converged = err <= tol  # NaN compares False: never converged
+        info.residuals.append(float(err.max()))
+        info.tol = float(tol.max())
+        if bool(converged.all()) or info.iterations >= opts.max_iters:
+            break
+        if not torch.isfinite(err).all() and prev_err is not None:
+            break  # diverged to NaN/Inf: further steps cannot help
+        prev_err = err
+        scan_dispatch(J, r, None, structure, backend=opts.backend, out=delta)
+        if opts.damping != 1.0:
+            delta.mul_(opts.damping)
+        H.add_(delta)
+        info.iterations += 1
+    info.converged = converged
+    info.fell_back = torch.zeros_like(converged)
+    if not bool(converged.all()):
+        bad = (~converged).nonzero().flatten()
+        msg = (
+            f"Newton did not converge for {bad.numel()}/{B} sequences in {info.iterations} "
+            f"iterations (max_iters={opts.max_iters}): residual {info.residuals[-1]:.3g} > tol "
+            f"{info.tol:.3g}. Residual history: {[f'{x:.2g}' for x in info.residuals]}"
+        )
+        if opts.on_fail == "raise":
+            raise ConvergenceError(msg + ". Use on_fail='fallback' or mode='sequential', "
+                                   "raise max_iters, or damp the cell.")
+        if opts.on_fail == "warn":
+            warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+        else:
+            warnings.warn(msg + "; those sequences were recomputed sequentially.", ConvergenceWarning,
+                          stacklevel=3)
+            H[bad] = sequential_solve(cell.step, u[bad], h0[bad])
+            _, Jb = evaluate(cell, S[bad], u[bad])
+            J = J.clone()
+            J[bad] = Jb
+            info.fell_back[bad] = True
+    return S, J, info

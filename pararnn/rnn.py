@@ -1,0 +1,205 @@
+"""`RNN`: run a `Cell` over a sequence, in parallel (Newton + scans) or sequentially."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .cell import Cell
+from .newton import SolverInfo, SolverOptions, newton_solve, sequential_solve
+from .scan import scan_dispatch
+
+MODES = ("parallel", "sequential", "auto")
+
+
+class _ParallelSolve(torch.autograd.Function):
+    """H = solve(u, h0; θ). Forward: Newton without a graph. Backward: the adjoint method.
+
+    With the solution H and J_t = df/dh(h_{t-1}, u_t) at it, the state cotangents solve the
+    reverse recurrence ``λ_t = g_t + J_{t+1}^T λ_{t+1}`` (one reverse scan); then one vectorised
+    vjp of ``step`` over all t with cotangent λ gives the gradients for u and θ, and the vjp at
+    t = 1 gives h0's. Nothing from the Newton iterations is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, cell, opts, info_box, u, h0, *params):
+        with torch.no_grad():
+            S, J, info = newton_solve(cell, u, h0, opts)
+        info_box.append(info)
+        ctx.cell, ctx.backend, ctx.params = cell, opts.backend, params
+        ctx.save_for_backward(S, J, u)
+        return S[:, 1:]
+
+    @staticmethod
+    def backward(ctx, g):
+        S, J, u = ctx.saved_tensors
+        cell = ctx.cell
+        B, T = u.shape[:2]
+        lam = scan_dispatch(J, g.contiguous(), None, cell.get_structure(), reverse=True,
+                            adjoint=True, backend=ctx.backend)  # [B, T, d]
+        need_u, need_h0 = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        pidx = [i for i, p in enumerate(ctx.params) if ctx.needs_input_grad[5 + i]]
+        gu, gh0 = None, None
+        gparams = [None] * len(ctx.params)
+        with torch.enable_grad():
+            if need_u or pidx:
+                u_ = u.detach().requires_grad_(need_u)
+                hp = S[:, :-1].detach().reshape(B * T, -1)
+                f = cell.step(hp, u_.reshape(B * T, *u.shape[2:]))
+                inputs = ([u_] if need_u else []) + [ctx.params[i] for i in pidx]
+                grads = torch.autograd.grad(f, inputs, lam.reshape(B * T, -1), allow_unused=True)
+                if need_u:
+                    gu, grads = grads[0], grads[1:]
+                for i, gr in zip(pidx, grads):
+                    gparams[i] = gr
+            if need_h0:
+                h0 = S[:, 0].detach().requires_grad_(True)
+                f0 = cell.step(h0, u[:, 0].detach())
+                (gh0,) = torch.autograd.grad(f0, [h0], lam[:, 0])
+        return (None, None, None, gu, gh0, *gparams)
+
+
+def choose_mode(B: int, T: int, d: int, device: torch.device) -> str:
+    """The ``mode="auto"`` rule. See README "Choosing a mode" for the measurements behind it.
+
+    - CUDA: parallel (the scan is O(log T) deep and the step evaluations fill the device).
+    - CPU: the sequential loop costs ~T × (per-op latency); the parallel solve costs
+      ~iterations × B·T·d × (bytes per element) / bandwidth. Parallel wins when B·d is small
+      (latency-bound, long T) and loses when B·d is large (bandwidth-bound).
+    """
+    if device.type == "cuda":
+        return "parallel"
+    return "parallel" if (T >= 64 and B * d <= 4096) else "sequential"
+
+
+class RNN(nn.Module):
+    """Run a :class:`pararnn.Cell` over sequences.
+
+    Args:
+        cell: the cell, ``h_t = cell.step(h_{t-1}, u_t)`` with ``u = cell.prepare(x)``.
+        mode: ``"parallel"`` (Newton + parallel scans), ``"sequential"`` (a loop over T, plain
+            autograd) or ``"auto"`` (see :func:`choose_mode`).
+        **solver_options: fields of :class:`pararnn.SolverOptions` (max_iters, rtol, atol, init,
+            on_fail, damping, backend, check_finite).
+
+    After each call, ``rnn.last_info`` is a :class:`pararnn.SolverInfo` (iterations, residual per
+    iteration, which sequences converged or fell back).
+    """
+
+    def __init__(self, cell: Cell, mode: str = "parallel", **solver_options):
+        super().__init__()
+        if not isinstance(cell, Cell):
+            raise TypeError(f"cell must be a pararnn.Cell, got {type(cell).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        cell.get_structure()  # validate the declaration early
+        self.cell = cell
+        self.mode = mode
+        self.options = SolverOptions(**solver_options)
+        self.last_info: SolverInfo | None = None
+
+    # ------------------------------------------------------------------ validation
+    def _param_like(self):
+        return next(iter(self.cell.parameters()), None)
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [B, T, D_in], got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"x must be [B, T, D_in] (batch first), got shape {list(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError("x has T = 0 time steps; need T >= 1")
+        if x.shape[0] == 0:
+            raise ValueError("x has batch size B = 0; need B >= 1")
+        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
+        isz = getattr(self.cell, "input_size", None)
+        if isz is not None and x.shape[-1] != isz:
+            raise ValueError(f"x must have D_in = cell.input_size = {isz} features, got {x.shape[-1]}")
+        p = self._param_like()
+        if p is not None:
+            if x.device != p.device:
+                raise ValueError(f"x is on {x.device} but the cell's parameters are on {p.device}")
+            if x.dtype != p.dtype and not (x.is_complex() or p.is_complex()):
+                raise TypeError(f"x has dtype {x.dtype} but the cell's parameters are {p.dtype}")
+
+    def _make_h0(self, h0, u: torch.Tensor) -> torch.Tensor:
+        B = u.shape[0]
+        dtype = self.cell.state_dtype(u)
+        if h0 is None:
+            return self.cell.initial_state(B, dtype, u.device)
+        if not isinstance(h0, torch.Tensor):
+            raise TypeError(f"h0 must be a torch.Tensor [B, state], got {type(h0).__name__}")
+        want = (B, self.cell.state_size)
+        if tuple(h0.shape) != want:
+            raise ValueError(f"h0 must be [B, state] = {list(want)}, got {list(h0.shape)}")
+        if h0.device != u.device:
+            raise ValueError(f"h0 is on {h0.device} but x is on {u.device}")
+        if h0.dtype != dtype:
+            raise TypeError(f"h0 has dtype {h0.dtype} but the state dtype is {dtype}")
+        return h0
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None, mode: str | None = None,
+                return_info: bool = False, **solver_overrides):
+        """Run the cell over ``x``.
+
+        Args:
+            x: ``[B, T, D_in]``, batch first.
+            h0: ``[B, state]`` or None (zeros).
+            mode: override the module's mode for this call.
+            return_info: also return the :class:`SolverInfo`.
+            **solver_overrides: per-call :class:`SolverOptions` fields (e.g. ``init=H_prev``).
+
+        Returns:
+            ``(y [B, T, state], h_T [B, state])``, plus ``info`` if ``return_info``.
+        """
+        self._check_x(x)
+        opts = dataclasses.replace(self.options, **solver_overrides) if solver_overrides else self.options
+        mode = self.mode if mode is None else mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if opts.check_finite:
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("x contains NaN or Inf (pass check_finite=False to skip this check)")
+            if h0 is not None and isinstance(h0, torch.Tensor) and not bool(torch.isfinite(h0).all()):
+                raise ValueError("h0 contains NaN or Inf (pass check_finite=False to skip this check)")
+        u = self.cell.prepare(x)  # [B, T, *]
+        if u.shape[:2] != x.shape[:2]:
+            raise ValueError(f"{type(self.cell).__name__}.prepare must keep [B, T] leading dims: "
+                             f"x {list(x.shape)} -> u {list(u.shape)}")
+        h0 = self._make_h0(h0, u)
+        B, T = u.shape[:2]
+        if mode == "auto":
+            mode = choose_mode(B, T, self.cell.state_size, u.device)
+        if mode == "sequential":
+            y = sequential_solve(self.cell.step, u, h0)
+            info = SolverInfo(mode="sequential")
+        else:
+            params = [p for p in self.cell.parameters()]
+            box: list[SolverInfo] = []
+            y = _ParallelSolve.apply(self.cell, opts, box, u, h0, *params)
+            info = box[0]
+        self.last_info = info
+        hT = y[:, -1]
+        return (y, hT, info) if return_info else (y, hT)
+
+    @torch.no_grad()
+    def solve_info(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> SolverInfo:
+        """Run the parallel solver on x without autograd and return its :class:`SolverInfo`."""
+        return self.forward(x, h0, mode="parallel", return_info=True)[2]
+
+    def step(self, x_t: torch.Tensor, h: torch.Tensor | None = None):
+        """Decode one token: ``x_t [B, D_in]``, ``h [B, state]`` (None = zeros).
+
+        Returns ``(y_t [B, state], h_next [B, state])``.
+        """
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2:
+            raise ValueError(f"x_t must be [B, D_in], got {getattr(x_t, 'shape', type(x_t))}")
+        x = x_t.unsqueeze(1)
+        self._check_x(x)
+        u = self.cell.prepare(x)
+        h = self._make_h0(h, u)
+        h = self.cell.step(h, u[:, 0])
+        return h, h
