@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from .scan import scan_dispatch
+from .structure import jacobian_shape
 
 
 class ConvergenceError(RuntimeError):
@@ -45,6 +46,8 @@ class SolverOptions:
             robustness on non-contractive cells.
         backend: linear-scan backend (see :func:`pararnn.linear_scan`).
         check_finite: raise on NaN/Inf in x or h0 before solving.
+        chunk: the cell is evaluated over T in chunks of about this many state elements, so
+            temporaries stay small (a CPU speed knob; results do not depend on it).
     """
 
     max_iters: int = 30
@@ -55,6 +58,7 @@ class SolverOptions:
     damping: float = 1.0
     backend: str = "auto"
     check_finite: bool = True
+    chunk: int = 1 << 18
 
     def __post_init__(self):
         if not isinstance(self.max_iters, int) or self.max_iters < 1:
@@ -65,6 +69,8 @@ class SolverOptions:
             raise ValueError(f"damping must be in (0, 1], got {self.damping!r}")
         if isinstance(self.init, str) and self.init not in ("step", "zeros"):
             raise ValueError(f"init must be 'step', 'zeros' or a tensor, got {self.init!r}")
+        if not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1, got {self.chunk!r}")
         for name in ("rtol", "atol"):
             v = getattr(self, name)
             if v is not None and not v >= 0:
@@ -118,14 +124,39 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
-def evaluate(cell, S: torch.Tensor, u: torch.Tensor):
-    """f and J at every position: ``S [B, T+1, d]`` holds (h0, h_1..h_T); u ``[B, T, *]``.
+def time_chunks(B: int, T: int, d: int, target: int):
+    """Split [0, T) into chunks of about ``target`` elements of ``[B, chunk, d]``.
 
-    Returns ``f [B, T, d]`` and ``J [B, T, *jac]``.
+    Evaluating the cell chunk by chunk keeps every temporary small: on CPU that means it stays
+    in cache and is recycled by the allocator instead of being page-faulted in fresh (a fresh
+    32 MB temporary costs more than the arithmetic on it).
+    """
+    tc = max(1, min(T, target // max(1, B * d)))
+    return [(t0, min(T, t0 + tc)) for t0 in range(0, T, tc)]
+
+
+def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.Tensor,
+             chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual and Jacobian at the iterate, written into buffers, chunk by chunk over T.
+
+    ``S [B, T+1, d]`` holds (h0, h_1..h_T); ``u [B, T, *]``. Fills ``r = f(h_{t-1}, u_t) - h_t``
+    ``[B, T, d]`` and ``J [B, T, *jac]``; returns per-sequence ``max|r|`` and ``max|f|`` ``[B]``.
     """
     B, T = u.shape[:2]
-    f, J = cell.step_and_jacobian(_flat(S[:, :-1]), _flat(u))
-    return f.reshape(B, T, -1), J.reshape(B, T, *J.shape[1:])
+    d = S.shape[-1]
+    err = torch.zeros(B, dtype=r.real.dtype, device=r.device)
+    fmax = torch.zeros_like(err)
+    for t0, t1 in time_chunks(B, T, d, chunk):
+        n = t1 - t0
+        f, Jc = cell.step_and_jacobian(_flat(S[:, t0:t1]), _flat(u[:, t0:t1]))
+        f = f.reshape(B, n, d)
+        J[:, t0:t1] = Jc.reshape(B, n, *Jc.shape[1:])
+        rc = r[:, t0:t1]
+        torch.sub(f, S[:, t0 + 1:t1 + 1], out=rc)
+        # NaN must propagate: amax does, and fmax(…) would drop it, so use maximum.
+        err = torch.maximum(err, rc.abs().amax(dim=(1, 2)))
+        fmax = torch.maximum(fmax, f.abs().amax(dim=(1, 2)))
+    return err, fmax
 
 
 def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
@@ -142,8 +173,12 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
     B, T = u.shape[:2]
     d = cell.state_size
     rtol, atol = opts.tolerances(h0.dtype)
-    # S holds h0 and the iterate: S[:, 1:] = H and S[:, :-1] = (h0, h_1..h_{T-1}), as views.
+    # Buffers reused across iterations (fresh large tensors are page-faulted in on every
+    # allocation). S holds h0 and the iterate: S[:, 1:] = H, S[:, :-1] = (h0, h_1..h_{T-1}).
     S = torch.empty(B, T + 1, d, dtype=h0.dtype, device=h0.device)  # [B, T+1, d]
+    r = torch.empty(B, T, d, dtype=h0.dtype, device=h0.device)  # residual [B, T, d]
+    delta = torch.empty_like(r)  # Newton update [B, T, d]
+    J = torch.empty(B, T, *jacobian_shape(structure, d), dtype=h0.dtype, device=h0.device)
     S[:, 0] = h0
     H = S[:, 1:]
     if isinstance(opts.init, torch.Tensor):
@@ -153,16 +188,15 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
     elif opts.init == "zeros":
         H.zero_()
     else:  # f(h0, u_t) for every t
-        H.copy_(cell.step(h0.unsqueeze(1).expand(B, T, d).reshape(B * T, d), _flat(u)).reshape(B, T, d))
+        for t0, t1 in time_chunks(B, T, d, opts.chunk):
+            n = t1 - t0
+            h0x = h0.unsqueeze(1).expand(B, n, d).reshape(B * n, d)
+            H[:, t0:t1] = cell.step(h0x, _flat(u[:, t0:t1])).reshape(B, n, d)
     info = SolverInfo(mode="parallel")
-    r = torch.empty(B, T, d, dtype=h0.dtype, device=h0.device)  # residual, reused
-    delta = torch.empty_like(r)  # Newton update, reused
     prev_err = None
     while True:
-        f, J = evaluate(cell, S, u)
-        torch.sub(f, H, out=r)
-        err = r.abs().amax(dim=(1, 2))  # [B]
-        tol = atol + rtol * f.abs().amax(dim=(1, 2))
+        err, fmax = evaluate(cell, S, u, r, J, opts.chunk)  # [B], [B]
+        tol = atol + rtol * fmax
         converged = err <= tol  # NaN compares False: never converged
         info.residuals.append(float(err.max()))
         info.tol = float(tol.max())
@@ -194,8 +228,8 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
             warnings.warn(msg + "; those sequences were recomputed sequentially.", ConvergenceWarning,
                           stacklevel=3)
             H[bad] = sequential_solve(cell.step, u[bad], h0[bad])
-            _, Jb = evaluate(cell, S[bad], u[bad])
-            J = J.clone()
+            Jb = J[bad]
+            evaluate(cell, S[bad], u[bad], r[bad], Jb, opts.chunk)
             J[bad] = Jb
             info.fell_back[bad] = True
     return S, J, info

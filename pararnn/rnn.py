@@ -7,57 +7,62 @@ import torch
 from torch import nn
 
 from .cell import Cell
-from .newton import SolverInfo, SolverOptions, newton_solve, sequential_solve
+from .newton import SolverInfo, SolverOptions, newton_solve, sequential_solve, time_chunks
 from .scan import scan_dispatch
 
 MODES = ("parallel", "sequential", "auto")
 
 
-class _ParallelSolve(torch.autograd.Function):
-    """H = solve(u, h0; θ). Forward: Newton without a graph. Backward: the adjoint method.
+class _Adjoint(torch.autograd.Function):
+    """Identity on the solution whose backward is the adjoint scan.
 
-    With the solution H and J_t = df/dh(h_{t-1}, u_t) at it, the state cotangents solve the
-    reverse recurrence ``λ_t = g_t + J_{t+1}^T λ_{t+1}`` (one reverse scan); then one vectorised
-    vjp of ``step`` over all t with cotangent λ gives the gradients for u and θ, and the vjp at
-    t = 1 gives h0's. Nothing from the Newton iterations is kept.
+    Inputs: the converged states ``H [B, T, d]`` (no grad), ``J [B, T, *jac]`` (df/dh at H) and
+    the chunks ``f_c [B, t1-t0, d]`` of one graph-carrying evaluation ``f(h_{t-1}, u_t)`` at the
+    solution. Output: H. Backward: the state cotangents solve ``λ_t = g_t + J_{t+1}^T λ_{t+1}``
+    (one reverse scan); λ, split by chunk, is the cotangent of each f_c, so autograd's ordinary
+    vjp of ``step`` delivers the gradients of u, h0 and anything else step depends on
+    (parameters, functional_call swaps, closures). Nothing from the Newton iterations is kept.
     """
 
     @staticmethod
-    def forward(ctx, cell, opts, info_box, u, h0, *params):
-        with torch.no_grad():
-            S, J, info = newton_solve(cell, u, h0, opts)
-        info_box.append(info)
-        ctx.cell, ctx.backend, ctx.params = cell, opts.backend, params
-        ctx.save_for_backward(S, J, u)
-        return S[:, 1:]
+    def forward(ctx, H, J, structure, backend, bounds, *f_chunks):
+        ctx.save_for_backward(J)
+        ctx.structure, ctx.backend, ctx.bounds = structure, backend, bounds
+        return H
 
     @staticmethod
     def backward(ctx, g):
-        S, J, u = ctx.saved_tensors
-        cell = ctx.cell
-        B, T = u.shape[:2]
-        lam = scan_dispatch(J, g.contiguous(), None, cell.get_structure(), reverse=True,
-                            adjoint=True, backend=ctx.backend)  # [B, T, d]
-        need_u, need_h0 = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        pidx = [i for i, p in enumerate(ctx.params) if ctx.needs_input_grad[5 + i]]
-        gu, gh0 = None, None
-        gparams = [None] * len(ctx.params)
-        with torch.enable_grad():
-            if need_u or pidx:
-                u_ = u.detach().requires_grad_(need_u)
-                hp = S[:, :-1].detach().reshape(B * T, -1)
-                f = cell.step(hp, u_.reshape(B * T, *u.shape[2:]))
-                inputs = ([u_] if need_u else []) + [ctx.params[i] for i in pidx]
-                grads = torch.autograd.grad(f, inputs, lam.reshape(B * T, -1), allow_unused=True)
-                if need_u:
-                    gu, grads = grads[0], grads[1:]
-                for i, gr in zip(pidx, grads):
-                    gparams[i] = gr
-            if need_h0:
-                h0 = S[:, 0].detach().requires_grad_(True)
-                f0 = cell.step(h0, u[:, 0].detach())
-                (gh0,) = torch.autograd.grad(f0, [h0], lam[:, 0])
-        return (None, None, None, gu, gh0, *gparams)
+        (J,) = ctx.saved_tensors
+        lam = scan_dispatch(J, g.contiguous(), None, ctx.structure, reverse=True, adjoint=True,
+                            backend=ctx.backend)  # [B, T, d]
+        return (None, None, None, None, None, *[lam[:, t0:t1] for t0, t1 in ctx.bounds])
+
+
+def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
+    """Differentiable parallel solve: ``(H [B, T, d], SolverInfo)``.
+
+    Newton runs without a graph. If gradients are wanted, one more evaluation of ``step`` at the
+    solution (chunked over T) carries the graph, and :class:`_Adjoint` turns the incoming state
+    gradients into its cotangents with one reverse-time scan.
+    """
+    with torch.no_grad():
+        S, J, info = newton_solve(cell, u, h0, opts)  # S: [B, T+1, d] = (h0, h_1..h_T)
+    H = S[:, 1:]
+    if not torch.is_grad_enabled():
+        return H, info
+    B, T, d = H.shape
+    bounds = time_chunks(B, T, d, opts.chunk)
+    f_chunks = []
+    for t0, t1 in bounds:
+        hp = S[:, t0:t1]  # [B, n, d] previous states, no grad
+        if t0 == 0:  # h_{-1} = h0 carries h0's gradient
+            hp = torch.cat([h0.unsqueeze(1), hp[:, 1:]], dim=1)
+        n = t1 - t0
+        f = cell.step(hp.reshape(B * n, d), u[:, t0:t1].reshape(B * n, *u.shape[2:]))
+        if t0 == 0 and not f.requires_grad:
+            return H, info  # nothing upstream wants a gradient
+        f_chunks.append(f.reshape(B, n, d))
+    return _Adjoint.apply(H, J, cell.get_structure(), opts.backend, bounds, *f_chunks), info
 
 
 def choose_mode(B: int, T: int, d: int, device: torch.device) -> str:
@@ -177,10 +182,7 @@ class RNN(nn.Module):
             y = sequential_solve(self.cell.step, u, h0)
             info = SolverInfo(mode="sequential")
         else:
-            params = [p for p in self.cell.parameters()]
-            box: list[SolverInfo] = []
-            y = _ParallelSolve.apply(self.cell, opts, box, u, h0, *params)
-            info = box[0]
+            y, info = parallel_solve(self.cell, u, h0, opts)
         self.last_info = info
         hT = y[:, -1]
         return (y, hT, info) if return_info else (y, hT)

@@ -1,0 +1,101 @@
+"""User-style cells written the way a user would, for the engine tests."""
+import torch
+from torch import nn
+
+import pararnn
+
+
+class DiagGRU(pararnn.Cell):
+    """A GRU-like cell with diagonal recurrence, Jacobian left to torch.func."""
+
+    structure = "diagonal"
+
+    def __init__(self, din, d, scale=0.8):
+        super().__init__()
+        self.state_size, self.input_size = d, din
+        self.W = nn.Linear(din, 3 * d)
+        self.a = nn.Parameter(torch.randn(3, d) * scale)
+
+    def prepare(self, x):
+        return self.W(x)
+
+    def step(self, h, u):
+        uz, ur, uc = u.chunk(3, -1)
+        z = torch.sigmoid(uz + self.a[0] * h)
+        r = torch.sigmoid(ur + self.a[1] * h)
+        c = torch.tanh(uc + self.a[2] * r * h)
+        return (1 - z) * h + z * c
+
+
+class BlockTanh(pararnn.Cell):
+    """tanh RNN with k×k block-diagonal recurrent weights."""
+
+    def __init__(self, din, d, k, scale=0.5):
+        super().__init__()
+        self.state_size, self.input_size, self.structure = d, din, pararnn.Block(k)
+        self.W = nn.Linear(din, d)
+        self.R = nn.Parameter(torch.randn(d // k, k, k) * scale)
+
+    def prepare(self, x):
+        return self.W(x)
+
+    def step(self, h, u):
+        k = self.structure.k
+        hb = h.reshape(h.shape[0], -1, k, 1)
+        return torch.tanh(u + (self.R @ hb).reshape(h.shape))
+
+
+class DenseTanh(pararnn.Cell):
+    """Elman tanh RNN, dense Jacobian."""
+
+    structure = "dense"
+
+    def __init__(self, din, d, scale=0.5):
+        super().__init__()
+        self.state_size, self.input_size = d, din
+        self.W = nn.Linear(din, d)
+        self.R = nn.Parameter(torch.randn(d, d) * scale / d**0.5)
+
+    def prepare(self, x):
+        return self.W(x)
+
+    def step(self, h, u):
+        return torch.tanh(u + h @ self.R.T)
+
+
+class AffineCell(pararnn.Cell):
+    """h' = A(u) h + B u, affine in h, with any structure."""
+
+    def __init__(self, din, d, structure):
+        super().__init__()
+        self.state_size, self.input_size = d, din
+        self.structure = pararnn.structure.normalize_structure(structure, d)
+        self.Wa = nn.Linear(din, d)
+        self.Wb = nn.Linear(din, d)
+        self.M = nn.Parameter(torch.randn(d, d) * 0.5 / d**0.5)
+
+    def prepare(self, x):
+        return torch.cat([torch.sigmoid(self.Wa(x)), self.Wb(x)], -1)
+
+    def step(self, h, u):
+        a, b = u.chunk(2, -1)
+        if self.structure == "diagonal":
+            return a * h + b
+        if self.structure == "dense":
+            return a * (h @ self.M.T) + b
+        k = self.structure.k
+        mask = torch.block_diag(*[torch.ones(k, k)] * (self.state_size // k)).to(self.M)
+        return a * (h @ (self.M * mask).T) + b
+
+
+def make_cell(kind, din=3, d=6, dtype=torch.float64):
+    cells = {
+        "diagonal": lambda: DiagGRU(din, d),
+        "block2": lambda: BlockTanh(din, d, 2),
+        "block3": lambda: BlockTanh(din, d, 3),
+        "dense": lambda: DenseTanh(din, d),
+    }
+    return cells[kind]().to(dtype)
+
+
+KINDS = ["diagonal", "block2", "block3", "dense"]

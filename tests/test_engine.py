@@ -1,0 +1,243 @@
+"""Engine: parallel Newton solve == sequential loop, adjoint gradients == autograd, diagnostics."""
+import warnings
+
+import pytest
+import torch
+from helpers import KINDS, AffineCell, DiagGRU, make_cell
+
+import pararnn
+from pararnn.models.paragru import ParaGRU
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", [1, 2, 63, 1000])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_parallel_equals_sequential_fp64(kind, T, with_h0):
+    cell = make_cell(kind)
+    rnn = pararnn.RNN(cell)
+    x = torch.randn(3, T, 3, dtype=torch.float64)
+    h0 = torch.randn(3, cell.state_size, dtype=torch.float64) if with_h0 else None
+    y, hT, info = rnn(x, h0, return_info=True)
+    ys, hTs = rnn(x, h0, mode="sequential")
+    assert y.shape == (3, T, cell.state_size) and hT.shape == (3, cell.state_size)
+    assert info.all_converged
+    assert rel_err(y, ys) < 1e-10
+    assert rel_err(hT, hTs) < 1e-10
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parallel_equals_sequential_fp32(kind):
+    cell = make_cell(kind, dtype=torch.float32)
+    rnn = pararnn.RNN(cell)
+    x = torch.randn(4, 300, 3)
+    h0 = torch.randn(4, cell.state_size)
+    y, _ = rnn(x, h0)
+    ys, _ = rnn(x, h0, mode="sequential")
+    assert rel_err(y, ys) < 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradients_equal_sequential_autograd(kind, backend):
+    cell = make_cell(kind)
+    rnn = pararnn.RNN(cell, backend=backend)
+    x = torch.randn(2, 37, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, cell.state_size, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 37, cell.state_size, dtype=torch.float64)
+    ghT = torch.randn(2, cell.state_size, dtype=torch.float64)
+    wrt = [x, h0, *cell.parameters()]
+    grads = {}
+    for mode in ("parallel", "sequential"):
+        y, hT = rnn(x, h0, mode=mode)
+        grads[mode] = torch.autograd.grad((y * gy).sum() + (hT * ghT).sum(), wrt)
+    for gp, gs in zip(grads["parallel"], grads["sequential"]):
+        assert rel_err(gp, gs) < 1e-9
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck(kind):
+    cell = make_cell(kind, d=4 if kind != "block3" else 6)
+    rnn = pararnn.RNN(cell)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, cell.state_size, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, h0: rnn(x, h0), (x, h0))
+    # every parameter, swapped in with torch.func.functional_call
+    names = [n for n, _ in cell.named_parameters()]
+    values = tuple(p.detach().clone().requires_grad_() for p in cell.parameters())
+
+    def f(*ps):
+        return torch.func.functional_call(rnn, {"cell." + n: p for n, p in zip(names, ps)},
+                                          (x.detach(), h0.detach()))[0]
+
+    assert torch.autograd.gradcheck(f, values)
+
+
+@pytest.mark.parametrize("structure", ["diagonal", pararnn.Block(2), pararnn.Block(3), "dense"])
+@pytest.mark.parametrize("init", ["zeros", "step"])
+def test_affine_cell_converges_in_one_step(structure, init):
+    cell = AffineCell(3, 6, structure).double()
+    x = torch.randn(2, 200, 3, dtype=torch.float64)
+    rnn = pararnn.RNN(cell, init=init)
+    y, _, info = rnn(x, return_info=True)
+    assert info.iterations == 1, info.residuals
+    assert rel_err(y, rnn(x, mode="sequential")[0]) < 1e-12
+
+
+def test_newton_stops_early_and_reports():
+    cell = make_cell("diagonal")
+    rnn = pararnn.RNN(cell, max_iters=50)
+    x = torch.randn(2, 100, 3, dtype=torch.float64)
+    info = rnn.solve_info(x)
+    assert 1 <= info.iterations < 50
+    assert len(info.residuals) == info.iterations + 1
+    assert info.residuals[-1] <= info.tol
+    assert info.converged.shape == (2,) and bool(info.converged.all())
+    assert rnn.last_info is info
+
+
+def test_warm_start_needs_no_iteration():
+    cell = make_cell("dense")
+    rnn = pararnn.RNN(cell)
+    x = torch.randn(2, 50, 3, dtype=torch.float64)
+    y, _ = rnn(x)
+    y2, _, info = rnn(x, init=y.detach(), return_info=True)
+    assert info.iterations == 0
+    assert rel_err(y2, y) < 1e-14
+
+
+def test_damping_still_converges_to_the_same_answer():
+    cell = make_cell("diagonal")
+    x = torch.randn(2, 60, 3, dtype=torch.float64)
+    y, _, info = pararnn.RNN(cell, damping=0.7, max_iters=200)(x, return_info=True)
+    ref, _ = pararnn.RNN(cell, mode="sequential")(x)
+    assert info.all_converged and rel_err(y, ref) < 1e-10
+
+
+class Chaotic(pararnn.Cell):
+    """h' = tanh(4 h + u): expansive, Newton from a poor guess needs many steps."""
+
+    structure = "diagonal"
+
+    def __init__(self, d):
+        super().__init__()
+        self.state_size = d
+        self.w = torch.nn.Parameter(torch.full((d,), 4.0, dtype=torch.float64))
+
+    def step(self, h, u):
+        return torch.tanh(self.w * h + u)
+
+
+def test_nonconvergence_raise_warn_fallback():
+    cell = Chaotic(3)
+    x = torch.randn(4, 300, 3, dtype=torch.float64) * 0.1
+    ref, _ = pararnn.RNN(cell, mode="sequential")(x)
+    with pytest.raises(pararnn.ConvergenceError, match="did not converge"):
+        pararnn.RNN(cell, max_iters=2, on_fail="raise")(x)
+    with pytest.warns(pararnn.ConvergenceWarning):
+        y, _, info = pararnn.RNN(cell, max_iters=2, on_fail="warn")(x, return_info=True)
+    assert not info.all_converged and info.iterations == 2
+    assert rel_err(y, ref) > 1e-3  # the unconverged iterate is really wrong, and was flagged
+    with pytest.warns(pararnn.ConvergenceWarning, match="recomputed sequentially"):
+        y, _, info = pararnn.RNN(cell, max_iters=2, on_fail="fallback")(x, return_info=True)
+    assert bool(info.fell_back.all()) and rel_err(y, ref) < 1e-12
+
+
+def test_fallback_only_for_affected_sequences_and_gradients():
+    cell = Chaotic(2)
+    x = torch.randn(3, 200, 2, dtype=torch.float64) * 0.1
+    x[0] = 0.0  # a trivially easy sequence: h = 0 throughout, converges at once
+    x.requires_grad_()
+    rnn = pararnn.RNN(cell, max_iters=2)
+    with pytest.warns(pararnn.ConvergenceWarning):
+        y, _, info = rnn(x, return_info=True)
+    assert info.fell_back.tolist() == [False, True, True]
+    ys, _ = rnn(x, mode="sequential")
+    assert rel_err(y, ys) < 1e-12
+    g = torch.randn_like(y)
+    (gp,) = torch.autograd.grad((y * g).sum(), [x])
+    (gs,) = torch.autograd.grad((ys * g).sum(), [x])
+    assert rel_err(gp, gs) < 1e-9
+
+
+def test_step_decoding_matches_forward():
+    cell = make_cell("block2")
+    rnn = pararnn.RNN(cell)
+    x = torch.randn(2, 9, 3, dtype=torch.float64)
+    y, hT = rnn(x)
+    h = None
+    for t in range(9):
+        yt, h = rnn.step(x[:, t], h)
+        assert rel_err(yt, y[:, t]) < 1e-10
+    assert rel_err(h, hT) < 1e-10
+
+
+def test_memory_does_not_grow_with_iterations():
+    """Bytes saved for backward are the same for a 1-iteration and a many-iteration solve."""
+    cell = make_cell("diagonal")
+    x = torch.randn(2, 100, 3, dtype=torch.float64, requires_grad=True)
+    rnn = pararnn.RNN(cell)
+    ref, _ = rnn(x)
+    saved = {}
+    for name, init in [("warm", ref.detach()), ("cold", "zeros")]:
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, _, info = rnn(x, init=init, return_info=True)
+        saved[name] = (total[0], info.iterations)
+    assert saved["cold"][1] > saved["warm"][1] + 2
+    assert saved["cold"][0] == saved["warm"][0]
+
+
+def test_hand_written_jacobian_matches_torch_func():
+    cell = ParaGRU(5, 8).double()
+    u = cell.prepare(torch.randn(16, 1, 5, dtype=torch.float64))[:, 0]
+    h = torch.randn(16, 8, dtype=torch.float64)
+    f, J = cell.step_and_jacobian(h, u)
+    f2, J2 = pararnn.autodiff_step_and_jacobian(cell.step, h, u, "diagonal")
+    assert rel_err(f, f2) < 1e-14 and rel_err(J, J2) < 1e-13
+    pararnn.check_structure(cell)
+
+
+def test_choose_mode():
+    cpu = torch.device("cpu")
+    assert pararnn.choose_mode(1, 16384, 64, cpu) == "parallel"
+    assert pararnn.choose_mode(64, 128, 1024, cpu) == "sequential"
+    assert pararnn.choose_mode(64, 128, 1024, torch.device("cuda")) == "parallel"
+    cell = make_cell("diagonal")
+    y, _ = pararnn.RNN(cell, mode="auto")(torch.randn(1, 100, 3, dtype=torch.float64))
+    assert y.shape == (1, 100, 6)
+
+
+def test_numba_free_fallback_gives_the_same_answer():
+    cell = make_cell("block2")
+    x = torch.randn(2, 40, 3, dtype=torch.float64)
+    a, _ = pararnn.RNN(cell, backend="reference")(x)
+    b, _ = pararnn.RNN(cell, backend="cpu")(x)
+    assert rel_err(a, b) < 1e-13
+
+
+def test_options_are_validated():
+    cell = make_cell("diagonal")
+    for bad in [dict(max_iters=0), dict(on_fail="ignore"), dict(damping=0.0), dict(damping=1.5),
+                dict(init="random"), dict(rtol=-1.0), dict(chunk=0)]:
+        with pytest.raises(ValueError):
+            pararnn.RNN(cell, **bad)
+    with pytest.raises(ValueError, match="mode"):
+        pararnn.RNN(cell, mode="fast")
+    with pytest.raises(TypeError, match="pararnn.Cell"):
+        pararnn.RNN(torch.nn.Linear(2, 2))
+
+
+def test_no_warning_on_normal_use():
+    cell = make_cell("diagonal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pararnn.RNN(cell)(torch.randn(2, 30, 3, dtype=torch.float64))
