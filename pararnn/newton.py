@@ -193,7 +193,6 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
             h0x = h0.unsqueeze(1).expand(B, n, d).reshape(B * n, d)
             H[:, t0:t1] = cell.step(h0x, _flat(u[:, t0:t1])).reshape(B, n, d)
     info = SolverInfo(mode="parallel")
-    prev_err = None
     while True:
         err, fmax = evaluate(cell, S, u, r, J, opts.chunk)  # [B], [B]
         tol = atol + rtol * fmax
@@ -202,9 +201,8 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
         info.tol = float(tol.max())
         if bool(converged.all()) or info.iterations >= opts.max_iters:
             break
-        if not torch.isfinite(err).all() and prev_err is not None:
-            break  # diverged to NaN/Inf: further steps cannot help
-        prev_err = err
+        if not bool((~converged & torch.isfinite(err)).any()):
+            break  # every unconverged sequence is NaN/Inf: further steps cannot help
         scan_dispatch(J, r, None, structure, backend=opts.backend, out=delta)
         if opts.damping != 1.0:
             delta.mul_(opts.damping)

@@ -165,16 +165,16 @@ class RNN(nn.Module):
         mode = self.mode if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if opts.check_finite:
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError("x contains NaN or Inf (pass check_finite=False to skip this check)")
-            if h0 is not None and isinstance(h0, torch.Tensor) and not bool(torch.isfinite(h0).all()):
-                raise ValueError("h0 contains NaN or Inf (pass check_finite=False to skip this check)")
+        if opts.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or Inf (pass check_finite=False to skip this check)")
         u = self.cell.prepare(x)  # [B, T, *]
         if u.shape[:2] != x.shape[:2]:
             raise ValueError(f"{type(self.cell).__name__}.prepare must keep [B, T] leading dims: "
                              f"x {list(x.shape)} -> u {list(u.shape)}")
+        user_h0 = h0 is not None
         h0 = self._make_h0(h0, u)
+        if opts.check_finite and user_h0 and not bool(torch.isfinite(h0).all()):
+            raise ValueError("h0 contains NaN or Inf (pass check_finite=False to skip this check)")
         B, T = u.shape[:2]
         if mode == "auto":
             mode = choose_mode(B, T, self.cell.state_size, u.device)

@@ -32,7 +32,7 @@ class BlockTanh(pararnn.Cell):
 
     def __init__(self, din, d, k, scale=0.5):
         super().__init__()
-        self.state_size, self.input_size, self.structure = d, din, pararnn.Block(k)
+        self.state_size, self.input_size, self.structure, self.k = d, din, pararnn.Block(k), k
         self.W = nn.Linear(din, d)
         self.R = nn.Parameter(torch.randn(d // k, k, k) * scale)
 
@@ -40,8 +40,7 @@ class BlockTanh(pararnn.Cell):
         return self.W(x)
 
     def step(self, h, u):
-        k = self.structure.k
-        hb = h.reshape(h.shape[0], -1, k, 1)
+        hb = h.reshape(h.shape[0], -1, self.k, 1)
         return torch.tanh(u + (self.R @ hb).reshape(h.shape))
 
 

@@ -1,0 +1,132 @@
+"""linear_scan: every backend against the plain loop, gradients against autograd of the loop."""
+import pytest
+import torch
+
+import pararnn
+from pararnn.kernels.reference import scan_reference
+from pararnn.structure import Block, jacobian_shape, normalize_structure
+
+STRUCTS = ["diagonal", Block(2), Block(3), "dense"]
+DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
+
+
+def make(structure, B, T, d, dtype, scale=0.6):
+    structure = normalize_structure(structure, d)
+    A = torch.randn(B, T, *jacobian_shape(structure, d), dtype=dtype)
+    if structure == "diagonal":
+        A = A / A.abs().clamp_min(1.0)  # |a| <= 1
+    else:
+        A = A * (scale / jacobian_shape(structure, d)[-1] ** 0.5)
+    b = torch.randn(B, T, d, dtype=dtype)
+    h0 = torch.randn(B, d, dtype=dtype)
+    return A, b, h0
+
+
+def tol(dtype):
+    return 1e-12 if dtype in (torch.float64, torch.complex128) else 2e-5
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("structure", STRUCTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("T", [1, 7, 200])
+def test_cpu_backend_matches_reference(structure, dtype, reverse, T):
+    A, b, h0 = make(structure, 3, T, 6, dtype)
+    for init in (None, h0):
+        ref = scan_reference(A, b, init, normalize_structure(structure, 6), reverse)
+        out = pararnn.linear_scan(A, b, init, structure, reverse=reverse, backend="cpu")
+        assert out.shape == ref.shape and out.dtype == dtype
+        assert rel(out, ref) < tol(dtype)
+
+
+@pytest.mark.parametrize("structure", STRUCTS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_reference_matches_explicit_loop(structure, reverse):
+    """The reference itself against the recurrence written out with dense matrices."""
+    A, b, h0 = make(structure, 2, 9, 6, torch.float64)
+    st = normalize_structure(structure, 6)
+    Ad = pararnn.structure.to_dense(A, st)
+    h = h0
+    want = torch.empty_like(b)
+    for t in (range(8, -1, -1) if reverse else range(9)):
+        h = (Ad[:, t] @ h.unsqueeze(-1)).squeeze(-1) + b[:, t]
+        want[:, t] = h
+    assert rel(pararnn.linear_scan(A, b, h0, structure, reverse=reverse, backend="reference"), want) < 1e-13
+
+
+@pytest.mark.parametrize("structure", STRUCTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_gradients_match_autograd_of_loop(structure, dtype, reverse, backend):
+    A, b, h0 = make(structure, 2, 11, 6, dtype)
+    st = normalize_structure(structure, 6)
+    for t in (A, b, h0):
+        t.requires_grad_()
+    g = torch.randn_like(b)
+    out = pararnn.linear_scan(A, b, h0, structure, reverse=reverse, backend=backend)
+    loss = (out * g.conj()).real.sum()
+    got = torch.autograd.grad(loss, [A, b, h0])
+    ref = scan_reference(A, b, h0, st, reverse)
+    want = torch.autograd.grad((ref * g.conj()).real.sum(), [A, b, h0])
+    for x, y in zip(got, want):
+        assert rel(x, y) < 1e-12
+
+
+@pytest.mark.parametrize("structure", ["diagonal", Block(2), "dense"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_gradcheck(structure, dtype):
+    A, b, h0 = make(structure, 2, 5, 4, dtype)
+    args = tuple(t.requires_grad_() for t in (A, b, h0))
+    assert torch.autograd.gradcheck(lambda A, b, h0: pararnn.linear_scan(A, b, h0, structure), args)
+    assert torch.autograd.gradcheck(
+        lambda A, b, h0: pararnn.linear_scan(A, b, h0, structure, reverse=True), args)
+
+
+def test_half_precision_accumulates_in_fp32():
+    A, b, h0 = make("diagonal", 2, 300, 8, torch.float32)
+    ref = scan_reference(A.double(), b.double(), h0.double(), "diagonal")
+    out = pararnn.linear_scan(A.half(), b.half(), h0.half(), backend="cpu")
+    assert out.dtype == torch.float16
+    assert rel(out.double(), ref) < 5e-3
+
+
+def test_noncontiguous_and_expanded_inputs():
+    A, b, h0 = make("diagonal", 3, 20, 5, torch.float64)
+    At = A.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    b_exp = b[:1].expand(3, 20, 5)
+    ref = scan_reference(A, b_exp.contiguous(), h0, "diagonal")
+    assert rel(pararnn.linear_scan(At, b_exp, h0, backend="cpu"), ref) < 1e-13
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(A=torch.rand(2, 5, 4), b=torch.rand(2, 5)), ValueError, "b must be"),
+        (dict(A=torch.rand(2, 5, 3), b=torch.rand(2, 5, 4)), ValueError, "A must have shape"),
+        (dict(A=torch.rand(2, 5, 4), b=torch.rand(2, 5, 4), structure=Block(3)), ValueError, "does not divide"),
+        (dict(A=torch.rand(2, 5, 4), b=torch.rand(2, 5, 4), structure="sparse"), ValueError, "structure"),
+        (dict(A=torch.rand(2, 5, 4).double(), b=torch.rand(2, 5, 4)), TypeError, "share a dtype"),
+        (dict(A=torch.rand(2, 0, 4), b=torch.rand(2, 0, 4)), ValueError, "T = 0"),
+        (dict(A=torch.rand(2, 5, 4), b=torch.rand(2, 5, 4), h0=torch.rand(2, 3)), ValueError, "h0 must be"),
+        (dict(A=torch.rand(2, 5, 4), b=torch.rand(2, 5, 4), h0=torch.rand(2, 4).double()), TypeError, "h0 must match"),
+        (dict(A=torch.rand(2, 5, 4), b=torch.rand(2, 5, 4), backend="cuda"), ValueError, "backend"),
+        (dict(A=torch.ones(2, 5, 4, dtype=torch.int64), b=torch.rand(2, 5, 4)), TypeError, "A must be a floating"),
+        (dict(A=torch.rand(2, 5, 4), b=torch.rand(2, 5, 4, device="meta")), ValueError, "one device"),
+        (dict(A=[[1.0]], b=torch.rand(2, 5, 4)), TypeError, "A must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        pararnn.linear_scan(**kwargs)
+
+
+def test_T_equals_one():
+    A, b, h0 = make(Block(2), 2, 1, 4, torch.float64)
+    out = pararnn.linear_scan(A, b, h0, Block(2))
+    want = (A[:, 0] @ h0.reshape(2, 2, 2, 1)).reshape(2, 4) + b[:, 0]
+    assert rel(out[:, 0], want) < 1e-14

@@ -1,0 +1,63 @@
+"""Structures: storage <-> dense round trips and check_structure catching mis-declared cells."""
+import pytest
+import torch
+from helpers import BlockTanh, DenseTanh, DiagGRU
+
+import pararnn
+from pararnn.structure import Block, from_dense, jacobian_shape, to_dense
+
+
+@pytest.mark.parametrize("structure", ["diagonal", Block(2), Block(3), "dense"])
+def test_dense_round_trip(structure):
+    J = torch.randn(4, 5, *jacobian_shape(structure, 6))
+    D = to_dense(J, structure)
+    assert D.shape == (4, 5, 6, 6)
+    assert torch.equal(from_dense(D, structure), J)
+    v = torch.randn(4, 5, 6)
+    assert torch.allclose(pararnn.structure.matvec(J, v, structure), (D @ v.unsqueeze(-1)).squeeze(-1),
+                          atol=1e-6)
+
+
+def test_block_validation():
+    with pytest.raises(ValueError):
+        Block(0)
+    assert pararnn.structure.normalize_structure(Block(1), 4) == "diagonal"
+
+
+@pytest.mark.parametrize("cell", [DiagGRU(3, 6), BlockTanh(3, 6, 2), BlockTanh(3, 6, 3), DenseTanh(3, 6)])
+def test_correct_declarations_pass(cell):
+    pararnn.check_structure(cell.double())
+
+
+def test_dense_cell_declared_diagonal_is_caught():
+    cell = DenseTanh(3, 6).double()
+    cell.structure = "diagonal"
+    with pytest.raises(ValueError, match="declares structure diagonal"):
+        pararnn.check_structure(cell)
+
+
+def test_block3_cell_declared_block2_is_caught():
+    cell = BlockTanh(3, 6, 3).double()
+    cell.structure = Block(2)
+    with pytest.raises(ValueError, match="outside that structure"):
+        pararnn.check_structure(cell)
+
+
+def test_wrong_hand_written_jacobian_is_caught():
+    class Bad(DiagGRU):
+        def step_and_jacobian(self, h, u):
+            f, J = super().step_and_jacobian(h, u)
+            return f, J * 1.01
+
+    with pytest.raises(ValueError, match="disagrees with autodiff"):
+        pararnn.check_structure(Bad(3, 6).double())
+
+
+def test_misdeclared_cell_gives_wrong_newton_answer_without_the_guard():
+    """Why the guard exists: with a too-narrow Jacobian Newton stalls (it is reported, not hidden)."""
+    cell = DenseTanh(3, 6).double()
+    cell.structure = "diagonal"
+    x = torch.randn(2, 30, 3, dtype=torch.float64)
+    rnn = pararnn.RNN(cell, max_iters=3, on_fail="raise")
+    with pytest.raises(pararnn.ConvergenceError):
+        rnn(x)
