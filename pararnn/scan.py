@@ -18,8 +18,12 @@ def _triton_module():
     return triton_scan if triton_scan.HAVE_TRITON else None
 
 
-def resolve_backend(backend: str, A: torch.Tensor, b: torch.Tensor) -> str:
-    """Pick the concrete backend: Triton for CUDA tensors, the compiled path for CPU tensors."""
+def resolve_backend(backend: str, A: torch.Tensor, b: torch.Tensor, structure: Structure = "diagonal") -> str:
+    """Pick the concrete backend for these tensors.
+
+    ``"auto"``: Triton for CUDA tensors when a kernel exists for the structure and dtype, the
+    compiled numba path for CPU tensors, and the plain PyTorch loop otherwise.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -28,8 +32,11 @@ def resolve_backend(backend: str, A: torch.Tensor, b: torch.Tensor) -> str:
         if backend == "triton" and _triton_module() is None:
             raise RuntimeError("backend='triton' needs triton, which is not importable here")
         return backend
-    if b.device.type == "cuda" and _triton_module() is not None:
-        return "triton"
+    if b.device.type == "cuda":
+        tri = _triton_module()
+        if tri is not None and tri.supports(structure, b.dtype, b.shape[-1]):
+            return "triton"
+        return "reference"
     if _cpu.available(A, b):
         return "cpu"
     return "reference"
@@ -37,7 +44,7 @@ def resolve_backend(backend: str, A: torch.Tensor, b: torch.Tensor) -> str:
 
 def scan_dispatch(A, b, h0, structure, reverse=False, adjoint=False, backend="auto", out=None):
     """Unchecked fast entry used by the engine (inputs already validated). Returns ``[B, T, d]``."""
-    name = resolve_backend(backend, A, b)
+    name = resolve_backend(backend, A, b, structure)
     if name == "cpu":
         return _cpu.scan_cpu(A, b, h0, structure, reverse, adjoint, out=out)
     if name == "triton":

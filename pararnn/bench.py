@@ -1,0 +1,188 @@
+"""Engine speed: parallel Newton vs the strong/weak sequential loops, nn.GRU and the memory floor.
+
+Usage (``pararnn bench`` or ``python benchmarks/bench_engine.py``):
+    pararnn bench            # the engine issue's regimes, ~5-10 min on 2 cores
+    pararnn bench --quick    # small shapes, well under a minute
+Writes results/bench_engine.json (with the machine) and prints markdown tables.
+All ratios come from one run: the machines are noisy, so compare within a run only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import pararnn
+from pararnn.cell import autodiff_step_and_jacobian
+from pararnn.models.paragru import ParaGRU
+from pararnn.scan import scan_dispatch
+from pararnn.utils.timing import copy_bandwidth, machine_info, median_time
+
+
+class ParaGRUJvp(ParaGRU):
+    """The same cell with its Jacobian left to torch.func (one jvp)."""
+
+    def step_and_jacobian(self, h, u):
+        return autodiff_step_and_jacobian(self.step, h, u, "diagonal")
+
+
+def weak_loop(cell, x):
+    """The weak baseline: slice u[:, t] each step (its backward costs O(B T^2 d))."""
+    u = cell.prepare(x)
+    h = cell.initial_state(x.shape[0], x.dtype, x.device)
+    out = []
+    for t in range(u.shape[1]):
+        h = cell.step(h, u[:, t])
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+def strong_loop(cell, x):
+    """The strong baseline: a loop over u.unbind(1) (linear-time backward)."""
+    u = cell.prepare(x)
+    h = cell.initial_state(x.shape[0], x.dtype, x.device)
+    out = []
+    for u_t in u.unbind(1):
+        h = cell.step(h, u_t)
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+def measure(fn, x, params, repeats, backward):
+    def run():
+        if backward:
+            y = fn(x)
+            torch.autograd.grad(y.sum(), params)
+        else:
+            with torch.no_grad():
+                fn(x)
+
+    return median_time(run, repeats=repeats, warmup=1, max_seconds=20)
+
+
+def bench_regime(B, T, d, repeats, weak_max_work=8 * 1024 * 1024 * 256):
+    """Time every method on one shape; returns a dict row (seconds, medians)."""
+    torch.manual_seed(0)
+    x = torch.randn(B, T, d)
+    cell = ParaGRU(d, d)
+    cell_jvp = ParaGRUJvp(d, d)
+    cell_jvp.load_state_dict(cell.state_dict())
+    gru = torch.nn.GRU(d, d, batch_first=True)
+    par = pararnn.RNN(cell, mode="parallel")
+    par_jvp = pararnn.RNN(cell_jvp, mode="parallel")
+    seq = pararnn.RNN(cell, mode="sequential")
+    methods = {
+        "strong_loop": (lambda x: strong_loop(cell, x), list(cell.parameters())),
+        "weak_loop": (lambda x: weak_loop(cell, x), list(cell.parameters())),
+        "sequential": (lambda x: seq(x)[0], list(cell.parameters())),
+        "parallel": (lambda x: par(x)[0], list(cell.parameters())),
+        "parallel_jvp": (lambda x: par_jvp(x)[0], list(cell_jvp.parameters())),
+        "torch_gru": (lambda x: gru(x)[0], list(gru.parameters())),
+    }
+    row = {"B": B, "T": T, "d": d}
+    with torch.no_grad():
+        info = par.solve_info(x)
+        err = (par(x)[0] - seq(x)[0]).abs().max().item()
+    row["newton_iterations"] = info.iterations
+    row["max_abs_err_vs_sequential"] = err
+    for name, (fn, params) in methods.items():
+        for bw in (False, True):
+            key = f"{name}_{'fwdbwd' if bw else 'fwd'}_s"
+            if name == "weak_loop" and bw and B * T * T * d > weak_max_work:
+                row[key] = None  # its backward costs O(B T^2 d): skipped, not measured
+                continue
+            row[key] = measure(fn, x, params, repeats, bw)
+            print(f"  B={B} T={T} d={d} {key}: {row[key] * 1e3:.1f} ms", file=sys.stderr)
+    for bw in ("fwd", "fwdbwd"):
+        row[f"speedup_parallel_vs_strong_{bw}"] = row[f"strong_loop_{bw}_s"] / row[f"parallel_{bw}_s"]
+    return row
+
+
+def bench_scan_floor(shapes, repeats):
+    """The diagonal linear_scan against bytes moved / measured copy bandwidth."""
+    rows = []
+    for B, T, d in shapes:
+        A = torch.rand(B, T, d)
+        b = torch.randn(B, T, d)
+        out = torch.empty_like(b)
+        t = median_time(lambda: scan_dispatch(A, b, None, "diagonal", out=out), repeats=repeats, warmup=2)
+        nbytes = 3 * A.numel() * A.element_size()  # read A, b; write h
+        bw = copy_bandwidth(nbytes)
+        floor = nbytes / bw
+        rows.append({"B": B, "T": T, "d": d, "scan_s": t, "floor_s": floor, "ratio_to_floor": t / floor,
+                     "scan_GBps": nbytes / t / 1e9, "copy_GBps": bw / 1e9})
+        print(f"  scan B={B} T={T} d={d}: {t * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms", file=sys.stderr)
+    return rows
+
+
+def table(rows):
+    """Markdown table of the regime rows (ms, fwd / fwd+bwd)."""
+    lines = ["| B | T | d | iters | strong loop | sequential | **parallel** | parallel (jvp J) | torch.nn.GRU | weak loop | parallel speedup vs strong |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ms = lambda v: "–" if v is None else f"{v * 1e3:.0f}"  # noqa: E731
+    for r in rows:
+        cols = [f"{ms(r[f'{m}_fwd_s'])} / {ms(r[f'{m}_fwdbwd_s'])}" for m in
+                ("strong_loop", "sequential", "parallel", "parallel_jvp", "torch_gru", "weak_loop")]
+        lines.append(f"| {r['B']} | {r['T']} | {r['d']} | {r['newton_iterations']} | " + " | ".join(cols)
+                     + f" | {r['speedup_parallel_vs_strong_fwd']:.2f}× / {r['speedup_parallel_vs_strong_fwdbwd']:.2f}× |")
+    return "\n".join(lines)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="small shapes (well under a minute)")
+    ap.add_argument("--threads", type=int, default=1, help="torch and numba threads (default 1)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    ap.add_argument("--out", default="results/bench_engine.json", help="JSON results path")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the engine benchmark; returns the results dict (also written to ``args.out``)."""
+    if args.threads < 1 or args.repeats < 1:
+        raise SystemExit("pararnn bench: --threads and --repeats must be >= 1")
+    torch.set_num_threads(args.threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    if args.quick:
+        regimes = {"latency": [(1, 1024, 64)], "bandwidth": [(8, 256, 256)]}
+        scan_shapes = [(1, 4096, 64), (8, 1024, 256)]
+    else:
+        regimes = {"latency": [(1, 4096, 64), (1, 16384, 64)], "bandwidth": [(8, 1024, 256), (8, 4096, 256)]}
+        scan_shapes = [(1, 16384, 64), (8, 4096, 256), (8, 16384, 256)]
+    result = {"machine": machine_info(), "settings": vars(args).copy(), "cell": "ParaGRU (diagonal GRU-like)",
+              "units": "seconds (median)", "regimes": {}, "scan_vs_floor": None}
+    result["settings"].pop("func", None)
+    for name, shapes in regimes.items():
+        result["regimes"][name] = [bench_regime(B, T, d, args.repeats) for B, T, d in shapes]
+    result["scan_vs_floor"] = bench_scan_floor(scan_shapes, args.repeats)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    m = result["machine"]
+    print(f"machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, {args.threads} thread(s)\n")
+    print("Times in ms, forward / forward+backward:\n")
+    print(table([r for rows in result["regimes"].values() for r in rows]))
+    print()
+    print("| B | T | d | diagonal scan (ms) | memory floor (ms) | ratio | scan GB/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["scan_vs_floor"]:
+        print(f"| {r['B']} | {r['T']} | {r['d']} | {r['scan_s'] * 1e3:.2f} | {r['floor_s'] * 1e3:.2f} | "
+              f"{r['ratio_to_floor']:.2f}× | {r['scan_GBps']:.1f} |")
+    print(f"\nresults: {args.out}")
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Triton linear scans: diagonal (real, complex) and k×k blocks (k = 2, 3, 4), forward/reverse/adjoint.
+
+One program owns one batch row and a tile of independent lanes (state entries or blocks) and
+walks T in tiles of BLOCK_T: inside a tile, ``tl.associative_scan`` composes the affine maps
+``h -> A h + b`` in O(log BLOCK_T) depth; across tiles it carries the state (the composed map
+applied to the carry). All arithmetic is fp32 whatever the storage dtype. Reverse time and the
+adjoint's shifted, transposed transitions are done by addressing (no flipped copies, no
+``reverse=True`` scans). Semantics equal :func:`pararnn.kernels.reference.scan_reference`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - no triton (e.g. macOS): CPU paths still work
+    HAVE_TRITON = False
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (tests without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if HAVE_TRITON:
+    from .triton_blocks import KERNELS as _BLOCK_KERNELS
+
+    @triton.jit
+    def _combine_real(a1, b1, a2, b2):
+        return a2 * a1, a2 * b1 + b2
+
+    @triton.jit
+    def _combine_complex(ar1, ai1, br1, bi1, ar2, ai2, br2, bi2):
+        # (a2, b2) ∘ (a1, b1) = (a2 a1, a2 b1 + b2) in complex arithmetic
+        return (ar2 * ar1 - ai2 * ai1, ar2 * ai1 + ai2 * ar1,
+                ar2 * br1 - ai2 * bi1 + br2, ar2 * bi1 + ai2 * br1 + bi2)
+
+    @triton.jit
+    def _time_index(t0, rows, T, REVERSE: tl.constexpr, ADJOINT: tl.constexpr):
+        """Visit order s -> time t, the transition's time ta, and their validity masks."""
+        s = t0 + rows
+        valid = s < T
+        if REVERSE:
+            t = T - 1 - s
+        else:
+            t = s
+        if ADJOINT:  # transition of the neighbour already visited
+            if REVERSE:
+                ta = t + 1
+            else:
+                ta = t - 1
+            va = valid & (s > 0)
+        else:
+            ta = t
+            va = valid
+        return tl.cast(t, tl.int64), tl.cast(ta, tl.int64), valid, va
+
+    @triton.jit(do_not_specialize=["T"])
+    def _diag_real_kernel(A, Bv, H0, OUT, T, D, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+                          ADJOINT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # A, Bv, OUT: [B, T, D]; H0: [B, D]. One program = (batch row, BLOCK_D channels).
+        pid = tl.program_id(0)
+        nd = tl.cdiv(D, BLOCK_D)
+        bi = tl.cast(pid // nd, tl.int64)
+        offs_d = (pid % nd) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        rows = tl.arange(0, BLOCK_T)
+        base = bi * tl.cast(T, tl.int64) * D
+        if HAS_H0:
+            carry = tl.load(H0 + bi * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        else:
+            carry = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t, ta, valid, va = _time_index(t0, rows, T, REVERSE, ADJOINT)
+            m2 = valid[:, None] & mask_d[None, :]
+            # masked entries are the identity map (a = 1, b = 0)
+            a = tl.load(A + base + ta[:, None] * D + offs_d[None, :], mask=va[:, None] & mask_d[None, :],
+                        other=1.0).to(tl.float32)
+            b = tl.load(Bv + base + t[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+            acum, bcum = tl.associative_scan((a, b), axis=0, combine_fn=_combine_real)
+            h = acum * carry[None, :] + bcum
+            tl.store(OUT + base + t[:, None] * D + offs_d[None, :], h.to(OUT.dtype.element_ty), mask=m2)
+            carry = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _diag_complex_kernel(A, Bv, H0, OUT, T, D, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+                             ADJOINT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Interleaved (re, im) storage: A, Bv, OUT: [B, T, D, 2]; H0: [B, D, 2].
+        pid = tl.program_id(0)
+        nd = tl.cdiv(D, BLOCK_D)
+        bi = tl.cast(pid // nd, tl.int64)
+        offs_d = (pid % nd) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        rows = tl.arange(0, BLOCK_T)
+        base = bi * tl.cast(T, tl.int64) * D * 2
+        if HAS_H0:
+            cr = tl.load(H0 + (bi * D + offs_d) * 2, mask=mask_d, other=0.0).to(tl.float32)
+            ci = tl.load(H0 + (bi * D + offs_d) * 2 + 1, mask=mask_d, other=0.0).to(tl.float32)
+        else:
+            cr = tl.zeros([BLOCK_D], dtype=tl.float32)
+            ci = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t, ta, valid, va = _time_index(t0, rows, T, REVERSE, ADJOINT)
+            m2 = valid[:, None] & mask_d[None, :]
+            ma = va[:, None] & mask_d[None, :]
+            pa = A + base + (ta[:, None] * D + offs_d[None, :]) * 2
+            pb = base + (t[:, None] * D + offs_d[None, :]) * 2
+            ar = tl.load(pa, mask=ma, other=1.0).to(tl.float32)
+            ai = tl.load(pa + 1, mask=ma, other=0.0).to(tl.float32)
+            if ADJOINT:  # conjugate transition
+                ai = -ai
+            br = tl.load(Bv + pb, mask=m2, other=0.0).to(tl.float32)
+            bim = tl.load(Bv + pb + 1, mask=m2, other=0.0).to(tl.float32)
+            ar, ai, br, bim = tl.associative_scan((ar, ai, br, bim), axis=0, combine_fn=_combine_complex)
+            hr = ar * cr[None, :] - ai * ci[None, :] + br
+            hi = ar * ci[None, :] + ai * cr[None, :] + bim
+            tl.store(OUT + pb, hr.to(OUT.dtype.element_ty), mask=m2)
+            tl.store(OUT + pb + 1, hi.to(OUT.dtype.element_ty), mask=m2)
+            last = rows[:, None] == BLOCK_T - 1
+            cr = tl.sum(tl.where(last, hr, 0.0), axis=0)
+            ci = tl.sum(tl.where(last, hi, 0.0), axis=0)
+
+
+_REAL = (torch.float32, torch.float16, torch.bfloat16)
+_COMPLEX = (torch.complex64,)
+
+
+def supports(structure, dtype: torch.dtype, d: int) -> bool:
+    """Whether a Triton kernel exists for this structure and dtype (else use another backend).
+
+    fp64 is not supported: the kernels accumulate in fp32, which would silently lose precision.
+    """
+    if structure == "diagonal":
+        return dtype in _REAL or dtype in _COMPLEX
+    k = d if structure == "dense" else structure.k
+    return dtype in _REAL and k in (2, 3, 4)
+
+
+def _tiles(T: int, lanes: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_lanes). One config under the interpreter (autotuning would benchmark)."""
+    if interpreting():
+        return 32, 16
+    return 64, min(64, triton.next_power_of_2(max(lanes, 1)))
+
+
+def scan_triton(A, b, h0, structure, reverse=False, adjoint=False, out=None):
+    """Triton twin of :func:`scan_reference` (same arguments); writes into ``out`` if given."""
+    if not HAVE_TRITON:
+        raise RuntimeError("triton is not importable here")
+    B, T, d = b.shape
+    if not supports(structure, b.dtype, d):
+        raise NotImplementedError(
+            f"no Triton kernel for structure {structure!s} with dtype {b.dtype} "
+            f"(supported: diagonal fp32/fp16/bf16/complex64, blocks k<=4 fp32/fp16/bf16); "
+            f"use backend='reference' or 'cpu'"
+        )
+    if b.device.type != "cuda" and not interpreting():
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for testing)")
+    A, b = A.contiguous(), b.contiguous()
+    res = out if out is not None and out.is_contiguous() else torch.empty_like(b)
+    h0c = h0.contiguous() if h0 is not None else b  # dummy pointer when HAS_H0 is False
+    flags = dict(HAS_H0=h0 is not None and not adjoint, REVERSE=bool(reverse), ADJOINT=bool(adjoint))
+    if structure == "diagonal":
+        BT, BD = _tiles(T, d)
+        grid = (B * triton.cdiv(d, BD),)
+        if b.is_complex():
+            _diag_complex_kernel[grid](torch.view_as_real(A), torch.view_as_real(b), torch.view_as_real(h0c),
+                                       torch.view_as_real(res), T, d, BLOCK_T=BT, BLOCK_D=BD, **flags)
+        else:
+            _diag_real_kernel[grid](A, b, h0c, res, T, d, BLOCK_T=BT, BLOCK_D=BD, **flags)
+    else:
+        Ab = A.unsqueeze(2) if structure == "dense" else A  # [B, T, M, k, k]
+        M, k = Ab.shape[2], Ab.shape[3]
+        BT, BM = _tiles(T, M)
+        grid = (B * triton.cdiv(M, BM),)
+        _BLOCK_KERNELS[k][grid](Ab, b, h0c, res, T, M, BLOCK_T=BT, BLOCK_M=BM, **flags)
+    if out is not None and res is not out:
+        out.copy_(res)
+        return out
+    return res

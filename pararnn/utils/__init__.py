@@ -1,0 +1,1 @@
+"""Small shared helpers (timing, machine description) for benchmarks and the CLI."""

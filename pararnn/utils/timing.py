@@ -1,0 +1,81 @@
+"""Median wall-clock timing with device synchronisation, and a description of the machine."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for queued device work (CUDA) so timings are real."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1,
+                device: torch.device | str | None = None, max_seconds: float | None = None) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
+
+    With ``max_seconds``, stops repeating once that much time was spent (at least one run).
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, device: torch.device | str = "cpu", repeats: int = 10) -> float:
+    """Measured copy bandwidth in bytes/s (read + write) into an existing buffer of ``nbytes``."""
+    n = max(1, nbytes // 8)  # each copy reads n*4 and writes n*4 bytes
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), repeats=repeats, warmup=2, device=device)
+    return 2 * n * 4 / t
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    """What ran the numbers: CPU/GPU, cores, memory, library versions, thread counts."""
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    for mod in ("numba", "triton", "numpy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    return info

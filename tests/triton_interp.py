@@ -1,0 +1,53 @@
+"""Test-only patch: a log-depth `tl.associative_scan` for Triton's CPU interpreter.
+
+The interpreter's generic scan is a per-element Python fold: slow, and it only ever combines in
+sequential order. This replacement runs a Hillis-Steele scan (log2(n) rounds), calling the
+kernel's own combine function on whole numpy blocks, so it is fast and it combines in tree
+order, as a GPU does: a non-associative combine would be caught here, not by the fold.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _tree_scan(self, input):
+    axis = self.axis
+    data = [np.array(arg.handle.data, copy=True) for arg in input]
+    n = data[0].shape[axis]
+    nd = data[0].ndim
+
+    def sl(lo, hi):
+        idx = [slice(None)] * nd
+        idx[axis] = slice(lo, hi)
+        return tuple(idx)
+
+    off = 1
+    while off < n:
+        left = [self.to_tensor(np.ascontiguousarray(d[sl(0, n - off)]), input[i].dtype) for i, d in enumerate(data)]
+        right = [self.to_tensor(np.ascontiguousarray(d[sl(off, n)]), input[i].dtype) for i, d in enumerate(data)]
+        ret = self.combine_fn.fn(*left, *right)
+        ret = ret if isinstance(ret, tuple) else (ret,)
+        new = [d.copy() for d in data]
+        for j, r in enumerate(ret):
+            val = r.handle.data if hasattr(r, "handle") else r
+            new[j][sl(off, n)] = np.broadcast_to(np.asarray(val, dtype=data[j].dtype), new[j][sl(off, n)].shape)
+        data = new
+        off *= 2
+    return [self.to_tensor(d, input[i].dtype) for i, d in enumerate(data)]
+
+
+def install() -> bool:
+    """Patch the interpreter's generic scan; returns False if this Triton has no such hook."""
+    try:
+        from triton.runtime import interpreter
+    except Exception:
+        return False
+    ops = getattr(interpreter, "ScanOps", None)
+    if ops is None or not hasattr(ops, "generic_scan"):
+        return False
+    if getattr(ops.generic_scan, "_pararnn_tree", False):
+        return True
+    _tree_scan._pararnn_tree = True
+    ops._sequential_generic_scan = ops.generic_scan
+    ops.generic_scan = _tree_scan
+    return True
