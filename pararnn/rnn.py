@@ -53,12 +53,14 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions)
     B, T, d = H.shape
     bounds = time_chunks(B, T, d, opts.chunk)
     f_chunks = []
-    for t0, t1 in bounds:
+    # one split (its backward is one cat), not T/n slices (each slice's backward is full-size)
+    u_chunks = u.split([t1 - t0 for t0, t1 in bounds], dim=1)
+    for (t0, t1), u_c in zip(bounds, u_chunks):
         hp = S[:, t0:t1]  # [B, n, d] previous states, no grad
         if t0 == 0:  # h_{-1} = h0 carries h0's gradient
             hp = torch.cat([h0.unsqueeze(1), hp[:, 1:]], dim=1)
         n = t1 - t0
-        f = cell.step(hp.reshape(B * n, d), u[:, t0:t1].reshape(B * n, *u.shape[2:]))
+        f = cell.step(hp.reshape(B * n, d), u_c.reshape(B * n, *u.shape[2:]))
         if t0 == 0 and not f.requires_grad:
             return H, info  # nothing upstream wants a gradient
         f_chunks.append(f.reshape(B, n, d))

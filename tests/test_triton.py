@@ -60,6 +60,10 @@ def test_triton_matches_reference(T, structure, dtype, reverse):
                                   structure, reverse=reverse, backend="triton")
         assert out.dtype == dtype
         assert rel(out.cpu(), ref) < TOL[dtype], (init is None)
+        if reverse:  # and against a flip-based reference: reverse = flip ∘ forward ∘ flip
+            flip = scan_reference(A.to(wide).flip(1), b.to(wide).flip(1),
+                                  None if init is None else init.to(wide), st).flip(1)
+            assert rel(out.cpu(), flip) < TOL[dtype]
 
 
 @pytest.mark.parametrize("structure, dtype", [("diagonal", torch.float32), ("diagonal", torch.complex64),

@@ -23,14 +23,21 @@ def _tree_scan(self, input):
 
     off = 1
     while off < n:
-        left = [self.to_tensor(np.ascontiguousarray(d[sl(0, n - off)]), input[i].dtype) for i, d in enumerate(data)]
-        right = [self.to_tensor(np.ascontiguousarray(d[sl(off, n)]), input[i].dtype) for i, d in enumerate(data)]
-        ret = self.combine_fn.fn(*left, *right)
+        # Blocks must keep power-of-2 shapes, so combine full-size blocks: element i gets
+        # combine(x[i - off], x[i]); the first `off` (wrapped-around) results are discarded.
+        left = [self.to_tensor(np.ascontiguousarray(np.roll(d, off, axis=axis)), input[i].dtype)
+                for i, d in enumerate(data)]
+        right = [self.to_tensor(d, input[i].dtype) for i, d in enumerate(data)]
+        with np.errstate(all="ignore"):
+            ret = self.combine_fn.fn(*left, *right)
         ret = ret if isinstance(ret, tuple) else (ret,)
-        new = [d.copy() for d in data]
+        new = []
         for j, r in enumerate(ret):
-            val = r.handle.data if hasattr(r, "handle") else r
-            new[j][sl(off, n)] = np.broadcast_to(np.asarray(val, dtype=data[j].dtype), new[j][sl(off, n)].shape)
+            val = np.broadcast_to(np.asarray(r.handle.data if hasattr(r, "handle") else r, dtype=data[j].dtype),
+                                  data[j].shape)
+            nj = data[j].copy()
+            nj[sl(off, n)] = val[sl(off, n)]
+            new.append(nj)
         data = new
         off *= 2
     return [self.to_tensor(d, input[i].dtype) for i, d in enumerate(data)]

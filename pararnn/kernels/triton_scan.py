@@ -141,11 +141,23 @@ def supports(structure, dtype: torch.dtype, d: int) -> bool:
     return dtype in _REAL and k in (2, 3, 4)
 
 
-def _tiles(T: int, lanes: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_lanes). One config under the interpreter (autotuning would benchmark)."""
+def _autotuned(kernel, lane_block: str, key: str):
+    """Autotune over tile sizes keyed on the feature size only (never on T, which varies).
+
+    The interpreter gets a single config: autotuning would benchmark every config there.
+    """
     if interpreting():
-        return 32, 16
-    return 64, min(64, triton.next_power_of_2(max(lanes, 1)))
+        configs = [triton.Config({"BLOCK_T": 32, lane_block: 16})]
+    else:  # pragma: no cover - needs a GPU
+        configs = [triton.Config({"BLOCK_T": bt, lane_block: bl}, num_warps=w)
+                   for bt in (32, 64, 128) for bl in (16, 32, 64) for w in (2, 4)]
+    return triton.autotune(configs=configs, key=[key])(kernel)
+
+
+if HAVE_TRITON:
+    _diag_real = _autotuned(_diag_real_kernel, "BLOCK_D", "D")
+    _diag_complex = _autotuned(_diag_complex_kernel, "BLOCK_D", "D")
+    _blocks = {k: _autotuned(kern, "BLOCK_M", "M") for k, kern in _BLOCK_KERNELS.items()}
 
 
 def scan_triton(A, b, h0, structure, reverse=False, adjoint=False, out=None):
@@ -166,19 +178,17 @@ def scan_triton(A, b, h0, structure, reverse=False, adjoint=False, out=None):
     h0c = h0.contiguous() if h0 is not None else b  # dummy pointer when HAS_H0 is False
     flags = dict(HAS_H0=h0 is not None and not adjoint, REVERSE=bool(reverse), ADJOINT=bool(adjoint))
     if structure == "diagonal":
-        BT, BD = _tiles(T, d)
-        grid = (B * triton.cdiv(d, BD),)
+        grid = lambda meta: (B * triton.cdiv(d, meta["BLOCK_D"]),)  # noqa: E731
         if b.is_complex():
-            _diag_complex_kernel[grid](torch.view_as_real(A), torch.view_as_real(b), torch.view_as_real(h0c),
-                                       torch.view_as_real(res), T, d, BLOCK_T=BT, BLOCK_D=BD, **flags)
+            _diag_complex[grid](torch.view_as_real(A), torch.view_as_real(b), torch.view_as_real(h0c),
+                                torch.view_as_real(res), T, d, **flags)
         else:
-            _diag_real_kernel[grid](A, b, h0c, res, T, d, BLOCK_T=BT, BLOCK_D=BD, **flags)
+            _diag_real[grid](A, b, h0c, res, T, d, **flags)
     else:
         Ab = A.unsqueeze(2) if structure == "dense" else A  # [B, T, M, k, k]
         M, k = Ab.shape[2], Ab.shape[3]
-        BT, BM = _tiles(T, M)
-        grid = (B * triton.cdiv(M, BM),)
-        _BLOCK_KERNELS[k][grid](Ab, b, h0c, res, T, M, BLOCK_T=BT, BLOCK_M=BM, **flags)
+        grid = lambda meta: (B * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+        _blocks[k][grid](Ab, b, h0c, res, T, M, **flags)
     if out is not None and res is not out:
         out.copy_(res)
         return out
