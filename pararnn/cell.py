@@ -20,6 +20,7 @@ class Cell(nn.Module):
       the Jacobian from :meth:`step` with torch.func. Override it with a hand-written Jacobian only
       when that is measurably faster, and test it against :func:`autodiff_step_and_jacobian`.
     - ``input_size``: if set, inputs are checked against it.
+    - :meth:`output` reads ``y`` from the states (default: the states).
 
     ``step`` must be a pure function of its arguments and parameters (no in-place updates of its
     inputs, no data-dependent Python control flow): the engine calls it under ``torch.func``
@@ -43,6 +44,11 @@ class Cell(nn.Module):
         (``[N, d]`` diagonal, ``[N, d/k, k, k]`` block, ``[N, d, d]`` dense)."""
         return autodiff_step_and_jacobian(self.step, h, u, self.get_structure())
 
+    @property
+    def output_size(self) -> int:
+        """Feature size of :meth:`output` (default: ``state_size``)."""
+        return self.state_size
+
     def get_structure(self) -> Structure:
         """The declared structure, validated against ``state_size``."""
         return normalize_structure(self.structure, self.state_size)
@@ -55,19 +61,32 @@ class Cell(nn.Module):
         """dtype of the state for prepared input u (override for complex states)."""
         return u.dtype
 
+    def output(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Read the output from the states: ``h [B, T, d]``, ``x [B, T, D_in]`` -> ``y [B, T, *]``.
+
+        Default: the state itself. Cells whose state has several parts (LSTM's (h, c)) or a
+        readout (LRU's ``Re(C h) + D x``) override it. Gradients flow through it normally.
+        """
+        return h
+
 
 def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure: Structure):
     """``(f, J)`` of ``step`` at ``(h [N, d], u [N, *])`` by forward-mode autodiff (torch.func).
 
     - diagonal: one jvp with a ones tangent (exact iff the Jacobian really is diagonal);
     - ``Block(k)``: k jvps with block-periodic one-hot tangents;
-    - dense: ``vmap(jacfwd)`` over the batch.
+    - dense: ``vmap(jacfwd)`` over the batch (for complex states, which jacfwd rejects, the
+      same columns by ``vmap`` of ``jvp`` over basis tangents; f must be holomorphic in h).
     """
     f = lambda hh: step(hh, u)  # noqa: E731
     if structure == "diagonal":
         return jvp(f, (h,), (torch.ones_like(h),))
     N, d = h.shape
     if structure == "dense":
+        if h.is_complex():  # jacfwd is real-only: push the d basis tangents through jvp (holomorphic f)
+            basis = torch.eye(d, dtype=h.dtype, device=h.device)  # [d, d]
+            cols = vmap(lambda e: jvp(f, (h,), (e.expand(N, d),))[1])(basis)  # [d(col), N, d(row)]
+            return step(h, u), cols.permute(1, 2, 0)
         single = lambda h1, u1: step(h1.unsqueeze(0), u1.unsqueeze(0)).squeeze(0)  # noqa: E731
         J = vmap(jacfwd(single, argnums=0))(h, u)  # [N, d, d]
         return step(h, u), J
@@ -79,7 +98,8 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
         tangent[j] = 1
         out, col = jvp(f, (h,), (tangent.repeat(d // k).expand(N, d),))
         cols.append(col.reshape(N, d // k, k))  # [N, m, k]: column j of every block
-    return out, torch.stack(cols, dim=-1)  # [N, m, k(row), k(col)]
+    J = torch.stack(cols, dim=-1)  # [N, m, k(row), k(col)]
+    return out, (J[:, 0] if structure.shared else J)
 
 
 def dense_jacobian(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -129,7 +149,7 @@ def check_structure(
         f, Js = cell.step_and_jacobian(h, u)
         f_ref = cell.step(h, u)
     scale = Jd.abs().amax().item() + atol
-    masked = Jd - to_dense(from_dense(Jd, structure), structure)
+    masked = Jd - to_dense(from_dense(Jd, structure), structure, cell.state_size)
     bad = masked.abs().amax().item()
     if bad > atol + rtol * scale:
         idx = torch.nonzero(masked.abs() == masked.abs().amax())[0].tolist()
@@ -138,7 +158,7 @@ def check_structure(
             f"|dh'[{idx[1]}]/dh[{idx[2]}]| = {bad:.3g} outside that structure (at point {idx[0]}). "
             f"Declare a wider structure (e.g. 'dense' or a larger Block)."
         )
-    diff = (to_dense(Js, structure) - Jd).abs().amax().item()
+    diff = (to_dense(Js, structure, cell.state_size) - Jd).abs().amax().item()
     if diff > atol + rtol * scale:
         raise ValueError(
             f"{type(cell).__name__}.step_and_jacobian disagrees with autodiff of step: "

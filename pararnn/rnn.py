@@ -160,7 +160,9 @@ class RNN(nn.Module):
             **solver_overrides: per-call :class:`SolverOptions` fields (e.g. ``init=H_prev``).
 
         Returns:
-            ``(y [B, T, state], h_T [B, state])``, plus ``info`` if ``return_info``.
+            ``(y [B, T, out], h_T [B, state])``, plus ``info`` if ``return_info``. ``y`` is
+            ``cell.output(states, x)`` (the states themselves unless the cell has a readout);
+            ``h_T`` is the full final state, ready to pass back as ``h0``.
         """
         self._check_x(x)
         opts = dataclasses.replace(self.options, **solver_overrides) if solver_overrides else self.options
@@ -186,7 +188,8 @@ class RNN(nn.Module):
         else:
             y, info = parallel_solve(self.cell, u, h0, opts)
         self.last_info = info
-        hT = y[:, -1]
+        hT = y[:, -1]  # the full final state (all parts), to pass back as h0
+        y = self.cell.output(y, x)
         return (y, hT, info) if return_info else (y, hT)
 
     @torch.no_grad()
@@ -197,7 +200,7 @@ class RNN(nn.Module):
     def step(self, x_t: torch.Tensor, h: torch.Tensor | None = None):
         """Decode one token: ``x_t [B, D_in]``, ``h [B, state]`` (None = zeros).
 
-        Returns ``(y_t [B, state], h_next [B, state])``.
+        Returns ``(y_t [B, out], h_next [B, state])``.
         """
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2:
             raise ValueError(f"x_t must be [B, D_in], got {getattr(x_t, 'shape', type(x_t))}")
@@ -206,4 +209,4 @@ class RNN(nn.Module):
         u = self.cell.prepare(x)
         h = self._make_h0(h, u)
         h = self.cell.step(h, u[:, 0])
-        return h, h
+        return self.cell.output(h.unsqueeze(1), x)[:, 0], h

@@ -62,7 +62,8 @@ def _outer_grad_A(lam: torch.Tensor, hprev: torch.Tensor, structure: Structure) 
     k = structure.k
     lb = lam.reshape(*lam.shape[:-1], -1, k)
     hb = hprev.reshape(*hprev.shape[:-1], -1, k)
-    return lb.unsqueeze(-1) * hb.conj().unsqueeze(-2)
+    g = lb.unsqueeze(-1) * hb.conj().unsqueeze(-2)  # [..., m, k, k]
+    return g.sum(-3) if structure.shared else g
 
 
 class _LinearScanFn(torch.autograd.Function):

@@ -6,7 +6,7 @@ import pararnn
 from pararnn.kernels.reference import scan_reference
 from pararnn.structure import Block, jacobian_shape, normalize_structure
 
-STRUCTS = ["diagonal", Block(2), Block(3), "dense"]
+STRUCTS = ["diagonal", Block(2), Block(3), Block(3, shared=True), "dense"]
 DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 
 
@@ -49,7 +49,7 @@ def test_reference_matches_explicit_loop(structure, reverse):
     """The reference itself against the recurrence written out with dense matrices."""
     A, b, h0 = make(structure, 2, 9, 6, torch.float64)
     st = normalize_structure(structure, 6)
-    Ad = pararnn.structure.to_dense(A, st)
+    Ad = pararnn.structure.to_dense(A, st, 6)
     h = h0
     want = torch.empty_like(b)
     for t in (range(8, -1, -1) if reverse else range(9)):
@@ -77,7 +77,7 @@ def test_gradients_match_autograd_of_loop(structure, dtype, reverse, backend):
         assert rel(x, y) < 1e-12
 
 
-@pytest.mark.parametrize("structure", ["diagonal", Block(2), "dense"])
+@pytest.mark.parametrize("structure", ["diagonal", Block(2), Block(2, shared=True), "dense"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 def test_gradcheck(structure, dtype):
     A, b, h0 = make(structure, 2, 5, 4, dtype)

@@ -7,10 +7,10 @@ import pararnn
 from pararnn.structure import Block, from_dense, jacobian_shape, to_dense
 
 
-@pytest.mark.parametrize("structure", ["diagonal", Block(2), Block(3), "dense"])
+@pytest.mark.parametrize("structure", ["diagonal", Block(2), Block(3), Block(3, shared=True), "dense"])
 def test_dense_round_trip(structure):
     J = torch.randn(4, 5, *jacobian_shape(structure, 6))
-    D = to_dense(J, structure)
+    D = to_dense(J, structure, 6)
     assert D.shape == (4, 5, 6, 6)
     assert torch.equal(from_dense(D, structure), J)
     v = torch.randn(4, 5, 6)

@@ -12,6 +12,8 @@ import os
 import numpy as np
 import torch
 
+from ..structure import expand_blocks
+
 try:  # numba is optional: without it the plain PyTorch loop serves
     import numba
     from numba import njit, prange
@@ -141,9 +143,14 @@ def scan_cpu(A, b, h0, structure, reverse=False, adjoint=False, out=None):
     if structure == "diagonal":
         _diag_kernel(_np(A), _np(b), h0n, has_h0, res.numpy(), reverse, adjoint, _lanes(B, d, 64))
     else:
-        Ab = A.unsqueeze(2) if structure == "dense" else A  # dense = one block of size d
-        m, k = Ab.shape[2], Ab.shape[3]
-        _block_kernel(_np(Ab), _np(b), h0n, has_h0, res.numpy(), reverse, adjoint, _lanes(B, m, max(1, 64 // k)))
+        if structure == "dense":  # dense = one block of size d
+            An = _np(A.unsqueeze(2))
+        elif structure.shared:  # a stride-0 view over the blocks: nothing is materialised
+            An = expand_blocks(A.detach().resolve_conj().contiguous(), structure, d).numpy()
+        else:
+            An = _np(A)
+        m, k = An.shape[2], An.shape[3]
+        _block_kernel(An, _np(b), h0n, has_h0, res.numpy(), reverse, adjoint, _lanes(B, m, max(1, 64 // k)))
     if out is not None and res is not out:
         out.copy_(res)
         return out

@@ -138,7 +138,7 @@ def supports(structure, dtype: torch.dtype, d: int) -> bool:
     if structure == "diagonal":
         return dtype in _REAL or dtype in _COMPLEX
     k = d if structure == "dense" else structure.k
-    return dtype in _REAL and k in (2, 3, 4)
+    return dtype in _REAL and k in (2, 3, 4) and not getattr(structure, "shared", False)
 
 
 def _autotuned(kernel, lane_block: str, key: str):

@@ -1,0 +1,13 @@
+"""The cell zoo and layers. Every cell is a `pararnn.Cell`: no solver code lives here."""
+from .deltanet import DeltaNet, DeltaProduct
+from .elman import Elman
+from .gru import GRU
+from .layers import CELLS, ResidualBlock, SequenceModel, make_cell
+from .lru import LRU
+from .lstm import LSTM
+from .paragru import ParaGRU
+from .paralstm import ParaLSTM
+from .ssm import SelectiveSSM
+
+__all__ = ["CELLS", "DeltaNet", "DeltaProduct", "Elman", "GRU", "LRU", "LSTM", "ParaGRU", "ParaLSTM",
+           "ResidualBlock", "SelectiveSSM", "SequenceModel", "make_cell"]

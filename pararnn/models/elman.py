@@ -1,0 +1,34 @@
+"""Elman tanh RNN: h' = tanh(W_ih x + b_ih + W_hh h + b_hh) (torch.nn.RNN's equations)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cell import Cell
+from ._common import head_mask, head_structure
+
+
+class Elman(Cell):
+    """Elman RNN cell, ``x [B, T, input_size]`` -> state ``[B, T, hidden_size]``.
+
+    ``heads > 1`` makes ``W_hh`` block-diagonal (structure ``Block(hidden/heads)``).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, heads: int = 1, nonlinearity: str = "tanh"):
+        super().__init__()
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.input_size, self.state_size, self.heads = input_size, hidden_size, heads
+        self.structure = head_structure(hidden_size, heads)
+        self.act = torch.tanh if nonlinearity == "tanh" else torch.relu
+        k = hidden_size**-0.5
+        self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size).uniform_(-k, k))
+        self.weight_hh = nn.Parameter(torch.empty(hidden_size, hidden_size).uniform_(-k, k))
+        self.bias = nn.Parameter(torch.empty(hidden_size).uniform_(-k, k))
+        self.register_buffer("mask", head_mask(hidden_size, heads), persistent=False)
+
+    def prepare(self, x):
+        return x @ self.weight_ih.T + self.bias  # [B, T, H]
+
+    def step(self, h, u):
+        return self.act(u + h @ (self.weight_hh * self.mask).T)

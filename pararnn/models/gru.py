@@ -1,0 +1,75 @@
+"""GRU with torch.nn.GRU's exact equations (dense recurrent weights, or multi-head blocks)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cell import Cell
+from ._common import head_mask, head_structure
+
+
+class GRU(Cell):
+    """``r, z = σ(W_i x + b_i + W_h h + b_h)``, ``n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))``,
+    ``h' = (1 - z) ⊙ n + z ⊙ h``. Parameters are laid out as torch.nn.GRU's (gates r, z, n).
+
+    ``x [B, T, input_size]`` -> state ``[B, T, hidden_size]``. ``heads > 1``: block-diagonal W_hh.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, heads: int = 1):
+        super().__init__()
+        self.input_size, self.state_size, self.heads = input_size, hidden_size, heads
+        self.structure = head_structure(hidden_size, heads)
+        H, k = hidden_size, hidden_size**-0.5
+        self.weight_ih = nn.Parameter(torch.empty(3 * H, input_size).uniform_(-k, k))
+        self.weight_hh = nn.Parameter(torch.empty(3 * H, H).uniform_(-k, k))
+        self.bias_ih = nn.Parameter(torch.empty(3 * H).uniform_(-k, k))
+        self.bias_hh = nn.Parameter(torch.empty(3 * H).uniform_(-k, k))
+        self.register_buffer("mask", head_mask(H, heads, 3), persistent=False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.state_size
+
+    def prepare(self, x):
+        return x @ self.weight_ih.T + self.bias_ih  # [B, T, 3H]
+
+    def step(self, h, u):
+        gh = h @ (self.weight_hh * self.mask).T + self.bias_hh  # [N, 3H]
+        ur, uz, un = u.chunk(3, -1)
+        hr, hz, hn = gh.chunk(3, -1)
+        r = torch.sigmoid(ur + hr)
+        z = torch.sigmoid(uz + hz)
+        n = torch.tanh(un + r * hn)
+        return torch.lerp(n, h, z)  # (1 - z) n + z h
+
+    @classmethod
+    def from_torch(cls, module: nn.GRU) -> "GRU":
+        """Copy a single-layer, unidirectional torch.nn.GRU (with biases)."""
+        _check_torch_rnn(module, nn.GRU)
+        cell = cls(module.input_size, module.hidden_size).to(module.weight_ih_l0)
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).copy_(getattr(module, name + "_l0"))
+        return cell
+
+    def to_torch(self) -> nn.GRU:
+        """The equivalent torch.nn.GRU (batch_first=True); needs heads == 1."""
+        return _to_torch(self, nn.GRU)
+
+
+def _check_torch_rnn(module, kind):
+    if not isinstance(module, kind):
+        raise TypeError(f"from_torch expects a torch.nn.{kind.__name__}, got {type(module).__name__}")
+    if module.num_layers != 1 or module.bidirectional or not module.bias or getattr(module, "proj_size", 0):
+        raise ValueError("from_torch supports single-layer, unidirectional modules with biases and no projection")
+
+
+def _to_torch(cell, kind):
+    if cell.heads != 1:
+        raise ValueError("to_torch needs heads == 1 (torch has no block-diagonal recurrent weights)")
+    module = kind(cell.input_size, cell.hidden_size, batch_first=True).to(cell.weight_ih)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(module, name + "_l0").copy_(getattr(cell, name))
+    return module
+

@@ -1,0 +1,74 @@
+"""LSTM with torch.nn.LSTM's exact equations; the state is (h, c) packed per head."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cell import Cell
+from ._common import head_mask, head_structure
+from .gru import _check_torch_rnn, _to_torch
+
+
+class LSTM(Cell):
+    """``i, f, g, o`` from ``W_ih x + b_ih + W_hh h + b_hh``; ``c' = f c + i g``, ``h' = o tanh(c')``.
+
+    The state is ``[B, 2H]``: for each of ``heads`` heads, that head's h then its c (with one head,
+    ``[h, c]``), so a multi-head LSTM has a ``Block(2H/heads)`` Jacobian. Use :meth:`split_state`
+    / :meth:`join_state` to convert; ``RNN`` outputs ``y = h [B, T, H]``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, heads: int = 1):
+        super().__init__()
+        self.input_size, self.hidden_size, self.heads = input_size, hidden_size, heads
+        self.state_size = 2 * hidden_size
+        self.structure = head_structure(hidden_size, heads, parts=2)
+        H, k = hidden_size, hidden_size**-0.5
+        self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size).uniform_(-k, k))
+        self.weight_hh = nn.Parameter(torch.empty(4 * H, H).uniform_(-k, k))
+        self.bias_ih = nn.Parameter(torch.empty(4 * H).uniform_(-k, k))
+        self.bias_hh = nn.Parameter(torch.empty(4 * H).uniform_(-k, k))
+        self.register_buffer("mask", head_mask(H, heads, 4), persistent=False)
+
+    def split_state(self, s: torch.Tensor):
+        """``s [..., 2H]`` -> ``(h [..., H], c [..., H])``."""
+        parts = s.reshape(*s.shape[:-1], self.heads, 2, self.hidden_size // self.heads)
+        return parts[..., 0, :].flatten(-2), parts[..., 1, :].flatten(-2)
+
+    def join_state(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``(h [..., H], c [..., H])`` -> ``s [..., 2H]``."""
+        hd = self.hidden_size // self.heads
+        hh = h.reshape(*h.shape[:-1], self.heads, 1, hd)
+        cc = c.reshape(*c.shape[:-1], self.heads, 1, hd)
+        return torch.cat([hh, cc], -2).flatten(-3)
+
+    def prepare(self, x):
+        return x @ self.weight_ih.T + self.bias_ih  # [B, T, 4H]
+
+    def step(self, s, u):
+        h, c = self.split_state(s)
+        g_all = u + h @ (self.weight_hh * self.mask).T + self.bias_hh  # [N, 4H]
+        i, f, g, o = g_all.chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return self.join_state(h, c)
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def output(self, s, x):
+        return self.split_state(s)[0]  # [B, T, H]
+
+    @classmethod
+    def from_torch(cls, module: nn.LSTM) -> "LSTM":
+        """Copy a single-layer, unidirectional torch.nn.LSTM (with biases, no projection)."""
+        _check_torch_rnn(module, nn.LSTM)
+        cell = cls(module.input_size, module.hidden_size).to(module.weight_ih_l0)
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).copy_(getattr(module, name + "_l0"))
+        return cell
+
+    def to_torch(self) -> nn.LSTM:
+        """The equivalent torch.nn.LSTM (batch_first=True); needs heads == 1."""
+        return _to_torch(self, nn.LSTM)

@@ -1,0 +1,54 @@
+"""ParaLSTM: a CIFG LSTM with peepholes and diagonal recurrence; df/d(h, c) is 2×2 per unit."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cell import Cell
+from ..structure import Block
+
+
+class ParaLSTM(Cell):
+    """Coupled input-forget gate (i = 1 - f), peepholes, diagonal recurrent vectors:
+
+    ``f = σ(u_f + a_f h + p_f c)``, ``g = tanh(u_g + a_g h)``, ``c' = f c + (1 - f) g``,
+    ``o = σ(u_o + a_o h + p_o c')``, ``h' = o tanh(c')``.
+
+    The state is ``[B, 2H]`` interleaved per unit, ``(h_0, c_0, h_1, c_1, ...)``, so the Jacobian
+    is ``Block(2)``. ``RNN`` outputs ``y = h [B, T, H]``.
+    """
+
+    structure = Block(2)
+
+    def __init__(self, input_size: int, hidden_size: int, a_scale: float = 0.5):
+        super().__init__()
+        self.input_size, self.hidden_size, self.state_size = input_size, hidden_size, 2 * hidden_size
+        self.proj = nn.Linear(input_size, 3 * hidden_size)
+        self.a = nn.Parameter(torch.empty(3, hidden_size).uniform_(-a_scale, a_scale))  # a_f, a_g, a_o
+        self.p = nn.Parameter(torch.empty(2, hidden_size).uniform_(-a_scale, a_scale))  # p_f, p_o
+
+    def split_state(self, s):
+        """``s [..., 2H]`` -> ``(h, c)``, each ``[..., H]``."""
+        return s[..., 0::2], s[..., 1::2]
+
+    def join_state(self, h, c):
+        return torch.stack([h, c], -1).flatten(-2)
+
+    def prepare(self, x):
+        return self.proj(x)  # [B, T, 3H]
+
+    def step(self, s, u):
+        h, c = self.split_state(s)
+        uf, ug, uo = u.chunk(3, -1)
+        f = torch.sigmoid(uf + self.a[0] * h + self.p[0] * c)
+        g = torch.tanh(ug + self.a[1] * h)
+        c = torch.lerp(g, c, f)  # f c + (1 - f) g
+        o = torch.sigmoid(uo + self.a[2] * h + self.p[1] * c)
+        return self.join_state(o * torch.tanh(c), c)
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def output(self, s, x):
+        return s[..., 0::2]

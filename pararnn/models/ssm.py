@@ -1,0 +1,48 @@
+"""Selective (Mamba-like) diagonal SSM with input-dependent decay in [0, 1] or [-1, 1]."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cell import Cell
+
+RANGES = ("[0,1]", "[-1,1]")
+
+
+class SelectiveSSM(Cell):
+    """``h' = a_t ⊙ h + Δ_t ⊙ (W_B x_t)``, ``a_t = exp(-Δ_t ⊙ exp(w))``, ``Δ_t = softplus(W_Δ x_t + b_Δ)``.
+
+    ``eigenvalue_range="[-1,1]"`` maps ``a -> 2a - 1`` (Grazzi et al.), which lets a diagonal
+    linear RNN flip signs (parity). ``x [B, T, input_size]`` -> state ``[B, T, state_size]``.
+    Linear in h: Newton is exact in one step.
+    """
+
+    structure = "diagonal"
+
+    def __init__(self, input_size: int, state_size: int, eigenvalue_range: str = "[0,1]"):
+        super().__init__()
+        if eigenvalue_range not in RANGES:
+            raise ValueError(f"eigenvalue_range must be one of {RANGES}, got {eigenvalue_range!r}")
+        self.input_size, self.state_size, self.eigenvalue_range = input_size, state_size, eigenvalue_range
+        self.dt = nn.Linear(input_size, state_size)
+        self.inp = nn.Linear(input_size, state_size)
+        self.w = nn.Parameter(torch.log(torch.linspace(0.5, 4.0, state_size)))
+
+    def transitions(self, x):
+        """``(a [B, T, d], Δ [B, T, d])`` for input ``x [B, T, input_size]``."""
+        delta = F.softplus(self.dt(x))
+        a = torch.exp(-delta * torch.exp(self.w))  # in (0, 1]
+        return (2 * a - 1 if self.eigenvalue_range == "[-1,1]" else a), delta
+
+    def prepare(self, x):
+        a, delta = self.transitions(x)
+        return torch.cat([a, delta * self.inp(x)], -1)  # [B, T, 2d]
+
+    def step(self, h, u):
+        a, b = u.chunk(2, -1)
+        return a * h + b
+
+    def step_and_jacobian(self, h, u):
+        a, b = u.chunk(2, -1)
+        return a * h + b, a

@@ -1,0 +1,228 @@
+"""The cell zoo: every cell parallel == sequential, gradients, exactness of linear cells, torch twins."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pararnn
+from pararnn.models import (CELLS, GRU, LRU, LSTM, DeltaProduct, ParaGRU, ParaLSTM, SelectiveSSM,
+                            SequenceModel, make_cell)
+
+LINEAR = {"lru", "ssm", "ssm_neg", "deltanet", "deltaproduct"}
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def cell_and_input(name, dtype=torch.float64, B=2, T=40, d=6):
+    cell = make_cell(name, d).to(dtype)
+    return cell, torch.randn(B, T, d, dtype=dtype)
+
+
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_parallel_equals_sequential_fp64(name, with_h0):
+    cell, x = cell_and_input(name, T=63)
+    rnn = pararnn.RNN(cell)
+    h0 = None
+    if with_h0:
+        sd = cell.state_dtype(cell.prepare(x[:, :1]))
+        h0 = 0.5 * torch.randn(2, cell.state_size, dtype=sd)
+    y, hT, info = rnn(x, h0, return_info=True)
+    ys, hTs = rnn(x, h0, mode="sequential")
+    assert y.shape == (2, 63, cell.output_size) and hT.shape == (2, cell.state_size)
+    assert rel(y, ys) < 1e-10 and rel(hT, hTs) < 1e-10
+    if name in LINEAR:
+        assert info.iterations == 1, "a linear cell must be solved by exactly one Newton step"
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_parallel_equals_sequential_fp32(name):
+    cell, x = cell_and_input(name, torch.float32, T=200)
+    rnn = pararnn.RNN(cell)
+    assert rel(rnn(x)[0], rnn(x, mode="sequential")[0]) < 1e-5
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_gradients_match_sequential(name):
+    cell, x = cell_and_input(name, T=25)
+    x.requires_grad_()
+    rnn = pararnn.RNN(cell)
+    wrt = [x, *cell.parameters()]
+    g = None
+    grads = {}
+    for mode in ("parallel", "sequential"):
+        y, hT = rnn(x, mode=mode)
+        g = torch.randn_like(y) if g is None else g
+        loss = (y * g).sum() + hT.abs().sum()
+        grads[mode] = torch.autograd.grad(loss, wrt, allow_unused=True)
+    for a, b in zip(grads["parallel"], grads["sequential"]):
+        if b is None:
+            assert a is None or a.abs().max() == 0
+        else:
+            assert rel(a, b) < 1e-9
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_gradcheck_tiny(name):
+    cell = make_cell(name, 3, **({"d_k": 2, "d_v": 2} if "delta" in name else {})).double()
+    rnn = pararnn.RNN(cell)
+    x = torch.randn(1, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: rnn(x)[0], (x,))
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_declared_structure_and_hand_written_jacobians(name):
+    """check_structure: the declaration holds and any hand-written Jacobian equals torch.func's."""
+    cell, _ = cell_and_input(name)
+    pararnn.check_structure(cell)
+
+
+def test_multi_head_variants_are_block_diagonal():
+    for cell in (GRU(4, 8, heads=2), LSTM(4, 8, heads=4), make_cell("elman", 8, heads=2)):
+        cell = cell.double()
+        assert isinstance(cell.get_structure(), pararnn.Block)
+        pararnn.check_structure(cell)
+        x = torch.randn(2, 30, cell.input_size, dtype=torch.float64)
+        rnn = pararnn.RNN(cell)
+        assert rel(rnn(x)[0], rnn(x, mode="sequential")[0]) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_from_torch_reproduces_torch(kind):
+    torch_mod = (torch.nn.GRU if kind == "gru" else torch.nn.LSTM)(5, 7, batch_first=True)
+    cell = (GRU if kind == "gru" else LSTM).from_torch(torch_mod)
+    x = torch.randn(3, 50, 5)
+    out, state = torch_mod(x)
+    for mode in ("parallel", "sequential"):
+        y, sT = pararnn.RNN(cell, mode=mode)(x)
+        assert rel(y, out) < 1e-5
+        if kind == "gru":
+            assert rel(sT, state[0]) < 1e-5
+        else:
+            h, c = cell.split_state(sT)
+            assert rel(h, state[0][0]) < 1e-5 and rel(c, state[1][0]) < 1e-5
+    back = cell.to_torch()
+    out2, _ = back(x)
+    assert torch.equal(out2, out)
+
+
+def test_lstm_initial_state_parts():
+    tl = torch.nn.LSTM(3, 4, batch_first=True).double()
+    cell = LSTM.from_torch(tl)
+    x = torch.randn(2, 9, 3, dtype=torch.float64)
+    h0, c0 = torch.randn(1, 2, 4, dtype=torch.float64), torch.randn(1, 2, 4, dtype=torch.float64)
+    out, _ = tl(x, (h0, c0))
+    y, _ = pararnn.RNN(cell)(x, cell.join_state(h0[0], c0[0]))
+    assert rel(y, out) < 1e-12
+
+
+@pytest.mark.parametrize("rng, lo, hi", [("[0,1]", 0.0, 1.0), ("[-1,1]", -1.0, 1.0)])
+def test_selective_ssm_eigenvalue_range(rng, lo, hi):
+    cell = SelectiveSSM(4, 16, eigenvalue_range=rng)
+    a, _ = cell.transitions(10 * torch.randn(8, 100, 4))
+    assert a.min() >= lo and a.max() <= hi
+    if rng == "[-1,1]":
+        assert a.min() < 0, "the [-1,1] range must actually produce negative eigenvalues"
+    with pytest.raises(ValueError, match="eigenvalue_range"):
+        SelectiveSSM(4, 16, eigenvalue_range="[0,2]")
+
+
+@pytest.mark.parametrize("neg", [False, True])
+@pytest.mark.parametrize("n_h", [1, 2, 3])
+def test_deltaproduct_matches_naive_loop_and_eigenvalue_range(neg, n_h):
+    torch.manual_seed(1)
+    cell = DeltaProduct(5, 4, 3, n_h=n_h, allow_neg_eigval=neg).double()
+    x = torch.randn(2, 30, 5, dtype=torch.float64)
+    # the recurrence written out here, independently of the cell's step
+    beta, k, v = cell.betas_keys_values(x)
+    H = torch.zeros(2, 4, 3, dtype=torch.float64)
+    outs = []
+    for t in range(30):
+        for j in range(n_h):
+            kk, vv, bb = k[:, t, j], v[:, t, j], beta[:, t, j]
+            H = H - bb[:, None, None] * kk[:, :, None] * (kk[:, None, :] @ H) + bb[:, None, None] * kk[:, :, None] * vv[:, None, :]
+        q = F.normalize(cell.q_proj(x[:, t]), dim=-1)
+        outs.append((H.transpose(1, 2) @ q.unsqueeze(-1)).squeeze(-1))
+    want = torch.stack(outs, 1)
+    y, hT, info = pararnn.RNN(cell)(x, return_info=True)
+    assert info.iterations == 1
+    assert rel(y, want) < 1e-12
+    assert rel(hT.unflatten(-1, (3, 4)).transpose(1, 2), H) < 1e-12
+    # eigenvalues of A_t lie in [0, 1] (or [-1, 1] with allow_neg_eigval); each factor has
+    # eigenvalue 1 - β on k, so β near 2 gives near -1.
+    A = cell.transition(cell.prepare(10 * x).flatten(0, 1))
+    ev = torch.linalg.eigvals(A)
+    assert ev.abs().max() <= 1 + 1e-9
+    if n_h == 1:
+        assert ev.real.min() >= (-1 - 1e-9 if neg else -1e-9)
+        if neg:
+            assert ev.real.min() < -0.5
+
+
+def test_lru_ring_init_and_gamma():
+    cell = LRU(4, 64, r_min=0.9, r_max=0.99, max_phase=0.5)
+    lam = cell.eigenvalues()
+    assert lam.abs().min() >= 0.9 - 1e-6 and lam.abs().max() <= 0.99 + 1e-6
+    assert lam.angle().min() >= 0 and lam.angle().max() <= 0.5 + 1e-6
+    with pytest.raises(ValueError, match="r_min"):
+        LRU(4, 8, r_min=0.5, r_max=0.2)
+
+
+def test_lru_output_is_real_c_h_plus_d_x():
+    cell = LRU(3, 5).double()
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    y, _ = pararnn.RNN(cell)(x)
+    lam = cell.eigenvalues()
+    u = cell.prepare(x)
+    h = torch.zeros(2, 5, dtype=torch.complex128)
+    C = torch.complex(cell.C_re, cell.C_im)
+    for t in range(7):
+        h = lam * h + u[:, t]
+        assert rel(y[:, t], (h @ C.T).real + cell.D * x[:, t]) < 1e-12
+
+
+def test_paragru_and_paralstm_hand_written_or_autodiff_agree():
+    for cell in (ParaGRU(4, 6).double(), ParaLSTM(4, 3).double()):
+        u = cell.prepare(torch.randn(10, 1, 4, dtype=torch.float64))[:, 0]
+        h = torch.randn(10, cell.state_size, dtype=torch.float64)
+        f, J = cell.step_and_jacobian(h, u)
+        f2, J2 = pararnn.autodiff_step_and_jacobian(cell.step, h, u, cell.get_structure())
+        assert rel(f, f2) < 1e-14 and rel(J, J2) < 1e-13
+
+
+@pytest.mark.parametrize("name", ["paragru", "lstm", "lru", "deltaproduct"])
+def test_sequence_model_forward_step_and_modes(name):
+    model = SequenceModel(11, 5, d_model=8, n_layers=2, cell=name).double()
+    tokens = torch.randint(0, 11, (2, 13))
+    out, states = model(tokens)
+    out_seq, _ = model(tokens, mode="sequential")
+    assert out.shape == (2, 13, 5) and rel(out, out_seq) < 1e-9
+    st = None
+    for t in range(13):
+        o, st = model.step(tokens[:, t], st)
+        assert rel(o, out[:, t]) < 1e-9
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_regression_model_and_cell_instances():
+    model = SequenceModel(3, 2, d_model=8, n_layers=2, cell=ParaGRU(8, 8), regression=True)
+    out, _ = model(torch.randn(4, 10, 3))
+    assert out.shape == (4, 10, 2)
+    assert model.blocks[0].cell is not model.blocks[1].cell
+    with pytest.raises(ValueError, match="unknown cell"):
+        make_cell("transformer", 8)
+    with pytest.raises(TypeError, match="token ids"):
+        SequenceModel(5, 2, d_model=8, n_layers=1)(torch.randn(2, 3))
+
+
+def test_torch_compile_does_not_break():
+    model = SequenceModel(7, 3, d_model=8, n_layers=1, cell="paragru")
+    tokens = torch.randint(0, 7, (2, 9))
+    ref_par, _ = model(tokens)
+    ref_seq, _ = model(tokens, mode="sequential")
+    compiled = torch.compile(model, backend="eager")  # graph capture; inductor codegen is not run in CI
+    out_par, _ = compiled(tokens)
+    out_seq, _ = compiled(tokens, mode="sequential")
+    assert rel(out_par, ref_par) < 1e-6 and rel(out_seq, ref_seq) < 1e-6
