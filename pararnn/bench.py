@@ -17,6 +17,7 @@ import torch
 
 import pararnn
 from pararnn.cell import autodiff_step_and_jacobian
+from pararnn.models import CELLS, make_cell
 from pararnn.models.paragru import ParaGRU
 from pararnn.scan import scan_dispatch
 from pararnn.utils.timing import copy_bandwidth, machine_info, median_time
@@ -55,7 +56,7 @@ def measure(fn, x, params, repeats, backward):
     def run():
         if backward:
             y = fn(x)
-            torch.autograd.grad(y.sum(), params)
+            torch.autograd.grad(y.sum(), params, allow_unused=True)
         else:
             with torch.no_grad():
                 fn(x)
@@ -101,6 +102,58 @@ def bench_regime(B, T, d, repeats, weak_max_work=8 * 1024 * 1024 * 256):
     return row
 
 
+def torch_twin(cell):
+    """torch.nn.GRU/LSTM with the cell's weights, when the cell has such a twin."""
+    to_torch = getattr(cell, "to_torch", None)
+    if to_torch is None or getattr(cell, "heads", 1) != 1:
+        return None
+    return to_torch()
+
+
+def bench_cells(names, shapes, repeats):
+    """Every named cell: sequential vs parallel (and its torch twin), fwd and fwd+bwd."""
+    rows = []
+    for name in names:
+        for B, T, d in shapes:
+            torch.manual_seed(0)
+            cell = make_cell(name, d)
+            x = torch.randn(B, T, d)
+            par, seq = pararnn.RNN(cell, mode="parallel"), pararnn.RNN(cell, mode="sequential")
+            with torch.no_grad():
+                info = par.solve_info(x)
+                err = (par(x)[0] - seq(x)[0]).abs().max().item()
+            row = {"cell": name, "structure": str(cell.get_structure()), "B": B, "T": T, "d": d,
+                   "newton_iterations": info.iterations, "max_abs_err_vs_sequential": err}
+            methods = {"sequential": (lambda x: seq(x)[0], list(cell.parameters())),
+                       "parallel": (lambda x: par(x)[0], list(cell.parameters()))}
+            twin = torch_twin(cell)
+            if twin is not None:
+                methods["torch"] = (lambda x: twin(x)[0], list(twin.parameters()))
+            for m, (fn, params) in methods.items():
+                for bw in (False, True):
+                    key = f"{m}_{'fwdbwd' if bw else 'fwd'}_s"
+                    row[key] = measure(fn, x, params, repeats, bw)
+            for bw in ("fwd", "fwdbwd"):
+                row[f"speedup_{bw}"] = row[f"sequential_{bw}_s"] / row[f"parallel_{bw}_s"]
+            print(f"  {name} B={B} T={T} d={d}: parallel {row['parallel_fwdbwd_s'] * 1e3:.0f} ms, "
+                  f"sequential {row['sequential_fwdbwd_s'] * 1e3:.0f} ms (fwd+bwd)", file=sys.stderr)
+            rows.append(row)
+    return rows
+
+
+def cells_table(rows):
+    """Markdown table of the per-cell rows (ms, fwd / fwd+bwd)."""
+    ms = lambda r, k: "–" if r.get(k) is None else f"{r[k] * 1e3:.0f}"  # noqa: E731
+    lines = ["| cell | structure | B | T | d | iters | max err | sequential | **parallel** | torch twin | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cols = [f"{ms(r, m + '_fwd_s')} / {ms(r, m + '_fwdbwd_s')}" for m in ("sequential", "parallel", "torch")]
+        lines.append(f"| {r['cell']} | {r['structure']} | {r['B']} | {r['T']} | {r['d']} | {r['newton_iterations']} | "
+                     f"{r['max_abs_err_vs_sequential']:.1e} | " + " | ".join(cols)
+                     + f" | {r['speedup_fwd']:.2f}× / {r['speedup_fwdbwd']:.2f}× |")
+    return "\n".join(lines)
+
+
 def bench_scan_floor(shapes, repeats):
     """The diagonal linear_scan against bytes moved / measured copy bandwidth."""
     rows = []
@@ -135,6 +188,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes (well under a minute)")
     ap.add_argument("--threads", type=int, default=1, help="torch and numba threads (default 1)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    ap.add_argument("--cells", default="paragru,paralstm,gru,lstm,lru",
+                    help=f"comma-separated cells for the per-cell table, from {', '.join(CELLS)} ('' = none)")
     ap.add_argument("--out", default="results/bench_engine.json", help="JSON results path")
 
 
@@ -149,18 +204,25 @@ def run(args: argparse.Namespace) -> dict:
         numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
+    cells = [c.strip().lower() for c in args.cells.split(",") if c.strip()]
+    bad = [c for c in cells if c not in CELLS]
+    if bad:
+        raise SystemExit(f"pararnn bench: unknown cell(s) {bad}; choose from {', '.join(CELLS)}")
     if args.quick:
         regimes = {"latency": [(1, 1024, 64)], "bandwidth": [(8, 256, 256)]}
         scan_shapes = [(1, 4096, 64), (8, 1024, 256)]
+        cell_shapes = [(1, 1024, 32)]
     else:
         regimes = {"latency": [(1, 4096, 64), (1, 16384, 64)], "bandwidth": [(8, 1024, 256), (8, 4096, 256)]}
         scan_shapes = [(1, 16384, 64), (8, 4096, 256), (8, 16384, 256)]
+        cell_shapes = [(1, 4096, 64), (8, 1024, 64)]
     result = {"machine": machine_info(), "settings": vars(args).copy(), "cell": "ParaGRU (diagonal GRU-like)",
               "units": "seconds (median)", "regimes": {}, "scan_vs_floor": None}
     result["settings"].pop("func", None)
     for name, shapes in regimes.items():
         result["regimes"][name] = [bench_regime(B, T, d, args.repeats) for B, T, d in shapes]
     result["scan_vs_floor"] = bench_scan_floor(scan_shapes, args.repeats)
+    result["cells"] = bench_cells(cells, cell_shapes, args.repeats)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -174,6 +236,9 @@ def run(args: argparse.Namespace) -> dict:
     for r in result["scan_vs_floor"]:
         print(f"| {r['B']} | {r['T']} | {r['d']} | {r['scan_s'] * 1e3:.2f} | {r['floor_s'] * 1e3:.2f} | "
               f"{r['ratio_to_floor']:.2f}× | {r['scan_GBps']:.1f} |")
+    if result["cells"]:
+        print("\nPer cell, times in ms, forward / forward+backward (speedup = sequential / parallel):\n")
+        print(cells_table(result["cells"]))
     print(f"\nresults: {args.out}")
     return result
 
