@@ -1,4 +1,5 @@
 """pararnn: train nonlinear RNNs in parallel over the sequence length (Newton + parallel scans)."""
+from .diagnose import Diagnosis, diagnose
 from .cell import Cell, autodiff_step_and_jacobian, check_structure, dense_jacobian
 from .newton import ConvergenceError, ConvergenceWarning, SolverInfo, SolverOptions, sequential_solve
 from .rnn import RNN, choose_mode
@@ -12,6 +13,7 @@ __all__ = [
     "Cell",
     "ConvergenceError",
     "ConvergenceWarning",
+    "Diagnosis",
     "RNN",
     "SolverInfo",
     "SolverOptions",
@@ -19,6 +21,7 @@ __all__ = [
     "check_structure",
     "choose_mode",
     "dense_jacobian",
+    "diagnose",
     "linear_scan",
     "sequential_solve",
 ]

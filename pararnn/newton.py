@@ -35,8 +35,9 @@ class SolverOptions:
 
     Attributes:
         max_iters: most Newton steps (linear scans). Newton needs at most T; typical cells 2-10.
-        rtol, atol: converged when ``max|f(h_{t-1}, u_t) - h_t| <= atol + rtol * max|h|`` per
-            sequence. ``None`` = a default per dtype (fp64 1e-12, fp32 2e-6, fp16 2e-3).
+        rtol, atol: a sequence is converged when every entry of the residual satisfies
+            ``|f(h_{t-1}, u_t) - h_t| <= atol + rtol·|f(h_{t-1}, u_t)|``. ``None`` = a default per
+            dtype (fp64 1e-12, fp32 2e-6, fp16 2e-3).
         init: initial guess: ``"step"`` (``h_t = f(h0, u_t)`` for all t, as ParaRNN with h0=0),
             ``"zeros"``, or a tensor ``[B, T, d]`` (warm start, e.g. a previous solution).
         on_fail: ``"raise"`` (ConvergenceError), ``"warn"`` (return the last iterate with a
@@ -44,6 +45,12 @@ class SolverOptions:
             sequentially, with a warning). Non-finite iterates count as non-converged.
         damping: step size in (0, 1]: ``H += damping * delta``. Below 1 it trades speed for
             robustness on non-contractive cells.
+        jacobian_clip: bound every J_t (diagonal entries to [-c, c]; blocks/dense to infinity
+            norm c) before the scan: a quasi-Newton step that cannot blow up through products of
+            Jacobians. Newton still makes at least one more position exact per step, so it still
+            converges within T steps; quadratic convergence is lost where clipping is active.
+        safeguard: undo a step for the sequences it blew up (NaN/Inf, or residual 1e4× its best
+            so far) and continue with ``jacobian_clip=0.9`` (``info.safeguarded`` says so).
         backend: linear-scan backend (see :func:`pararnn.linear_scan`).
         check_finite: raise on NaN/Inf in x or h0 before solving.
         chunk: the cell is evaluated over T in chunks of about this many state elements, so
@@ -56,6 +63,8 @@ class SolverOptions:
     init: str | torch.Tensor = "step"
     on_fail: str = "fallback"
     damping: float = 1.0
+    jacobian_clip: float | None = None
+    safeguard: bool = True
     backend: str = "auto"
     check_finite: bool = True
     chunk: int = 1 << 18
@@ -71,6 +80,8 @@ class SolverOptions:
             raise ValueError(f"init must be 'step', 'zeros' or a tensor, got {self.init!r}")
         if not isinstance(self.chunk, int) or self.chunk < 1:
             raise ValueError(f"chunk must be an int >= 1, got {self.chunk!r}")
+        if self.jacobian_clip is not None and not self.jacobian_clip > 0:
+            raise ValueError(f"jacobian_clip must be > 0, got {self.jacobian_clip!r}")
         for name in ("rtol", "atol"):
             v = getattr(self, name)
             if v is not None and not v >= 0:
@@ -92,7 +103,8 @@ class SolverInfo:
             (length ``iterations + 1``).
         converged: ``[B]`` bool, which sequences met the tolerance by Newton.
         fell_back: ``[B]`` bool, which sequences were recomputed sequentially.
-        tol: the tolerance that was applied (per-sequence ``atol + rtol*max|h|``, max over batch).
+        rtol, atol: the tolerance applied (``|r| <= atol + rtol·|f|`` elementwise).
+        safeguarded: whether the safeguard had to undo a step (see ``SolverOptions.safeguard``).
     """
 
     mode: str
@@ -100,7 +112,9 @@ class SolverInfo:
     residuals: list[float] = field(default_factory=list)
     converged: torch.Tensor | None = None
     fell_back: torch.Tensor | None = None
-    tol: float | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    safeguarded: bool = False
 
     @property
     def all_converged(self) -> bool:
@@ -136,16 +150,19 @@ def time_chunks(B: int, T: int, d: int, target: int):
 
 
 def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.Tensor,
-             chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+             chunk: int, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual and Jacobian at the iterate, written into buffers, chunk by chunk over T.
 
     ``S [B, T+1, d]`` holds (h0, h_1..h_T); ``u [B, T, *]``. Fills ``r = f(h_{t-1}, u_t) - h_t``
-    ``[B, T, d]`` and ``J [B, T, *jac]``; returns per-sequence ``max|r|`` and ``max|f|`` ``[B]``.
+    ``[B, T, d]`` and ``J [B, T, *jac]``. Returns per sequence ``[B]``: ``max|r|`` and
+    ``max(|r| - rtol·|f|)``, the elementwise test (a sequence is converged when the latter is
+    <= atol). The test is elementwise on purpose: a scale taken from the whole iterate would let a
+    blown-up iterate (|h| ~ 1e250) pass with a residual that is garbage at the small entries.
     """
     B, T = u.shape[:2]
     d = S.shape[-1]
     err = torch.zeros(B, dtype=r.real.dtype, device=r.device)
-    fmax = torch.zeros_like(err)
+    excess = torch.full_like(err, -float("inf"))
     for t0, t1 in time_chunks(B, T, d, chunk):
         n = t1 - t0
         f, Jc = cell.step_and_jacobian(_flat(S[:, t0:t1]), _flat(u[:, t0:t1]))
@@ -153,10 +170,28 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
         J[:, t0:t1] = Jc.reshape(B, n, *Jc.shape[1:])
         rc = r[:, t0:t1]
         torch.sub(f, S[:, t0 + 1:t1 + 1], out=rc)
-        # NaN must propagate: amax does, and fmax(…) would drop it, so use maximum.
-        err = torch.maximum(err, rc.abs().amax(dim=(1, 2)))
-        fmax = torch.maximum(fmax, f.abs().amax(dim=(1, 2)))
-    return err, fmax
+        ra = rc.abs()
+        # NaN must propagate: amax and maximum do (fmax would drop it).
+        err = torch.maximum(err, ra.amax(dim=(1, 2)))
+        excess = torch.maximum(excess, (ra - rtol * f.abs()).amax(dim=(1, 2)))
+    return err, excess
+
+
+def clip_jacobian(J: torch.Tensor, structure, c: float) -> None:
+    """In place: bound each J_t so products of them cannot grow faster than c^t.
+
+    Diagonal: clamp entries (complex: their modulus) to c. Blocks/dense: scale each matrix so its
+    infinity norm (max row sum, an induced norm) is at most c.
+    """
+    if structure == "diagonal":
+        if J.is_complex():
+            mag = J.abs().clamp_min(1e-30)
+            J.mul_(torch.clamp(c / mag, max=1.0))
+        else:
+            J.clamp_(-c, c)
+        return
+    norm = J.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1)  # [..., 1, 1]
+    J.mul_(torch.clamp(c / norm.clamp_min(1e-30), max=1.0))
 
 
 def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
@@ -192,30 +227,49 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
             n = t1 - t0
             h0x = h0.unsqueeze(1).expand(B, n, d).reshape(B * n, d)
             H[:, t0:t1] = cell.step(h0x, _flat(u[:, t0:t1])).reshape(B, n, d)
-    info = SolverInfo(mode="parallel")
+    info = SolverInfo(mode="parallel", rtol=rtol, atol=atol)
+    clip = opts.jacobian_clip
+    H_prev = best = None
     while True:
-        err, fmax = evaluate(cell, S, u, r, J, opts.chunk)  # [B], [B]
-        tol = atol + rtol * fmax
-        converged = err <= tol  # NaN compares False: never converged
+        err, excess = evaluate(cell, S, u, r, J, opts.chunk, rtol)  # [B], [B]
+        if opts.safeguard and H_prev is not None:
+            # A step that blew a sequence up (NaN/Inf, or residual 1e4× its best) is undone for
+            # that sequence, and from then on the Jacobians are clipped so the scan cannot amplify.
+            blown = ~torch.isfinite(err) | (err > 1e4 * best.clamp_min(atol))
+            if bool(blown.any()):
+                H[blown] = H_prev[blown]
+                clip = min(clip, 0.9) if clip is not None else 0.9
+                info.safeguarded = True
+                err, excess = evaluate(cell, S, u, r, J, opts.chunk, rtol)
+        best = err if best is None else torch.minimum(best, err)
+        converged = excess <= atol  # NaN compares False: never converged
         info.residuals.append(float(err.max()))
-        info.tol = float(tol.max())
         if bool(converged.all()) or info.iterations >= opts.max_iters:
             break
         if not bool((~converged & torch.isfinite(err)).any()):
             break  # every unconverged sequence is NaN/Inf: further steps cannot help
+        if clip is not None:
+            clip_jacobian(J, structure, clip)
         scan_dispatch(J, r, None, structure, backend=opts.backend, out=delta)
         if opts.damping != 1.0:
             delta.mul_(opts.damping)
+        if opts.safeguard:
+            if H_prev is None:
+                H_prev = torch.empty_like(H)
+            H_prev.copy_(H)
         H.add_(delta)
         info.iterations += 1
+    if clip is not None:  # the backward needs the exact Jacobians at the solution
+        evaluate(cell, S, u, r, J, opts.chunk, rtol)
     info.converged = converged
     info.fell_back = torch.zeros_like(converged)
     if not bool(converged.all()):
         bad = (~converged).nonzero().flatten()
         msg = (
             f"Newton did not converge for {bad.numel()}/{B} sequences in {info.iterations} "
-            f"iterations (max_iters={opts.max_iters}): residual {info.residuals[-1]:.3g} > tol "
-            f"{info.tol:.3g}. Residual history: {[f'{x:.2g}' for x in info.residuals]}"
+            f"iterations (max_iters={opts.max_iters}): max residual {info.residuals[-1]:.3g} "
+            f"(tolerance: |r| <= {atol:.2g} + {rtol:.2g}·|f| elementwise). "
+            f"Residual history: {[f'{x:.2g}' for x in info.residuals]}"
         )
         if opts.on_fail == "raise":
             raise ConvergenceError(msg + ". Use on_fail='fallback' or mode='sequential', "
@@ -227,7 +281,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
                           stacklevel=3)
             H[bad] = sequential_solve(cell.step, u[bad], h0[bad])
             Jb = J[bad]
-            evaluate(cell, S[bad], u[bad], r[bad], Jb, opts.chunk)
+            evaluate(cell, S[bad], u[bad], r[bad], Jb, opts.chunk, rtol)
             J[bad] = Jb
             info.fell_back[bad] = True
     return S, J, info
