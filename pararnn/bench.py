@@ -123,7 +123,8 @@ def bench_cells(names, shapes, repeats):
                 info = par.solve_info(x)
                 err = (par(x)[0] - seq(x)[0]).abs().max().item()
             row = {"cell": name, "structure": str(cell.get_structure()), "B": B, "T": T, "d": d,
-                   "newton_iterations": info.iterations, "max_abs_err_vs_sequential": err}
+                   "newton_iterations": info.iterations, "max_abs_err_vs_sequential": err,
+                   "lyapunov": pararnn.diagnose(cell, x, max_steps=1024).lyapunov}
             methods = {"sequential": (lambda x: seq(x)[0], list(cell.parameters())),
                        "parallel": (lambda x: par(x)[0], list(cell.parameters()))}
             twin = torch_twin(cell)
@@ -144,11 +145,11 @@ def bench_cells(names, shapes, repeats):
 def cells_table(rows):
     """Markdown table of the per-cell rows (ms, fwd / fwd+bwd)."""
     ms = lambda r, k: "–" if r.get(k) is None else f"{r[k] * 1e3:.0f}"  # noqa: E731
-    lines = ["| cell | structure | B | T | d | iters | max err | sequential | **parallel** | torch twin | speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | structure | B | T | d | Lyapunov λ | iters | max err | sequential | **parallel** | torch twin | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cols = [f"{ms(r, m + '_fwd_s')} / {ms(r, m + '_fwdbwd_s')}" for m in ("sequential", "parallel", "torch")]
-        lines.append(f"| {r['cell']} | {r['structure']} | {r['B']} | {r['T']} | {r['d']} | {r['newton_iterations']} | "
+        lines.append(f"| {r['cell']} | {r['structure']} | {r['B']} | {r['T']} | {r['d']} | {r['lyapunov']:.2f} | {r['newton_iterations']} | "
                      f"{r['max_abs_err_vs_sequential']:.1e} | " + " | ".join(cols)
                      + f" | {r['speedup_fwd']:.2f}× / {r['speedup_fwdbwd']:.2f}× |")
     return "\n".join(lines)
@@ -223,9 +224,7 @@ def run(args: argparse.Namespace) -> dict:
         result["regimes"][name] = [bench_regime(B, T, d, args.repeats) for B, T, d in shapes]
     result["scan_vs_floor"] = bench_scan_floor(scan_shapes, args.repeats)
     result["cells"] = bench_cells(cells, cell_shapes, args.repeats)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json_atomic(args.out, result)
     m = result["machine"]
     print(f"machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, {args.threads} thread(s)\n")
     print("Times in ms, forward / forward+backward:\n")
@@ -241,6 +240,15 @@ def run(args: argparse.Namespace) -> dict:
         print(cells_table(result["cells"]))
     print(f"\nresults: {args.out}")
     return result
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON via a temporary file and a rename, so a crash never leaves a half-written file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def main(argv=None):

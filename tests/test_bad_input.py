@@ -84,3 +84,59 @@ def test_requires_grad_on_h0_only(rnn):
 def test_step_bad_input(rnn):
     with pytest.raises(ValueError, match="x_t must be"):
         rnn.step(X(2, 1, 3))
+
+
+# ---------------------------------------------------------------- cells and the CLI
+from pararnn.models import GRU, LRU, LSTM, DeltaProduct, SelectiveSSM  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "make, err, match",
+    [
+        (lambda: GRU(4, 6, heads=4), ValueError, "heads must divide"),
+        (lambda: LSTM(4, 6, heads=0), ValueError, "heads must divide"),
+        (lambda: LRU(4, 8, r_min=0.9, r_max=0.5), ValueError, "r_min"),
+        (lambda: SelectiveSSM(4, 8, eigenvalue_range="(0,1)"), ValueError, "eigenvalue_range"),
+        (lambda: DeltaProduct(4, 2, 2, n_h=0), ValueError, "n_h"),
+        (lambda: GRU.from_torch(torch.nn.LSTM(2, 3)), TypeError, "expects a torch.nn.GRU"),
+        (lambda: GRU.from_torch(torch.nn.GRU(2, 3, num_layers=2)), ValueError, "single-layer"),
+        (lambda: LSTM.from_torch(torch.nn.LSTM(2, 4, proj_size=2)), ValueError, "no projection"),
+        (lambda: GRU(2, 4, heads=2).to_torch(), ValueError, "heads == 1"),
+        (lambda: pararnn.Block(-1), ValueError, "positive int"),
+    ],
+)
+def test_bad_cell_arguments(make, err, match):
+    with pytest.raises(err, match=match):
+        make()
+
+
+def test_cells_reject_wrong_input_size():
+    rnn = pararnn.RNN(LRU(3, 4))
+    with pytest.raises(ValueError, match="input_size = 3"):
+        rnn(torch.randn(2, 5, 4))
+
+
+def test_lru_h0_must_be_complex():
+    rnn = pararnn.RNN(LRU(3, 4))
+    with pytest.raises(TypeError, match="h0 has dtype"):
+        rnn(torch.randn(2, 5, 3), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["bench", "--cells", "paragru,transformer"], "unknown cell"),
+    (["bench", "--threads", "0"], "--threads"),
+    (["bench", "--repeats", "0"], "--repeats"),
+])
+def test_cli_bad_flags(argv, match, tmp_path):
+    from pararnn.cli import main
+
+    with pytest.raises(SystemExit, match=match):
+        main(argv + ["--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_unknown_command():
+    from pararnn.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train"])

@@ -32,3 +32,11 @@ class Elman(Cell):
 
     def step(self, h, u):
         return self.act(u + h @ (self.weight_hh * self.mask).T)
+
+    def step_and_jacobian(self, h, u):
+        """Closed form for one head: ``J = diag(act'(a)) W_hh`` ``[N, H, H]``."""
+        if self.heads != 1:
+            return super().step_and_jacobian(h, u)
+        f = self.act(u + h @ self.weight_hh.T)
+        slope = 1 - f * f if self.act is torch.tanh else (f > 0).to(f.dtype)
+        return f, slope.unsqueeze(-1) * self.weight_hh

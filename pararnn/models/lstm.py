@@ -56,6 +56,29 @@ class LSTM(Cell):
     def output_size(self) -> int:
         return self.hidden_size
 
+    def step_and_jacobian(self, s, u):
+        """Closed form for one head: ``J = [[dh'/dh, dh'/dc], [dc'/dh, dc'/dc]]`` ``[N, 2H, 2H]``.
+
+        O(N H²) instead of jacfwd's O(N H³); multi-head cells use torch.func (block structure).
+        """
+        if self.heads != 1:
+            return super().step_and_jacobian(s, u)
+        h, c = self.split_state(s)
+        g_all = u + h @ self.weight_hh.T + self.bias_hh  # [N, 4H]
+        ai, af, ag, ao = g_all.chunk(4, -1)
+        i, f, g, o = torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag), torch.sigmoid(ao)
+        c2 = f * c + i * g
+        tc = torch.tanh(c2)
+        h2 = o * tc
+        Wi, Wf, Wg, Wo = self.weight_hh.chunk(4, 0)  # [H, H] each
+        dc_dh = (c * f * (1 - f)).unsqueeze(-1) * Wf + (g * i * (1 - i)).unsqueeze(-1) * Wi \
+            + (i * (1 - g * g)).unsqueeze(-1) * Wg  # [N, H, H]
+        do = o * (1 - tc * tc)
+        dh_dh = (tc * o * (1 - o)).unsqueeze(-1) * Wo + do.unsqueeze(-1) * dc_dh
+        top = torch.cat([dh_dh, torch.diag_embed(do * f)], -1)  # [N, H, 2H]
+        bottom = torch.cat([dc_dh, torch.diag_embed(f)], -1)
+        return self.join_state(h2, c2), torch.cat([top, bottom], -2)
+
     def output(self, s, x):
         return self.split_state(s)[0]  # [B, T, H]
 
