@@ -13,6 +13,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="speed: parallel Newton vs sequential loops and torch.nn.GRU")
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
+    from . import track
+
+    p = sub.add_parser("track", help="state tracking: linear vs nonlinear RNNs, trained short, tested long")
+    track.add_arguments(p)
+    p.set_defaults(func=track.run)
     args = ap.parse_args(argv)
     args.func(args)
     return 0

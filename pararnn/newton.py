@@ -36,8 +36,8 @@ class SolverOptions:
     Attributes:
         max_iters: most Newton steps (linear scans). Newton needs at most T; typical cells 2-10.
         rtol, atol: a sequence is converged when every entry of the residual satisfies
-            ``|f(h_{t-1}, u_t) - h_t| <= atol + rtol·|f(h_{t-1}, u_t)|``. ``None`` = a default per
-            dtype (fp64 1e-12, fp32 2e-6, fp16 2e-3).
+            ``|f(h_{t-1}, u_t) - h_t| <= atol + rtol·(|f(h_{t-1}, u_t)| + max|h_{t-1}|)``.
+            ``None`` = a default per dtype (fp64 1e-12, fp32 2e-6, fp16 2e-3).
         init: initial guess: ``"step"`` (``h_t = f(h0, u_t)`` for all t, as ParaRNN with h0=0),
             ``"zeros"``, or a tensor ``[B, T, d]`` (warm start, e.g. a previous solution).
         on_fail: ``"raise"`` (ConvergenceError), ``"warn"`` (return the last iterate with a
@@ -103,7 +103,7 @@ class SolverInfo:
             (length ``iterations + 1``).
         converged: ``[B]`` bool, which sequences met the tolerance by Newton.
         fell_back: ``[B]`` bool, which sequences were recomputed sequentially.
-        rtol, atol: the tolerance applied (``|r| <= atol + rtol·|f|`` elementwise).
+        rtol, atol: the tolerance applied (see :class:`SolverOptions`).
         safeguarded: whether the safeguard had to undo a step (see ``SolverOptions.safeguard``).
     """
 
@@ -155,9 +155,10 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
 
     ``S [B, T+1, d]`` holds (h0, h_1..h_T); ``u [B, T, *]``. Fills ``r = f(h_{t-1}, u_t) - h_t``
     ``[B, T, d]`` and ``J [B, T, *jac]``. Returns per sequence ``[B]``: ``max|r|`` and
-    ``max(|r| - rtol·|f|)``, the elementwise test (a sequence is converged when the latter is
-    <= atol). The test is elementwise on purpose: a scale taken from the whole iterate would let a
-    blown-up iterate (|h| ~ 1e250) pass with a residual that is garbage at the small entries.
+    ``max(|r_t| - rtol·(|f_t| + max|h_{t-1}|))``, the test (a sequence is converged when the latter
+    is <= atol). The scale is per position on purpose: one taken from the whole iterate would let
+    a blown-up iterate (|h| ~ 1e250) pass with a residual that is garbage at the small entries,
+    while |h_{t-1}| covers the rounding of f itself (a h + b can cancel to ~0 from large terms).
     """
     B, T = u.shape[:2]
     d = S.shape[-1]
@@ -171,9 +172,11 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
         rc = r[:, t0:t1]
         torch.sub(f, S[:, t0 + 1:t1 + 1], out=rc)
         ra = rc.abs()
+        # scale of f's own rounding: |f| and the size of the state it was computed from
+        scale = f.abs() + S[:, t0:t1].abs().amax(dim=-1, keepdim=True)  # [B, n, d]
         # NaN must propagate: amax and maximum do (fmax would drop it).
         err = torch.maximum(err, ra.amax(dim=(1, 2)))
-        excess = torch.maximum(excess, (ra - rtol * f.abs()).amax(dim=(1, 2)))
+        excess = torch.maximum(excess, (ra - rtol * scale).amax(dim=(1, 2)))
     return err, excess
 
 
@@ -268,7 +271,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
         msg = (
             f"Newton did not converge for {bad.numel()}/{B} sequences in {info.iterations} "
             f"iterations (max_iters={opts.max_iters}): max residual {info.residuals[-1]:.3g} "
-            f"(tolerance: |r| <= {atol:.2g} + {rtol:.2g}·|f| elementwise). "
+            f"(tolerance: |r_t| <= {atol:.2g} + {rtol:.2g}·(|f_t| + max|h_(t-1)|)). "
             f"Residual history: {[f'{x:.2g}' for x in info.residuals]}"
         )
         if opts.on_fail == "raise":

@@ -1,0 +1,381 @@
+"""`pararnn track`: linear vs nonlinear state tracking, trained short and tested long.
+
+Every (task, model, seed) run is checkpointed as one JSON file under ``<out>/runs/``; a rerun
+skips finished runs, so an interrupted study loses at most the runs in flight. Runs execute in
+``--jobs`` processes with one torch thread each. Outputs: ``<out>/summary.json``,
+``<out>/table.md`` and ``<out>/plots/<task>.png``. ``--task reconstruct`` runs the reconstruction
+experiment of Orvieto et al. instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .tasks import TASKS
+
+# model name -> (cell name for pararnn.models.make_cell, cell kwargs).
+# Suffix _pos: transition eigenvalues in [0, 1]; _neg: in [-1, 1].
+MODELS = {
+    "diag_pos": ("ssm", {}),
+    "diag_neg": ("ssm_neg", {}),
+    "lru": ("lru", {"r_min": 0.5}),
+    **{f"deltaproduct{n}_{rng}": ("deltaproduct", {"n_h": n, "d_k": 8, "allow_neg_eigval": rng == "neg"})
+       for n in (1, 2, 4) for rng in ("pos", "neg")},
+    "paragru": ("paragru", {}),
+    "paralstm": ("paralstm", {}),
+    "gru": ("gru", {}),
+    "lstm": ("lstm", {}),
+}
+
+# The --quick study: the contrasts of BACKGROUND §3, in about 15 minutes on 2 cores.
+QUICK_PLAN = {
+    "parity": ["diag_pos", "diag_neg", "gru", "lstm"],
+    "count_mod3": ["diag_neg", "lru"],
+    "s3": ["deltaproduct1_neg", "deltaproduct2_pos", "deltaproduct2_neg", "gru"],
+}
+
+
+@dataclass
+class TrackConfig:
+    """Training and evaluation settings of one run (recorded in every result)."""
+
+    d_model: int = 32
+    n_layers: int = 1
+    steps: int = 600
+    batch: int = 32
+    lr: float = 3e-3
+    train_min: int = 3
+    train_max: int = 40
+    eval_lengths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    eval_batch: int = 128
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def accuracy(pred: torch.Tensor, y: torch.Tensor, chance: float) -> dict:
+    """Per-position, last-token and whole-sequence accuracy, plus scaled (acc - chance)/(1 - chance)."""
+    ok = pred == y  # [B, L]
+    per_pos = ok.float().mean().item()
+    last = ok[:, -1].float().mean().item()
+    return {"acc": per_pos, "last_token_acc": last, "sequence_acc": ok.all(1).float().mean().item(),
+            "scaled_acc": (per_pos - chance) / (1 - chance), "scaled_last_token_acc": (last - chance) / (1 - chance)}
+
+
+def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, progress: bool = False) -> dict:
+    """Train one model on one task from ``seed``; evaluate at the training length and longer."""
+    from .models import SequenceModel
+
+    torch.manual_seed(seed)
+    task = TASKS[task_name]
+    cell, kwargs = MODELS[model_name]
+    model = SequenceModel(task.n_in, task.n_out, d_model=cfg.d_model, n_layers=cfg.n_layers, cell=cell,
+                          mode="parallel", **kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    losses, iters, fallbacks = [], [], 0
+    steps = range(cfg.steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=f"{task_name}/{model_name}", leave=False)
+    t0 = time.perf_counter()
+    for _ in steps:
+        T = int(torch.randint(cfg.train_min, cfg.train_max + 1, (1,), generator=gen))
+        x, y = task.sample(cfg.batch, T, gen)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logits, _ = model(x)
+        fallbacks += sum("recomputed sequentially" in str(w.message) for w in caught)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        iters.extend(b.rnn.last_info.iterations for b in model.blocks)
+    train_s = time.perf_counter() - t0
+    egen = torch.Generator().manual_seed(20_000 + seed)
+    evals = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for L in [cfg.train_max, *cfg.eval_lengths]:
+            x, y = task.sample(cfg.eval_batch, L, egen)
+            logits, _ = model(x)
+            evals[str(L)] = accuracy(logits.argmax(-1), y, task.chance)
+    return {"task": task_name, "model": model_name, "seed": seed, "config": asdict(cfg),
+            "final_train_loss": sum(losses[-20:]) / len(losses[-20:]), "train_seconds": train_s,
+            "mean_newton_iterations": sum(iters) / max(len(iters), 1), "newton_fallbacks": fallbacks,
+            "chance": task.chance, "eval": evals}
+
+
+def _write_json(path: str, obj) -> None:
+    from .bench import write_json_atomic
+
+    write_json_atomic(path, obj)
+
+
+def load_checkpoint(path: str) -> dict | None:
+    """A finished run's result, or None. A corrupt file is moved aside (``.corrupt``), never reused."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            res = json.load(f)
+        if not isinstance(res, dict) or "eval" not in res:
+            raise ValueError("no 'eval' field")
+        return res
+    except (OSError, ValueError) as e:
+        bad = path + ".corrupt"
+        os.replace(path, bad)
+        print(f"pararnn track: checkpoint {path} is unreadable ({e}); moved to {bad}, rerunning it",
+              file=sys.stderr)
+        return None
+
+
+def _job(args):
+    task, model, seed, cfg, path = args
+    torch.set_num_threads(1)
+    res = train_one(task, model, seed, cfg)
+    _write_json(path, res)
+    return res
+
+
+def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, out: str, jobs: int) -> list[dict]:
+    """Run (or resume) every (task, model, seed) in ``plan``; returns all results."""
+    from tqdm import tqdm
+
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    results, todo = [], []
+    for task, models in plan.items():
+        for model in models:
+            for seed in seeds:
+                path = os.path.join(out, "runs", f"{task}__{slug(model)}__seed{seed}.json")
+                done = load_checkpoint(path)
+                if done is not None and done.get("config") == asdict(cfg):
+                    results.append(done)
+                else:
+                    todo.append((task, model, seed, cfg, path))
+    if results:
+        print(f"pararnn track: {len(results)} finished run(s) found in {out}/runs, skipping them", file=sys.stderr)
+    if todo:
+        bar = tqdm(total=len(todo), desc="track runs", unit="run")
+        if jobs <= 1:
+            for job in todo:
+                results.append(_job(job))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=jobs) as pool:
+                for fut in as_completed([pool.submit(_job, j) for j in todo]):
+                    results.append(fut.result())
+                    bar.update()
+        bar.close()
+    return results
+
+
+def summarize(results: list[dict], out: str) -> str:
+    """Write summary.json, table.md and one accuracy-vs-length plot per task; return the table."""
+    results = sorted(results, key=lambda r: (r["task"], r["model"], r["seed"]))
+    _write_json(os.path.join(out, "summary.json"), results)
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in results):
+        rows = [r for r in results if r["task"] == task]
+        lengths = list(rows[0]["eval"])
+        lines += [f"**{task}** ({TASKS[task].description}; chance {rows[0]['chance']:.2f}; trained on lengths "
+                  f"{rows[0]['config']['train_min']}-{rows[0]['config']['train_max']}). "
+                  "Per-position accuracy / last-token accuracy:", "",
+                  "| model | seed | " + " | ".join(f"L={L}" for L in lengths) + " | Newton iters |",
+                  "|---|---|" + "---|" * len(lengths) + "---|"]
+        for r in rows:
+            cells = [f"{r['eval'][L]['acc']:.2f} / {r['eval'][L]['last_token_acc']:.2f}" for L in lengths]
+            lines.append(f"| {r['model']} | {r['seed']} | " + " | ".join(cells) + f" | {r['mean_newton_iterations']:.1f} |")
+        lines.append("")
+        _plot_task(task, rows, os.path.join(out, "plots", f"{task}.png"))
+    table = "\n".join(lines)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    return table
+
+
+def _plot_task(task, rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for r in rows:
+        Ls = [int(L) for L in r["eval"]]
+        ax.plot(Ls, [r["eval"][str(L)]["acc"] for L in Ls], marker="o", label=f"{r['model']} (s{r['seed']})")
+    ax.axhline(rows[0]["chance"], color="gray", ls=":", label="chance")
+    ax.axvline(rows[0]["config"]["train_max"], color="gray", ls="--", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("sequence length (dashed: longest training length)")
+    ax.set_ylabel("per-position accuracy")
+    ax.set_title(f"{task}: trained short, tested long")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- reconstruction (Orvieto et al.)
+def reconstruct(Ns, lags, T=512, n_train=64, n_test=32, seed=0, r_min=0.5, r_max=0.999,
+                decoder="linear", mlp_steps=300) -> list[dict]:
+    """A fixed linear diagonal RNN encodes i.i.d. N(0,1) inputs; a decoder reads x_{t-k} from h_t.
+
+    Eigenvalues: real, uniform in [r_min, r_max]; or complex, |λ| uniform on that ring (by area)
+    with phases uniform in [0, 2π) (LRU ring init). Inputs are scaled by sqrt(1-|λ|²). Returns
+    the normalised test MSE (MSE / Var x) per (eigenvalues, N, k); the linear decoder is fit by
+    least squares, the MLP by Adam.
+    """
+    from .scan import linear_scan
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, T, generator=g, dtype=torch.float64)
+    rows = []
+    for kind in ("real", "complex"):
+        for N in Ns:
+            r = torch.sqrt(torch.rand(N, generator=g, dtype=torch.float64) * (r_max**2 - r_min**2) + r_min**2)
+            if kind == "real":
+                lam = r.to(torch.complex128)
+            else:
+                lam = torch.polar(r, 2 * torch.pi * torch.rand(N, generator=g, dtype=torch.float64))
+            gamma = torch.sqrt(1 - lam.abs() ** 2)
+            A = lam.expand(x.shape[0], T, N).contiguous()
+            b = (gamma * x.unsqueeze(-1)).to(torch.complex128)
+            h = linear_scan(A, b)  # [n, T, N]
+            feats = torch.cat([h.real, h.imag], -1) if kind == "complex" else h.real
+            for k in lags:
+                Xf = feats[:, k:].reshape(x.shape[0], -1, feats.shape[-1])  # h_t for t >= k
+                Y = x[:, : T - k]  # x_{t-k}
+                tr, te = slice(0, n_train), slice(n_train, None)
+                Xtr, Ytr = Xf[tr].reshape(-1, Xf.shape[-1]), Y[tr].reshape(-1, 1)
+                Xte, Yte = Xf[te].reshape(-1, Xf.shape[-1]), Y[te].reshape(-1, 1)
+                if decoder == "linear":
+                    W = torch.linalg.lstsq(Xtr, Ytr).solution
+                    pred = Xte @ W
+                else:
+                    pred = _fit_mlp(Xtr.float(), Ytr.float(), Xte.float(), mlp_steps, seed).double()
+                nmse = ((pred - Yte) ** 2).mean().item() / Yte.var().item()
+                rows.append({"eigenvalues": kind, "N": N, "lag": k, "decoder": decoder, "nmse": nmse})
+    return rows
+
+
+def _fit_mlp(Xtr, Ytr, Xte, steps, seed):
+    torch.manual_seed(seed)
+    mlp = torch.nn.Sequential(torch.nn.Linear(Xtr.shape[1], 128), torch.nn.GELU(), torch.nn.Linear(128, 1))
+    opt = torch.optim.Adam(mlp.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, Xtr.shape[0], (1024,))
+        loss = F.mse_loss(mlp(Xtr[idx]), Ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return mlp(Xte)
+
+
+def _reconstruct_outputs(rows, out):
+    _write_json(os.path.join(out, "reconstruct.json"), rows)
+    lags = sorted({r["lag"] for r in rows})
+    lines = ["Normalised MSE of reading x_{t-k} back from h_t (0 = perfect, 1 = no information):", "",
+             "| eigenvalues | N | " + " | ".join(f"k={k}" for k in lags) + " |", "|---|---|" + "---|" * len(lags)]
+    for kind in ("real", "complex"):
+        for N in sorted({r["N"] for r in rows}):
+            vals = {r["lag"]: r["nmse"] for r in rows if r["eigenvalues"] == kind and r["N"] == N}
+            lines.append(f"| {kind} | {N} | " + " | ".join(f"{vals[k]:.3f}" for k in lags) + " |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for kind, ls in (("real", "--"), ("complex", "-")):
+        for N in sorted({r["N"] for r in rows}):
+            pts = sorted((r["lag"], r["nmse"]) for r in rows if r["eigenvalues"] == kind and r["N"] == N)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", label=f"{kind}, N={N}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("lag k")
+    ax.set_ylabel("normalised MSE")
+    ax.set_title("reconstruction from a linear diagonal RNN")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "plots", "reconstruct.png"), dpi=110)
+    plt.close(fig)
+    table = "\n".join(lines)
+    with open(os.path.join(out, "reconstruct.md"), "w") as f:
+        f.write(table + "\n")
+    return table
+
+
+# ---------------------------------------------------------------- CLI
+def _names(value: str | None, known, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise SystemExit(f"pararnn track: unknown {what} {bad or value!r}; choose from {', '.join(known)}")
+    return names
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="the published contrasts, ~15 min on 2 cores")
+    ap.add_argument("--task", "--tasks", dest="tasks", default=None,
+                    help=f"comma-separated tasks ({', '.join(TASKS)}) or 'reconstruct'")
+    ap.add_argument("--models", default=None, help=f"comma-separated models ({', '.join(MODELS)}); "
+                    "suffix _pos = eigenvalues in [0,1], _neg = in [-1,1]")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per (task, model)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run")
+    ap.add_argument("--eval-lengths", default=None, help="comma-separated test lengths")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel worker processes (1 torch thread each)")
+    ap.add_argument("--decoder", choices=("linear", "mlp"), default="linear", help="reconstruct: decoder")
+    ap.add_argument("--out", default="results/track", help="output folder (checkpoints, tables, plots)")
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if args.seeds < 1 or args.jobs < 1 or (args.steps is not None and args.steps < 1):
+        raise SystemExit("pararnn track: --seeds, --jobs and --steps must be >= 1")
+    if args.tasks == "reconstruct":
+        Ns, lags, T = ([16, 64], [1, 16, 64], 256) if args.quick else ([16, 64, 256], [1, 4, 16, 64, 256], 1024)
+        rows = reconstruct(Ns, lags, T=T, decoder=args.decoder)
+        print(_reconstruct_outputs(rows, args.out))
+        return rows
+    tasks = _names(args.tasks, list(TASKS), "task(s)")
+    models = _names(args.models, list(MODELS), "model(s)")
+    cfg = TrackConfig()
+    if args.quick:
+        cfg.eval_lengths = [64, 128, 256]
+        plan = {t: QUICK_PLAN.get(t, list(QUICK_PLAN["parity"])) for t in (tasks or QUICK_PLAN)}
+    else:
+        plan = {t: list(MODELS) for t in (tasks or TASKS)}
+    if models:
+        plan = {t: models for t in plan}
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.eval_lengths:
+        try:
+            cfg.eval_lengths = [int(v) for v in args.eval_lengths.split(",")]
+        except ValueError:
+            raise SystemExit(f"pararnn track: --eval-lengths must be integers, got {args.eval_lengths!r}")
+    results = run_study(plan, list(range(args.seeds)), cfg, args.out, args.jobs)
+    print(summarize(results, args.out))
+    print(f"results: {args.out}/summary.json, {args.out}/table.md, plots in {args.out}/plots/")
+    return results
