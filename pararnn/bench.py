@@ -33,23 +33,23 @@ class ParaGRUJvp(ParaGRU):
 def weak_loop(cell, x):
     """The weak baseline: slice u[:, t] each step (its backward costs O(B T^2 d))."""
     u = cell.prepare(x)
-    h = cell.initial_state(x.shape[0], x.dtype, x.device)
+    h = cell.initial_state(x.shape[0], cell.state_dtype(u), x.device)
     out = []
     for t in range(u.shape[1]):
         h = cell.step(h, u[:, t])
         out.append(h)
-    return torch.stack(out, 1)
+    return cell.output(torch.stack(out, 1), x)
 
 
 def strong_loop(cell, x):
     """The strong baseline: a loop over u.unbind(1) (linear-time backward)."""
     u = cell.prepare(x)
-    h = cell.initial_state(x.shape[0], x.dtype, x.device)
+    h = cell.initial_state(x.shape[0], cell.state_dtype(u), x.device)
     out = []
     for u_t in u.unbind(1):
         h = cell.step(h, u_t)
         out.append(h)
-    return torch.stack(out, 1)
+    return cell.output(torch.stack(out, 1), x)
 
 
 def measure(fn, x, params, repeats, backward):
@@ -110,45 +110,98 @@ def torch_twin(cell):
     return to_torch()
 
 
-def bench_cells(names, shapes, repeats):
-    """Every named cell: sequential vs parallel (and its torch twin), fwd and fwd+bwd."""
+def bench_cells(names, shapes, repeats, device="cpu", weak_max_work=8 * 1024 * 1024 * 256):
+    """Every named cell on every (B, T, d): the naive (slicing) loop, mode="sequential",
+    mode="parallel" and the torch twin, forward and forward+backward (median seconds)."""
+    from tqdm import tqdm
+
     rows = []
-    for name in names:
-        for B, T, d in shapes:
-            torch.manual_seed(0)
-            cell = make_cell(name, d)
-            x = torch.randn(B, T, d)
-            par, seq = pararnn.RNN(cell, mode="parallel"), pararnn.RNN(cell, mode="sequential")
-            with torch.no_grad():
-                info = par.solve_info(x)
-                err = (par(x)[0] - seq(x)[0]).abs().max().item()
-            row = {"cell": name, "structure": str(cell.get_structure()), "B": B, "T": T, "d": d,
-                   "newton_iterations": info.iterations, "max_abs_err_vs_sequential": err,
-                   "lyapunov": pararnn.diagnose(cell, x, max_steps=1024).lyapunov}
-            methods = {"sequential": (lambda x: seq(x)[0], list(cell.parameters())),
-                       "parallel": (lambda x: par(x)[0], list(cell.parameters()))}
-            twin = torch_twin(cell)
-            if twin is not None:
-                methods["torch"] = (lambda x: twin(x)[0], list(twin.parameters()))
-            for m, (fn, params) in methods.items():
-                for bw in (False, True):
-                    key = f"{m}_{'fwdbwd' if bw else 'fwd'}_s"
-                    row[key] = measure(fn, x, params, repeats, bw)
-            for bw in ("fwd", "fwdbwd"):
-                row[f"speedup_{bw}"] = row[f"sequential_{bw}_s"] / row[f"parallel_{bw}_s"]
-            print(f"  {name} B={B} T={T} d={d}: parallel {row['parallel_fwdbwd_s'] * 1e3:.0f} ms, "
-                  f"sequential {row['sequential_fwdbwd_s'] * 1e3:.0f} ms (fwd+bwd)", file=sys.stderr)
-            rows.append(row)
+    jobs = [(n, s) for n in names for s in shapes]
+    for name, (B, T, d) in tqdm(jobs, desc="bench cells", unit="case"):
+        torch.manual_seed(0)
+        cell = make_cell(name, d).to(device)
+        x = torch.randn(B, T, d, device=device)
+        par, seq = pararnn.RNN(cell, mode="parallel"), pararnn.RNN(cell, mode="sequential")
+        with torch.no_grad():
+            info = par.solve_info(x)
+            err = (par(x)[0] - seq(x)[0]).abs().max().item()
+        row = {"cell": name, "structure": str(cell.get_structure()), "B": B, "T": T, "d": d, "device": str(device),
+               "newton_iterations": info.iterations, "max_abs_err_vs_sequential": err,
+               "lyapunov": pararnn.diagnose(cell, x, max_steps=1024).lyapunov}
+        methods = {"naive": (lambda x: weak_loop(cell, x), list(cell.parameters())),
+                   "sequential": (lambda x: seq(x)[0], list(cell.parameters())),
+                   "parallel": (lambda x: par(x)[0], list(cell.parameters()))}
+        twin = torch_twin(cell)
+        if twin is not None:
+            methods["torch"] = (lambda x: twin(x)[0], list(twin.parameters()))
+        for m, (fn, params) in methods.items():
+            for bw in (False, True):
+                key = f"{m}_{'fwdbwd' if bw else 'fwd'}_s"
+                if m == "naive" and bw and B * T * T * d > weak_max_work:
+                    row[key] = None  # its backward costs O(B T^2 d): skipped, not measured
+                    continue
+                row[key] = measure(fn, x, params, repeats, bw)
+        for bw in ("fwd", "fwdbwd"):
+            row[f"speedup_{bw}"] = row[f"sequential_{bw}_s"] / row[f"parallel_{bw}_s"]
+        rows.append(row)
     return rows
+
+
+def plot_cells(rows, out_prefix):
+    """Speedup of parallel over sequential against T (log-log), and time per token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["cell"], r["B"], r["d"]), []).append(r)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, ((cell, B, d), rs) in enumerate(groups.items()):
+        rs = sorted(rs, key=lambda r: r["T"])
+        for bw, ls in (("fwd", "--"), ("fwdbwd", "-")):
+            ax.plot([r["T"] for r in rs], [r[f"speedup_{bw}"] for r in rs], ls, marker="o", color=colors[i % 10],
+                    label=f"{cell} B={B} d={d} ({'fwd+bwd' if bw == 'fwdbwd' else 'fwd'})")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("speedup (sequential / parallel)")
+    ax.set_title(f"parallel vs sequential ({rows[0]['device']})")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(out_prefix + "_speedup.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, ((cell, B, d), rs) in enumerate(groups.items()):
+        rs = sorted(rs, key=lambda r: r["T"])
+        for m, ls in (("parallel", "-"), ("sequential", ":")):
+            ax.plot([r["T"] for r in rs], [r[f"{m}_fwdbwd_s"] / (r["T"] * r["B"]) * 1e6 for r in rs], ls,
+                    marker="o", color=colors[i % 10], label=f"{cell} {m}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("fwd+bwd time per token (µs)")
+    ax.set_title(f"time per token ({rows[0]['device']})")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(out_prefix + "_time_per_token.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
 
 
 def cells_table(rows):
     """Markdown table of the per-cell rows (ms, fwd / fwd+bwd)."""
     ms = lambda r, k: "–" if r.get(k) is None else f"{r[k] * 1e3:.0f}"  # noqa: E731
-    lines = ["| cell | structure | B | T | d | Lyapunov λ | iters | max err | sequential | **parallel** | torch twin | speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | structure | B | T | d | Lyapunov λ | iters | max err | naive loop | sequential | **parallel** | torch twin | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cols = [f"{ms(r, m + '_fwd_s')} / {ms(r, m + '_fwdbwd_s')}" for m in ("sequential", "parallel", "torch")]
+        cols = [f"{ms(r, m + '_fwd_s')} / {ms(r, m + '_fwdbwd_s')}" for m in ("naive", "sequential", "parallel", "torch")]
         lines.append(f"| {r['cell']} | {r['structure']} | {r['B']} | {r['T']} | {r['d']} | {r['lyapunov']:.2f} | {r['newton_iterations']} | "
                      f"{r['max_abs_err_vs_sequential']:.1e} | " + " | ".join(cols)
                      + f" | {r['speedup_fwd']:.2f}× / {r['speedup_fwdbwd']:.2f}× |")
@@ -191,7 +244,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     ap.add_argument("--cells", default="paragru,paralstm,gru,lstm,lru",
                     help=f"comma-separated cells for the per-cell table, from {', '.join(CELLS)} ('' = none)")
-    ap.add_argument("--out", default="results/bench_engine.json", help="JSON results path")
+    ap.add_argument("--Ts", default=None, help="comma-separated sequence lengths for the per-cell study")
+    ap.add_argument("--width", type=int, default=None, help="state width d for the per-cell study")
+    ap.add_argument("--batch", type=int, default=1, help="batch size B for the per-cell study")
+    ap.add_argument("--out", default="results/bench_engine.json",
+                    help="JSON results path (a .md table and .png plots are written beside it)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -212,33 +269,49 @@ def run(args: argparse.Namespace) -> dict:
     if args.quick:
         regimes = {"latency": [(1, 1024, 64)], "bandwidth": [(8, 256, 256)]}
         scan_shapes = [(1, 4096, 64), (8, 1024, 256)]
-        cell_shapes = [(1, 1024, 32)]
+        Ts, width = [256, 1024], 32
     else:
         regimes = {"latency": [(1, 4096, 64), (1, 16384, 64)], "bandwidth": [(8, 1024, 256), (8, 4096, 256)]}
         scan_shapes = [(1, 16384, 64), (8, 4096, 256), (8, 16384, 256)]
-        cell_shapes = [(1, 4096, 64), (8, 1024, 64)]
-    result = {"machine": machine_info(), "settings": vars(args).copy(), "cell": "ParaGRU (diagonal GRU-like)",
+        Ts, width = [1024, 4096, 16384], 64
+    try:
+        Ts = [int(t) for t in args.Ts.split(",")] if args.Ts else Ts
+    except ValueError:
+        raise SystemExit(f"pararnn bench: --Ts must be integers, got {args.Ts!r}")
+    width = args.width or width
+    if min(Ts) < 1 or width < 1 or args.batch < 1:
+        raise SystemExit("pararnn bench: --Ts, --width and --batch must be >= 1")
+    cell_shapes = [(args.batch, T, width) for T in Ts]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = {"machine": machine_info(), "settings": vars(args).copy(), "engine_cell": "ParaGRU (diagonal GRU-like)",
               "units": "seconds (median)", "regimes": {}, "scan_vs_floor": None}
     result["settings"].pop("func", None)
     for name, shapes in regimes.items():
         result["regimes"][name] = [bench_regime(B, T, d, args.repeats) for B, T, d in shapes]
     result["scan_vs_floor"] = bench_scan_floor(scan_shapes, args.repeats)
-    result["cells"] = bench_cells(cells, cell_shapes, args.repeats)
+    result["cells"] = bench_cells(cells, cell_shapes, args.repeats, device)
     write_json_atomic(args.out, result)
     m = result["machine"]
-    print(f"machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, {args.threads} thread(s)\n")
-    print("Times in ms, forward / forward+backward:\n")
-    print(table([r for rows in result["regimes"].values() for r in rows]))
-    print()
-    print("| B | T | d | diagonal scan (ms) | memory floor (ms) | ratio | scan GB/s |")
-    print("|---|---|---|---|---|---|---|")
+    md = [f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m.get('mem_total_gb')} GB, torch {m['torch']}, "
+          f"numba {m['numba']}, {args.threads} torch/numba thread(s). Engine regimes and scan: CPU; "
+          f"per-cell study: {device}.", "",
+          "Engine (ParaGRU), times in ms, forward / forward+backward:", "",
+          table([r for rows in result["regimes"].values() for r in rows]), "",
+          "| B | T | d | diagonal scan (ms) | memory floor (ms) | ratio | scan GB/s |",
+          "|---|---|---|---|---|---|---|"]
     for r in result["scan_vs_floor"]:
-        print(f"| {r['B']} | {r['T']} | {r['d']} | {r['scan_s'] * 1e3:.2f} | {r['floor_s'] * 1e3:.2f} | "
-              f"{r['ratio_to_floor']:.2f}× | {r['scan_GBps']:.1f} |")
+        md.append(f"| {r['B']} | {r['T']} | {r['d']} | {r['scan_s'] * 1e3:.2f} | {r['floor_s'] * 1e3:.2f} | "
+                  f"{r['ratio_to_floor']:.2f}× | {r['scan_GBps']:.1f} |")
     if result["cells"]:
-        print("\nPer cell, times in ms, forward / forward+backward (speedup = sequential / parallel):\n")
-        print(cells_table(result["cells"]))
-    print(f"\nresults: {args.out}")
+        md += ["", "Per cell, times in ms, forward / forward+backward (speedup = sequential / parallel):", "",
+               cells_table(result["cells"])]
+    base = os.path.splitext(args.out)[0]
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+    if result["cells"]:
+        print("\nplots: " + ", ".join(plot_cells(result["cells"], base)))
+    print(f"results: {args.out}, {base}.md")
     return result
 
 
