@@ -2,6 +2,8 @@
 import triton
 import triton.language as tl
 
+from .triton_common import lane_tile, time_index
+
 
 @triton.jit
 def _combine_k2(a1_00, a1_01, a1_10, a1_11, b1_0, b1_1, a2_00, a2_01, a2_10, a2_11, b2_0, b2_1):
@@ -19,11 +21,7 @@ def _combine_k2(a1_00, a1_01, a1_10, a1_11, b1_0, b1_1, a2_00, a2_01, a2_10, a2_
 def _block_k2_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
                    ADJOINT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
     # A: [B, T, M, 2, 2], Bv/OUT: [B, T, M*2], H0: [B, M*2]; one program = (batch row, BLOCK_M blocks)
-    pid = tl.program_id(0)
-    nm = tl.cdiv(M, BLOCK_M)
-    bi = tl.cast(pid // nm, tl.int64)
-    offs_m = (pid % nm) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
+    bi, offs_m, mask_m = lane_tile(M, BLOCK_M)
     rows = tl.arange(0, BLOCK_T)
     T64 = tl.cast(T, tl.int64)
     if HAS_H0:
@@ -35,29 +33,12 @@ def _block_k2_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
     else:
         c_1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        s = t0 + rows
-        valid = s < T
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
-        if ADJOINT:
-            if REVERSE:
-                ta = t + 1
-            else:
-                ta = t - 1
-            va = valid & (s > 0)
-        else:
-            ta = t
-            va = valid
+        t, ta, valid, va = time_index(t0, rows, T, REVERSE, ADJOINT)
         m2 = valid[:, None] & mask_m[None, :]
         ma = va[:, None] & mask_m[None, :]
-        pa = A + ((bi * T64 + tl.cast(ta, tl.int64))[:, None] * M + offs_m[None, :]) * 4
-        pb = ((bi * T64 + tl.cast(t, tl.int64))[:, None] * M + offs_m[None, :]) * 2
-        if ADJOINT:
-            a_00 = tl.load(pa + 0, mask=ma, other=1.0).to(tl.float32)
-        else:
-            a_00 = tl.load(pa + 0, mask=ma, other=1.0).to(tl.float32)
+        pa = A + ((bi * T64 + ta)[:, None] * M + offs_m[None, :]) * 4
+        pb = ((bi * T64 + t)[:, None] * M + offs_m[None, :]) * 2
+        a_00 = tl.load(pa + 0, mask=ma, other=1.0).to(tl.float32)
         if ADJOINT:
             a_01 = tl.load(pa + 2, mask=ma, other=0.0).to(tl.float32)
         else:
@@ -66,10 +47,7 @@ def _block_k2_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
             a_10 = tl.load(pa + 1, mask=ma, other=0.0).to(tl.float32)
         else:
             a_10 = tl.load(pa + 2, mask=ma, other=0.0).to(tl.float32)
-        if ADJOINT:
-            a_11 = tl.load(pa + 3, mask=ma, other=1.0).to(tl.float32)
-        else:
-            a_11 = tl.load(pa + 3, mask=ma, other=1.0).to(tl.float32)
+        a_11 = tl.load(pa + 3, mask=ma, other=1.0).to(tl.float32)
         b_0 = tl.load(Bv + pb + 0, mask=m2, other=0.0).to(tl.float32)
         b_1 = tl.load(Bv + pb + 1, mask=m2, other=0.0).to(tl.float32)
         a_00, a_01, a_10, a_11, b_0, b_1 = tl.associative_scan(
@@ -104,11 +82,7 @@ def _combine_k3(a1_00, a1_01, a1_02, a1_10, a1_11, a1_12, a1_20, a1_21, a1_22, b
 def _block_k3_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
                    ADJOINT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
     # A: [B, T, M, 3, 3], Bv/OUT: [B, T, M*3], H0: [B, M*3]; one program = (batch row, BLOCK_M blocks)
-    pid = tl.program_id(0)
-    nm = tl.cdiv(M, BLOCK_M)
-    bi = tl.cast(pid // nm, tl.int64)
-    offs_m = (pid % nm) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
+    bi, offs_m, mask_m = lane_tile(M, BLOCK_M)
     rows = tl.arange(0, BLOCK_T)
     T64 = tl.cast(T, tl.int64)
     if HAS_H0:
@@ -124,29 +98,12 @@ def _block_k3_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
     else:
         c_2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        s = t0 + rows
-        valid = s < T
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
-        if ADJOINT:
-            if REVERSE:
-                ta = t + 1
-            else:
-                ta = t - 1
-            va = valid & (s > 0)
-        else:
-            ta = t
-            va = valid
+        t, ta, valid, va = time_index(t0, rows, T, REVERSE, ADJOINT)
         m2 = valid[:, None] & mask_m[None, :]
         ma = va[:, None] & mask_m[None, :]
-        pa = A + ((bi * T64 + tl.cast(ta, tl.int64))[:, None] * M + offs_m[None, :]) * 9
-        pb = ((bi * T64 + tl.cast(t, tl.int64))[:, None] * M + offs_m[None, :]) * 3
-        if ADJOINT:
-            a_00 = tl.load(pa + 0, mask=ma, other=1.0).to(tl.float32)
-        else:
-            a_00 = tl.load(pa + 0, mask=ma, other=1.0).to(tl.float32)
+        pa = A + ((bi * T64 + ta)[:, None] * M + offs_m[None, :]) * 9
+        pb = ((bi * T64 + t)[:, None] * M + offs_m[None, :]) * 3
+        a_00 = tl.load(pa + 0, mask=ma, other=1.0).to(tl.float32)
         if ADJOINT:
             a_01 = tl.load(pa + 3, mask=ma, other=0.0).to(tl.float32)
         else:
@@ -159,10 +116,7 @@ def _block_k3_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
             a_10 = tl.load(pa + 1, mask=ma, other=0.0).to(tl.float32)
         else:
             a_10 = tl.load(pa + 3, mask=ma, other=0.0).to(tl.float32)
-        if ADJOINT:
-            a_11 = tl.load(pa + 4, mask=ma, other=1.0).to(tl.float32)
-        else:
-            a_11 = tl.load(pa + 4, mask=ma, other=1.0).to(tl.float32)
+        a_11 = tl.load(pa + 4, mask=ma, other=1.0).to(tl.float32)
         if ADJOINT:
             a_12 = tl.load(pa + 7, mask=ma, other=0.0).to(tl.float32)
         else:
@@ -175,10 +129,7 @@ def _block_k3_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
             a_21 = tl.load(pa + 5, mask=ma, other=0.0).to(tl.float32)
         else:
             a_21 = tl.load(pa + 7, mask=ma, other=0.0).to(tl.float32)
-        if ADJOINT:
-            a_22 = tl.load(pa + 8, mask=ma, other=1.0).to(tl.float32)
-        else:
-            a_22 = tl.load(pa + 8, mask=ma, other=1.0).to(tl.float32)
+        a_22 = tl.load(pa + 8, mask=ma, other=1.0).to(tl.float32)
         b_0 = tl.load(Bv + pb + 0, mask=m2, other=0.0).to(tl.float32)
         b_1 = tl.load(Bv + pb + 1, mask=m2, other=0.0).to(tl.float32)
         b_2 = tl.load(Bv + pb + 2, mask=m2, other=0.0).to(tl.float32)
@@ -225,11 +176,7 @@ def _combine_k4(a1_00, a1_01, a1_02, a1_03, a1_10, a1_11, a1_12, a1_13, a1_20, a
 def _block_k4_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
                    ADJOINT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
     # A: [B, T, M, 4, 4], Bv/OUT: [B, T, M*4], H0: [B, M*4]; one program = (batch row, BLOCK_M blocks)
-    pid = tl.program_id(0)
-    nm = tl.cdiv(M, BLOCK_M)
-    bi = tl.cast(pid // nm, tl.int64)
-    offs_m = (pid % nm) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
+    bi, offs_m, mask_m = lane_tile(M, BLOCK_M)
     rows = tl.arange(0, BLOCK_T)
     T64 = tl.cast(T, tl.int64)
     if HAS_H0:
@@ -249,29 +196,12 @@ def _block_k4_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
     else:
         c_3 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        s = t0 + rows
-        valid = s < T
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
-        if ADJOINT:
-            if REVERSE:
-                ta = t + 1
-            else:
-                ta = t - 1
-            va = valid & (s > 0)
-        else:
-            ta = t
-            va = valid
+        t, ta, valid, va = time_index(t0, rows, T, REVERSE, ADJOINT)
         m2 = valid[:, None] & mask_m[None, :]
         ma = va[:, None] & mask_m[None, :]
-        pa = A + ((bi * T64 + tl.cast(ta, tl.int64))[:, None] * M + offs_m[None, :]) * 16
-        pb = ((bi * T64 + tl.cast(t, tl.int64))[:, None] * M + offs_m[None, :]) * 4
-        if ADJOINT:
-            a_00 = tl.load(pa + 0, mask=ma, other=1.0).to(tl.float32)
-        else:
-            a_00 = tl.load(pa + 0, mask=ma, other=1.0).to(tl.float32)
+        pa = A + ((bi * T64 + ta)[:, None] * M + offs_m[None, :]) * 16
+        pb = ((bi * T64 + t)[:, None] * M + offs_m[None, :]) * 4
+        a_00 = tl.load(pa + 0, mask=ma, other=1.0).to(tl.float32)
         if ADJOINT:
             a_01 = tl.load(pa + 4, mask=ma, other=0.0).to(tl.float32)
         else:
@@ -288,10 +218,7 @@ def _block_k4_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
             a_10 = tl.load(pa + 1, mask=ma, other=0.0).to(tl.float32)
         else:
             a_10 = tl.load(pa + 4, mask=ma, other=0.0).to(tl.float32)
-        if ADJOINT:
-            a_11 = tl.load(pa + 5, mask=ma, other=1.0).to(tl.float32)
-        else:
-            a_11 = tl.load(pa + 5, mask=ma, other=1.0).to(tl.float32)
+        a_11 = tl.load(pa + 5, mask=ma, other=1.0).to(tl.float32)
         if ADJOINT:
             a_12 = tl.load(pa + 9, mask=ma, other=0.0).to(tl.float32)
         else:
@@ -308,10 +235,7 @@ def _block_k4_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
             a_21 = tl.load(pa + 6, mask=ma, other=0.0).to(tl.float32)
         else:
             a_21 = tl.load(pa + 9, mask=ma, other=0.0).to(tl.float32)
-        if ADJOINT:
-            a_22 = tl.load(pa + 10, mask=ma, other=1.0).to(tl.float32)
-        else:
-            a_22 = tl.load(pa + 10, mask=ma, other=1.0).to(tl.float32)
+        a_22 = tl.load(pa + 10, mask=ma, other=1.0).to(tl.float32)
         if ADJOINT:
             a_23 = tl.load(pa + 14, mask=ma, other=0.0).to(tl.float32)
         else:
@@ -328,10 +252,7 @@ def _block_k4_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
             a_32 = tl.load(pa + 11, mask=ma, other=0.0).to(tl.float32)
         else:
             a_32 = tl.load(pa + 14, mask=ma, other=0.0).to(tl.float32)
-        if ADJOINT:
-            a_33 = tl.load(pa + 15, mask=ma, other=1.0).to(tl.float32)
-        else:
-            a_33 = tl.load(pa + 15, mask=ma, other=1.0).to(tl.float32)
+        a_33 = tl.load(pa + 15, mask=ma, other=1.0).to(tl.float32)
         b_0 = tl.load(Bv + pb + 0, mask=m2, other=0.0).to(tl.float32)
         b_1 = tl.load(Bv + pb + 1, mask=m2, other=0.0).to(tl.float32)
         b_2 = tl.load(Bv + pb + 2, mask=m2, other=0.0).to(tl.float32)

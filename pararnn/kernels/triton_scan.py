@@ -29,6 +29,7 @@ def interpreting() -> bool:
 
 if HAVE_TRITON:
     from .triton_blocks import KERNELS as _BLOCK_KERNELS
+    from .triton_common import lane_tile, time_index
 
     @triton.jit
     def _combine_real(a1, b1, a2, b2):
@@ -40,35 +41,11 @@ if HAVE_TRITON:
         return (ar2 * ar1 - ai2 * ai1, ar2 * ai1 + ai2 * ar1,
                 ar2 * br1 - ai2 * bi1 + br2, ar2 * bi1 + ai2 * br1 + bi2)
 
-    @triton.jit
-    def _time_index(t0, rows, T, REVERSE: tl.constexpr, ADJOINT: tl.constexpr):
-        """Visit order s -> time t, the transition's time ta, and their validity masks."""
-        s = t0 + rows
-        valid = s < T
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
-        if ADJOINT:  # transition of the neighbour already visited
-            if REVERSE:
-                ta = t + 1
-            else:
-                ta = t - 1
-            va = valid & (s > 0)
-        else:
-            ta = t
-            va = valid
-        return tl.cast(t, tl.int64), tl.cast(ta, tl.int64), valid, va
-
     @triton.jit(do_not_specialize=["T"])
     def _diag_real_kernel(A, Bv, H0, OUT, T, D, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
                           ADJOINT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         # A, Bv, OUT: [B, T, D]; H0: [B, D]. One program = (batch row, BLOCK_D channels).
-        pid = tl.program_id(0)
-        nd = tl.cdiv(D, BLOCK_D)
-        bi = tl.cast(pid // nd, tl.int64)
-        offs_d = (pid % nd) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
+        bi, offs_d, mask_d = lane_tile(D, BLOCK_D)
         rows = tl.arange(0, BLOCK_T)
         base = bi * tl.cast(T, tl.int64) * D
         if HAS_H0:
@@ -76,7 +53,7 @@ if HAVE_TRITON:
         else:
             carry = tl.zeros([BLOCK_D], dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
-            t, ta, valid, va = _time_index(t0, rows, T, REVERSE, ADJOINT)
+            t, ta, valid, va = time_index(t0, rows, T, REVERSE, ADJOINT)
             m2 = valid[:, None] & mask_d[None, :]
             # masked entries are the identity map (a = 1, b = 0)
             a = tl.load(A + base + ta[:, None] * D + offs_d[None, :], mask=va[:, None] & mask_d[None, :],
@@ -91,11 +68,7 @@ if HAVE_TRITON:
     def _diag_complex_kernel(A, Bv, H0, OUT, T, D, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
                              ADJOINT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         # Interleaved (re, im) storage: A, Bv, OUT: [B, T, D, 2]; H0: [B, D, 2].
-        pid = tl.program_id(0)
-        nd = tl.cdiv(D, BLOCK_D)
-        bi = tl.cast(pid // nd, tl.int64)
-        offs_d = (pid % nd) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
+        bi, offs_d, mask_d = lane_tile(D, BLOCK_D)
         rows = tl.arange(0, BLOCK_T)
         base = bi * tl.cast(T, tl.int64) * D * 2
         if HAS_H0:
@@ -105,7 +78,7 @@ if HAVE_TRITON:
             cr = tl.zeros([BLOCK_D], dtype=tl.float32)
             ci = tl.zeros([BLOCK_D], dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
-            t, ta, valid, va = _time_index(t0, rows, T, REVERSE, ADJOINT)
+            t, ta, valid, va = time_index(t0, rows, T, REVERSE, ADJOINT)
             m2 = valid[:, None] & mask_d[None, :]
             ma = va[:, None] & mask_d[None, :]
             pa = A + base + (ta[:, None] * D + offs_d[None, :]) * 2

@@ -66,12 +66,7 @@ class GRU(Cell):
     @classmethod
     def from_torch(cls, module: nn.GRU) -> "GRU":
         """Copy a single-layer, unidirectional torch.nn.GRU (with biases)."""
-        _check_torch_rnn(module, nn.GRU)
-        cell = cls(module.input_size, module.hidden_size).to(module.weight_ih_l0)
-        with torch.no_grad():
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                getattr(cell, name).copy_(getattr(module, name + "_l0"))
-        return cell
+        return _from_torch(cls, module, nn.GRU)
 
     def to_torch(self) -> nn.GRU:
         """The equivalent torch.nn.GRU (batch_first=True); needs heads == 1."""
@@ -83,6 +78,15 @@ def _check_torch_rnn(module, kind):
         raise TypeError(f"from_torch expects a torch.nn.{kind.__name__}, got {type(module).__name__}")
     if module.num_layers != 1 or module.bidirectional or not module.bias or getattr(module, "proj_size", 0):
         raise ValueError("from_torch supports single-layer, unidirectional modules with biases and no projection")
+
+
+def _from_torch(cls, module, kind):
+    _check_torch_rnn(module, kind)
+    cell = cls(module.input_size, module.hidden_size).to(module.weight_ih_l0)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name).copy_(getattr(module, name + "_l0"))
+    return cell
 
 
 def _to_torch(cell, kind):

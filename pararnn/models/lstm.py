@@ -6,7 +6,7 @@ from torch import nn
 
 from ..cell import Cell
 from ._common import head_mask, head_structure
-from .gru import _check_torch_rnn, _to_torch
+from .gru import _from_torch, _to_torch
 
 
 class LSTM(Cell):
@@ -85,12 +85,7 @@ class LSTM(Cell):
     @classmethod
     def from_torch(cls, module: nn.LSTM) -> "LSTM":
         """Copy a single-layer, unidirectional torch.nn.LSTM (with biases, no projection)."""
-        _check_torch_rnn(module, nn.LSTM)
-        cell = cls(module.input_size, module.hidden_size).to(module.weight_ih_l0)
-        with torch.no_grad():
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                getattr(cell, name).copy_(getattr(module, name + "_l0"))
-        return cell
+        return _from_torch(cls, module, nn.LSTM)
 
     def to_torch(self) -> nn.LSTM:
         """The equivalent torch.nn.LSTM (batch_first=True); needs heads == 1."""
