@@ -147,52 +147,51 @@ def bench_cells(names, shapes, repeats, device="cpu", weak_max_work=8 * 1024 * 1
     return rows
 
 
-def plot_cells(rows, out_prefix):
-    """Speedup of parallel over sequential against T (log-log), and time per token."""
+def _loglog(path, title, ylabel, series, hline=None):
+    """One log-log plot of ``series``: (xs, ys, linestyle, color, label) tuples."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for xs, ys, ls, color, label in series:
+        ax.plot(xs, ys, ls, marker="o", color=color, label=label)
+    if hline is not None:
+        ax.axhline(hline, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cells(rows, out_prefix):
+    """Speedup of parallel over sequential against T (log-log), and time per token."""
+    colors = [f"C{i}" for i in range(10)]
     groups = {}
     for r in rows:
         groups.setdefault((r["cell"], r["B"], r["d"]), []).append(r)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    speed, per_token = [], []
     for i, ((cell, B, d), rs) in enumerate(groups.items()):
         rs = sorted(rs, key=lambda r: r["T"])
+        Ts = [r["T"] for r in rs]
         for bw, ls in (("fwd", "--"), ("fwdbwd", "-")):
-            ax.plot([r["T"] for r in rs], [r[f"speedup_{bw}"] for r in rs], ls, marker="o", color=colors[i % 10],
-                    label=f"{cell} B={B} d={d} ({'fwd+bwd' if bw == 'fwdbwd' else 'fwd'})")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length T")
-    ax.set_ylabel("speedup (sequential / parallel)")
-    ax.set_title(f"parallel vs sequential ({rows[0]['device']})")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out_prefix + "_speedup.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for i, ((cell, B, d), rs) in enumerate(groups.items()):
-        rs = sorted(rs, key=lambda r: r["T"])
+            speed.append((Ts, [r[f"speedup_{bw}"] for r in rs], ls, colors[i % 10],
+                          f"{cell} B={B} d={d} ({'fwd+bwd' if bw == 'fwdbwd' else 'fwd'})"))
         for m, ls in (("parallel", "-"), ("sequential", ":")):
-            ax.plot([r["T"] for r in rs], [r[f"{m}_fwdbwd_s"] / (r["T"] * r["B"]) * 1e6 for r in rs], ls,
-                    marker="o", color=colors[i % 10], label=f"{cell} {m}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length T")
-    ax.set_ylabel("fwd+bwd time per token (µs)")
-    ax.set_title(f"time per token ({rows[0]['device']})")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out_prefix + "_time_per_token.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+            per_token.append((Ts, [r[f"{m}_fwdbwd_s"] / (r["T"] * r["B"]) * 1e6 for r in rs], ls,
+                              colors[i % 10], f"{cell} {m}"))
+    dev = rows[0]["device"]
+    return [_loglog(out_prefix + "_speedup.png", f"parallel vs sequential ({dev})",
+                    "speedup (sequential / parallel)", speed, hline=1.0),
+            _loglog(out_prefix + "_time_per_token.png", f"time per token ({dev})",
+                    "fwd+bwd time per token (µs)", per_token)]
 
 
 def cells_table(rows):
