@@ -215,10 +215,12 @@ def bench_scan_floor(shapes, repeats):
         b = torch.randn(B, T, d)
         out = torch.empty_like(b)
         t = median_time(lambda: scan_dispatch(A, b, None, "diagonal", out=out), repeats=repeats, warmup=2)
+        t_ref = median_time(lambda: scan_dispatch(A, b, None, "diagonal", backend="reference"), repeats=2)
         nbytes = 3 * A.numel() * A.element_size()  # read A, b; write h
         bw = copy_bandwidth(nbytes)
         floor = nbytes / bw
-        rows.append({"B": B, "T": T, "d": d, "scan_s": t, "floor_s": floor, "ratio_to_floor": t / floor,
+        rows.append({"B": B, "T": T, "d": d, "scan_s": t, "reference_loop_s": t_ref, "floor_s": floor,
+                     "ratio_to_floor": t / floor,
                      "scan_GBps": nbytes / t / 1e9, "copy_GBps": bw / 1e9})
         print(f"  scan B={B} T={T} d={d}: {t * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms", file=sys.stderr)
     return rows
@@ -243,6 +245,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     ap.add_argument("--cells", default="paragru,paralstm,gru,lstm,lru",
                     help=f"comma-separated cells for the per-cell table, from {', '.join(CELLS)} ('' = none)")
+    ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the engine regimes and the scan-vs-floor study (--no-engine: cells only)")
     ap.add_argument("--Ts", default=None, help="comma-separated sequence lengths for the per-cell study")
     ap.add_argument("--width", type=int, default=None, help="state width d for the per-cell study")
     ap.add_argument("--batch", type=int, default=1, help="batch size B for the per-cell study")
@@ -285,9 +289,10 @@ def run(args: argparse.Namespace) -> dict:
     result = {"machine": machine_info(), "settings": vars(args).copy(), "engine_cell": "ParaGRU (diagonal GRU-like)",
               "units": "seconds (median)", "regimes": {}, "scan_vs_floor": None}
     result["settings"].pop("func", None)
-    for name, shapes in regimes.items():
-        result["regimes"][name] = [bench_regime(B, T, d, args.repeats) for B, T, d in shapes]
-    result["scan_vs_floor"] = bench_scan_floor(scan_shapes, args.repeats)
+    if args.engine:
+        for name, shapes in regimes.items():
+            result["regimes"][name] = [bench_regime(B, T, d, args.repeats) for B, T, d in shapes]
+        result["scan_vs_floor"] = bench_scan_floor(scan_shapes, args.repeats)
     result["cells"] = bench_cells(cells, cell_shapes, args.repeats, device)
     write_json_atomic(args.out, result)
     m = result["machine"]
@@ -295,12 +300,13 @@ def run(args: argparse.Namespace) -> dict:
           f"numba {m['numba']}, {args.threads} torch/numba thread(s). Engine regimes and scan: CPU; "
           f"per-cell study: {device}.", "",
           "Engine (ParaGRU), times in ms, forward / forward+backward:", "",
-          table([r for rows in result["regimes"].values() for r in rows]), "",
-          "| B | T | d | diagonal scan (ms) | memory floor (ms) | ratio | scan GB/s |",
-          "|---|---|---|---|---|---|---|"]
-    for r in result["scan_vs_floor"]:
-        md.append(f"| {r['B']} | {r['T']} | {r['d']} | {r['scan_s'] * 1e3:.2f} | {r['floor_s'] * 1e3:.2f} | "
-                  f"{r['ratio_to_floor']:.2f}× | {r['scan_GBps']:.1f} |")
+          table([r for rows in result["regimes"].values() for r in rows]) if args.engine else "(skipped)", ""]
+    if args.engine:
+        md += ["| B | T | d | diagonal scan, numba (ms) | PyTorch loop (ms) | memory floor (ms) | numba / floor | numba GB/s |",
+               "|---|---|---|---|---|---|---|---|"]
+    for r in result["scan_vs_floor"] or []:
+        md.append(f"| {r['B']} | {r['T']} | {r['d']} | {r['scan_s'] * 1e3:.2f} | {r['reference_loop_s'] * 1e3:.1f} | "
+                  f"{r['floor_s'] * 1e3:.2f} | {r['ratio_to_floor']:.2f}× | {r['scan_GBps']:.1f} |")
     if result["cells"]:
         md += ["", "Per cell, times in ms, forward / forward+backward (speedup = sequential / parallel):", "",
                cells_table(result["cells"])]
