@@ -67,17 +67,22 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions)
     return _Adjoint.apply(H, J, cell.get_structure(), opts.backend, bounds, *f_chunks), info
 
 
-def choose_mode(B: int, T: int, d: int, device: torch.device) -> str:
-    """The ``mode="auto"`` rule. See README "Choosing a mode" for the measurements behind it.
+def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagonal",
+                training: bool = True) -> str:
+    """The ``mode="auto"`` rule (measurements behind it: README, "Choosing a mode").
 
     - CUDA: parallel (the scan is O(log T) deep and the step evaluations fill the device).
-    - CPU: the sequential loop costs ~T × (per-op latency); the parallel solve costs
-      ~iterations × B·T·d × (bytes per element) / bandwidth. Parallel wins when B·d is small
-      (latency-bound, long T) and loses when B·d is large (bandwidth-bound).
+    - CPU: the sequential loop costs ~T × per-step op latency, nearly independent of width; the
+      parallel solve costs ~(Newton iterations) × B·T·d·k element operations, k = 1 (diagonal),
+      the block size, or d (dense). Parallel wins when the work per step, ``B·d·k``, is small:
+      up to 8192 when training (the parallel backward is one scan, the sequential one is another
+      T-step loop) and up to 1024 for inference. Short sequences (T < 64) stay sequential.
     """
     if device.type == "cuda":
         return "parallel"
-    return "parallel" if (T >= 64 and B * d <= 4096) else "sequential"
+    k = 1 if structure == "diagonal" else (d if structure == "dense" else structure.k)
+    limit = 8192 if training else 1024
+    return "parallel" if (T >= 64 and B * d * k <= limit) else "sequential"
 
 
 class RNN(nn.Module):
@@ -181,7 +186,9 @@ class RNN(nn.Module):
             raise ValueError("h0 contains NaN or Inf (pass check_finite=False to skip this check)")
         B, T = u.shape[:2]
         if mode == "auto":
-            mode = choose_mode(B, T, self.cell.state_size, u.device)
+            training = torch.is_grad_enabled() and (
+                u.requires_grad or h0.requires_grad or any(p.requires_grad for p in self.cell.parameters()))
+            mode = choose_mode(B, T, self.cell.state_size, u.device, self.cell.get_structure(), training)
         if mode == "sequential":
             y = sequential_solve(self.cell.step, u, h0)
             info = SolverInfo(mode="sequential")

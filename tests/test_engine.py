@@ -210,11 +210,17 @@ def test_hand_written_jacobian_matches_torch_func():
 def test_choose_mode():
     cpu = torch.device("cpu")
     assert pararnn.choose_mode(1, 16384, 64, cpu) == "parallel"
-    assert pararnn.choose_mode(64, 128, 1024, cpu) == "sequential"
+    assert pararnn.choose_mode(8, 4096, 256, cpu, training=True) == "parallel"
+    assert pararnn.choose_mode(8, 4096, 256, cpu, training=False) == "sequential"
+    assert pararnn.choose_mode(1, 4096, 128, cpu, "dense", training=False) == "sequential"
+    assert pararnn.choose_mode(1, 32, 64, cpu) == "sequential"
     assert pararnn.choose_mode(64, 128, 1024, torch.device("cuda")) == "parallel"
     cell = make_cell("diagonal")
-    y, _ = pararnn.RNN(cell, mode="auto")(torch.randn(1, 100, 3, dtype=torch.float64))
-    assert y.shape == (1, 100, 6)
+    rnn = pararnn.RNN(cell, mode="auto")
+    x = torch.randn(1, 100, 3, dtype=torch.float64)
+    y, _, info = rnn(x, return_info=True)
+    assert info.mode == "parallel" and y.shape == (1, 100, 6)
+    assert rnn(x[:, :10], return_info=True)[2].mode == "sequential"
 
 
 def test_numba_free_fallback_gives_the_same_answer():
