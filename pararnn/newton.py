@@ -55,6 +55,9 @@ class SolverOptions:
         check_finite: raise on NaN/Inf in x or h0 before solving.
         chunk: the cell is evaluated over T in chunks of about this many state elements, so
             temporaries stay small (a CPU speed knob; results do not depend on it).
+        process_group: a ``torch.distributed`` group for sequence parallelism: each rank passes
+            its own time chunk of x (in rank order), see :mod:`pararnn.distributed`. The
+            ``"fallback"`` policy is not available there (non-convergence raises instead).
     """
 
     max_iters: int = 30
@@ -68,6 +71,7 @@ class SolverOptions:
     backend: str = "auto"
     check_finite: bool = True
     chunk: int = 1 << 18
+    process_group: object = None
 
     def __post_init__(self):
         if not isinstance(self.max_iters, int) or self.max_iters < 1:
@@ -231,10 +235,25 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
             h0x = h0.unsqueeze(1).expand(B, n, d).reshape(B * n, d)
             H[:, t0:t1] = cell.step(h0x, _flat(u[:, t0:t1])).reshape(B, n, d)
     info = SolverInfo(mode="parallel", rtol=rtol, atol=atol)
+    pg = opts.process_group
+    if pg is not None:
+        from . import distributed as sp
+
+    def check():
+        """Evaluate at the iterate; per-sequence (max residual, converged), global over ranks."""
+        if pg is not None:  # this chunk's first step reads the previous rank's last state
+            S[:, 0] = sp.boundary_state(H, h0, pg)
+        err, excess = evaluate(cell, S, u, r, J, opts.chunk, rtol)  # [B], [B]
+        ok = excess <= atol  # NaN compares False: never converged
+        if pg is not None:
+            err = sp.max_over_ranks(torch.nan_to_num(err, nan=float("inf")), pg)
+            ok = ~sp.any_rank(~ok, pg)
+        return err, ok
+
     clip = opts.jacobian_clip
     H_prev = best = None
     while True:
-        err, excess = evaluate(cell, S, u, r, J, opts.chunk, rtol)  # [B], [B]
+        err, converged = check()
         if opts.safeguard and H_prev is not None:
             # A step that blew a sequence up (NaN/Inf, or residual 1e4× its best) is undone for
             # that sequence, and from then on the Jacobians are clipped so the scan cannot amplify.
@@ -243,9 +262,8 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
                 H[blown] = H_prev[blown]
                 clip = min(clip, 0.9) if clip is not None else 0.9
                 info.safeguarded = True
-                err, excess = evaluate(cell, S, u, r, J, opts.chunk, rtol)
+                err, converged = check()
         best = err if best is None else torch.minimum(best, err)
-        converged = excess <= atol  # NaN compares False: never converged
         info.residuals.append(float(err.max()))
         if bool(converged.all()) or info.iterations >= opts.max_iters:
             break
@@ -253,7 +271,10 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
             break  # every unconverged sequence is NaN/Inf: further steps cannot help
         if clip is not None:
             clip_jacobian(J, structure, clip)
-        scan_dispatch(J, r, None, structure, backend=opts.backend, out=delta)
+        if pg is None:
+            scan_dispatch(J, r, None, structure, backend=opts.backend, out=delta)
+        else:
+            delta.copy_(sp.sp_scan(J, r, None, structure, group=pg, backend=opts.backend)[0])
         if opts.damping != 1.0:
             delta.mul_(opts.damping)
         if opts.safeguard:
@@ -263,7 +284,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
         H.add_(delta)
         info.iterations += 1
     if clip is not None:  # the backward needs the exact Jacobians at the solution
-        evaluate(cell, S, u, r, J, opts.chunk, rtol)
+        check()
     info.converged = converged
     info.fell_back = torch.zeros_like(converged)
     if not bool(converged.all()):
@@ -274,7 +295,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
             f"(tolerance: |r_t| <= {atol:.2g} + {rtol:.2g}·(|f_t| + max|h_(t-1)|)). "
             f"Residual history: {[f'{x:.2g}' for x in info.residuals]}"
         )
-        if opts.on_fail == "raise":
+        if opts.on_fail == "raise" or (pg is not None and opts.on_fail == "fallback"):
             raise ConvergenceError(msg + ". Use on_fail='fallback' or mode='sequential', "
                                    "raise max_iters, or damp the cell.")
         if opts.on_fail == "warn":

@@ -25,17 +25,22 @@ class _Adjoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, H, J, structure, backend, bounds, *f_chunks):
+    def forward(ctx, H, J, structure, backend, group, bounds, *f_chunks):
         ctx.save_for_backward(J)
-        ctx.structure, ctx.backend, ctx.bounds = structure, backend, bounds
+        ctx.structure, ctx.backend, ctx.group, ctx.bounds = structure, backend, group, bounds
         return H
 
     @staticmethod
     def backward(ctx, g):
         (J,) = ctx.saved_tensors
-        lam = scan_dispatch(J, g.contiguous(), None, ctx.structure, reverse=True, adjoint=True,
-                            backend=ctx.backend)  # [B, T, d]
-        return (None, None, None, None, None, *[lam[:, t0:t1] for t0, t1 in ctx.bounds])
+        if ctx.group is None:
+            lam = scan_dispatch(J, g.contiguous(), None, ctx.structure, reverse=True, adjoint=True,
+                                backend=ctx.backend)  # [B, T, d]
+        else:  # the adjoint recurrence crosses rank boundaries
+            from .distributed import sp_adjoint_scan
+
+            lam = sp_adjoint_scan(J, g.contiguous(), ctx.structure, group=ctx.group, backend=ctx.backend)
+        return (None, None, None, None, None, None, *[lam[:, t0:t1] for t0, t1 in ctx.bounds])
 
 
 def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
@@ -55,16 +60,17 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions)
     f_chunks = []
     # one split (its backward is one cat), not T/n slices (each slice's backward is full-size)
     u_chunks = u.split([t1 - t0 for t0, t1 in bounds], dim=1)
+    first_rank = opts.process_group is None or torch.distributed.get_rank(opts.process_group) == 0
     for (t0, t1), u_c in zip(bounds, u_chunks):
         hp = S[:, t0:t1]  # [B, n, d] previous states, no grad
-        if t0 == 0:  # h_{-1} = h0 carries h0's gradient
+        if t0 == 0 and first_rank:  # h_{-1} = h0 carries h0's gradient
             hp = torch.cat([h0.unsqueeze(1), hp[:, 1:]], dim=1)
         n = t1 - t0
         f = cell.step(hp.reshape(B * n, d), u_c.reshape(B * n, *u.shape[2:]))
         if t0 == 0 and not f.requires_grad:
             return H, info  # nothing upstream wants a gradient
         f_chunks.append(f.reshape(B, n, d))
-    return _Adjoint.apply(H, J, cell.get_structure(), opts.backend, bounds, *f_chunks), info
+    return _Adjoint.apply(H, J, cell.get_structure(), opts.backend, opts.process_group, bounds, *f_chunks), info
 
 
 def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagonal",
@@ -73,16 +79,18 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
 
     - CUDA: parallel (the scan is O(log T) deep and the step evaluations fill the device).
     - CPU: the sequential loop costs ~T × per-step op latency, nearly independent of width; the
-      parallel solve costs ~(Newton iterations) × B·T·d·k element operations, k = 1 (diagonal),
-      the block size, or d (dense). Parallel wins when the work per step, ``B·d·k``, is small:
-      up to 8192 when training (the parallel backward is one scan, the sequential one is another
-      T-step loop) and up to 1024 for inference. Short sequences (T < 64) stay sequential.
+      parallel solve costs ~(Newton iterations) × B·T·d·k element operations, k the Jacobian
+      width (block size, or d for dense; counted as at least 8 for diagonal cells, whose
+      evaluation is a dozen elementwise ops per entry). Parallel wins when the work per step,
+      ``B·d·max(k, 8)``, is small: up to 8192 when training (the parallel backward is one scan,
+      the sequential one another T-step loop) and up to 1024 for inference. T < 64 stays
+      sequential.
     """
     if device.type == "cuda":
         return "parallel"
     k = 1 if structure == "diagonal" else (d if structure == "dense" else structure.k)
     limit = 8192 if training else 1024
-    return "parallel" if (T >= 64 and B * d * k <= limit) else "sequential"
+    return "parallel" if (T >= 64 and B * d * max(k, 8) <= limit) else "sequential"
 
 
 class RNN(nn.Module):

@@ -97,6 +97,41 @@ class _LinearScanFn(torch.autograd.Function):
         return gA, lam, gh0, None, None, None
 
 
+class _SPLinearScanFn(torch.autograd.Function):
+    """Sequence-parallel linear_scan: this rank's chunk; backward = the sequence-parallel adjoint."""
+
+    @staticmethod
+    def forward(ctx, A, b, h0, structure, reverse, backend, group):
+        from .distributed import sp_scan
+
+        h, h_in = sp_scan(A, b, h0, structure, reverse, group, backend)
+        ctx.structure, ctx.reverse, ctx.backend, ctx.group = structure, reverse, backend, group
+        ctx.has_h0 = h0 is not None
+        ctx.save_for_backward(A, h, h_in)
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        from .distributed import rank_and_size, sp_adjoint_scan
+
+        A, h, h_in = ctx.saved_tensors
+        st, rev = ctx.structure, ctx.reverse
+        lam = sp_adjoint_scan(A, g.contiguous(), st, rev, ctx.group, ctx.backend)
+        if rev:
+            hprev = torch.cat([h[:, 1:], h_in.unsqueeze(1)], dim=1)
+        else:
+            hprev = torch.cat([h_in.unsqueeze(1), h[:, :-1]], dim=1)
+        gA = _outer_grad_A(lam, hprev, st) if ctx.needs_input_grad[0] else None
+        gh0 = None
+        if ctx.has_h0 and ctx.needs_input_grad[2]:
+            rank, W = rank_and_size(ctx.group)
+            edge = -1 if rev else 0
+            gh0 = matvec(transpose(A[:, edge], st), lam[:, edge], st)
+            if rank != (W - 1 if rev else 0):  # h0 only enters the first chunk in scan order
+                gh0 = torch.zeros_like(gh0)
+        return gA, lam, gh0, None, None, None, None
+
+
 def _check_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -111,6 +146,7 @@ def linear_scan(
     structure: Structure = "diagonal",
     reverse: bool = False,
     backend: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """Solve the linear recurrence ``h_t = A_t h_{t-1} + b_t`` for all t as one parallel reduction.
 
@@ -123,6 +159,9 @@ def linear_scan(
         reverse: solve the reverse-time recurrence ``h_t = A_t h_{t+1} + b_t`` instead.
         backend: ``"auto"`` (Triton on CUDA, compiled numba on CPU, else the loop), ``"cpu"``,
             ``"triton"`` or ``"reference"`` (the plain PyTorch loop).
+        process_group: a ``torch.distributed`` group for sequence parallelism: every rank passes
+            its own consecutive time chunk (rank order = time order; chunk lengths may differ)
+            and the same h0; the result is this rank's chunk. See :mod:`pararnn.distributed`.
 
     Returns:
         h: ``[B, T, d]``. Differentiable in A, b and h0.
@@ -156,4 +195,6 @@ def linear_scan(
             )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if process_group is not None:
+        return _SPLinearScanFn.apply(A, b, h0, structure, bool(reverse), backend, process_group)
     return _LinearScanFn.apply(A, b, h0, structure, bool(reverse), backend)

@@ -2,7 +2,8 @@
 
 Every (task, model, seed) run is checkpointed as one JSON file under ``<out>/runs/``; a rerun
 skips finished runs, so an interrupted study loses at most the runs in flight. Runs execute in
-``--jobs`` processes with one torch thread each. Outputs: ``<out>/summary.json``,
+``--jobs`` processes with one torch thread each; under ``torchrun --nproc_per_node=N`` every run
+is trained data-parallel with DistributedDataParallel instead (gloo on CPU, nccl on GPU). Outputs: ``<out>/summary.json``,
 ``<out>/table.md`` and ``<out>/plots/<task>.png``. ``--task reconstruct`` runs the reconstruction
 experiment of Orvieto et al. instead.
 """
@@ -82,9 +83,14 @@ def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, prog
     cell, kwargs = MODELS[model_name]
     model = SequenceModel(task.n_in, task.n_out, d_model=cfg.d_model, n_layers=cfg.n_layers, cell=cell,
                           mode="parallel", **kwargs)
+    rank, world = _ddp_rank_world()
+    net = model
+    if world > 1:  # under torchrun: each rank trains on its share of every batch, DDP averages
+        net = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(10_000 + seed)
+    gen = torch.Generator().manual_seed(10_000 + seed)  # same on every rank: same lengths
+    batch = max(1, cfg.batch // world)
     losses, iters, fallbacks = [], [], 0
     steps = range(cfg.steps)
     if progress:
@@ -94,10 +100,11 @@ def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, prog
     t0 = time.perf_counter()
     for _ in steps:
         T = int(torch.randint(cfg.train_min, cfg.train_max + 1, (1,), generator=gen))
-        x, y = task.sample(cfg.batch, T, gen)
+        x, y = task.sample(batch * world, T, gen)  # the global batch; this rank takes its share
+        x, y = x[rank * batch:(rank + 1) * batch], y[rank * batch:(rank + 1) * batch]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            logits, _ = model(x)
+            logits, _ = net(x)
         fallbacks += sum("recomputed sequentially" in str(w.message) for w in caught)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
@@ -105,6 +112,10 @@ def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, prog
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if world > 1:  # report the global batch's loss, the same on every rank
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= world
         losses.append(loss.item())
         iters.extend(b.rnn.last_info.iterations for b in model.blocks)
     train_s = time.perf_counter() - t0
@@ -120,6 +131,24 @@ def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, prog
             "final_train_loss": sum(losses[-20:]) / len(losses[-20:]), "train_seconds": train_s,
             "mean_newton_iterations": sum(iters) / max(len(iters), 1), "newton_fallbacks": fallbacks,
             "chance": task.chance, "eval": evals}
+
+
+def _ddp_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_available() and dist.is_initialized()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def _write_json(path: str, obj) -> None:
@@ -171,7 +200,14 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
                     todo.append((task, model, seed, cfg, path))
     if results:
         print(f"pararnn track: {len(results)} finished run(s) found in {out}/runs, skipping them", file=sys.stderr)
-    if todo:
+    rank, world = _ddp_rank_world()
+    if todo and world > 1:  # data-parallel: every rank runs every job together; rank 0 writes
+        for task, model, seed, cfg_, path in tqdm(todo, desc="track runs", unit="run", disable=rank != 0):
+            res = train_one(task, model, seed, cfg_)
+            if rank == 0:
+                _write_json(path, res)
+            results.append(res)
+    elif todo:
         bar = tqdm(total=len(todo), desc="track runs", unit="run")
         if jobs <= 1:
             for job in todo:
@@ -375,7 +411,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             cfg.eval_lengths = [int(v) for v in args.eval_lengths.split(",")]
         except ValueError:
             raise SystemExit(f"pararnn track: --eval-lengths must be integers, got {args.eval_lengths!r}")
+    if init_distributed_from_env():
+        rank, world = _ddp_rank_world()
+        print(f"pararnn track: data-parallel on {world} processes (rank {rank})", file=sys.stderr)
     results = run_study(plan, list(range(args.seeds)), cfg, args.out, args.jobs)
+    if _ddp_rank_world()[0] != 0:
+        return results
     print(summarize(results, args.out))
     print(f"results: {args.out}/summary.json, {args.out}/table.md, plots in {args.out}/plots/")
     return results

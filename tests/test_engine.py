@@ -209,10 +209,14 @@ def test_hand_written_jacobian_matches_torch_func():
 
 def test_choose_mode():
     cpu = torch.device("cpu")
+    # the measured cases of README "Choosing a mode"
     assert pararnn.choose_mode(1, 16384, 64, cpu) == "parallel"
-    assert pararnn.choose_mode(8, 4096, 256, cpu, training=True) == "parallel"
-    assert pararnn.choose_mode(8, 4096, 256, cpu, training=False) == "sequential"
-    assert pararnn.choose_mode(1, 4096, 128, cpu, "dense", training=False) == "sequential"
+    assert pararnn.choose_mode(1, 16384, 64, cpu, training=False) == "parallel"
+    assert pararnn.choose_mode(8, 4096, 256, cpu, training=True) == "sequential"
+    assert pararnn.choose_mode(1, 4096, 64, cpu, "dense", training=True) == "parallel"  # GRU
+    assert pararnn.choose_mode(1, 4096, 64, cpu, "dense", training=False) == "sequential"
+    assert pararnn.choose_mode(1, 4096, 128, cpu, "dense", training=True) == "sequential"  # LSTM
+    assert pararnn.choose_mode(1, 4096, 128, cpu, pararnn.Block(2), training=False) == "parallel"
     assert pararnn.choose_mode(1, 32, 64, cpu) == "sequential"
     assert pararnn.choose_mode(64, 128, 1024, torch.device("cuda")) == "parallel"
     cell = make_cell("diagonal")

@@ -1,0 +1,159 @@
+"""Sequence parallelism and data parallelism on torch.distributed (gloo, CPU processes)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pararnn
+from pararnn.structure import Block, jacobian_shape, normalize_structure
+
+T_FULL = 11  # divisible by neither 2 nor 3
+
+
+def _bounds(T, world, rank):
+    idx = torch.tensor_split(torch.arange(T), world)[rank]
+    return slice(int(idx[0]), int(idx[-1]) + 1)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _scan_case(rank, world):
+    for structure in ("diagonal", Block(2), "dense"):
+        for reverse in (False, True):
+            st = normalize_structure(structure, 4)
+            g = torch.Generator().manual_seed(7)
+            A = 0.7 * torch.randn(2, T_FULL, *jacobian_shape(st, 4), generator=g, dtype=torch.float64)
+            b = torch.randn(2, T_FULL, 4, generator=g, dtype=torch.float64)
+            h0 = torch.randn(2, 4, generator=g, dtype=torch.float64)
+            gy = torch.randn(2, T_FULL, 4, generator=g, dtype=torch.float64)
+            full_args = [t.clone().requires_grad_() for t in (A, b, h0)]
+            full = pararnn.linear_scan(*full_args, structure=structure, reverse=reverse)
+            full_grads = torch.autograd.grad((full * gy).sum(), full_args)
+            sl = _bounds(T_FULL, world, rank)
+            loc_args = [A[:, sl].clone().requires_grad_(), b[:, sl].clone().requires_grad_(), h0.clone().requires_grad_()]
+            out = pararnn.linear_scan(*loc_args, structure=structure, reverse=reverse, process_group=dist.group.WORLD)
+            assert _rel(out, full[:, sl]) < 1e-12, (structure, reverse, rank)
+            gA, gb, gh0 = torch.autograd.grad((out * gy[:, sl]).sum(), loc_args)
+            assert _rel(gA, full_grads[0][:, sl]) < 1e-10, (structure, reverse, "A")
+            assert _rel(gb, full_grads[1][:, sl]) < 1e-10, (structure, reverse, "b")
+            dist.all_reduce(gh0)
+            assert _rel(gh0, full_grads[2]) < 1e-10, (structure, reverse, "h0")
+
+
+def _newton_case(rank, world):
+    from helpers import BlockTanh, DiagGRU
+
+    for make in (lambda: DiagGRU(3, 6), lambda: BlockTanh(3, 6, 2)):
+        torch.manual_seed(3)
+        cell = make().double()
+        x = torch.randn(2, T_FULL * 3, 3, dtype=torch.float64)
+        h0 = torch.randn(2, 6, dtype=torch.float64)
+        gy = torch.randn(2, T_FULL * 3, 6, dtype=torch.float64)
+        xf, h0f = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        ref, _ = pararnn.RNN(cell, mode="sequential")(xf, h0f)
+        ref_grads = torch.autograd.grad((ref * gy).sum(), [xf, h0f, *cell.parameters()])
+        sl = _bounds(T_FULL * 3, world, rank)
+        xl, h0l = x[:, sl].clone().requires_grad_(), h0.clone().requires_grad_()
+        rnn = pararnn.RNN(cell, process_group=dist.group.WORLD)
+        y, _, info = rnn(xl, h0l, return_info=True)
+        assert info.all_converged and _rel(y, ref[:, sl]) < 1e-10, (rank, info.residuals)
+        cell.zero_grad()
+        (y * gy[:, sl]).sum().backward()
+        pararnn.distributed.allreduce_gradients(cell)
+        dist.all_reduce(h0l.grad)
+        assert _rel(xl.grad, ref_grads[0][:, sl]) < 1e-9
+        assert _rel(h0l.grad, ref_grads[1]) < 1e-9
+        for p, gr in zip(cell.parameters(), ref_grads[2:]):
+            assert _rel(p.grad, gr) < 1e-9
+
+
+def _ddp_case(rank, world):
+    from pararnn.models import SequenceModel
+
+    torch.manual_seed(0)
+    model = SequenceModel(5, 3, d_model=8, n_layers=1, cell="paragru").double()
+    tokens = torch.randint(0, 5, (4 * world, 17), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 3, (4 * world, 17), generator=torch.Generator().manual_seed(2))
+    # single-process reference on the global batch
+    ref = SequenceModel(5, 3, d_model=8, n_layers=1, cell="paragru").double()
+    ref.load_state_dict(model.state_dict())
+    loss_ref = torch.nn.functional.cross_entropy(ref(tokens)[0].flatten(0, 1), targets.flatten())
+    loss_ref.backward()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    mine = slice(4 * rank, 4 * rank + 4)
+    loss = torch.nn.functional.cross_entropy(ddp(tokens[mine])[0].flatten(0, 1), targets[mine].flatten())
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    assert abs(total.item() / world - loss_ref.item()) < 1e-12
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert _rel(p.grad, q.grad) < 1e-10
+
+
+def _track_case(rank, world):
+    """pararnn track's training under DDP: ranks stay in sync and report the same results."""
+    from pararnn import track
+
+    cfg = track.TrackConfig(steps=3, batch=8, eval_lengths=[50], eval_batch=8)
+    res = track.train_one("parity", "paragru", 0, cfg)
+    got = torch.tensor([res["final_train_loss"], res["eval"]["50"]["acc"]], dtype=torch.float64)
+    everyone = [torch.empty_like(got) for _ in range(world)]
+    dist.all_gather(everyone, got)
+    assert all(torch.equal(e, everyone[0]) for e in everyone), everyone
+
+
+CASES = {"scan": _scan_case, "newton": _newton_case, "ddp": _ddp_case, "track": _track_case}
+
+
+def _worker(rank, world, init_file, case):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        CASES[case](rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(case, world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous"), case), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel_linear_scan(world, tmp_path):
+    _spawn("scan", world, tmp_path)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel_newton_and_gradients(world, tmp_path):
+    _spawn("newton", world, tmp_path)
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    _spawn("ddp", 2, tmp_path)
+
+
+def test_track_training_under_ddp(tmp_path):
+    _spawn("track", 2, tmp_path)
+
+
+def test_transfer_matches_dense_product():
+    """The chunk summary used by the collective: the product of the chunk's transitions."""
+    from pararnn.distributed import transfer
+    from pararnn.structure import to_dense
+
+    for structure in ("diagonal", Block(2), Block(2, shared=True), "dense"):
+        st = normalize_structure(structure, 4)
+        A = torch.randn(2, 5, *jacobian_shape(st, 4), dtype=torch.float64)
+        want = torch.eye(4, dtype=torch.float64).expand(2, 4, 4)
+        for t in range(5):
+            want = to_dense(A[:, t], st, 4) @ want
+        got = to_dense(transfer(A, st, 4, reverse=False), st, 4)
+        assert _rel(got, want) < 1e-12, structure
+
+
+if os.name == "nt":  # pragma: no cover
+    pytestmark = pytest.mark.skip("gloo file rendezvous is POSIX-only here")
