@@ -102,8 +102,9 @@ def test_track_bad_flags(argv, match, tmp_path):
 
 
 def test_reconstruction_small():
-    rows = track.reconstruct([32], [1, 64], T=256, n_train=16, n_test=8)
+    rows = track.reconstruct([32], [1, 16], T=256, n_train=16, n_test=8)
     by = {(r["eigenvalues"], r["lag"]): r["nmse"] for r in rows}
-    assert all(0 <= v < 1.5 for v in by.values())
-    assert by[("complex", 1)] < 0.05 and by[("real", 1)] < 0.2  # the last input is easy to read back
-    assert by[("complex", 64)] < by[("real", 64)]  # complex eigenvalues store far more history
+    assert all(0 <= v < 1.1 for v in by.values())
+    assert by[("complex", 1)] < 0.05 and by[("complex", 16)] < 0.1  # recent inputs read back
+    assert by[("real", 16)] > 0.5  # real eigenvalues smear them together
+    assert by[("complex", 16)] < by[("real", 16)] / 5
