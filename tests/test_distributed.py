@@ -1,4 +1,5 @@
 """Sequence parallelism and data parallelism on torch.distributed (gloo, CPU processes)."""
+import datetime
 import os
 
 import pytest
@@ -113,7 +114,8 @@ CASES = {"scan": _scan_case, "newton": _newton_case, "ddp": _ddp_case, "track": 
 
 def _worker(rank, world, init_file, case):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         CASES[case](rank, world)
     finally:
