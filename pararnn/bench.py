@@ -64,6 +64,30 @@ def measure(fn, x, params, repeats, backward):
     return median_time(run, repeats=repeats, warmup=1, max_seconds=20)
 
 
+def solve_check(par, seq, x) -> dict:
+    """Newton iterations of the parallel solve and its max abs error against the sequential one."""
+    with torch.no_grad():
+        info = par.solve_info(x)
+        err = (par(x)[0] - seq(x)[0]).abs().max().item()
+    return {"newton_iterations": info.iterations, "max_abs_err_vs_sequential": err}
+
+
+def time_methods(methods, x, repeats, skip_backward=(), log=None) -> dict:
+    """``{name}_fwd_s`` and ``{name}_fwdbwd_s`` medians for every ``name: (fn, params)``.
+
+    Methods in ``skip_backward`` (the slicing loop, whose backward costs O(B T^2 d)) get None
+    for fwd+bwd: skipped, not measured.
+    """
+    out = {}
+    for name, (fn, params) in methods.items():
+        for bw in (False, True):
+            key = f"{name}_{'fwdbwd' if bw else 'fwd'}_s"
+            out[key] = None if bw and name in skip_backward else measure(fn, x, params, repeats, bw)
+            if log and out[key] is not None:
+                print(f"  {log} {key}: {out[key] * 1e3:.1f} ms", file=sys.stderr)
+    return out
+
+
 def bench_regime(B, T, d, repeats, weak_max_work=8 * 1024 * 1024 * 256):
     """Time every method on one shape; returns a dict row (seconds, medians)."""
     torch.manual_seed(0)
@@ -83,20 +107,9 @@ def bench_regime(B, T, d, repeats, weak_max_work=8 * 1024 * 1024 * 256):
         "parallel_jvp": (lambda x: par_jvp(x)[0], list(cell_jvp.parameters())),
         "torch_gru": (lambda x: gru(x)[0], list(gru.parameters())),
     }
-    row = {"B": B, "T": T, "d": d}
-    with torch.no_grad():
-        info = par.solve_info(x)
-        err = (par(x)[0] - seq(x)[0]).abs().max().item()
-    row["newton_iterations"] = info.iterations
-    row["max_abs_err_vs_sequential"] = err
-    for name, (fn, params) in methods.items():
-        for bw in (False, True):
-            key = f"{name}_{'fwdbwd' if bw else 'fwd'}_s"
-            if name == "weak_loop" and bw and B * T * T * d > weak_max_work:
-                row[key] = None  # its backward costs O(B T^2 d): skipped, not measured
-                continue
-            row[key] = measure(fn, x, params, repeats, bw)
-            print(f"  B={B} T={T} d={d} {key}: {row[key] * 1e3:.1f} ms", file=sys.stderr)
+    row = {"B": B, "T": T, "d": d, **solve_check(par, seq, x)}
+    slow = {"weak_loop"} if B * T * T * d > weak_max_work else set()
+    row.update(time_methods(methods, x, repeats, slow, log=f"B={B} T={T} d={d}"))
     for bw in ("fwd", "fwdbwd"):
         row[f"speedup_parallel_vs_strong_{bw}"] = row[f"strong_loop_{bw}_s"] / row[f"parallel_{bw}_s"]
     return row
@@ -122,25 +135,15 @@ def bench_cells(names, shapes, repeats, device="cpu", weak_max_work=8 * 1024 * 1
         cell = make_cell(name, d).to(device)
         x = torch.randn(B, T, d, device=device)
         par, seq = pararnn.RNN(cell, mode="parallel"), pararnn.RNN(cell, mode="sequential")
-        with torch.no_grad():
-            info = par.solve_info(x)
-            err = (par(x)[0] - seq(x)[0]).abs().max().item()
         row = {"cell": name, "structure": str(cell.get_structure()), "B": B, "T": T, "d": d, "device": str(device),
-               "newton_iterations": info.iterations, "max_abs_err_vs_sequential": err,
-               "lyapunov": pararnn.diagnose(cell, x, max_steps=1024).lyapunov}
+               **solve_check(par, seq, x), "lyapunov": pararnn.diagnose(cell, x, max_steps=1024).lyapunov}
         methods = {"naive": (lambda x: weak_loop(cell, x), list(cell.parameters())),
                    "sequential": (lambda x: seq(x)[0], list(cell.parameters())),
                    "parallel": (lambda x: par(x)[0], list(cell.parameters()))}
         twin = torch_twin(cell)
         if twin is not None:
             methods["torch"] = (lambda x: twin(x)[0], list(twin.parameters()))
-        for m, (fn, params) in methods.items():
-            for bw in (False, True):
-                key = f"{m}_{'fwdbwd' if bw else 'fwd'}_s"
-                if m == "naive" and bw and B * T * T * d > weak_max_work:
-                    row[key] = None  # its backward costs O(B T^2 d): skipped, not measured
-                    continue
-                row[key] = measure(fn, x, params, repeats, bw)
+        row.update(time_methods(methods, x, repeats, {"naive"} if B * T * T * d > weak_max_work else set()))
         for bw in ("fwd", "fwdbwd"):
             row[f"speedup_{bw}"] = row[f"sequential_{bw}_s"] / row[f"parallel_{bw}_s"]
         rows.append(row)
