@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -175,9 +176,16 @@ def load_checkpoint(path: str) -> dict | None:
         return None
 
 
-def _job(args):
+def _job(args, threads: int | None = 1):
     task, model, seed, cfg, path = args
-    torch.set_num_threads(1)
+    if threads is not None:
+        torch.set_num_threads(threads)
+        try:  # the compiled scans have their own thread pool
+            import numba
+
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
     res = train_one(task, model, seed, cfg)
     _write_json(path, res)
     return res
@@ -209,12 +217,13 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
             results.append(res)
     elif todo:
         bar = tqdm(total=len(todo), desc="track runs", unit="run")
-        if jobs <= 1:
+        if jobs <= 1:  # one process: torch keeps all its threads
             for job in todo:
-                results.append(_job(job))
+                results.append(_job(job, threads=None))
                 bar.update()
         else:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
+            # spawn, not fork: forked children inherit torch's OpenMP pool state and ran 2× slower
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 for fut in as_completed([pool.submit(_job, j) for j in todo]):
                     results.append(fut.result())
                     bar.update()
