@@ -1,0 +1,18 @@
+"""The README's usage example runs as written (shortened sequence, same code)."""
+import pathlib
+import re
+
+import torch
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python example"
+    code = blocks[0].replace("torch.randn(4, 2048, 16)", "torch.randn(2, 128, 16)")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    y, y_seq = scope["y"], scope["y_seq"]
+    assert y.shape == (2, 128, 64)
+    assert torch.allclose(y, y_seq, atol=1e-5)
