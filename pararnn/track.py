@@ -31,6 +31,7 @@ MODELS = {
     "diag_pos": ("ssm", {}),
     "diag_neg": ("ssm_neg", {}),
     "lru": ("lru", {"r_min": 0.5}),
+    "cdiag": ("cssm", {}),
     **{f"deltaproduct{n}_{rng}": ("deltaproduct", {"n_h": n, "d_k": 8, "allow_neg_eigval": rng == "neg"})
        for n in (1, 2, 4) for rng in ("pos", "neg")},
     "paragru": ("paragru", {}),
@@ -42,7 +43,7 @@ MODELS = {
 # The --quick study: the contrasts of BACKGROUND §3, in about 15 minutes on 2 cores.
 QUICK_PLAN = {
     "parity": ["diag_pos", "diag_neg", "gru", "lstm"],
-    "count_mod3": ["diag_neg", "lru"],
+    "count_mod3": ["diag_neg", "lru", "cdiag"],
     "s3": ["deltaproduct1_neg", "deltaproduct2_pos", "deltaproduct2_neg", "gru"],
 }
 

@@ -7,7 +7,7 @@ import pararnn
 from pararnn.models import (CELLS, GRU, LRU, LSTM, DeltaProduct, ParaGRU, ParaLSTM, SelectiveSSM,
                             SequenceModel, make_cell)
 
-LINEAR = {"lru", "ssm", "ssm_neg", "deltanet", "deltaproduct"}
+LINEAR = {"lru", "ssm", "ssm_neg", "cssm", "deltanet", "deltaproduct"}
 
 
 def rel(a, b):
@@ -126,6 +126,15 @@ def test_selective_ssm_eigenvalue_range(rng, lo, hi):
         assert a.min() < 0, "the [-1,1] range must actually produce negative eigenvalues"
     with pytest.raises(ValueError, match="eigenvalue_range"):
         SelectiveSSM(4, 16, eigenvalue_range="[0,2]")
+
+
+def test_complex_ssm_rotations_are_input_dependent_and_contractive():
+    from pararnn.models import ComplexSSM
+
+    cell = ComplexSSM(3, 8)
+    a, _ = cell.transitions(5 * torch.randn(4, 50, 3))
+    assert a.is_complex() and a.abs().max() <= 1.0
+    assert a.angle().std(dim=1).min() > 0.1  # the phase changes with the input
 
 
 @pytest.mark.parametrize("neg", [False, True])

@@ -7,7 +7,7 @@ from .lru import LRU
 from .lstm import LSTM
 from .paragru import ParaGRU
 from .paralstm import ParaLSTM
-from .ssm import SelectiveSSM
+from .ssm import ComplexSSM, SelectiveSSM
 
-__all__ = ["CELLS", "DeltaNet", "DeltaProduct", "Elman", "GRU", "LRU", "LSTM", "ParaGRU", "ParaLSTM",
+__all__ = ["CELLS", "ComplexSSM", "DeltaNet", "DeltaProduct", "Elman", "GRU", "LRU", "LSTM", "ParaGRU", "ParaLSTM",
            "ResidualBlock", "SelectiveSSM", "SequenceModel", "make_cell"]

@@ -19,7 +19,7 @@ def _cells() -> dict[str, Callable[..., Cell]]:
     from .lstm import LSTM
     from .paragru import ParaGRU
     from .paralstm import ParaLSTM
-    from .ssm import SelectiveSSM
+    from .ssm import ComplexSSM, SelectiveSSM
 
     return {
         "elman": lambda d, **kw: Elman(d, d, **kw),
@@ -30,6 +30,7 @@ def _cells() -> dict[str, Callable[..., Cell]]:
         "lru": lambda d, **kw: LRU(d, kw.pop("state_size", d), **kw),
         "ssm": lambda d, **kw: SelectiveSSM(d, kw.pop("state_size", d), "[0,1]", **kw),
         "ssm_neg": lambda d, **kw: SelectiveSSM(d, kw.pop("state_size", d), "[-1,1]", **kw),
+        "cssm": lambda d, **kw: ComplexSSM(d, kw.pop("state_size", d), **kw),
         "deltanet": lambda d, **kw: DeltaNet(d, kw.pop("d_k", 8), kw.pop("d_v", d), **kw),
         "deltaproduct": lambda d, **kw: DeltaProduct(d, kw.pop("d_k", 8), kw.pop("d_v", d),
                                                      kw.pop("n_h", 2), **kw),

@@ -46,3 +46,48 @@ class SelectiveSSM(Cell):
     def step_and_jacobian(self, h, u):
         a, b = u.chunk(2, -1)
         return a * h + b, a
+
+
+class ComplexSSM(Cell):
+    """Selective complex diagonal SSM: ``h' = a_t ⊙ h + Δ_t ⊙ (W_B x_t)`` with input-dependent
+    ``a_t = exp(-Δ_t ⊙ exp(w)) · exp(i θ_t)``, ``θ_t = W_θ x_t``, ``Δ_t = softplus(W_Δ x_t + b_Δ)``.
+
+    Unlike :class:`LRU` (time-invariant λ), the rotation depends on the input, so the state can
+    turn by a different angle for each token (e.g. ±120° for counting mod 3). ``x [B, T, D_in]``
+    -> complex state ``[B, T, N]`` -> ``y = [Re h, Im h]`` ``[B, T, 2N]``. Linear in h.
+    """
+
+    structure = "diagonal"
+
+    def __init__(self, input_size: int, state_size: int):
+        super().__init__()
+        self.input_size, self.state_size = input_size, state_size
+        self.dt = nn.Linear(input_size, state_size)
+        self.theta = nn.Linear(input_size, state_size)
+        self.inp = nn.Linear(input_size, 2 * state_size)
+        self.w = nn.Parameter(torch.log(torch.linspace(0.5, 4.0, state_size)))
+
+    @property
+    def output_size(self) -> int:
+        return 2 * self.state_size
+
+    def transitions(self, x):
+        """``(a [B, T, N] complex, Δ [B, T, N])``; ``|a| <= 1``."""
+        delta = F.softplus(self.dt(x))
+        return torch.polar(torch.exp(-delta * torch.exp(self.w)), self.theta(x)), delta
+
+    def prepare(self, x):
+        a, delta = self.transitions(x)
+        re, im = self.inp(x).chunk(2, -1)
+        return torch.cat([a, delta * torch.complex(re, im)], -1)  # [B, T, 2N] complex
+
+    def step(self, h, u):
+        a, b = u.chunk(2, -1)
+        return a * h + b
+
+    def step_and_jacobian(self, h, u):
+        a, b = u.chunk(2, -1)
+        return a * h + b, a
+
+    def output(self, h, x):
+        return torch.cat([h.real, h.imag], -1)
