@@ -7,7 +7,6 @@ Usage: python benchmarks/bench_memory.py [--Ts 10000,100000,1000000]
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 

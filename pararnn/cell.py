@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import jacfwd, jvp, vmap
 
-from .structure import Block, Structure, normalize_structure
+from .structure import Block, Structure, from_dense, normalize_structure, to_dense
 
 
 class Cell(nn.Module):
@@ -127,8 +127,6 @@ def check_structure(
             ``[N, 1, input_size]`` inputs, which needs ``cell.input_size``).
         h: states ``[N, d]`` (default: standard normal).
     """
-    from .structure import from_dense, to_dense
-
     structure = cell.get_structure()
     gen = torch.Generator().manual_seed(seed)
     p = next(iter(cell.parameters()), None)

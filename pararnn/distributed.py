@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .scan import scan_dispatch
-from .structure import Block, matvec, transpose
+from .structure import matvec, transpose
 
 
 def rank_and_size(group) -> tuple[int, int]:
@@ -134,4 +134,4 @@ def max_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-__all__ = ["Block", "all_gather", "allreduce_gradients", "sp_adjoint_scan", "sp_scan", "transfer"]
+__all__ = ["all_gather", "allreduce_gradients", "sp_adjoint_scan", "sp_scan", "transfer"]

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import KINDS, AffineCell, DiagGRU, make_cell
+from helpers import KINDS, AffineCell, make_cell
 
 import pararnn
 from pararnn.models.paragru import ParaGRU

@@ -38,9 +38,9 @@ def _kernel(k: int) -> str:
     w("    rows = tl.arange(0, BLOCK_T)")
     w("    T64 = tl.cast(T, tl.int64)")
     for r in range(k):
-        w(f"    if HAS_H0:")
+        w("    if HAS_H0:")
         w(f"        c_{r} = tl.load(H0 + bi * M * {k} + offs_m * {k} + {r}, mask=mask_m, other=0.0).to(tl.float32)")
-        w(f"    else:")
+        w("    else:")
         w(f"        c_{r} = tl.zeros([BLOCK_M], dtype=tl.float32)")
     w("    for t0 in range(0, T, BLOCK_T):")
     w("        t, ta, valid, va = time_index(t0, rows, T, REVERSE, ADJOINT)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
-import torch
 from torch import nn
 
 from ..cell import Cell
