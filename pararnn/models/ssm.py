@@ -10,7 +10,21 @@ from ..cell import Cell
 RANGES = ("[0,1]", "[-1,1]")
 
 
-class SelectiveSSM(Cell):
+class DiagonalLinear(Cell):
+    """Base of the input-dependent diagonal linear cells: ``u = [a, b]``, ``h' = a ⊙ h + b``."""
+
+    structure = "diagonal"
+
+    def step(self, h, u):
+        a, b = u.chunk(2, -1)
+        return a * h + b
+
+    def step_and_jacobian(self, h, u):
+        a, b = u.chunk(2, -1)
+        return a * h + b, a
+
+
+class SelectiveSSM(DiagonalLinear):
     """``h' = a_t ⊙ h + Δ_t ⊙ (W_B x_t)``, ``a_t = exp(-Δ_t ⊙ exp(w))``, ``Δ_t = softplus(W_Δ x_t + b_Δ)``.
 
     ``eigenvalue_range="[-1,1]"`` maps ``a -> 2a - 1`` (Grazzi et al.), which lets a diagonal
@@ -18,7 +32,6 @@ class SelectiveSSM(Cell):
     Linear in h: Newton is exact in one step.
     """
 
-    structure = "diagonal"
 
     def __init__(self, input_size: int, state_size: int, eigenvalue_range: str = "[0,1]"):
         super().__init__()
@@ -39,16 +52,9 @@ class SelectiveSSM(Cell):
         a, delta = self.transitions(x)
         return torch.cat([a, delta * self.inp(x)], -1)  # [B, T, 2d]
 
-    def step(self, h, u):
-        a, b = u.chunk(2, -1)
-        return a * h + b
-
-    def step_and_jacobian(self, h, u):
-        a, b = u.chunk(2, -1)
-        return a * h + b, a
 
 
-class ComplexSSM(Cell):
+class ComplexSSM(DiagonalLinear):
     """Selective complex diagonal SSM: ``h' = a_t ⊙ h + Δ_t ⊙ (W_B x_t)`` with input-dependent
     ``a_t = exp(-Δ_t ⊙ exp(w)) · exp(i θ_t)``, ``θ_t = W_θ x_t``, ``Δ_t = softplus(W_Δ x_t + b_Δ)``.
 
@@ -57,7 +63,6 @@ class ComplexSSM(Cell):
     -> complex state ``[B, T, N]`` -> ``y = [Re h, Im h]`` ``[B, T, 2N]``. Linear in h.
     """
 
-    structure = "diagonal"
 
     def __init__(self, input_size: int, state_size: int):
         super().__init__()
@@ -81,13 +86,6 @@ class ComplexSSM(Cell):
         re, im = self.inp(x).chunk(2, -1)
         return torch.cat([a, delta * torch.complex(re, im)], -1)  # [B, T, 2N] complex
 
-    def step(self, h, u):
-        a, b = u.chunk(2, -1)
-        return a * h + b
-
-    def step_and_jacobian(self, h, u):
-        a, b = u.chunk(2, -1)
-        return a * h + b, a
 
     def output(self, h, x):
         return torch.cat([h.real, h.imag], -1)
