@@ -32,7 +32,6 @@ class SelectiveSSM(DiagonalLinear):
     Linear in h: Newton is exact in one step.
     """
 
-
     def __init__(self, input_size: int, state_size: int, eigenvalue_range: str = "[0,1]"):
         super().__init__()
         if eigenvalue_range not in RANGES:
@@ -62,7 +61,6 @@ class ComplexSSM(DiagonalLinear):
     turn by a different angle for each token (e.g. ±120° for counting mod 3). ``x [B, T, D_in]``
     -> complex state ``[B, T, N]`` -> ``y = [Re h, Im h]`` ``[B, T, 2N]``. Linear in h.
     """
-
 
     def __init__(self, input_size: int, state_size: int):
         super().__init__()
