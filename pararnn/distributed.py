@@ -86,11 +86,12 @@ def shifted_adjoint_transitions(A, structure, reverse, group):
     local step needs the next rank's first transition (and zero on the last rank).
     """
     rank, W = rank_and_size(group)
-    firsts, lasts = all_gather(A[:, 0], group), all_gather(A[:, -1], group)
-    if not reverse:  # need A_{t+1}
+    if not reverse:  # need A_{t+1}: the next rank's first transition
+        firsts = all_gather(A[:, 0], group)
         nxt = firsts[rank + 1] if rank + 1 < W else torch.zeros_like(A[:, 0])
         shifted = torch.cat([A[:, 1:], nxt.unsqueeze(1)], 1)
-    else:  # adjoint of a reverse scan: λ_t = A_{t-1}^H λ_{t-1} + g_t
+    else:  # adjoint of a reverse scan, λ_t = A_{t-1}^H λ_{t-1} + g_t: the previous rank's last
+        lasts = all_gather(A[:, -1], group)
         prv = lasts[rank - 1] if rank > 0 else torch.zeros_like(A[:, 0])
         shifted = torch.cat([prv.unsqueeze(1), A[:, :-1]], 1)
     return transpose(shifted, structure)
