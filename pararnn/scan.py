@@ -66,6 +66,23 @@ def _outer_grad_A(lam: torch.Tensor, hprev: torch.Tensor, structure: Structure) 
     return g.sum(-3) if structure.shared else g
 
 
+def _transition_grads(ctx, A, h, init, lam):
+    """``(dL/dA, dL/dh0)`` of a scan from its outputs ``h``, its incoming state ``init`` and the
+    adjoint ``lam``: ``dL/dA_t = λ_t ⊗ conj(h_prev)``, ``dL/dh0 = A_first^H λ_first``."""
+    st, rev = ctx.structure, ctx.reverse
+    gA = gh0 = None
+    if ctx.needs_input_grad[0]:
+        if rev:
+            hprev = torch.cat([h[:, 1:], init.unsqueeze(1)], dim=1)
+        else:
+            hprev = torch.cat([init.unsqueeze(1), h[:, :-1]], dim=1)
+        gA = _outer_grad_A(lam, hprev, st)
+    if ctx.has_h0 and ctx.needs_input_grad[2]:
+        edge = -1 if rev else 0
+        gh0 = matvec(transpose(A[:, edge], st), lam[:, edge], st)
+    return gA, gh0
+
+
 class _LinearScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, b, h0, structure, reverse, backend):
@@ -82,18 +99,8 @@ class _LinearScanFn(torch.autograd.Function):
         g = g.contiguous()
         # The adjoint of a forward scan is a reverse scan with A_{t+1}^H, and vice versa.
         lam = scan_dispatch(A, g, None, st, reverse=not rev, adjoint=True, backend=ctx.backend)
-        gA = gh0 = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            init = h0 if ctx.has_h0 else torch.zeros_like(h[:, 0])
-            if rev:
-                hprev = torch.cat([h[:, 1:], init.unsqueeze(1)], dim=1)
-            else:
-                hprev = torch.cat([init.unsqueeze(1), h[:, :-1]], dim=1)
-            if ctx.needs_input_grad[0]:
-                gA = _outer_grad_A(lam, hprev, st)
-            if ctx.has_h0 and ctx.needs_input_grad[2]:
-                edge = 0 if not rev else -1
-                gh0 = matvec(transpose(A[:, edge], st), lam[:, edge], st)
+        init = h0 if ctx.has_h0 else torch.zeros_like(h[:, 0])
+        gA, gh0 = _transition_grads(ctx, A, h, init, lam)
         return gA, lam, gh0, None, None, None
 
 
@@ -117,18 +124,10 @@ class _SPLinearScanFn(torch.autograd.Function):
         A, h, h_in = ctx.saved_tensors
         st, rev = ctx.structure, ctx.reverse
         lam = sp_adjoint_scan(A, g.contiguous(), st, rev, ctx.group, ctx.backend)
-        if rev:
-            hprev = torch.cat([h[:, 1:], h_in.unsqueeze(1)], dim=1)
-        else:
-            hprev = torch.cat([h_in.unsqueeze(1), h[:, :-1]], dim=1)
-        gA = _outer_grad_A(lam, hprev, st) if ctx.needs_input_grad[0] else None
-        gh0 = None
-        if ctx.has_h0 and ctx.needs_input_grad[2]:
-            rank, W = rank_and_size(ctx.group)
-            edge = -1 if rev else 0
-            gh0 = matvec(transpose(A[:, edge], st), lam[:, edge], st)
-            if rank != (W - 1 if rev else 0):  # h0 only enters the first chunk in scan order
-                gh0 = torch.zeros_like(gh0)
+        gA, gh0 = _transition_grads(ctx, A, h, h_in, lam)
+        rank, W = rank_and_size(ctx.group)
+        if gh0 is not None and rank != (W - 1 if rev else 0):  # h0 only enters the first chunk
+            gh0 = torch.zeros_like(gh0)
         return gA, lam, gh0, None, None, None, None
 
 
