@@ -114,10 +114,14 @@ CASES = {"scan": _scan_case, "newton": _newton_case, "ddp": _ddp_case, "track": 
 
 def _worker(rank, world, init_file, case):
     torch.set_num_threads(1)
+    import numba
+
+    numba.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     try:
         CASES[case](rank, world)
+        dist.barrier()  # no rank tears gloo down while a peer still has work in flight
     finally:
         dist.destroy_process_group()
 
