@@ -38,7 +38,7 @@ def main(argv=None):
     ap.add_argument("--out", default="results/bench_memory.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, ".")
-    from pararnn.bench import write_json_atomic
+    from pararnn.utils.io import write_json_atomic
     from pararnn.utils.timing import machine_info
 
     rows = []

@@ -9,7 +9,6 @@ All ratios come from one run: the machines are noisy, so compare within a run on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -20,6 +19,7 @@ from pararnn.cell import autodiff_step_and_jacobian
 from pararnn.models import CELLS, make_cell
 from pararnn.models.paragru import ParaGRU
 from pararnn.scan import scan_dispatch
+from pararnn.utils.io import write_json_atomic
 from pararnn.utils.timing import copy_bandwidth, machine_info, median_time
 
 
@@ -321,15 +321,6 @@ def run(args: argparse.Namespace) -> dict:
         print("\nplots: " + ", ".join(plot_cells(result["cells"], base)))
     print(f"results: {args.out}, {base}.md")
     return result
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON via a temporary file and a rename, so a crash never leaves a half-written file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

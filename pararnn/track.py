@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .tasks import TASKS
+from .utils.io import write_json_atomic
 
 # model name -> (cell name for pararnn.models.make_cell, cell kwargs).
 # Suffix _pos: transition eigenvalues in [0, 1]; _neg: in [-1, 1].
@@ -153,12 +154,6 @@ def init_distributed_from_env() -> bool:
     return True
 
 
-def _write_json(path: str, obj) -> None:
-    from .bench import write_json_atomic
-
-    write_json_atomic(path, obj)
-
-
 def load_checkpoint(path: str) -> dict | None:
     """A finished run's result, or None. A corrupt file is moved aside (``.corrupt``), never reused."""
     if not os.path.exists(path):
@@ -188,7 +183,7 @@ def _job(args, threads: int | None = 1):
         except ImportError:
             pass
     res = train_one(task, model, seed, cfg)
-    _write_json(path, res)
+    write_json_atomic(path, res)
     return res
 
 
@@ -214,7 +209,7 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
         for task, model, seed, cfg_, path in tqdm(todo, desc="track runs", unit="run", disable=rank != 0):
             res = train_one(task, model, seed, cfg_)
             if rank == 0:
-                _write_json(path, res)
+                write_json_atomic(path, res)
             results.append(res)
     elif todo:
         bar = tqdm(total=len(todo), desc="track runs", unit="run")
@@ -235,7 +230,7 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
 def summarize(results: list[dict], out: str) -> str:
     """Write summary.json, table.md and one accuracy-vs-length plot per task; return the table."""
     results = sorted(results, key=lambda r: (r["task"], r["model"], r["seed"]))
-    _write_json(os.path.join(out, "summary.json"), results)
+    write_json_atomic(os.path.join(out, "summary.json"), results)
     lines = []
     for task in dict.fromkeys(r["task"] for r in results):
         rows = [r for r in results if r["task"] == task]
@@ -339,7 +334,7 @@ def _fit_mlp(Xtr, Ytr, Xte, steps, seed):
 
 
 def _reconstruct_outputs(rows, out):
-    _write_json(os.path.join(out, "reconstruct.json"), rows)
+    write_json_atomic(os.path.join(out, "reconstruct.json"), rows)
     lags = sorted({r["lag"] for r in rows})
     lines = ["Normalised MSE of reading x_{t-k} back from h_t (0 = perfect, 1 = no information):", "",
              "| eigenvalues | N | " + " | ".join(f"k={k}" for k in lags) + " |", "|---|---|" + "---|" * len(lags)]
