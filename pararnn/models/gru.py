@@ -19,12 +19,7 @@ class GRU(Cell):
         super().__init__()
         self.input_size, self.state_size, self.heads = input_size, hidden_size, heads
         self.structure = head_structure(hidden_size, heads)
-        H, k = hidden_size, hidden_size**-0.5
-        self.weight_ih = nn.Parameter(torch.empty(3 * H, input_size).uniform_(-k, k))
-        self.weight_hh = nn.Parameter(torch.empty(3 * H, H).uniform_(-k, k))
-        self.bias_ih = nn.Parameter(torch.empty(3 * H).uniform_(-k, k))
-        self.bias_hh = nn.Parameter(torch.empty(3 * H).uniform_(-k, k))
-        self.register_buffer("mask", head_mask(H, heads, 3), persistent=False)
+        _torch_layout_parameters(self, input_size, hidden_size, heads, gates=3)
 
     @property
     def hidden_size(self) -> int:
@@ -71,6 +66,16 @@ class GRU(Cell):
     def to_torch(self) -> nn.GRU:
         """The equivalent torch.nn.GRU (batch_first=True); needs heads == 1."""
         return _to_torch(self, nn.GRU)
+
+
+def _torch_layout_parameters(cell, input_size, hidden, heads, gates):
+    """torch.nn.GRU/LSTM's parameters (gate-stacked, U(-1/sqrt(H), 1/sqrt(H))) and the head mask."""
+    k = hidden**-0.5
+    cell.weight_ih = nn.Parameter(torch.empty(gates * hidden, input_size).uniform_(-k, k))
+    cell.weight_hh = nn.Parameter(torch.empty(gates * hidden, hidden).uniform_(-k, k))
+    cell.bias_ih = nn.Parameter(torch.empty(gates * hidden).uniform_(-k, k))
+    cell.bias_hh = nn.Parameter(torch.empty(gates * hidden).uniform_(-k, k))
+    cell.register_buffer("mask", head_mask(hidden, heads, gates), persistent=False)
 
 
 def _check_torch_rnn(module, kind):

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from ..cell import Cell
-from ._common import head_mask, head_structure
-from .gru import _from_torch, _to_torch
+from ._common import head_structure
+from .gru import _from_torch, _to_torch, _torch_layout_parameters
 
 
 class LSTM(Cell):
@@ -22,12 +22,7 @@ class LSTM(Cell):
         self.input_size, self.hidden_size, self.heads = input_size, hidden_size, heads
         self.state_size = 2 * hidden_size
         self.structure = head_structure(hidden_size, heads, parts=2)
-        H, k = hidden_size, hidden_size**-0.5
-        self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size).uniform_(-k, k))
-        self.weight_hh = nn.Parameter(torch.empty(4 * H, H).uniform_(-k, k))
-        self.bias_ih = nn.Parameter(torch.empty(4 * H).uniform_(-k, k))
-        self.bias_hh = nn.Parameter(torch.empty(4 * H).uniform_(-k, k))
-        self.register_buffer("mask", head_mask(H, heads, 4), persistent=False)
+        _torch_layout_parameters(self, input_size, hidden_size, heads, gates=4)
 
     def split_state(self, s: torch.Tensor):
         """``s [..., 2H]`` -> ``(h [..., H], c [..., H])``."""
