@@ -113,10 +113,10 @@ CASES = {"scan": _scan_case, "newton": _newton_case, "ddp": _ddp_case, "track": 
 
 
 def _worker(rank, world, init_file, case):
-    torch.set_num_threads(1)
-    import numba
+    import faulthandler
 
-    numba.set_num_threads(1)
+    faulthandler.enable()  # a native abort in a rank prints where it happened
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     try:
@@ -124,6 +124,11 @@ def _worker(rank, world, init_file, case):
         dist.barrier()  # no rank tears gloo down while a peer still has work in flight
     finally:
         dist.destroy_process_group()
+    # Every check of the case passed (a failure raised above and is reported by mp.spawn). Leave
+    # without C++ static destructors: in about 1 run in 3 from a cold numba cache, a rank aborted
+    # *after* passing, at interpreter shutdown ("terminate called without an active exception",
+    # no Python frame on the stack). Cause not identified; it is not in the solver's results.
+    os._exit(0)
 
 
 def _spawn(case, world, tmp_path):
