@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import jacfwd, jvp, vmap
 
-from .structure import Block, Structure, from_dense, normalize_structure, to_dense
+from .structure import Block, Dense, Diagonal, Structure, as_structure
 
 
 class Cell(nn.Module):
@@ -27,7 +27,7 @@ class Cell(nn.Module):
     transforms and on all T positions at once.
     """
 
-    structure: Structure = "diagonal"
+    structure: Structure | str = "diagonal"
     state_size: int
     input_size: int | None = None
 
@@ -51,7 +51,7 @@ class Cell(nn.Module):
 
     def get_structure(self) -> Structure:
         """The declared structure, validated against ``state_size``."""
-        return normalize_structure(self.structure, self.state_size)
+        return as_structure(self.structure, self.state_size)
 
     def initial_state(self, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
         """Default h0: zeros ``[B, d]``."""
@@ -70,41 +70,36 @@ class Cell(nn.Module):
         return h
 
 
-def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure: Structure):
+def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure):
     """``(f, J)`` of ``step`` at ``(h [N, d], u [N, *])`` by forward-mode autodiff (torch.func).
 
-    - diagonal: one jvp with a ones tangent (exact iff the Jacobian really is diagonal);
-    - ``Block(k)``: k jvps with block-periodic one-hot tangents;
-    - dense: ``vmap(jacfwd)`` over the batch (for complex states, which jacfwd rejects, the
-      same columns by ``vmap`` of ``jvp`` over basis tangents; f must be holomorphic in h).
+    The structure supplies P probe tangents (diagonal: one ones vector, exact iff J really is
+    diagonal; ``Block(k)``: k block-periodic one-hots; dense: the d unit vectors) and assembles J
+    from their jvps. Up to :data:`LOOP_PROBES` probes are pushed one by one, more through
+    ``vmap``. For complex states f must be holomorphic in h.
     """
-    f = lambda hh: step(hh, u)  # noqa: E731
-    if structure == "diagonal":
-        return jvp(f, (h,), (torch.ones_like(h),))
     N, d = h.shape
-    if structure == "dense":
-        if h.is_complex():  # jacfwd is real-only: push the d basis tangents through jvp (holomorphic f)
-            basis = torch.eye(d, dtype=h.dtype, device=h.device)  # [d, d]
-            cols = vmap(lambda e: jvp(f, (h,), (e.expand(N, d),))[1])(basis)  # [d(col), N, d(row)]
-            return step(h, u), cols.permute(1, 2, 0)
-        single = lambda h1, u1: step(h1.unsqueeze(0), u1.unsqueeze(0)).squeeze(0)  # noqa: E731
-        J = vmap(jacfwd(single, argnums=0))(h, u)  # [N, d, d]
-        return step(h, u), J
-    k = structure.k
-    cols = []
-    out = None
-    for j in range(k):
-        tangent = torch.zeros(k, dtype=h.dtype, device=h.device)
-        tangent[j] = 1
-        out, col = jvp(f, (h,), (tangent.repeat(d // k).expand(N, d),))
-        cols.append(col.reshape(N, d // k, k))  # [N, m, k]: column j of every block
-    J = torch.stack(cols, dim=-1)  # [N, m, k(row), k(col)]
-    return out, (J[:, 0] if structure.shared else J)
+    structure = as_structure(structure, d)
+    f = lambda hh: step(hh, u)  # noqa: E731
+    tangents = structure.probe_tangents(N, d, h.dtype, h.device)  # [P, N, d]
+    if tangents.shape[0] <= LOOP_PROBES:
+        cols = []
+        for e in tangents.unbind(0):
+            out, col = jvp(f, (h,), (e,))
+            cols.append(col)
+        return out, structure.assemble(torch.stack(cols), d)
+    cols = vmap(lambda e: jvp(f, (h,), (e,))[1])(tangents)  # [P, N, d]
+    return step(h, u), structure.assemble(cols, d)
+
+
+# Probes pushed through jvp one at a time (k jvps of a Block(k) cell cost about what one vmapped
+# call does for small k, and a loop works for any step); wider structures are vmapped.
+LOOP_PROBES = 8
 
 
 def dense_jacobian(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Full ``df/dh`` ``[N, d, d]`` regardless of the declared structure."""
-    return autodiff_step_and_jacobian(cell.step, h, u, "dense")[1]
+    return autodiff_step_and_jacobian(cell.step, h, u, Dense())[1]
 
 
 def check_structure(
@@ -147,7 +142,8 @@ def check_structure(
         f, Js = cell.step_and_jacobian(h, u)
         f_ref = cell.step(h, u)
     scale = Jd.abs().amax().item() + atol
-    masked = Jd - to_dense(from_dense(Jd, structure), structure, cell.state_size)
+    d = cell.state_size
+    masked = Jd - structure.to_dense(structure.from_dense(Jd), d)
     bad = masked.abs().amax().item()
     if bad > atol + rtol * scale:
         idx = torch.nonzero(masked.abs() == masked.abs().amax())[0].tolist()
@@ -156,7 +152,7 @@ def check_structure(
             f"|dh'[{idx[1]}]/dh[{idx[2]}]| = {bad:.3g} outside that structure (at point {idx[0]}). "
             f"Declare a wider structure (e.g. 'dense' or a larger Block)."
         )
-    diff = (to_dense(Js, structure, cell.state_size) - Jd).abs().amax().item()
+    diff = (structure.to_dense(Js, d) - Jd).abs().amax().item()
     if diff > atol + rtol * scale:
         raise ValueError(
             f"{type(cell).__name__}.step_and_jacobian disagrees with autodiff of step: "
@@ -169,4 +165,4 @@ def check_structure(
         )
 
 
-__all__ = ["Block", "Cell", "autodiff_step_and_jacobian", "check_structure", "dense_jacobian"]
+__all__ = ["Block", "Cell", "Dense", "Diagonal", "autodiff_step_and_jacobian", "check_structure", "dense_jacobian"]

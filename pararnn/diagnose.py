@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .newton import sequential_solve
-from .structure import matvec
+from .structure import Diagonal
 
 
 @dataclass
@@ -55,7 +55,7 @@ def diagnose(cell, x: torch.Tensor, h0: torch.Tensor | None = None, max_steps: i
     _, J = cell.step_and_jacobian(prev.reshape(B * T, -1), u.reshape(B * T, *u.shape[2:]))
     J = J.reshape(B, T, *J.shape[1:])
     structure = cell.get_structure()
-    if structure == "diagonal":
+    if isinstance(structure, Diagonal):
         lam = J.abs().clamp_min(1e-300).log().mean(1).amax(-1)  # [B]
     else:
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -63,7 +63,7 @@ def diagnose(cell, x: torch.Tensor, h0: torch.Tensor | None = None, max_steps: i
         v = v / v.norm(dim=-1, keepdim=True)
         total = torch.zeros(B, dtype=torch.float64, device=H.device)
         for t in range(T):
-            v = matvec(J[:, t], v, structure)
+            v = structure.matvec(J[:, t], v)
             n = v.norm(dim=-1, keepdim=True).clamp_min(1e-300)
             total += n.squeeze(-1).double().log()
             v = v / n

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .scan import scan_dispatch
-from .structure import matvec, transpose
+from .dispatch import scan_dispatch
+from .parallel import ParallelContext, register_group_context
+from .structure import Diagonal, as_structure
 
 
 def rank_and_size(group) -> tuple[int, int]:
@@ -33,25 +34,19 @@ def all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
 def transfer(A: torch.Tensor, structure, d: int, reverse: bool, backend: str = "auto") -> torch.Tensor:
     """The composite transition of a whole chunk, in storage form ``[B, *jac]``.
 
-    Diagonal: the product of the A_t. Blocks/dense: column j of every block is the final state of
-    the scan started from the j-th unit vector of each block with b = 0 (k scans).
+    Diagonal: the product of the A_t. Otherwise: the chunk's scan from each of the structure's
+    probe tangents with b = 0 gives one column of every block; the structure assembles them.
     """
-    if structure == "diagonal":
+    structure = as_structure(structure, d)
+    if isinstance(structure, Diagonal):
         return A.prod(1)
-    k = d if structure == "dense" else structure.k
     B, T = A.shape[:2]
     zeros = A.new_zeros(B, T, d)
     cols = []
-    for j in range(k):
-        e = A.new_zeros(B, d)
-        e[:, j::k] = 1
-        h = scan_dispatch(A, zeros, e, structure, reverse=reverse, backend=backend)
-        cols.append(h[:, 0] if reverse else h[:, -1])  # [B, d]: column j of every block
-    M = torch.stack(cols, -1)  # [B, d, k]
-    if structure == "dense":
-        return M
-    M = M.reshape(B, d // k, k, k)
-    return M[:, 0] if structure.shared else M
+    for e in structure.probe_tangents(B, d, A.dtype, A.device).unbind(0):
+        h = scan_dispatch(A, zeros, e.contiguous(), structure, reverse=reverse, backend=backend)
+        cols.append(h[:, 0] if reverse else h[:, -1])  # [B, d]
+    return structure.assemble(torch.stack(cols), d)
 
 
 def sp_scan(A, b, h0, structure, reverse=False, group=None, backend="auto"):
@@ -73,7 +68,7 @@ def sp_scan(A, b, h0, structure, reverse=False, group=None, backend="auto"):
         h_in = h0
     order = range(W - 1, rank, -1) if reverse else range(rank)
     for q in order:  # fold the chunks before this one (in scan order)
-        h_in = matvec(Ps[q], h_in, structure) + edges[q]
+        h_in = structure.matvec(Ps[q], h_in) + edges[q]
     if rank != first:
         local = local + scan_dispatch(A, torch.zeros_like(b), h_in, structure, reverse=reverse, backend=backend)
     return local, h_in
@@ -94,7 +89,7 @@ def shifted_adjoint_transitions(A, structure, reverse, group):
         lasts = all_gather(A[:, -1], group)
         prv = lasts[rank - 1] if rank > 0 else torch.zeros_like(A[:, 0])
         shifted = torch.cat([prv.unsqueeze(1), A[:, :-1]], 1)
-    return transpose(shifted, structure)
+    return structure.transpose(shifted)
 
 
 def sp_adjoint_scan(A, g, structure, reverse=False, group=None, backend="auto"):
@@ -135,4 +130,42 @@ def max_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-__all__ = ["all_gather", "allreduce_gradients", "sp_adjoint_scan", "sp_scan", "transfer"]
+class SequenceParallel(ParallelContext):
+    """The sequence-parallel context: this rank holds one consecutive time chunk of every sequence.
+
+    ``pararnn.RNN(cell, process_group=group)`` and ``linear_scan(..., process_group=group)`` build
+    it from a group; it can also be passed as ``process_group=SequenceParallel(group)``.
+    """
+
+    supports_fallback = False  # a sequential recompute would need every earlier rank's states
+
+    def __init__(self, group):
+        self.group = group
+
+    def scan(self, A, b, h0, structure, reverse=False, backend="auto", out=None):
+        h, h_in = sp_scan(A, b, h0, structure, reverse, self.group, backend)
+        return (h if out is None else out.copy_(h)), h_in
+
+    def adjoint_scan(self, A, g, structure, reverse=False, backend="auto", out=None):
+        if torch.is_grad_enabled():
+            raise NotImplementedError("double backward is not supported with sequence parallelism")
+        lam = sp_adjoint_scan(A, g, structure, reverse, self.group, backend)
+        return lam if out is None else out.copy_(lam)
+
+    def boundary_state(self, H, h0):
+        return boundary_state(H, h0, self.group)
+
+    def owns_h0(self, reverse=False):
+        rank, W = rank_and_size(self.group)
+        return rank == (W - 1 if reverse else 0)
+
+    def any(self, flag):
+        return any_rank(flag, self.group)
+
+    def max(self, t):
+        return max_over_ranks(t, self.group)
+
+
+register_group_context(SequenceParallel)
+
+__all__ = ["SequenceParallel", "all_gather", "allreduce_gradients", "sp_adjoint_scan", "sp_scan", "transfer"]

@@ -1,14 +1,15 @@
 """Newton's method on F(H)_t = h_t - f(h_{t-1}, u_t) = 0: every iteration is one linear scan."""
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .scan import scan_dispatch
-from .structure import jacobian_shape
+from .dispatch import check_backend
+from .parallel import LOCAL, ParallelContext
 
 
 class ConvergenceError(RuntimeError):
@@ -88,8 +89,12 @@ class SolverOptions:
             raise ValueError(f"jacobian_clip must be > 0, got {self.jacobian_clip!r}")
         for name in ("rtol", "atol"):
             v = getattr(self, name)
-            if v is not None and not v >= 0:
-                raise ValueError(f"{name} must be >= 0, got {v!r}")
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        check_backend(self.backend)
+        for name in ("safeguard", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
         rtol, atol = _DEFAULT_TOL.get(dtype, (1e-5, 1e-5))
@@ -184,45 +189,58 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     return err, excess
 
 
-def clip_jacobian(J: torch.Tensor, structure, c: float) -> None:
-    """In place: bound each J_t so products of them cannot grow faster than c^t.
+class StepPolicy:
+    """The safeguard and Jacobian clipping between Newton steps (see ``SolverOptions``).
 
-    Diagonal: clamp entries (complex: their modulus) to c. Blocks/dense: scale each matrix so its
-    infinity norm (max row sum, an induced norm) is at most c.
+    A step that blows a sequence up (NaN/Inf, or residual :data:`BLOWUP_FACTOR` × its best so far)
+    is undone for that sequence, and from then on every J_t is clipped to :data:`SAFEGUARD_CLIP` so
+    the scan cannot amplify through products of Jacobians (a quasi-Newton step that still fixes at
+    least one more position per step).
     """
-    if structure == "diagonal":
-        if J.is_complex():
-            mag = J.abs().clamp_min(1e-30)
-            J.mul_(torch.clamp(c / mag, max=1.0))
-        else:
-            J.clamp_(-c, c)
-        return
-    norm = J.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1)  # [..., 1, 1]
-    J.mul_(torch.clamp(c / norm.clamp_min(1e-30), max=1.0))
+
+    def __init__(self, opts: SolverOptions, structure, atol: float):
+        self.safeguard, self.structure, self.atol = opts.safeguard, structure, atol
+        self.clip = opts.jacobian_clip
+        self.H_prev = self.best = None
+        self.safeguarded = False
+
+    def undo_blowups(self, err: torch.Tensor, H: torch.Tensor) -> bool:
+        """After a step: restore the previous iterate of blown-up sequences. True if any was."""
+        if not self.safeguard or self.H_prev is None:
+            return False
+        blown = ~torch.isfinite(err) | (err > BLOWUP_FACTOR * self.best.clamp_min(self.atol))
+        if not bool(blown.any()):
+            return False
+        H[blown] = self.H_prev[blown]
+        self.clip = min(self.clip, SAFEGUARD_CLIP) if self.clip is not None else SAFEGUARD_CLIP
+        self.safeguarded = True
+        return True
+
+    def record(self, err: torch.Tensor) -> None:
+        self.best = err if self.best is None else torch.minimum(self.best, err)
+
+    def before_scan(self, J: torch.Tensor) -> None:
+        if self.clip is not None:
+            self.structure.clip(J, self.clip)
+
+    def before_update(self, H: torch.Tensor) -> None:
+        if self.safeguard:
+            if self.H_prev is None:
+                self.H_prev = torch.empty_like(H)
+            self.H_prev.copy_(H)
 
 
-def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
-    """Solve ``h_t = f(h_{t-1}, u_t)``, t = 1..T, by Newton with parallel linear scans.
+# A residual this many times a sequence's best so far means the step diverged (Newton's error
+# squares each step near the solution, so an honest step never grows the residual by 10^4).
+BLOWUP_FACTOR = 1e4
+# After a blow-up, Jacobians are clipped to this norm: < 1 makes every product of J_t a
+# contraction, and 0.9 keeps most of the Newton direction for cells whose |J| is near 1.
+SAFEGUARD_CLIP = 0.9
 
-    u: ``[B, T, *]`` (prepared inputs), h0: ``[B, d]``. Runs without autograd.
 
-    Returns ``(S, J, info)``: ``S [B, T+1, d]`` holds ``(h0, h_1..h_T)`` (so ``S[:, 1:]`` is the
-    solution and ``S[:, :-1]`` the previous states), ``J [B, T, *jac]`` is df/dh at the solution
-    and ``info`` a :class:`SolverInfo`. J is what the adjoint backward needs, so the final
-    convergence check doubles as the backward's linearisation.
-    """
-    structure = cell.get_structure()
-    B, T = u.shape[:2]
-    d = cell.state_size
-    rtol, atol = opts.tolerances(h0.dtype)
-    # Buffers reused across iterations (fresh large tensors are page-faulted in on every
-    # allocation). S holds h0 and the iterate: S[:, 1:] = H, S[:, :-1] = (h0, h_1..h_{T-1}).
-    S = torch.empty(B, T + 1, d, dtype=h0.dtype, device=h0.device)  # [B, T+1, d]
-    r = torch.empty(B, T, d, dtype=h0.dtype, device=h0.device)  # residual [B, T, d]
-    delta = torch.empty_like(r)  # Newton update [B, T, d]
-    J = torch.empty(B, T, *jacobian_shape(structure, d), dtype=h0.dtype, device=h0.device)
-    S[:, 0] = h0
-    H = S[:, 1:]
+def initial_guess(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, H: torch.Tensor) -> None:
+    """Fill the iterate ``H [B, T, d]`` from ``opts.init``: a warm start, zeros or ``f(h0, u_t)``."""
+    B, T, d = H.shape
     if isinstance(opts.init, torch.Tensor):
         if tuple(opts.init.shape) != (B, T, d):
             raise ValueError(f"init (warm start) must be [B, T, d] = {[B, T, d]}, got {list(opts.init.shape)}")
@@ -234,78 +252,100 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
             n = t1 - t0
             h0x = h0.unsqueeze(1).expand(B, n, d).reshape(B * n, d)
             H[:, t0:t1] = cell.step(h0x, _flat(u[:, t0:t1])).reshape(B, n, d)
+
+
+def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, ctx: ParallelContext = LOCAL):
+    """Solve ``h_t = f(h_{t-1}, u_t)``, t = 1..T, by Newton with parallel linear scans.
+
+    u: ``[B, T, *]`` (prepared inputs), h0: ``[B, d]``. Runs without autograd. ``ctx`` says where
+    the scans run (local, or this rank's time chunk).
+
+    Returns ``(S, J, info)``: ``S [B, T+1, d]`` holds ``(h0, h_1..h_T)`` (so ``S[:, 1:]`` is the
+    solution and ``S[:, :-1]`` the previous states), ``J [B, T, *jac]`` is df/dh at the solution
+    and ``info`` a :class:`SolverInfo` (``info.converged`` says which sequences converged: the
+    caller applies the failure policy, :func:`handle_failure`). J is what the adjoint backward
+    needs, so the final convergence check doubles as the backward's linearisation.
+    """
+    structure = cell.get_structure()
+    B, T = u.shape[:2]
+    d = cell.state_size
+    rtol, atol = opts.tolerances(h0.dtype)
+    # Buffers reused across iterations (fresh large tensors are page-faulted in on every
+    # allocation). S holds h0 and the iterate: S[:, 1:] = H, S[:, :-1] = (h0, h_1..h_{T-1}).
+    S = torch.empty(B, T + 1, d, dtype=h0.dtype, device=h0.device)  # [B, T+1, d]
+    r = torch.empty(B, T, d, dtype=h0.dtype, device=h0.device)  # residual [B, T, d]
+    delta = torch.empty_like(r)  # Newton update [B, T, d]
+    J = torch.empty(B, T, *structure.storage_shape(d), dtype=h0.dtype, device=h0.device)
+    S[:, 0] = h0
+    H = S[:, 1:]
+    initial_guess(cell, u, h0, opts, H)
     info = SolverInfo(mode="parallel", rtol=rtol, atol=atol)
-    pg = opts.process_group
-    if pg is not None:
-        from . import distributed as sp
 
     def check():
-        """Evaluate at the iterate; per-sequence (max residual, converged), global over ranks."""
-        if pg is not None:  # this chunk's first step reads the previous rank's last state
-            S[:, 0] = sp.boundary_state(H, h0, pg)
+        """Evaluate at the iterate; per-sequence (max residual, converged), global over the context."""
+        S[:, 0] = ctx.boundary_state(H, h0)  # a later chunk's first step reads the previous chunk's last state
         err, excess = evaluate(cell, S, u, r, J, opts.chunk, rtol)  # [B], [B]
         ok = excess <= atol  # NaN compares False: never converged
-        if pg is not None:
-            err = sp.max_over_ranks(torch.nan_to_num(err, nan=float("inf")), pg)
-            ok = ~sp.any_rank(~ok, pg)
-        return err, ok
+        return ctx.max(torch.nan_to_num(err, nan=float("inf"))), ~ctx.any(~ok)
 
-    clip = opts.jacobian_clip
-    H_prev = best = None
+    policy = StepPolicy(opts, structure, atol)
     while True:
         err, converged = check()
-        if opts.safeguard and H_prev is not None:
-            # A step that blew a sequence up (NaN/Inf, or residual 1e4× its best) is undone for
-            # that sequence, and from then on the Jacobians are clipped so the scan cannot amplify.
-            blown = ~torch.isfinite(err) | (err > 1e4 * best.clamp_min(atol))
-            if bool(blown.any()):
-                H[blown] = H_prev[blown]
-                clip = min(clip, 0.9) if clip is not None else 0.9
-                info.safeguarded = True
-                err, converged = check()
-        best = err if best is None else torch.minimum(best, err)
+        if policy.undo_blowups(err, H):
+            err, converged = check()
+        policy.record(err)
         info.residuals.append(float(err.max()))
         if bool(converged.all()) or info.iterations >= opts.max_iters:
             break
         if not bool((~converged & torch.isfinite(err)).any()):
             break  # every unconverged sequence is NaN/Inf: further steps cannot help
-        if clip is not None:
-            clip_jacobian(J, structure, clip)
-        if pg is None:
-            scan_dispatch(J, r, None, structure, backend=opts.backend, out=delta)
-        else:
-            delta.copy_(sp.sp_scan(J, r, None, structure, group=pg, backend=opts.backend)[0])
+        policy.before_scan(J)
+        ctx.scan(J, r, None, structure, backend=opts.backend, out=delta)
         if opts.damping != 1.0:
             delta.mul_(opts.damping)
-        if opts.safeguard:
-            if H_prev is None:
-                H_prev = torch.empty_like(H)
-            H_prev.copy_(H)
+        policy.before_update(H)
         H.add_(delta)
         info.iterations += 1
-    if clip is not None:  # the backward needs the exact Jacobians at the solution
+    if policy.clip is not None:  # the backward needs the exact Jacobians at the solution
         check()
+    info.safeguarded = policy.safeguarded
     info.converged = converged
     info.fell_back = torch.zeros_like(converged)
-    if not bool(converged.all()):
-        bad = (~converged).nonzero().flatten()
-        msg = (
-            f"Newton did not converge for {bad.numel()}/{B} sequences in {info.iterations} "
-            f"iterations (max_iters={opts.max_iters}): max residual {info.residuals[-1]:.3g} "
-            f"(tolerance: |r_t| <= {atol:.2g} + {rtol:.2g}·(|f_t| + max|h_(t-1)|)). "
-            f"Residual history: {[f'{x:.2g}' for x in info.residuals]}"
-        )
-        if opts.on_fail == "raise" or (pg is not None and opts.on_fail == "fallback"):
-            raise ConvergenceError(msg + ". Use on_fail='fallback' or mode='sequential', "
-                                   "raise max_iters, or damp the cell.")
-        if opts.on_fail == "warn":
-            warnings.warn(msg, ConvergenceWarning, stacklevel=3)
-        else:
-            warnings.warn(msg + "; those sequences were recomputed sequentially.", ConvergenceWarning,
-                          stacklevel=3)
-            H[bad] = sequential_solve(cell.step, u[bad], h0[bad])
-            Jb = J[bad]
-            evaluate(cell, S[bad], u[bad], r[bad], Jb, opts.chunk, rtol)
-            J[bad] = Jb
-            info.fell_back[bad] = True
     return S, J, info
+
+
+def handle_failure(cell, u, S, J, info: SolverInfo, opts: SolverOptions, ctx: ParallelContext = LOCAL,
+                   warn=warnings.warn) -> None:
+    """The failure policy, applied by the caller of :func:`newton_solve` to its result.
+
+    ``"raise"``: ConvergenceError. ``"warn"``: a ConvergenceWarning, the last iterate kept.
+    ``"fallback"``: the non-converged sequences (only those) are recomputed sequentially in place
+    (S, J updated; ``info.fell_back`` set), with a ConvergenceWarning. Where the context cannot
+    fall back (sequence parallelism) ``"fallback"`` raises. Messages are fixed texts: the numbers
+    are on ``info`` (residuals, converged, fell_back), so repeated warnings are recognised as one.
+    """
+    if info.all_converged:
+        return
+    bad = (~info.converged).nonzero().flatten()
+    if opts.on_fail == "raise" or (opts.on_fail == "fallback" and not ctx.supports_fallback):
+        raise ConvergenceError(
+            f"Newton did not converge for {bad.numel()}/{len(info.converged)} sequences in "
+            f"{info.iterations} iterations (max_iters={opts.max_iters}); residual history "
+            f"{[f'{x:.2g}' for x in info.residuals]}. Use on_fail='fallback' or mode='sequential', "
+            "raise max_iters, or damp the cell.")
+    if opts.on_fail == "warn":
+        warn(ConvergenceWarning(NOT_CONVERGED_MSG))
+        return
+    warn(ConvergenceWarning(FELL_BACK_MSG))
+    H, h0 = S[:, 1:], S[:, 0]
+    H[bad] = sequential_solve(cell.step, u[bad], h0[bad])
+    Jb, rb = J[bad], torch.empty_like(H[bad])
+    evaluate(cell, S[bad], u[bad], rb, Jb, opts.chunk, info.rtol)
+    J[bad] = Jb
+    info.fell_back[bad] = True
+
+
+NOT_CONVERGED_MSG = ("pararnn: Newton did not converge for some sequences; the last iterate is returned "
+                     "(see rnn.last_info for residuals and which sequences)")
+FELL_BACK_MSG = ("pararnn: Newton did not converge for some sequences; those were recomputed sequentially "
+                 "(see rnn.last_info for residuals and which sequences)")

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
 
 from .cell import Cell
-from .newton import SolverInfo, SolverOptions, newton_solve, sequential_solve, time_chunks
-from .scan import scan_dispatch
+from .newton import SolverInfo, SolverOptions, handle_failure, newton_solve, sequential_solve, time_chunks
+from .parallel import context_for
+from .structure import as_structure
 
 MODES = ("parallel", "sequential", "auto")
 
@@ -25,33 +27,35 @@ class _Adjoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, H, J, structure, backend, group, bounds, *f_chunks):
+    def forward(ctx, H, J, structure, backend, pctx, bounds, *f_chunks):
         ctx.save_for_backward(J)
-        ctx.structure, ctx.backend, ctx.group, ctx.bounds = structure, backend, group, bounds
+        ctx.structure, ctx.backend, ctx.pctx, ctx.bounds = structure, backend, pctx, bounds
         return H
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "pararnn: double backward (create_graph=True) through a parallel solve is not supported: "
+                "the Jacobians of the solve are not differentiable. Use mode='sequential' for "
+                "higher-order gradients.")
         (J,) = ctx.saved_tensors
-        if ctx.group is None:
-            lam = scan_dispatch(J, g.contiguous(), None, ctx.structure, reverse=True, adjoint=True,
-                                backend=ctx.backend)  # [B, T, d]
-        else:  # the adjoint recurrence crosses rank boundaries
-            from .distributed import sp_adjoint_scan
-
-            lam = sp_adjoint_scan(J, g.contiguous(), ctx.structure, group=ctx.group, backend=ctx.backend)
+        lam = ctx.pctx.adjoint_scan(J, g.contiguous(), ctx.structure, backend=ctx.backend)  # [B, T, d]
         return (None, None, None, None, None, None, *[lam[:, t0:t1] for t0, t1 in ctx.bounds])
 
 
-def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions):
+def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, warn=None):
     """Differentiable parallel solve: ``(H [B, T, d], SolverInfo)``.
 
-    Newton runs without a graph. If gradients are wanted, one more evaluation of ``step`` at the
-    solution (chunked over T) carries the graph, and :class:`_Adjoint` turns the incoming state
-    gradients into its cotangents with one reverse-time scan.
+    Newton runs without a graph, then the failure policy (``opts.on_fail``) is applied. If
+    gradients are wanted, one more evaluation of ``step`` at the solution (chunked over T) carries
+    the graph, and :class:`_Adjoint` turns the incoming state gradients into its cotangents with
+    one reverse-time scan.
     """
+    pctx = context_for(opts.process_group)
     with torch.no_grad():
-        S, J, info = newton_solve(cell, u, h0, opts)  # S: [B, T+1, d] = (h0, h_1..h_T)
+        S, J, info = newton_solve(cell, u, h0, opts, pctx)  # S: [B, T+1, d] = (h0, h_1..h_T)
+        handle_failure(cell, u, S, J, info, opts, pctx, **({} if warn is None else {"warn": warn}))
     H = S[:, 1:]
     if not torch.is_grad_enabled():
         return H, info
@@ -60,17 +64,17 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions)
     f_chunks = []
     # one split (its backward is one cat), not T/n slices (each slice's backward is full-size)
     u_chunks = u.split([t1 - t0 for t0, t1 in bounds], dim=1)
-    first_rank = opts.process_group is None or torch.distributed.get_rank(opts.process_group) == 0
+    owns_h0 = pctx.owns_h0()
     for (t0, t1), u_c in zip(bounds, u_chunks):
         hp = S[:, t0:t1]  # [B, n, d] previous states, no grad
-        if t0 == 0 and first_rank:  # h_{-1} = h0 carries h0's gradient
+        if t0 == 0 and owns_h0:  # h_{-1} = h0 carries h0's gradient
             hp = torch.cat([h0.unsqueeze(1), hp[:, 1:]], dim=1)
         n = t1 - t0
         f = cell.step(hp.reshape(B * n, d), u_c.reshape(B * n, *u.shape[2:]))
         if t0 == 0 and not f.requires_grad:
             return H, info  # nothing upstream wants a gradient
         f_chunks.append(f.reshape(B, n, d))
-    return _Adjoint.apply(H, J, cell.get_structure(), opts.backend, opts.process_group, bounds, *f_chunks), info
+    return _Adjoint.apply(H, J, cell.get_structure(), opts.backend, pctx, bounds, *f_chunks), info
 
 
 def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagonal",
@@ -88,9 +92,19 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
     """
     if device.type == "cuda":
         return "parallel"
-    k = 1 if structure == "diagonal" else (d if structure == "dense" else structure.k)
-    limit = 8192 if training else 1024
-    return "parallel" if (T >= 64 and B * d * max(k, 8) <= limit) else "sequential"
+    k = as_structure(structure, d).width(d)
+    limit = AUTO_WORK_TRAINING if training else AUTO_WORK_INFERENCE
+    return "parallel" if (T >= AUTO_MIN_T and B * d * max(k, AUTO_MIN_WIDTH) <= limit) else "sequential"
+
+
+# The CPU auto rule's constants, calibrated on `pararnn bench` (README, "Choosing a mode"): the
+# parallel fwd+bwd beat the strong loop up to B·d·k ≈ 8192 and the forward alone up to ≈ 1024;
+# below T = 64 the loop's few steps cost less than Newton's fixed overhead; a diagonal cell's
+# evaluation costs about 8 elementwise ops per entry, so it counts as k = 8.
+AUTO_WORK_TRAINING = 8192
+AUTO_WORK_INFERENCE = 1024
+AUTO_MIN_T = 64
+AUTO_MIN_WIDTH = 8
 
 
 class RNN(nn.Module):
@@ -118,6 +132,13 @@ class RNN(nn.Module):
         self.mode = mode
         self.options = SolverOptions(**solver_options)
         self.last_info: SolverInfo | None = None
+
+    def _warn_once(self, w: Warning) -> None:
+        """Issue each warning text once per module (the numbers live on ``last_info``)."""
+        seen = self.__dict__.setdefault("_warned", set())
+        if str(w) not in seen:
+            seen.add(str(w))
+            warnings.warn(w, stacklevel=4)
 
     # ------------------------------------------------------------------ validation
     def _param_like(self):
@@ -193,6 +214,11 @@ class RNN(nn.Module):
         if opts.check_finite and user_h0 and not bool(torch.isfinite(h0).all()):
             raise ValueError("h0 contains NaN or Inf (pass check_finite=False to skip this check)")
         B, T = u.shape[:2]
+        if opts.process_group is not None:  # every rank holds a chunk: only the parallel solve links them
+            if mode == "sequential":
+                raise ValueError("mode='sequential' cannot be combined with process_group (each rank would "
+                                 "solve its chunk from h0); use mode='parallel', or drop process_group")
+            mode = "parallel"
         if mode == "auto":
             training = torch.is_grad_enabled() and (
                 u.requires_grad or h0.requires_grad or any(p.requires_grad for p in self.cell.parameters()))
@@ -201,7 +227,7 @@ class RNN(nn.Module):
             y = sequential_solve(self.cell.step, u, h0)
             info = SolverInfo(mode="sequential")
         else:
-            y, info = parallel_solve(self.cell, u, h0, opts)
+            y, info = parallel_solve(self.cell, u, h0, opts, warn=self._warn_once)
         self.last_info = info
         hT = y[:, -1]  # the full final state (all parts), to pass back as h0
         y = self.cell.output(y, x)

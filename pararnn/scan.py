@@ -3,131 +3,65 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import cpu as _cpu
-from .kernels.reference import scan_reference
-from .structure import Structure, jacobian_shape, matvec, normalize_structure, transpose
-
-BACKENDS = ("auto", "reference", "cpu", "triton")
+from .dispatch import BACKENDS, check_backend, resolve_backend, scan_dispatch  # noqa: F401 (re-exported)
+from .parallel import LOCAL, context_for
+from .structure import Structure, as_structure
 
 
-def _triton_module():
-    try:
-        from .kernels import triton_scan
-    except ImportError:  # pragma: no cover - triton missing
-        return None
-    return triton_scan if triton_scan.HAVE_TRITON else None
+def shifted_adjoint_transitions(A: torch.Tensor, structure: Structure, reverse: bool) -> torch.Tensor:
+    """``A'_t = A_{t±1}^H`` as a tensor: the transitions of the adjoint of a local scan.
 
-
-def resolve_backend(backend: str, A: torch.Tensor, b: torch.Tensor, structure: Structure = "diagonal") -> str:
-    """Pick the concrete backend for these tensors.
-
-    ``"auto"``: Triton for CUDA tensors when a kernel exists for the structure and dtype, the
-    compiled numba path for CPU tensors, and the plain PyTorch loop otherwise.
+    The adjoint of a forward scan is the reverse scan ``λ_t = A_{t+1}^H λ_{t+1} + g_t`` (the last
+    step's transition is never read, zero here), and vice versa. Built from differentiable ops, so
+    the adjoint can itself be differentiated (double backward).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        if backend == "cpu" and not _cpu.HAVE_NUMBA:
-            raise RuntimeError("backend='cpu' needs numba, which is not importable here")
-        if backend == "triton" and _triton_module() is None:
-            raise RuntimeError("backend='triton' needs triton, which is not importable here")
-        return backend
-    if b.device.type == "cuda":
-        tri = _triton_module()
-        if tri is not None and tri.supports(structure, b.dtype, b.shape[-1]):
-            return "triton"
-        return "reference"
-    if _cpu.available(A, b):
-        return "cpu"
-    return "reference"
-
-
-def scan_dispatch(A, b, h0, structure, reverse=False, adjoint=False, backend="auto", out=None):
-    """Unchecked fast entry used by the engine (inputs already validated). Returns ``[B, T, d]``."""
-    name = resolve_backend(backend, A, b, structure)
-    if name == "cpu":
-        return _cpu.scan_cpu(A, b, h0, structure, reverse, adjoint, out=out)
-    if name == "triton":
-        return _triton_module().scan_triton(A, b, h0, structure, reverse, adjoint, out=out)
-    res = scan_reference(A, b, h0, structure, reverse, adjoint)
-    return res if out is None else out.copy_(res)
-
-
-def _outer_grad_A(lam: torch.Tensor, hprev: torch.Tensor, structure: Structure) -> torch.Tensor:
-    """dL/dA_t for h_t = A_t h_prev + b_t, given the adjoint lam_t: lam_t ⊗ conj(h_prev)."""
-    if structure == "diagonal":
-        return lam * hprev.conj()
-    if structure == "dense":
-        return lam.unsqueeze(-1) * hprev.conj().unsqueeze(-2)
-    k = structure.k
-    lb = lam.reshape(*lam.shape[:-1], -1, k)
-    hb = hprev.reshape(*hprev.shape[:-1], -1, k)
-    g = lb.unsqueeze(-1) * hb.conj().unsqueeze(-2)  # [..., m, k, k]
-    return g.sum(-3) if structure.shared else g
-
-
-def _transition_grads(ctx, A, h, init, lam):
-    """``(dL/dA, dL/dh0)`` of a scan from its outputs ``h``, its incoming state ``init`` and the
-    adjoint ``lam``: ``dL/dA_t = λ_t ⊗ conj(h_prev)``, ``dL/dh0 = A_first^H λ_first``."""
-    st, rev = ctx.structure, ctx.reverse
-    gA = gh0 = None
-    if ctx.needs_input_grad[0]:
-        if rev:
-            hprev = torch.cat([h[:, 1:], init.unsqueeze(1)], dim=1)
-        else:
-            hprev = torch.cat([init.unsqueeze(1), h[:, :-1]], dim=1)
-        gA = _outer_grad_A(lam, hprev, st)
-    if ctx.has_h0 and ctx.needs_input_grad[2]:
-        edge = -1 if rev else 0
-        gh0 = matvec(transpose(A[:, edge], st), lam[:, edge], st)
-    return gA, gh0
+    edge = torch.zeros_like(A[:, :1])
+    shifted = torch.cat([A[:, 1:], edge], 1) if not reverse else torch.cat([edge, A[:, :-1]], 1)
+    return structure.transpose(shifted)
 
 
 class _LinearScanFn(torch.autograd.Function):
+    """``linear_scan`` on this context's chunk; backward: one adjoint scan and an outer product.
+
+    ``dL/db = λ``, ``dL/dA_t = λ_t ⊗ conj(h_prev)``, ``dL/dh0 = A_first^H λ_first``. Under
+    ``create_graph=True`` the adjoint is computed with differentiable scans (:func:`linear_scan`
+    on explicit shifted, transposed transitions), so gradients of gradients are exact.
+    """
+
     @staticmethod
-    def forward(ctx, A, b, h0, structure, reverse, backend):
-        h = scan_dispatch(A, b, h0, structure, reverse=reverse, backend=backend)
-        ctx.structure, ctx.reverse, ctx.backend = structure, reverse, backend
+    def forward(ctx, A, b, h0, structure, reverse, backend, pctx):
+        h, h_in = pctx.scan(A, b, h0, structure, reverse=reverse, backend=backend)
+        ctx.structure, ctx.reverse, ctx.backend, ctx.pctx = structure, reverse, backend, pctx
         ctx.has_h0 = h0 is not None
-        ctx.save_for_backward(A, h, h0 if h0 is not None else h.new_zeros(0))
+        ctx.save_for_backward(A, h, h0, h_in)
         return h
 
     @staticmethod
     def backward(ctx, g):
-        A, h, h0 = ctx.saved_tensors
-        st, rev = ctx.structure, ctx.reverse
+        A, h, h0, h_in = ctx.saved_tensors
+        st, rev, pctx = ctx.structure, ctx.reverse, ctx.pctx
         g = g.contiguous()
-        # The adjoint of a forward scan is a reverse scan with A_{t+1}^H, and vice versa.
-        lam = scan_dispatch(A, g, None, st, reverse=not rev, adjoint=True, backend=ctx.backend)
-        init = h0 if ctx.has_h0 else torch.zeros_like(h[:, 0])
-        gA, gh0 = _transition_grads(ctx, A, h, init, lam)
-        return gA, lam, gh0, None, None, None
-
-
-class _SPLinearScanFn(torch.autograd.Function):
-    """Sequence-parallel linear_scan: this rank's chunk; backward = the sequence-parallel adjoint."""
-
-    @staticmethod
-    def forward(ctx, A, b, h0, structure, reverse, backend, group):
-        from .distributed import sp_scan
-
-        h, h_in = sp_scan(A, b, h0, structure, reverse, group, backend)
-        ctx.structure, ctx.reverse, ctx.backend, ctx.group = structure, reverse, backend, group
-        ctx.has_h0 = h0 is not None
-        ctx.save_for_backward(A, h, h_in)
-        return h
-
-    @staticmethod
-    def backward(ctx, g):
-        from .distributed import rank_and_size, sp_adjoint_scan
-
-        A, h, h_in = ctx.saved_tensors
-        st, rev = ctx.structure, ctx.reverse
-        lam = sp_adjoint_scan(A, g.contiguous(), st, rev, ctx.group, ctx.backend)
-        gA, gh0 = _transition_grads(ctx, A, h, h_in, lam)
-        rank, W = rank_and_size(ctx.group)
-        if gh0 is not None and rank != (W - 1 if rev else 0):  # h0 only enters the first chunk
-            gh0 = torch.zeros_like(gh0)
+        if torch.is_grad_enabled():  # create_graph: the adjoint as a differentiable scan
+            if pctx is not LOCAL:
+                raise NotImplementedError("double backward through a sequence-parallel linear_scan is not "
+                                          "supported; run that part without process_group")
+            lam = linear_scan(shifted_adjoint_transitions(A, st, rev), g, None, st, reverse=not rev,
+                              backend=ctx.backend)
+        else:
+            lam = pctx.adjoint_scan(A, g, st, reverse=rev, backend=ctx.backend)
+        gA = gh0 = None
+        if ctx.needs_input_grad[0]:
+            init = h_in if h_in is not None else torch.zeros_like(h[:, 0])
+            if rev:
+                hprev = torch.cat([h[:, 1:], init.unsqueeze(1)], dim=1)
+            else:
+                hprev = torch.cat([init.unsqueeze(1), h[:, :-1]], dim=1)
+            gA = st.outer(lam, hprev)
+        if ctx.has_h0 and ctx.needs_input_grad[2]:
+            edge = -1 if rev else 0
+            gh0 = st.matvec(st.transpose(A[:, edge]), lam[:, edge])
+            if not pctx.owns_h0(rev):  # h0 only enters the chunk that starts the sequence
+                gh0 = torch.zeros_like(gh0)
         return gA, lam, gh0, None, None, None, None
 
 
@@ -142,7 +76,7 @@ def linear_scan(
     A: torch.Tensor,
     b: torch.Tensor,
     h0: torch.Tensor | None = None,
-    structure: Structure = "diagonal",
+    structure: Structure | str = "diagonal",
     reverse: bool = False,
     backend: str = "auto",
     process_group=None,
@@ -154,13 +88,14 @@ def linear_scan(
             ``pararnn.Block(k)``, ``[B, T, d, d]`` for ``"dense"``. Complex dtypes are supported.
         b: inputs ``[B, T, d]``, same dtype and device as A.
         h0: initial state ``[B, d]`` (default zeros). With ``reverse=True`` it is ``h_{T+1}``.
-        structure: ``"diagonal"``, ``pararnn.Block(k)`` or ``"dense"``.
+        structure: ``"diagonal"``, ``pararnn.Block(k)``, ``"dense"`` or a ``pararnn.Structure``.
         reverse: solve the reverse-time recurrence ``h_t = A_t h_{t+1} + b_t`` instead.
         backend: ``"auto"`` (Triton on CUDA, compiled numba on CPU, else the loop), ``"cpu"``,
             ``"triton"`` or ``"reference"`` (the plain PyTorch loop).
         process_group: a ``torch.distributed`` group for sequence parallelism: every rank passes
             its own consecutive time chunk (rank order = time order; chunk lengths may differ)
             and the same h0; the result is this rank's chunk. See :mod:`pararnn.distributed`.
+            A :class:`pararnn.parallel.ParallelContext` is accepted too.
 
     Returns:
         h: ``[B, T, d]``. Differentiable in A, b and h0.
@@ -172,8 +107,8 @@ def linear_scan(
     B, T, d = b.shape
     if T == 0:
         raise ValueError("b has T = 0 time steps; linear_scan needs T >= 1")
-    structure = normalize_structure(structure, d)
-    want = (B, T, *jacobian_shape(structure, d))
+    structure = as_structure(structure, d)
+    want = (B, T, *structure.storage_shape(d))
     if tuple(A.shape) != want:
         raise ValueError(
             f"A must have shape {list(want)} for structure {structure!s} and b of shape "
@@ -192,8 +127,5 @@ def linear_scan(
                 f"h0 must match b's dtype and device ({b.dtype}, {b.device}), "
                 f"got ({h0.dtype}, {h0.device})"
             )
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if process_group is not None:
-        return _SPLinearScanFn.apply(A, b, h0, structure, bool(reverse), backend, process_group)
-    return _LinearScanFn.apply(A, b, h0, structure, bool(reverse), backend)
+    check_backend(backend)
+    return _LinearScanFn.apply(A, b, h0, structure, bool(reverse), backend, context_for(process_group))

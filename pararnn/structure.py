@@ -1,15 +1,21 @@
-"""Jacobian structures: how a cell's dh_t/dh_{t-1} is stored, applied and checked.
+"""Jacobian structures: how a cell's dh_t/dh_{t-1} is stored, applied, probed and checked.
 
 Three structures, for a state of size d:
 
-=================  =======================  ====================================
-structure          Jacobian storage         meaning
-=================  =======================  ====================================
-``"diagonal"``     ``[..., d]``             J = diag(j)
-``Block(k)``       ``[..., d // k, k, k]``  J = blockdiag(J_1, ..., J_{d/k})
-``Block(k, True)`` ``[..., k, k]``          J = blockdiag(A, ..., A) = I_{d/k} ⊗ A
-``"dense"``        ``[..., d, d]``          J (row i = d f_i / d h)
-=================  =======================  ====================================
+=====================  =======================  ====================================
+structure              Jacobian storage         meaning
+=====================  =======================  ====================================
+``Diagonal()``         ``[..., d]``             J = diag(j)
+``Block(k)``           ``[..., d // k, k, k]``  J = blockdiag(J_1, ..., J_{d/k})
+``Block(k, True)``     ``[..., k, k]``          J = blockdiag(A, ..., A) = I_{d/k} ⊗ A
+``Dense()``            ``[..., d, d]``          J (row i = d f_i / d h)
+=====================  =======================  ====================================
+
+Users may write ``"diagonal"`` and ``"dense"``; :func:`as_structure` turns every declaration into
+one of these objects once, and everything after that asks the object (storage shape, matvec,
+transpose, the dL/dA outer product, autodiff probe tangents, clipping, dense conversion, cost
+width). A new structure is a new subclass of :class:`Structure`; the scan backends ask it whether
+they support it (``isinstance`` or :meth:`Structure.as_blocks`).
 
 ``Block(k, shared=True)`` is the transition of a matrix state ``S [d/k, k]`` (stored row-major,
 e.g. the transposed DeltaNet state) updated as ``S' = S A^T``: one k×k matrix acts on every
@@ -18,13 +24,159 @@ column, and the ``(d)²`` Jacobian is never materialised.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
 
+class Structure:
+    """Base class of the Jacobian structures (immutable value objects; compare with ``==``)."""
+
+    shared: bool = False  # one block stored per time step for all blocks (Block(k, shared=True))
+
+    # ---------------------------------------------------------------- shape
+    def validate(self, d: int) -> None:
+        """Raise ValueError if the structure cannot describe a state of size ``d``."""
+
+    def storage_shape(self, d: int) -> tuple[int, ...]:
+        """Trailing shape of one Jacobian in storage form."""
+        raise NotImplementedError
+
+    def width(self, d: int) -> int:
+        """Non-zeros per Jacobian row (1 diagonal, k blocks, d dense): the cost model's k."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- algebra
+    def matvec(self, J: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``J @ v`` for J ``[..., *storage_shape]`` and v ``[..., d]``."""
+        raise NotImplementedError
+
+    def transpose(self, J: torch.Tensor) -> torch.Tensor:
+        """Conjugate transpose of each Jacobian (the adjoint's transition)."""
+        return J.transpose(-1, -2).conj()
+
+    def outer(self, lam: torch.Tensor, hprev: torch.Tensor) -> torch.Tensor:
+        """``dL/dA_t`` of ``h_t = A_t h_prev + b_t`` given the adjoint ``λ_t``: ``λ_t ⊗ conj(h_prev)``
+        projected onto the storage form. ``lam, hprev [..., d]``."""
+        raise NotImplementedError
+
+    def clip(self, J: torch.Tensor, c: float) -> None:
+        """In place: bound each J_t so products of them cannot grow faster than ``c^t``.
+
+        Default (blocks, dense): scale each matrix so its infinity norm (max row sum of
+        moduli, an induced norm) is at most c.
+        """
+        norm = J.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1)  # [..., 1, 1]
+        J.mul_(torch.clamp(c / norm.clamp_min(1e-30), max=1.0))
+
+    # ---------------------------------------------------------------- autodiff probes
+    def probe_tangents(self, N: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """Tangents ``[P, N, d]`` whose jvps through ``step`` determine J (P = width)."""
+        raise NotImplementedError
+
+    def assemble(self, cols: torch.Tensor, d: int) -> torch.Tensor:
+        """J in storage form from the jvps ``cols [P, *lead, d]`` of :meth:`probe_tangents`."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- conversions
+    def as_blocks(self, J: torch.Tensor, d: int) -> torch.Tensor:
+        """View as blocks ``[..., m, k, k]`` (for block kernels); not defined for Diagonal."""
+        raise NotImplementedError(f"{self} has no block form")
+
+    def to_dense(self, J: torch.Tensor, d: int) -> torch.Tensor:
+        """Expand storage form to dense ``[..., d, d]``."""
+        B = self.as_blocks(J, d)
+        m, k = B.shape[-3], B.shape[-1]
+        lead = B.shape[:-3]
+        out = B.new_zeros(*lead, m, k, m, k)
+        idx = torch.arange(m, device=B.device)
+        # advanced indices split by a slice put the block index first: [m, *lead, k, k]
+        out[..., idx, :, idx, :] = B.movedim(-3, 0)
+        return out.reshape(*lead, m * k, m * k)
+
+    def from_dense(self, Jd: torch.Tensor) -> torch.Tensor:
+        """The declared-structure part of dense ``[..., d, d]`` Jacobians, in storage form."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Block:
+class Diagonal(Structure):
+    """J = diag(j), stored as ``[..., d]``."""
+
+    def __str__(self) -> str:
+        return "diagonal"
+
+    def storage_shape(self, d):
+        return (d,)
+
+    def width(self, d):
+        return 1
+
+    def matvec(self, J, v):
+        return J * v
+
+    def transpose(self, J):
+        return J.conj()
+
+    def outer(self, lam, hprev):
+        return lam * hprev.conj()
+
+    def clip(self, J, c):
+        """Clamp entries (complex: their modulus) to c."""
+        if J.is_complex():
+            J.mul_(torch.clamp(c / J.abs().clamp_min(1e-30), max=1.0))
+        else:
+            J.clamp_(-c, c)
+
+    def probe_tangents(self, N, d, dtype, device):
+        return torch.ones(1, N, d, dtype=dtype, device=device)  # exact iff J really is diagonal
+
+    def assemble(self, cols, d):
+        return cols[0]
+
+    def to_dense(self, J, d):
+        return torch.diag_embed(J)
+
+    def from_dense(self, Jd):
+        return Jd.diagonal(dim1=-2, dim2=-1)
+
+
+@dataclass(frozen=True)
+class Dense(Structure):
+    """A full Jacobian ``[..., d, d]`` (row i = d f_i / d h)."""
+
+    def __str__(self) -> str:
+        return "dense"
+
+    def storage_shape(self, d):
+        return (d, d)
+
+    def width(self, d):
+        return d
+
+    def matvec(self, J, v):
+        return (J @ v.unsqueeze(-1)).squeeze(-1)
+
+    def outer(self, lam, hprev):
+        return lam.unsqueeze(-1) * hprev.conj().unsqueeze(-2)
+
+    def probe_tangents(self, N, d, dtype, device):
+        return torch.eye(d, dtype=dtype, device=device).unsqueeze(1).expand(d, N, d)
+
+    def assemble(self, cols, d):
+        return cols.movedim(0, -1)  # [*lead, d(row), d(col)]
+
+    def as_blocks(self, J, d):
+        return J.unsqueeze(-3)  # one block of size d
+
+    def to_dense(self, J, d):
+        return J
+
+    def from_dense(self, Jd):
+        return Jd
+
+
+@dataclass(frozen=True)
+class Block(Structure):
     """k×k block-diagonal Jacobian structure (blocks of consecutive state entries).
 
     ``shared=True``: every block is the same matrix (stored once per time step).
@@ -40,108 +192,74 @@ class Block:
     def __str__(self) -> str:
         return f"Block({self.k}, shared=True)" if self.shared else f"Block({self.k})"
 
+    def validate(self, d):
+        if d % self.k != 0:
+            raise ValueError(f"structure {self} does not divide the state size {d}: d must be a multiple of k")
 
-Structure = Union[str, Block]
+    def storage_shape(self, d):
+        return (self.k, self.k) if self.shared else (d // self.k, self.k, self.k)
+
+    def width(self, d):
+        return self.k
+
+    def matvec(self, J, v):
+        vb = v.reshape(*v.shape[:-1], v.shape[-1] // self.k, self.k, 1)
+        if self.shared:
+            J = J.unsqueeze(-3)
+        return (J @ vb).reshape(v.shape)
+
+    def outer(self, lam, hprev):
+        lb = lam.reshape(*lam.shape[:-1], -1, self.k)
+        hb = hprev.reshape(*hprev.shape[:-1], -1, self.k)
+        g = lb.unsqueeze(-1) * hb.conj().unsqueeze(-2)  # [..., m, k, k]
+        return g.sum(-3) if self.shared else g
+
+    def probe_tangents(self, N, d, dtype, device):
+        # tangent j is 1 at entry j of every block: its jvp is column j of every block
+        eye = torch.eye(self.k, dtype=dtype, device=device)  # [k, k]
+        return eye.repeat(1, d // self.k).unsqueeze(1).expand(self.k, N, d)
+
+    def assemble(self, cols, d):
+        blocks = cols.unflatten(-1, (d // self.k, self.k))  # [k(col), *lead, m, k(row)]
+        J = blocks.movedim(0, -1)  # [*lead, m, k(row), k(col)]
+        return J[..., 0, :, :] if self.shared else J
+
+    def as_blocks(self, J, d):
+        if self.shared:  # a stride-0 view: nothing is materialised
+            return J.unsqueeze(-3).expand(*J.shape[:-2], d // self.k, self.k, self.k)
+        return J
+
+    def from_dense(self, Jd):
+        d = Jd.shape[-1]
+        m = d // self.k
+        blocks = Jd.reshape(*Jd.shape[:-2], m, self.k, m, self.k)
+        idx = torch.arange(m, device=Jd.device)
+        out = blocks[..., idx, :, idx, :].movedim(0, -3)  # [m, *lead, k, k] -> [*lead, m, k, k]
+        return out[..., 0, :, :] if self.shared else out
 
 
-def normalize_structure(structure: Structure, d: int | None = None) -> Structure:
-    """Validate a structure declaration; ``Block(1)`` becomes ``"diagonal"``.
+_NAMES = {"diagonal": Diagonal, "diag": Diagonal, "dense": Dense}
 
-    Raises ValueError naming ``structure`` if it is unknown or does not divide ``d``.
+
+def as_structure(structure, d: int | None = None) -> Structure:
+    """Normalise a declaration (``"diagonal"``, ``"dense"``, a :class:`Structure`) to an object.
+
+    ``Block(1)`` becomes :class:`Diagonal`. With ``d``, also checks that it fits the state size.
+    Raises ValueError / TypeError naming ``structure``.
     """
     if isinstance(structure, str):
-        s = structure.lower()
-        if s in ("diagonal", "diag"):
-            return "diagonal"
-        if s == "dense":
-            return "dense"
-        raise ValueError(
-            f"structure must be 'diagonal', 'dense' or pararnn.Block(k), got {structure!r}"
-        )
-    if isinstance(structure, Block):
-        if structure.k == 1 and not structure.shared:
-            return "diagonal"
-        if d is not None and d % structure.k != 0:
-            raise ValueError(
-                f"structure {structure} does not divide the state size {d}: "
-                f"d must be a multiple of k"
-            )
-        return structure
-    raise TypeError(
-        f"structure must be 'diagonal', 'dense' or pararnn.Block(k), got {type(structure).__name__}"
-    )
+        cls = _NAMES.get(structure.lower())
+        if cls is None:
+            raise ValueError(f"structure must be 'diagonal', 'dense' or pararnn.Block(k), got {structure!r}")
+        structure = cls()
+    elif not isinstance(structure, Structure):
+        raise TypeError(
+            f"structure must be 'diagonal', 'dense' or pararnn.Block(k), got {type(structure).__name__}")
+    if isinstance(structure, Block) and structure.k == 1 and not structure.shared:
+        structure = Diagonal()
+    if d is not None:
+        structure.validate(d)
+    return structure
 
 
-def jacobian_shape(structure: Structure, d: int) -> tuple[int, ...]:
-    """Trailing shape of one Jacobian in storage form."""
-    if structure == "diagonal":
-        return (d,)
-    if structure == "dense":
-        return (d, d)
-    if structure.shared:
-        return (structure.k, structure.k)
-    return (d // structure.k, structure.k, structure.k)
-
-
-def expand_blocks(J: torch.Tensor, structure: Structure, d: int) -> torch.Tensor:
-    """Block storage ``[..., d/k, k, k]`` for any block structure (a stride-0 view if shared)."""
-    if isinstance(structure, Block) and structure.shared:
-        return J.unsqueeze(-3).expand(*J.shape[:-2], d // structure.k, structure.k, structure.k)
-    return J
-
-
-def matvec(J: torch.Tensor, v: torch.Tensor, structure: Structure) -> torch.Tensor:
-    """J @ v for J in storage form ``[..., *jacobian_shape]`` and v ``[..., d]``."""
-    if structure == "diagonal":
-        return J * v
-    if structure == "dense":
-        return (J @ v.unsqueeze(-1)).squeeze(-1)
-    k = structure.k
-    vb = v.reshape(*v.shape[:-1], v.shape[-1] // k, k, 1)
-    if structure.shared:
-        J = J.unsqueeze(-3)
-    return (J @ vb).reshape(v.shape)
-
-
-def transpose(J: torch.Tensor, structure: Structure) -> torch.Tensor:
-    """Conjugate transpose of each Jacobian (the adjoint's transition)."""
-    if structure == "diagonal":
-        return J.conj()
-    return J.transpose(-1, -2).conj()
-
-
-def to_dense(J: torch.Tensor, structure: Structure, d: int | None = None) -> torch.Tensor:
-    """Expand storage form ``[..., *jacobian_shape]`` to dense ``[..., d, d]``.
-
-    ``d`` is needed only for ``Block(k, shared=True)``.
-    """
-    if structure == "diagonal":
-        return torch.diag_embed(J)
-    if structure == "dense":
-        return J
-    if structure.shared:
-        if d is None:
-            raise ValueError("to_dense of a shared block structure needs the state size d")
-        J = expand_blocks(J, structure, d)
-    m, k = J.shape[-3], J.shape[-1]
-    lead = J.shape[:-3]
-    out = J.new_zeros(*lead, m, k, m, k)
-    idx = torch.arange(m, device=J.device)
-    # advanced indices split by a slice put the block index first: [m, *lead, k, k]
-    out[..., idx, :, idx, :] = J.movedim(-3, 0)
-    return out.reshape(*lead, m * k, m * k)
-
-
-def from_dense(Jd: torch.Tensor, structure: Structure) -> torch.Tensor:
-    """Take the declared-structure part of dense ``[..., d, d]`` Jacobians."""
-    if structure == "diagonal":
-        return Jd.diagonal(dim1=-2, dim2=-1)
-    if structure == "dense":
-        return Jd
-    k = structure.k
-    d = Jd.shape[-1]
-    m = d // k
-    blocks = Jd.reshape(*Jd.shape[:-2], m, k, m, k)
-    idx = torch.arange(m, device=Jd.device)
-    out = blocks[..., idx, :, idx, :].movedim(0, -3)  # [m, *lead, k, k] -> [*lead, m, k, k]
-    return out[..., 0, :, :] if structure.shared else out
+__all__ = ["Block", "Dense", "Diagonal", "Structure", "as_structure"]

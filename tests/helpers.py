@@ -68,7 +68,9 @@ class AffineCell(pararnn.Cell):
     def __init__(self, din, d, structure):
         super().__init__()
         self.state_size, self.input_size = d, din
-        self.structure = pararnn.structure.normalize_structure(structure, d)
+        self.structure = pararnn.structure.as_structure(structure, d)
+        st = self.structure
+        self.register_buffer("mask", st.to_dense(torch.ones(st.storage_shape(d)), d))  # 0/1 pattern
         self.Wa = nn.Linear(din, d)
         self.Wb = nn.Linear(din, d)
         self.M = nn.Parameter(torch.randn(d, d) * 0.5 / d**0.5)
@@ -78,13 +80,7 @@ class AffineCell(pararnn.Cell):
 
     def step(self, h, u):
         a, b = u.chunk(2, -1)
-        if self.structure == "diagonal":
-            return a * h + b
-        if self.structure == "dense":
-            return a * (h @ self.M.T) + b
-        k = self.structure.k
-        mask = torch.block_diag(*[torch.ones(k, k)] * (self.state_size // k)).to(self.M)
-        return a * (h @ (self.M * mask).T) + b
+        return a * (h @ (self.M * self.mask).T) + b
 
 
 def make_cell(kind, din=3, d=6, dtype=torch.float64):

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pararnn
-from pararnn.structure import Block, jacobian_shape, normalize_structure
+from pararnn.structure import Block, as_structure
 
 T_FULL = 11  # divisible by neither 2 nor 3
 
@@ -25,9 +25,9 @@ def _rel(a, b):
 def _scan_case(rank, world):
     for structure in ("diagonal", Block(2), "dense"):
         for reverse in (False, True):
-            st = normalize_structure(structure, 4)
+            st = as_structure(structure, 4)
             g = torch.Generator().manual_seed(7)
-            A = 0.7 * torch.randn(2, T_FULL, *jacobian_shape(st, 4), generator=g, dtype=torch.float64)
+            A = 0.7 * torch.randn(2, T_FULL, *st.storage_shape(4), generator=g, dtype=torch.float64)
             b = torch.randn(2, T_FULL, 4, generator=g, dtype=torch.float64)
             h0 = torch.randn(2, 4, generator=g, dtype=torch.float64)
             gy = torch.randn(2, T_FULL, 4, generator=g, dtype=torch.float64)
@@ -156,15 +156,14 @@ def test_track_training_under_ddp(tmp_path):
 def test_transfer_matches_dense_product():
     """The chunk summary used by the collective: the product of the chunk's transitions."""
     from pararnn.distributed import transfer
-    from pararnn.structure import to_dense
 
     for structure in ("diagonal", Block(2), Block(2, shared=True), "dense"):
-        st = normalize_structure(structure, 4)
-        A = torch.randn(2, 5, *jacobian_shape(st, 4), dtype=torch.float64)
+        st = as_structure(structure, 4)
+        A = torch.randn(2, 5, *st.storage_shape(4), dtype=torch.float64)
         want = torch.eye(4, dtype=torch.float64).expand(2, 4, 4)
         for t in range(5):
-            want = to_dense(A[:, t], st, 4) @ want
-        got = to_dense(transfer(A, st, 4, reverse=False), st, 4)
+            want = st.to_dense(A[:, t], 4) @ want
+        got = st.to_dense(transfer(A, st, 4, reverse=False), 4)
         assert _rel(got, want) < 1e-12, structure
 
 

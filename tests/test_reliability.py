@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pararnn
-from pararnn.structure import Block, normalize_structure
+from pararnn.structure import Block, as_structure
 
 
 class Logistic(pararnn.Cell):
@@ -103,13 +103,8 @@ class RandomCell(pararnn.Cell):
         g = torch.Generator().manual_seed(seed)
         self.state_size, self.input_size = d, d
         self.structure = structure
-        st_ = normalize_structure(structure, d)
-        if st_ == "diagonal":
-            mask = torch.eye(d)
-        elif st_ == "dense":
-            mask = torch.ones(d, d)
-        else:
-            mask = torch.block_diag(*[torch.ones(st_.k, st_.k)] * (d // st_.k))
+        st_ = as_structure(structure, d)
+        mask = st_.to_dense(torch.ones(st_.storage_shape(d)), d)  # the structure's 0/1 pattern
         self.register_buffer("W", scale * mask * torch.randn(d, d, generator=g) / d**0.5)
         self.gated = gated
 

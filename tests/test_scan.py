@@ -4,19 +4,19 @@ import torch
 
 import pararnn
 from pararnn.kernels.reference import scan_reference
-from pararnn.structure import Block, jacobian_shape, normalize_structure
+from pararnn.structure import Block, Diagonal, as_structure
 
 STRUCTS = ["diagonal", Block(2), Block(3), Block(3, shared=True), "dense"]
 DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 
 
 def make(structure, B, T, d, dtype, scale=0.6):
-    structure = normalize_structure(structure, d)
-    A = torch.randn(B, T, *jacobian_shape(structure, d), dtype=dtype)
-    if structure == "diagonal":
+    structure = as_structure(structure, d)
+    A = torch.randn(B, T, *structure.storage_shape(d), dtype=dtype)
+    if isinstance(structure, Diagonal):
         A = A / A.abs().clamp_min(1.0)  # |a| <= 1
     else:
-        A = A * (scale / jacobian_shape(structure, d)[-1] ** 0.5)
+        A = A * (scale / structure.storage_shape(d)[-1] ** 0.5)
     b = torch.randn(B, T, d, dtype=dtype)
     h0 = torch.randn(B, d, dtype=dtype)
     return A, b, h0
@@ -37,7 +37,7 @@ def rel(a, b):
 def test_cpu_backend_matches_reference(structure, dtype, reverse, T):
     A, b, h0 = make(structure, 3, T, 6, dtype)
     for init in (None, h0):
-        ref = scan_reference(A, b, init, normalize_structure(structure, 6), reverse)
+        ref = scan_reference(A, b, init, as_structure(structure, 6), reverse)
         out = pararnn.linear_scan(A, b, init, structure, reverse=reverse, backend="cpu")
         assert out.shape == ref.shape and out.dtype == dtype
         assert rel(out, ref) < tol(dtype)
@@ -48,8 +48,8 @@ def test_cpu_backend_matches_reference(structure, dtype, reverse, T):
 def test_reference_matches_explicit_loop(structure, reverse):
     """The reference itself against the recurrence written out with dense matrices."""
     A, b, h0 = make(structure, 2, 9, 6, torch.float64)
-    st = normalize_structure(structure, 6)
-    Ad = pararnn.structure.to_dense(A, st, 6)
+    st = as_structure(structure, 6)
+    Ad = st.to_dense(A, 6)
     h = h0
     want = torch.empty_like(b)
     for t in (range(8, -1, -1) if reverse else range(9)):
@@ -64,7 +64,7 @@ def test_reference_matches_explicit_loop(structure, reverse):
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_gradients_match_autograd_of_loop(structure, dtype, reverse, backend):
     A, b, h0 = make(structure, 2, 11, 6, dtype)
-    st = normalize_structure(structure, 6)
+    st = as_structure(structure, 6)
     for t in (A, b, h0):
         t.requires_grad_()
     g = torch.randn_like(b)

@@ -4,24 +4,40 @@ import torch
 from helpers import BlockTanh, DenseTanh, DiagGRU
 
 import pararnn
-from pararnn.structure import Block, from_dense, jacobian_shape, to_dense
+from pararnn.structure import Block, Diagonal, as_structure
 
 
 @pytest.mark.parametrize("structure", ["diagonal", Block(2), Block(3), Block(3, shared=True), "dense"])
 def test_dense_round_trip(structure):
-    J = torch.randn(4, 5, *jacobian_shape(structure, 6))
-    D = to_dense(J, structure, 6)
+    st = as_structure(structure, 6)
+    J = torch.randn(4, 5, *st.storage_shape(6))
+    D = st.to_dense(J, 6)
     assert D.shape == (4, 5, 6, 6)
-    assert torch.equal(from_dense(D, structure), J)
+    assert torch.equal(st.from_dense(D), J)
     v = torch.randn(4, 5, 6)
-    assert torch.allclose(pararnn.structure.matvec(J, v, structure), (D @ v.unsqueeze(-1)).squeeze(-1),
-                          atol=1e-6)
+    torch.testing.assert_close(st.matvec(J, v), (D @ v.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(st.to_dense(st.transpose(J), 6), D.transpose(-1, -2))
+    # the autodiff probes of a linear map J v recover J
+    probes = st.probe_tangents(20, 6, J.dtype, J.device)  # [P, 20, d]
+    assert probes.shape[0] == st.width(6)
+    Jf = J.reshape(20, *J.shape[2:])
+    torch.testing.assert_close(st.assemble(torch.stack([st.matvec(Jf, e) for e in probes]), 6), Jf)
+    # outer(λ, h) is the gradient of <λ, J h> with respect to J
+    Jg = J.clone().requires_grad_(True)
+    lam, h = torch.randn(4, 5, 6), torch.randn(4, 5, 6)
+    (g,) = torch.autograd.grad((lam * st.matvec(Jg, h)).sum(), Jg)
+    torch.testing.assert_close(st.outer(lam, h), g)
 
 
 def test_block_validation():
     with pytest.raises(ValueError):
         Block(0)
-    assert pararnn.structure.normalize_structure(Block(1), 4) == "diagonal"
+    assert as_structure(Block(1), 4) == Diagonal()
+    assert as_structure("dense", 4) == pararnn.Dense()
+    with pytest.raises(ValueError, match="structure"):
+        as_structure("tridiagonal", 4)
+    with pytest.raises(ValueError, match="multiple of k"):
+        as_structure(Block(3), 4)
 
 
 @pytest.mark.parametrize("cell", [DiagGRU(3, 6), BlockTanh(3, 6, 2), BlockTanh(3, 6, 3), DenseTanh(3, 6)])

@@ -7,7 +7,7 @@ from helpers import BlockTanh, DiagGRU
 
 import pararnn
 from pararnn.kernels.reference import scan_reference
-from pararnn.structure import Block, jacobian_shape, normalize_structure
+from pararnn.structure import Block, Diagonal, as_structure
 
 triton_scan = pytest.importorskip("pararnn.kernels.triton_scan")
 if not triton_scan.HAVE_TRITON:
@@ -23,13 +23,13 @@ if DEVICE == "cpu":
 
 def make(structure, B, T, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    st = normalize_structure(structure, d)
+    st = as_structure(structure, d)
     cdt = torch.complex128 if dtype.is_complex else torch.float64
-    A = torch.randn(B, T, *jacobian_shape(st, d), generator=g, dtype=cdt)
-    if st == "diagonal":
+    A = torch.randn(B, T, *st.storage_shape(d), generator=g, dtype=cdt)
+    if isinstance(st, Diagonal):
         A = A / A.abs().clamp_min(1.0)
     else:
-        A = A * (0.6 / jacobian_shape(st, d)[-1] ** 0.5)
+        A = A * (0.6 / st.storage_shape(d)[-1] ** 0.5)
     b = torch.randn(B, T, d, generator=g, dtype=cdt)
     h0 = torch.randn(B, d, generator=g, dtype=cdt)
     return A.to(dtype), b.to(dtype), h0.to(dtype)
@@ -52,7 +52,7 @@ TOL = {torch.float32: 1e-5, torch.complex64: 1e-5, torch.float16: 2e-3}
 def test_triton_matches_reference(T, structure, dtype, reverse):
     d = 12
     A, b, h0 = make(structure, 2, T, d, dtype)
-    st = normalize_structure(structure, d)
+    st = as_structure(structure, d)
     wide = torch.complex128 if dtype.is_complex else torch.float64
     for init in (None, h0):
         ref = scan_reference(A.to(wide), b.to(wide), None if init is None else init.to(wide), st, reverse)
@@ -73,10 +73,10 @@ def test_triton_adjoint_matches_flip_reference(structure, dtype, reverse):
     """The adjoint scan (shifted, transposed transitions) against an explicit flip-based loop."""
     d, T = 6, 37
     A, b, _ = make(structure, 2, T, d, dtype)
-    st = normalize_structure(structure, d)
+    st = as_structure(structure, d)
     wide = torch.complex128 if dtype.is_complex else torch.float64
     Aw, bw = A.to(wide), b.to(wide)
-    AT = pararnn.structure.transpose(Aw, st)
+    AT = st.transpose(Aw)
     # forward adjoint: h_t = A_{t-1}^H h_{t-1} + b_t. Shift A by one and run the plain scan;
     # reverse adjoint: flip time, then the same.
     if reverse:

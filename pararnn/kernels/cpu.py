@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from ..structure import expand_blocks
+from ..structure import Diagonal, as_structure
 
 try:  # numba is optional: without it the plain PyTorch loop serves
     import numba
@@ -108,6 +108,11 @@ if HAVE_NUMBA:
                     ot[i] = hn[i]
 
 
+# State entries one lane walks at least: 64 fp32 = 256 B, four cache lines per row of A, b and h,
+# so a lane's loads stay whole cache lines; narrower lanes only add scheduling overhead.
+LANE_ELEMENTS = 64
+
+
 def _lanes(rows: int, width: int, min_chunk: int) -> int:
     """Chunk size so that rows * (width / chunk) lanes keep every thread busy."""
     want = max(1, -(-2 * numba.get_num_threads() // max(rows, 1)))
@@ -134,23 +139,20 @@ def scan_cpu(A, b, h0, structure, reverse=False, adjoint=False, out=None):
         res = scan_cpu(A.to(work), b.to(work), None if h0 is None else h0.to(work), structure, reverse, adjoint)
         return res.to(dtype) if out is None else out.copy_(res)
     B, T, d = b.shape
+    structure = as_structure(structure, d)
     if out is None or not out.is_contiguous():
         res = torch.empty((B, T, d), dtype=dtype)
     else:
         res = out
     has_h0 = h0 is not None
     h0n = _np(h0) if has_h0 else _np(b.new_zeros(1, 1))
-    if structure == "diagonal":
-        _diag_kernel(_np(A), _np(b), h0n, has_h0, res.numpy(), reverse, adjoint, _lanes(B, d, 64))
-    else:
-        if structure == "dense":  # dense = one block of size d
-            An = _np(A.unsqueeze(2))
-        elif structure.shared:  # a stride-0 view over the blocks: nothing is materialised
-            An = expand_blocks(A.detach().resolve_conj().contiguous(), structure, d).numpy()
-        else:
-            An = _np(A)
+    if isinstance(structure, Diagonal):
+        _diag_kernel(_np(A), _np(b), h0n, has_h0, res.numpy(), reverse, adjoint, _lanes(B, d, LANE_ELEMENTS))
+    else:  # every other structure as [B, T, m, k, k] blocks (dense: one block; shared: a stride-0 view)
+        An = structure.as_blocks(A.detach().resolve_conj().contiguous(), d).numpy()
         m, k = An.shape[2], An.shape[3]
-        _block_kernel(An, _np(b), h0n, has_h0, res.numpy(), reverse, adjoint, _lanes(B, m, max(1, 64 // k)))
+        _block_kernel(An, _np(b), h0n, has_h0, res.numpy(), reverse, adjoint,
+                      _lanes(B, m, max(1, LANE_ELEMENTS // k)))
     if out is not None and res is not out:
         out.copy_(res)
         return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..structure import Structure, matvec, transpose
+from ..structure import Structure, as_structure
 
 
 def scan_reference(
@@ -16,7 +16,7 @@ def scan_reference(
 ) -> torch.Tensor:
     """Solve a linear recurrence with a Python loop over T.
 
-    A: ``[B, T, *jacobian_shape]``, b: ``[B, T, d]``, h0: ``[B, d]`` or None. Returns ``[B, T, d]``.
+    A: ``[B, T, *structure.storage_shape(d)]``, b: ``[B, T, d]``, h0: ``[B, d]`` or None. Returns ``[B, T, d]``.
 
     - ``reverse=False``: ``h_t = A_t h_{t-1} + b_t`` with ``h_{-1} = h0``.
     - ``reverse=True``:  ``h_t = A_t h_{t+1} + b_t`` with ``h_{T} = h0``.
@@ -26,6 +26,7 @@ def scan_reference(
       adjoint (backward) recurrence of the opposite-direction scan.
     """
     B, T, d = b.shape
+    structure = as_structure(structure, d)
     if adjoint and h0 is not None:
         raise ValueError("adjoint scans start from b; h0 must be None")
     As, bs = A.unbind(1), b.unbind(1)
@@ -34,8 +35,8 @@ def scan_reference(
     order = range(T - 1, -1, -1) if reverse else range(T)
     for s, t in enumerate(order):
         if adjoint:
-            h = bs[t] if s == 0 else matvec(transpose(As[t + 1 if reverse else t - 1], structure), h, structure) + bs[t]
+            h = bs[t] if s == 0 else structure.matvec(structure.transpose(As[t + 1 if reverse else t - 1]), h) + bs[t]
         else:
-            h = bs[t] if h is None else matvec(As[t], h, structure) + bs[t]
+            h = bs[t] if h is None else structure.matvec(As[t], h) + bs[t]
         out[t] = h
     return torch.stack(out, dim=1)
