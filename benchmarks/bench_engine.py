@@ -1,5 +1,7 @@
-"""Engine speed on CPU (same as `pararnn bench`): see pararnn/bench.py."""
-from pararnn.bench import main
+"""Engine speed on CPU (same as `pararnn bench`; options: `pararnn bench --help`): see pararnn/studies/bench.py."""
+import sys
+
+from pararnn.studies.bench import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pararnn.models import SequenceModel
-from pararnn.tasks import TASKS
+from pararnn.studies.tasks import TASKS
 
 
 def main(steps: int = 200, global_batch: int = 32, seed: int = 0):

@@ -86,8 +86,8 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
         cols = []
         for e in tangents.unbind(0):
             out, col = jvp(f, (h,), (e,))
-            cols.append(col)
-        return out, structure.assemble(torch.stack(cols), d)
+            cols.append(col.unsqueeze(0))
+        return out, structure.assemble(cols[0] if len(cols) == 1 else torch.cat(cols), d)
     cols = vmap(lambda e: jvp(f, (h,), (e,))[1])(tangents)  # [P, N, d]
     return step(h, u), structure.assemble(cols, d)
 

@@ -20,3 +20,59 @@ def test_bench_writes_json_table_and_plots(tmp_path):
     assert "| paragru | diagonal | 1 | 16 | 8 |" in md
     assert (tmp_path / "b_speedup.png").stat().st_size > 1000
     assert (tmp_path / "b_time_per_token.png").stat().st_size > 1000
+
+
+def _run(*argv, timeout=60):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_version_and_typo_answer_without_importing_torch():
+    code = ("import sys; from pararnn.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['bench', '--help'], ['bnech']):\n"
+            "    try: main(argv)\n"
+            "    except SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'the CLI imported torch'\n")
+    r = _run("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert "pararnn 0." in r.stdout and "invalid choice: 'bnech'" in r.stderr
+
+
+def test_python_dash_m_and_distributed_reachable():
+    r = _run("-m", "pararnn", "--version")
+    assert r.returncode == 0 and r.stdout.startswith("pararnn ")
+    r = _run("-c", "import pararnn; print(pararnn.distributed.allreduce_gradients.__name__)")
+    assert r.returncode == 0 and "allreduce_gradients" in r.stdout, r.stderr
+
+
+def test_cli_name_lists_match_the_code():
+    from pararnn import cli
+    from pararnn.models import CELLS
+    from pararnn.studies.tasks import TASKS
+    from pararnn.studies.track import MODELS
+
+    assert cli.CELL_NAMES == tuple(CELLS)
+    assert cli.TASK_NAMES == tuple(TASKS)
+    assert cli.MODEL_NAMES == tuple(MODELS)
+
+
+def test_bench_json_records_version_commit_date_and_settings_used(tmp_path):
+    out = tmp_path / "b.json"
+    main(["bench", "--no-engine", "--cells", "paragru", "--Ts", "16", "--width", "4", "--repeats", "1",
+          "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["pararnn"] and res["date"] and "commit" in res
+    assert res["settings"]["Ts"] == [16] and res["settings"]["width"] == 4 and res["settings"]["cells"] == ["paragru"]
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
+    import pytest
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for argv in (["bench", "--out", str(blocker / "b.json")], ["track", "--out", str(blocker / "t")],
+                 ["bench", "--out", "/proc/b.json"]):
+        with pytest.raises(SystemExit, match="cannot write --out"):
+            main(argv)

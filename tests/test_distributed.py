@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 import pararnn
 from pararnn.structure import Block, as_structure
+from helpers import rel_err
 
 T_FULL = 11  # divisible by neither 2 nor 3
 
@@ -17,9 +18,6 @@ def _bounds(T, world, rank):
     idx = torch.tensor_split(torch.arange(T), world)[rank]
     return slice(int(idx[0]), int(idx[-1]) + 1)
 
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def _scan_case(rank, world):
@@ -37,16 +35,16 @@ def _scan_case(rank, world):
             sl = _bounds(T_FULL, world, rank)
             loc_args = [A[:, sl].clone().requires_grad_(), b[:, sl].clone().requires_grad_(), h0.clone().requires_grad_()]
             out = pararnn.linear_scan(*loc_args, structure=structure, reverse=reverse, process_group=dist.group.WORLD)
-            assert _rel(out, full[:, sl]) < 1e-12, (structure, reverse, rank)
+            assert rel_err(out, full[:, sl]) < 1e-12, (structure, reverse, rank)
             gA, gb, gh0 = torch.autograd.grad((out * gy[:, sl]).sum(), loc_args)
-            assert _rel(gA, full_grads[0][:, sl]) < 1e-10, (structure, reverse, "A")
-            assert _rel(gb, full_grads[1][:, sl]) < 1e-10, (structure, reverse, "b")
+            assert rel_err(gA, full_grads[0][:, sl]) < 1e-10, (structure, reverse, "A")
+            assert rel_err(gb, full_grads[1][:, sl]) < 1e-10, (structure, reverse, "b")
             dist.all_reduce(gh0)
-            assert _rel(gh0, full_grads[2]) < 1e-10, (structure, reverse, "h0")
+            assert rel_err(gh0, full_grads[2]) < 1e-10, (structure, reverse, "h0")
 
 
 def _newton_case(rank, world):
-    from helpers import BlockTanh, DiagGRU
+    from helpers import BlockTanh, DiagGRU, rel_err
 
     for make in (lambda: DiagGRU(3, 6), lambda: BlockTanh(3, 6, 2)):
         torch.manual_seed(3)
@@ -61,17 +59,17 @@ def _newton_case(rank, world):
         xl, h0l = x[:, sl].clone().requires_grad_(), h0.clone().requires_grad_()
         rnn = pararnn.RNN(cell, process_group=dist.group.WORLD)
         y, _, info = rnn(xl, h0l, return_info=True)
-        assert info.all_converged and _rel(y, ref[:, sl]) < 1e-10, (rank, info.residuals)
+        assert info.all_converged and rel_err(y, ref[:, sl]) < 1e-10, (rank, info.residuals)
         cell.zero_grad()
         (y * gy[:, sl]).sum().backward()
         pararnn.distributed.allreduce_gradients(cell)
         gh0 = h0l.grad if h0l.grad is not None else torch.zeros_like(h0l)  # h0 feeds rank 0 only
         assert (h0l.grad is None) == (rank != 0)
         dist.all_reduce(gh0)
-        assert _rel(xl.grad, ref_grads[0][:, sl]) < 1e-9
-        assert _rel(gh0, ref_grads[1]) < 1e-9
+        assert rel_err(xl.grad, ref_grads[0][:, sl]) < 1e-9
+        assert rel_err(gh0, ref_grads[1]) < 1e-9
         for p, gr in zip(cell.parameters(), ref_grads[2:]):
-            assert _rel(p.grad, gr) < 1e-9
+            assert rel_err(p.grad, gr) < 1e-9
 
 
 def _ddp_case(rank, world):
@@ -94,12 +92,12 @@ def _ddp_case(rank, world):
     dist.all_reduce(total)
     assert abs(total.item() / world - loss_ref.item()) < 1e-12
     for p, q in zip(model.parameters(), ref.parameters()):
-        assert _rel(p.grad, q.grad) < 1e-10
+        assert rel_err(p.grad, q.grad) < 1e-10
 
 
 def _track_case(rank, world):
     """pararnn track's training under DDP: ranks stay in sync and report the same results."""
-    from pararnn import track
+    from pararnn.studies import track
 
     cfg = track.TrackConfig(steps=3, batch=8, eval_lengths=[50], eval_batch=8)
     res = track.train_one("parity", "paragru", 0, cfg)
@@ -164,7 +162,7 @@ def test_transfer_matches_dense_product():
         for t in range(5):
             want = st.to_dense(A[:, t], 4) @ want
         got = st.to_dense(transfer(A, st, 4, reverse=False), 4)
-        assert _rel(got, want) < 1e-12, structure
+        assert rel_err(got, want) < 1e-12, structure
 
 
 if os.name == "nt":  # pragma: no cover

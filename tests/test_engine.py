@@ -3,14 +3,11 @@ import warnings
 
 import pytest
 import torch
-from helpers import KINDS, AffineCell, make_cell
+from helpers import AffineCell, KINDS, make_cell, rel_err
 
 import pararnn
 from pararnn.models.paragru import ParaGRU
 
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("kind", KINDS)

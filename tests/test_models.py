@@ -6,12 +6,10 @@ import torch.nn.functional as F
 import pararnn
 from pararnn.models import (CELLS, GRU, LRU, LSTM, DeltaProduct, ParaGRU, ParaLSTM, SelectiveSSM,
                             SequenceModel, make_cell)
+from helpers import rel_err
 
 LINEAR = {"lru", "ssm", "ssm_neg", "cssm", "deltanet", "deltaproduct"}
 
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def cell_and_input(name, dtype=torch.float64, B=2, T=40, d=6):
@@ -31,7 +29,7 @@ def test_parallel_equals_sequential_fp64(name, with_h0):
     y, hT, info = rnn(x, h0, return_info=True)
     ys, hTs = rnn(x, h0, mode="sequential")
     assert y.shape == (2, 63, cell.output_size) and hT.shape == (2, cell.state_size)
-    assert rel(y, ys) < 1e-10 and rel(hT, hTs) < 1e-10
+    assert rel_err(y, ys) < 1e-10 and rel_err(hT, hTs) < 1e-10
     if name in LINEAR:
         assert info.iterations == 1, "a linear cell must be solved by exactly one Newton step"
 
@@ -40,7 +38,7 @@ def test_parallel_equals_sequential_fp64(name, with_h0):
 def test_parallel_equals_sequential_fp32(name):
     cell, x = cell_and_input(name, torch.float32, T=200)
     rnn = pararnn.RNN(cell)
-    assert rel(rnn(x)[0], rnn(x, mode="sequential")[0]) < 1e-5
+    assert rel_err(rnn(x)[0], rnn(x, mode="sequential")[0]) < 1e-5
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -60,7 +58,7 @@ def test_gradients_match_sequential(name):
         if b is None:
             assert a is None or a.abs().max() == 0
         else:
-            assert rel(a, b) < 1e-9
+            assert rel_err(a, b) < 1e-9
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -85,7 +83,7 @@ def test_multi_head_variants_are_block_diagonal():
         pararnn.check_structure(cell)
         x = torch.randn(2, 30, cell.input_size, dtype=torch.float64)
         rnn = pararnn.RNN(cell)
-        assert rel(rnn(x)[0], rnn(x, mode="sequential")[0]) < 1e-10
+        assert rel_err(rnn(x)[0], rnn(x, mode="sequential")[0]) < 1e-10
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
@@ -96,12 +94,12 @@ def test_from_torch_reproduces_torch(kind):
     out, state = torch_mod(x)
     for mode in ("parallel", "sequential"):
         y, sT = pararnn.RNN(cell, mode=mode)(x)
-        assert rel(y, out) < 1e-5
+        assert rel_err(y, out) < 1e-5
         if kind == "gru":
-            assert rel(sT, state[0]) < 1e-5
+            assert rel_err(sT, state[0]) < 1e-5
         else:
             h, c = cell.split_state(sT)
-            assert rel(h, state[0][0]) < 1e-5 and rel(c, state[1][0]) < 1e-5
+            assert rel_err(h, state[0][0]) < 1e-5 and rel_err(c, state[1][0]) < 1e-5
     back = cell.to_torch()
     out2, _ = back(x)
     assert torch.equal(out2, out)
@@ -114,7 +112,7 @@ def test_lstm_initial_state_parts():
     h0, c0 = torch.randn(1, 2, 4, dtype=torch.float64), torch.randn(1, 2, 4, dtype=torch.float64)
     out, _ = tl(x, (h0, c0))
     y, _ = pararnn.RNN(cell)(x, cell.join_state(h0[0], c0[0]))
-    assert rel(y, out) < 1e-12
+    assert rel_err(y, out) < 1e-12
 
 
 @pytest.mark.parametrize("rng, lo, hi", [("[0,1]", 0.0, 1.0), ("[-1,1]", -1.0, 1.0)])
@@ -156,8 +154,8 @@ def test_deltaproduct_matches_naive_loop_and_eigenvalue_range(neg, n_h):
     want = torch.stack(outs, 1)
     y, hT, info = pararnn.RNN(cell)(x, return_info=True)
     assert info.iterations == 1
-    assert rel(y, want) < 1e-12
-    assert rel(hT.unflatten(-1, (3, 4)).transpose(1, 2), H) < 1e-12
+    assert rel_err(y, want) < 1e-12
+    assert rel_err(hT.unflatten(-1, (3, 4)).transpose(1, 2), H) < 1e-12
     # eigenvalues of A_t lie in [0, 1] (or [-1, 1] with allow_neg_eigval); each factor has
     # eigenvalue 1 - β on k, so β near 2 gives near -1.
     A = cell.transition(cell.prepare(10 * x).flatten(0, 1))
@@ -188,7 +186,7 @@ def test_lru_output_is_real_c_h_plus_d_x():
     C = torch.complex(cell.C_re, cell.C_im)
     for t in range(7):
         h = lam * h + u[:, t]
-        assert rel(y[:, t], (h @ C.T).real + cell.D * x[:, t]) < 1e-12
+        assert rel_err(y[:, t], (h @ C.T).real + cell.D * x[:, t]) < 1e-12
 
 
 def test_paragru_and_paralstm_hand_written_or_autodiff_agree():
@@ -197,7 +195,7 @@ def test_paragru_and_paralstm_hand_written_or_autodiff_agree():
         h = torch.randn(10, cell.state_size, dtype=torch.float64)
         f, J = cell.step_and_jacobian(h, u)
         f2, J2 = pararnn.autodiff_step_and_jacobian(cell.step, h, u, cell.get_structure())
-        assert rel(f, f2) < 1e-14 and rel(J, J2) < 1e-13
+        assert rel_err(f, f2) < 1e-14 and rel_err(J, J2) < 1e-13
 
 
 @pytest.mark.parametrize("name", ["paragru", "lstm", "lru", "deltaproduct"])
@@ -206,11 +204,11 @@ def test_sequence_model_forward_step_and_modes(name):
     tokens = torch.randint(0, 11, (2, 13))
     out, states = model(tokens)
     out_seq, _ = model(tokens, mode="sequential")
-    assert out.shape == (2, 13, 5) and rel(out, out_seq) < 1e-9
+    assert out.shape == (2, 13, 5) and rel_err(out, out_seq) < 1e-9
     st = None
     for t in range(13):
         o, st = model.step(tokens[:, t], st)
-        assert rel(o, out[:, t]) < 1e-9
+        assert rel_err(o, out[:, t]) < 1e-9
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
@@ -234,4 +232,20 @@ def test_torch_compile_does_not_break():
     compiled = torch.compile(model, backend="eager")  # graph capture; inductor codegen is not run in CI
     out_par, _ = compiled(tokens)
     out_seq, _ = compiled(tokens, mode="sequential")
-    assert rel(out_par, ref_par) < 1e-6 and rel(out_seq, ref_seq) < 1e-6
+    assert rel_err(out_par, ref_par) < 1e-6 and rel_err(out_seq, ref_seq) < 1e-6
+
+
+def test_residual_block_registers_its_cell_once_and_loads_old_checkpoints():
+    torch.manual_seed(0)
+    block = pararnn.models.ResidualBlock(8, "paragru")
+    keys = list(block.state_dict())
+    assert not any(k.startswith("cell.") for k in keys) and any(k.startswith("rnn.cell.") for k in keys)
+    assert block.cell is block.rnn.cell
+    # an old checkpoint: every cell tensor under both cell.* and rnn.cell.*
+    old = {**block.state_dict(), **{k[len("rnn."):]: v + 1 for k, v in block.state_dict().items()
+                                    if k.startswith("rnn.cell.")}}
+    fresh = pararnn.models.ResidualBlock(8, "paragru")
+    fresh.load_state_dict(old)  # strict: no unexpected or missing keys
+    torch.testing.assert_close(fresh.cell.a, block.cell.a)  # the rnn.cell.* copy wins
+    model = SequenceModel(5, 3, d_model=8, n_layers=2)
+    assert sum(1 for k in model.state_dict() if ".cell." in k) == sum(1 for k in model.state_dict() if "rnn.cell." in k)

@@ -5,6 +5,7 @@ import torch
 import pararnn
 from pararnn.kernels.reference import scan_reference
 from pararnn.structure import Block, Diagonal, as_structure
+from helpers import rel_err
 
 STRUCTS = ["diagonal", Block(2), Block(3), Block(3, shared=True), "dense"]
 DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
@@ -26,9 +27,6 @@ def tol(dtype):
     return 1e-12 if dtype in (torch.float64, torch.complex128) else 2e-5
 
 
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
 
 @pytest.mark.parametrize("structure", STRUCTS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -40,7 +38,7 @@ def test_cpu_backend_matches_reference(structure, dtype, reverse, T):
         ref = scan_reference(A, b, init, as_structure(structure, 6), reverse)
         out = pararnn.linear_scan(A, b, init, structure, reverse=reverse, backend="cpu")
         assert out.shape == ref.shape and out.dtype == dtype
-        assert rel(out, ref) < tol(dtype)
+        assert rel_err(out, ref) < tol(dtype)
 
 
 @pytest.mark.parametrize("structure", STRUCTS)
@@ -55,7 +53,7 @@ def test_reference_matches_explicit_loop(structure, reverse):
     for t in (range(8, -1, -1) if reverse else range(9)):
         h = (Ad[:, t] @ h.unsqueeze(-1)).squeeze(-1) + b[:, t]
         want[:, t] = h
-    assert rel(pararnn.linear_scan(A, b, h0, structure, reverse=reverse, backend="reference"), want) < 1e-13
+    assert rel_err(pararnn.linear_scan(A, b, h0, structure, reverse=reverse, backend="reference"), want) < 1e-13
 
 
 @pytest.mark.parametrize("structure", STRUCTS)
@@ -74,7 +72,7 @@ def test_gradients_match_autograd_of_loop(structure, dtype, reverse, backend):
     ref = scan_reference(A, b, h0, st, reverse)
     want = torch.autograd.grad((ref * g.conj()).real.sum(), [A, b, h0])
     for x, y in zip(got, want):
-        assert rel(x, y) < 1e-12
+        assert rel_err(x, y) < 1e-12
 
 
 @pytest.mark.parametrize("structure", ["diagonal", Block(2), Block(2, shared=True), "dense"])
@@ -92,7 +90,7 @@ def test_half_precision_accumulates_in_fp32():
     ref = scan_reference(A.double(), b.double(), h0.double(), "diagonal")
     out = pararnn.linear_scan(A.half(), b.half(), h0.half(), backend="cpu")
     assert out.dtype == torch.float16
-    assert rel(out.double(), ref) < 5e-3
+    assert rel_err(out.double(), ref) < 5e-3
 
 
 def test_noncontiguous_and_expanded_inputs():
@@ -100,7 +98,7 @@ def test_noncontiguous_and_expanded_inputs():
     At = A.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
     b_exp = b[:1].expand(3, 20, 5)
     ref = scan_reference(A, b_exp.contiguous(), h0, "diagonal")
-    assert rel(pararnn.linear_scan(At, b_exp, h0, backend="cpu"), ref) < 1e-13
+    assert rel_err(pararnn.linear_scan(At, b_exp, h0, backend="cpu"), ref) < 1e-13
 
 
 @pytest.mark.parametrize(
@@ -129,4 +127,4 @@ def test_T_equals_one():
     A, b, h0 = make(Block(2), 2, 1, 4, torch.float64)
     out = pararnn.linear_scan(A, b, h0, Block(2))
     want = (A[:, 0] @ h0.reshape(2, 2, 2, 1)).reshape(2, 4) + b[:, 0]
-    assert rel(out[:, 0], want) < 1e-14
+    assert rel_err(out[:, 0], want) < 1e-14

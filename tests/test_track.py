@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from pararnn import track
+from pararnn.studies import track
 from pararnn.cli import main
-from pararnn.tasks import TASKS, permutation_group
+from pararnn.studies.tasks import TASKS, permutation_group
 
 
 @pytest.mark.parametrize("n, even, size", [(3, False, 6), (4, True, 12), (5, True, 60), (5, False, 120)])
@@ -67,7 +67,9 @@ def test_study_writes_outputs_and_resumes(tmp_path, capsys):
     assert runs == ["parity__diag_neg__seed0.json", "parity__paragru__seed0.json"]
     for f in ("summary.json", "table.md", os.path.join("plots", "parity.png")):
         assert os.path.exists(os.path.join(out, f))
-    res = json.load(open(os.path.join(out, "summary.json")))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["pararnn"] and summary["date"] and summary["settings"]["steps"] == 3
+    res = summary["runs"]
     assert {r["model"] for r in res} == {"diag_neg", "paragru"} and "50" in res[0]["eval"]
     mtimes = {r: os.path.getmtime(os.path.join(out, "runs", r)) for r in runs}
     capsys.readouterr()

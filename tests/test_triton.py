@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from helpers import BlockTanh, DiagGRU
+from helpers import BlockTanh, DiagGRU, rel_err
 
 import pararnn
 from pararnn.kernels.reference import scan_reference
@@ -35,9 +35,6 @@ def make(structure, B, T, d, dtype, seed=0):
     return A.to(dtype), b.to(dtype), h0.to(dtype)
 
 
-def rel(a, b):
-    return ((a.to(b.dtype) - b).abs().max() / b.abs().max()).item()
-
 
 TOL = {torch.float32: 1e-5, torch.complex64: 1e-5, torch.float16: 2e-3}
 
@@ -59,11 +56,11 @@ def test_triton_matches_reference(T, structure, dtype, reverse):
         out = pararnn.linear_scan(A.to(DEVICE), b.to(DEVICE), None if init is None else init.to(DEVICE),
                                   structure, reverse=reverse, backend="triton")
         assert out.dtype == dtype
-        assert rel(out.cpu(), ref) < TOL[dtype], (init is None)
+        assert rel_err(out.cpu(), ref) < TOL[dtype], (init is None)
         if reverse:  # and against a flip-based reference: reverse = flip ∘ forward ∘ flip
             flip = scan_reference(A.to(wide).flip(1), b.to(wide).flip(1),
                                   None if init is None else init.to(wide), st).flip(1)
-            assert rel(out.cpu(), flip) < TOL[dtype]
+            assert rel_err(out.cpu(), flip) < TOL[dtype]
 
 
 @pytest.mark.parametrize("structure, dtype", [("diagonal", torch.float32), ("diagonal", torch.complex64),
@@ -86,7 +83,7 @@ def test_triton_adjoint_matches_flip_reference(structure, dtype, reverse):
     if reverse:
         want = want.flip(1)
     got = triton_scan.scan_triton(A.to(DEVICE), b.to(DEVICE), None, st, reverse=reverse, adjoint=True)
-    assert rel(got.cpu(), want) < 1e-5
+    assert rel_err(got.cpu(), want) < 1e-5
 
 
 @pytest.mark.parametrize("structure, dtype", [("diagonal", torch.float32), ("diagonal", torch.complex64),
@@ -104,7 +101,7 @@ def test_gradients_through_triton_scan(structure, dtype, reverse):
         loss = (y * g.to(dev).conj()).real.sum() + (hT * ghT.to(dev).conj()).real.sum()
         grads[backend] = [x.cpu() for x in torch.autograd.grad(loss, args)]
     for a, r in zip(grads["triton"], grads["reference"]):
-        assert rel(a, r) < 1e-4
+        assert rel_err(a, r) < 1e-4
 
 
 def test_unsupported_combinations_are_clear():
@@ -125,11 +122,11 @@ def test_newton_solve_with_triton_backend(cell_fn, T):
     y, _, info = rnn(x, return_info=True)
     ys, _ = rnn(x, mode="sequential")
     assert info.all_converged
-    assert rel(y, ys) < 1e-5
+    assert rel_err(y, ys) < 1e-5
     gy = torch.randn_like(y)
     (gp,) = torch.autograd.grad((y * gy).sum(), [x])
     (gs,) = torch.autograd.grad((ys * gy).sum(), [x])
-    assert rel(gp, gs) < 1e-4
+    assert rel_err(gp, gs) < 1e-4
 
 
 def test_tree_scan_patch_is_active_and_tree_ordered():

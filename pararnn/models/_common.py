@@ -23,3 +23,8 @@ def head_structure(size: int, heads: int, parts: int = 1):
     """Jacobian structure of a multi-head cell: dense with one head, else blocks of parts*head_dim."""
     check_heads(size, heads)
     return "dense" if heads == 1 else Block(parts * size // heads)
+
+
+def recurrent_weight(cell) -> torch.Tensor:
+    """``cell.weight_hh`` with the head mask applied (the plain weight for one head: nothing to mask)."""
+    return cell.weight_hh if cell.heads == 1 else cell.weight_hh * cell.mask

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..cell import Cell
-from ._common import head_mask, head_structure
+from ._common import head_mask, head_structure, recurrent_weight
 
 
 class Elman(Cell):
@@ -31,7 +31,7 @@ class Elman(Cell):
         return x @ self.weight_ih.T + self.bias  # [B, T, H]
 
     def step(self, h, u):
-        return self.act(u + h @ (self.weight_hh * self.mask).T)
+        return self.act(u + h @ recurrent_weight(self).T)
 
     def step_and_jacobian(self, h, u):
         """Closed form for one head: ``J = diag(act'(a)) W_hh`` ``[N, H, H]``."""

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..cell import Cell
-from ._common import head_mask, head_structure
+from ._common import head_mask, head_structure, recurrent_weight
 
 
 class GRU(Cell):
@@ -28,13 +28,18 @@ class GRU(Cell):
     def prepare(self, x):
         return x @ self.weight_ih.T + self.bias_ih  # [B, T, 3H]
 
-    def step(self, h, u):
-        gh = h @ (self.weight_hh * self.mask).T + self.bias_hh  # [N, 3H]
+    def _gates(self, h, u):
+        """``r, z, n [N, H]`` and ``W_hn h + b_hn [N, H]`` at ``h [N, H]``, ``u [N, 3H]``."""
+        gh = h @ recurrent_weight(self).T + self.bias_hh  # [N, 3H]
         ur, uz, un = u.chunk(3, -1)
         hr, hz, hn = gh.chunk(3, -1)
         r = torch.sigmoid(ur + hr)
         z = torch.sigmoid(uz + hz)
         n = torch.tanh(un + r * hn)
+        return r, z, n, hn
+
+    def step(self, h, u):
+        r, z, n, _ = self._gates(h, u)
         return torch.lerp(n, h, z)  # (1 - z) n + z h
 
     def step_and_jacobian(self, h, u):
@@ -45,12 +50,7 @@ class GRU(Cell):
         """
         if self.heads != 1:
             return super().step_and_jacobian(h, u)
-        gh = h @ self.weight_hh.T + self.bias_hh  # [N, 3H]
-        ur, uz, un = u.chunk(3, -1)
-        hr, hz, hn = gh.chunk(3, -1)
-        r = torch.sigmoid(ur + hr)
-        z = torch.sigmoid(uz + hz)
-        n = torch.tanh(un + r * hn)
+        r, z, n, hn = self._gates(h, u)
         Wr, Wz, Wn = self.weight_hh.chunk(3, 0)  # [H, H] each
         dn = (1 - z) * (1 - n * n)
         J = ((h - n) * z * (1 - z)).unsqueeze(-1) * Wz + (dn * r).unsqueeze(-1) * Wn \

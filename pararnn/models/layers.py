@@ -55,13 +55,24 @@ class ResidualBlock(nn.Module):
     def __init__(self, d_model: int, cell: str | Cell = "paragru", mode: str = "parallel",
                  mlp_ratio: int = 4, solver_options: dict | None = None, **cell_kwargs):
         super().__init__()
-        self.cell = make_cell(cell, d_model, **cell_kwargs)
+        cell = make_cell(cell, d_model, **cell_kwargs)
         self.norm1 = nn.LayerNorm(d_model)
-        self.rnn = RNN(self.cell, mode=mode, **(solver_options or {}))
-        self.out = nn.Linear(self.cell.output_size, d_model)
+        self.rnn = RNN(cell, mode=mode, **(solver_options or {}))  # the cell is registered once, as rnn.cell
+        self.out = nn.Linear(cell.output_size, d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
                                  nn.Linear(mlp_ratio * d_model, d_model))
+
+    @property
+    def cell(self) -> Cell:
+        return self.rnn.cell
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from pararnn 0.1.0 hold the cell twice (cell.* and rnn.cell.*): keep one copy.
+        for key in [k for k in state_dict if k.startswith(prefix + "cell.")]:
+            value = state_dict.pop(key)
+            state_dict.setdefault(prefix + "rnn." + key[len(prefix):], value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x, h0=None, mode=None):
         """Returns ``(x [B, T, d_model], h_T [B, state])``."""

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..cell import Cell
-from ._common import head_structure
+from ._common import head_structure, recurrent_weight
 from .gru import _from_torch, _to_torch, _torch_layout_parameters
 
 
@@ -39,13 +39,17 @@ class LSTM(Cell):
     def prepare(self, x):
         return x @ self.weight_ih.T + self.bias_ih  # [B, T, 4H]
 
-    def step(self, s, u):
+    def _gates(self, s, u):
+        """``h, c [N, H]`` from the state ``s [N, 2H]`` and the activated gates ``i, f, g, o [N, H]``."""
         h, c = self.split_state(s)
-        g_all = u + h @ (self.weight_hh * self.mask).T + self.bias_hh  # [N, 4H]
-        i, f, g, o = g_all.chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        return self.join_state(h, c)
+        g_all = u + h @ recurrent_weight(self).T + self.bias_hh  # [N, 4H]
+        ai, af, ag, ao = g_all.chunk(4, -1)
+        return h, c, torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag), torch.sigmoid(ao)
+
+    def step(self, s, u):
+        h, c, i, f, g, o = self._gates(s, u)
+        c = f * c + i * g
+        return self.join_state(o * torch.tanh(c), c)
 
     @property
     def output_size(self) -> int:
@@ -58,10 +62,7 @@ class LSTM(Cell):
         """
         if self.heads != 1:
             return super().step_and_jacobian(s, u)
-        h, c = self.split_state(s)
-        g_all = u + h @ self.weight_hh.T + self.bias_hh  # [N, 4H]
-        ai, af, ag, ao = g_all.chunk(4, -1)
-        i, f, g, o = torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag), torch.sigmoid(ao)
+        h, c, i, f, g, o = self._gates(s, u)
         c2 = f * c + i * g
         tc = torch.tanh(c2)
         h2 = o * tc

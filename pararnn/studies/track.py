@@ -10,6 +10,9 @@ experiment of Orvieto et al. instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import glob
 import json
 import multiprocessing
 import os
@@ -23,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .common import (ddp_rank_world, ensure_writable, figure, init_distributed_from_env,
+                     require_packages, run_metadata, set_threads, write_json_atomic, write_text)
 from .tasks import TASKS
-from .utils.io import write_json_atomic
 
 # model name -> (cell name for pararnn.models.make_cell, cell kwargs).
 # Suffix _pos: transition eigenvalues in [0, 1]; _neg: in [-1, 1].
@@ -79,14 +83,14 @@ def accuracy(pred: torch.Tensor, y: torch.Tensor, chance: float) -> dict:
 
 def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, progress: bool = False) -> dict:
     """Train one model on one task from ``seed``; evaluate at the training length and longer."""
-    from .models import SequenceModel
+    from ..models import SequenceModel
 
     torch.manual_seed(seed)
     task = TASKS[task_name]
     cell, kwargs = MODELS[model_name]
     model = SequenceModel(task.n_in, task.n_out, d_model=cfg.d_model, n_layers=cfg.n_layers, cell=cell,
                           mode="parallel", **kwargs)
-    rank, world = _ddp_rank_world()
+    rank, world = ddp_rank_world()
     net = model
     if world > 1:  # under torchrun: each rank trains on its share of every batch, DDP averages
         net = torch.nn.parallel.DistributedDataParallel(model)
@@ -105,10 +109,11 @@ def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, prog
         T = int(torch.randint(cfg.train_min, cfg.train_max + 1, (1,), generator=gen))
         x, y = task.sample(batch * world, T, gen)  # the global batch; this rank takes its share
         x, y = x[rank * batch:(rank + 1) * batch], y[rank * batch:(rank + 1) * batch]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # counted below from each solve's SolverInfo
             logits, _ = net(x)
-        fallbacks += sum("recomputed sequentially" in str(w.message) for w in caught)
+        fallbacks += sum(int(b.rnn.last_info.fell_back.any()) for b in model.blocks
+                         if b.rnn.last_info.fell_back is not None)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,24 +141,6 @@ def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, prog
             "chance": task.chance, "eval": evals}
 
 
-def _ddp_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed_from_env() -> bool:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA)."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_available() and dist.is_initialized()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
 def load_checkpoint(path: str) -> dict | None:
     """A finished run's result, or None. A corrupt file is moved aside (``.corrupt``), never reused."""
     if not os.path.exists(path):
@@ -161,10 +148,15 @@ def load_checkpoint(path: str) -> dict | None:
     try:
         with open(path) as f:
             res = json.load(f)
-        if not isinstance(res, dict) or "eval" not in res:
-            raise ValueError("no 'eval' field")
+        if not isinstance(res, dict):
+            raise ValueError("not a JSON object")
+        missing = [k for k in RESULT_KEYS if k not in res]
+        if missing:
+            raise ValueError(f"incomplete, missing {missing}")
+        if not isinstance(res["eval"], dict) or not all(isinstance(v, dict) and "acc" in v for v in res["eval"].values()):
+            raise ValueError("malformed 'eval'")
         return res
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:
         bad = path + ".corrupt"
         os.replace(path, bad)
         print(f"pararnn track: checkpoint {path} is unreadable ({e}); moved to {bad}, rerunning it",
@@ -172,16 +164,14 @@ def load_checkpoint(path: str) -> dict | None:
         return None
 
 
+# Every finished run's checkpoint has these; anything less is moved aside and rerun.
+RESULT_KEYS = ("task", "model", "seed", "config", "final_train_loss", "train_seconds", "mean_newton_iterations",
+               "newton_fallbacks", "chance", "eval")
+
+
 def _job(args, threads: int | None = 1):
     task, model, seed, cfg, path = args
-    if threads is not None:
-        torch.set_num_threads(threads)
-        try:  # the compiled scans have their own thread pool
-            import numba
-
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        except ImportError:
-            pass
+    set_threads(threads)
     res = train_one(task, model, seed, cfg)
     write_json_atomic(path, res)
     return res
@@ -192,19 +182,20 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
     from tqdm import tqdm
 
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    check_same_config(out, cfg)
     results, todo = [], []
     for task, models in plan.items():
         for model in models:
             for seed in seeds:
                 path = os.path.join(out, "runs", f"{task}__{slug(model)}__seed{seed}.json")
                 done = load_checkpoint(path)
-                if done is not None and done.get("config") == asdict(cfg):
+                if done is not None:
                     results.append(done)
                 else:
                     todo.append((task, model, seed, cfg, path))
     if results:
         print(f"pararnn track: {len(results)} finished run(s) found in {out}/runs, skipping them", file=sys.stderr)
-    rank, world = _ddp_rank_world()
+    rank, world = ddp_rank_world()
     if todo and world > 1:  # data-parallel: every rank runs every job together; rank 0 writes
         for task, model, seed, cfg_, path in tqdm(todo, desc="track runs", unit="run", disable=rank != 0):
             res = train_one(task, model, seed, cfg_)
@@ -227,10 +218,47 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
     return results
 
 
+def finished_runs(out: str) -> list[dict]:
+    """Every valid finished run in ``<out>/runs`` (a bad checkpoint is moved aside)."""
+    runs = [load_checkpoint(p) for p in sorted(glob.glob(os.path.join(out, "runs", "*.json")))]
+    return [r for r in runs if r is not None]
+
+
+def check_same_config(out: str, cfg: TrackConfig) -> None:
+    """Refuse to mix configurations in one folder: finished runs are never overwritten or mixed."""
+    want = asdict(cfg)
+    for r in finished_runs(out):
+        if r["config"] != want:
+            diff = {k: (r["config"].get(k), v) for k, v in want.items() if r["config"].get(k) != v}
+            raise SystemExit(
+                f"pararnn track: {out} holds finished runs of another configuration "
+                f"(theirs -> this run's: {diff}); choose another --out, or pass the same settings")
+
+
+@contextlib.contextmanager
+def study_lock(out: str):
+    """Hold ``<out>/.lock`` for the study; a concurrent study on the same folder is refused."""
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "w")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"pararnn track: another study is running in {out}; wait for it or choose another --out")
+        yield
+    finally:
+        f.close()
+
+
 def summarize(results: list[dict], out: str) -> str:
-    """Write summary.json, table.md and one accuracy-vs-length plot per task; return the table."""
+    """Write summary.json, table.md and one accuracy-vs-length plot per task; return the table.
+
+    ``results`` are every finished run of the folder (see :func:`finished_runs`), not only this
+    invocation's, so a subset rerun never shrinks the summary.
+    """
     results = sorted(results, key=lambda r: (r["task"], r["model"], r["seed"]))
-    write_json_atomic(os.path.join(out, "summary.json"), results)
+    write_json_atomic(os.path.join(out, "summary.json"), {**run_metadata(results[0]["config"] if results else {}),
+                                                          "runs": results})
     lines = []
     for task in dict.fromkeys(r["task"] for r in results):
         rows = [r for r in results if r["task"] == task]
@@ -246,33 +274,22 @@ def summarize(results: list[dict], out: str) -> str:
         lines.append("")
         _plot_task(task, rows, os.path.join(out, "plots", f"{task}.png"))
     table = "\n".join(lines)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    write_text(os.path.join(out, "table.md"), table)
     return table
 
 
 def _plot_task(task, rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for r in rows:
-        Ls = [int(L) for L in r["eval"]]
-        ax.plot(Ls, [r["eval"][str(L)]["acc"] for L in Ls], marker="o", label=f"{r['model']} (s{r['seed']})")
-    ax.axhline(rows[0]["chance"], color="gray", ls=":", label="chance")
-    ax.axvline(rows[0]["config"]["train_max"], color="gray", ls="--", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("sequence length (dashed: longest training length)")
-    ax.set_ylabel("per-position accuracy")
-    ax.set_title(f"{task}: trained short, tested long")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(5.5, 3.6)) as ax:
+        for r in rows:
+            Ls = [int(L) for L in r["eval"]]
+            ax.plot(Ls, [r["eval"][str(L)]["acc"] for L in Ls], marker="o", label=f"{r['model']} (s{r['seed']})")
+        ax.axhline(rows[0]["chance"], color="gray", ls=":", label="chance")
+        ax.axvline(rows[0]["config"]["train_max"], color="gray", ls="--", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("sequence length (dashed: longest training length)")
+        ax.set_ylabel("per-position accuracy")
+        ax.set_title(f"{task}: trained short, tested long")
 
 
 # ---------------------------------------------------------------- reconstruction (Orvieto et al.)
@@ -285,7 +302,7 @@ def reconstruct(Ns, lags, T=512, n_train=64, n_test=32, seed=0, r_min=0.5, r_max
     the normalised test MSE (MSE / Var x) per (eigenvalues, N, k); the linear decoder is fit by
     ridge regression (``ridge`` × the mean feature energy), the MLP by Adam.
     """
-    from .scan import linear_scan
+    from ..scan import linear_scan
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_train + n_test, T, generator=g, dtype=torch.float64)
@@ -333,8 +350,8 @@ def _fit_mlp(Xtr, Ytr, Xte, steps, seed):
         return mlp(Xte)
 
 
-def _reconstruct_outputs(rows, out):
-    write_json_atomic(os.path.join(out, "reconstruct.json"), rows)
+def _reconstruct_outputs(rows, out, settings):
+    write_json_atomic(os.path.join(out, "reconstruct.json"), {**run_metadata(settings), "rows": rows})
     lags = sorted({r["lag"] for r in rows})
     lines = ["Normalised MSE of reading x_{t-k} back from h_t (0 = perfect, 1 = no information):", "",
              "| eigenvalues | N | " + " | ".join(f"k={k}" for k in lags) + " |", "|---|---|" + "---|" * len(lags)]
@@ -342,28 +359,17 @@ def _reconstruct_outputs(rows, out):
         for N in sorted({r["N"] for r in rows}):
             vals = {r["lag"]: r["nmse"] for r in rows if r["eigenvalues"] == kind and r["N"] == N}
             lines.append(f"| {kind} | {N} | " + " | ".join(f"{vals[k]:.3f}" for k in lags) + " |")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for kind, ls in (("real", "--"), ("complex", "-")):
-        for N in sorted({r["N"] for r in rows}):
-            pts = sorted((r["lag"], r["nmse"]) for r in rows if r["eigenvalues"] == kind and r["N"] == N)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", label=f"{kind}, N={N}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("lag k")
-    ax.set_ylabel("normalised MSE")
-    ax.set_title("reconstruction from a linear diagonal RNN")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "plots", "reconstruct.png"), dpi=110)
-    plt.close(fig)
+    with figure(os.path.join(out, "plots", "reconstruct.png"), figsize=(5.5, 3.6)) as ax:
+        for kind, ls in (("real", "--"), ("complex", "-")):
+            for N in sorted({r["N"] for r in rows}):
+                pts = sorted((r["lag"], r["nmse"]) for r in rows if r["eigenvalues"] == kind and r["N"] == N)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", label=f"{kind}, N={N}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("lag k")
+        ax.set_ylabel("normalised MSE")
+        ax.set_title("reconstruction from a linear diagonal RNN")
     table = "\n".join(lines)
-    with open(os.path.join(out, "reconstruct.md"), "w") as f:
-        f.write(table + "\n")
+    write_text(os.path.join(out, "reconstruct.md"), table)
     return table
 
 
@@ -378,27 +384,16 @@ def _names(value: str | None, known, what: str) -> list[str] | None:
     return names
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--quick", action="store_true", help="the published contrasts, ~15 min on 2 cores")
-    ap.add_argument("--task", "--tasks", dest="tasks", default=None,
-                    help=f"comma-separated tasks ({', '.join(TASKS)}) or 'reconstruct'")
-    ap.add_argument("--models", default=None, help=f"comma-separated models ({', '.join(MODELS)}); "
-                    "suffix _pos = eigenvalues in [0,1], _neg = in [-1,1]")
-    ap.add_argument("--seeds", type=int, default=1, help="seeds per (task, model)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run")
-    ap.add_argument("--eval-lengths", default=None, help="comma-separated test lengths")
-    ap.add_argument("--jobs", type=int, default=2, help="parallel worker processes (1 torch thread each)")
-    ap.add_argument("--decoder", choices=("linear", "mlp"), default="linear", help="reconstruct: decoder")
-    ap.add_argument("--out", default="results/track", help="output folder (checkpoints, tables, plots)")
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     if args.seeds < 1 or args.jobs < 1 or (args.steps is not None and args.steps < 1):
         raise SystemExit("pararnn track: --seeds, --jobs and --steps must be >= 1")
     if args.tasks == "reconstruct":
+        require_packages("track", "matplotlib")
+        ensure_writable(args.out, "--out", folder=True)
         Ns, lags, T = ([16, 64], [1, 16, 64], 256) if args.quick else ([16, 64, 256], [1, 4, 16, 64, 256], 1024)
         rows = reconstruct(Ns, lags, T=T, decoder=args.decoder)
-        print(_reconstruct_outputs(rows, args.out))
+        settings = {"Ns": Ns, "lags": lags, "T": T, "decoder": args.decoder}
+        print(_reconstruct_outputs(rows, args.out, settings))
         return rows
     tasks = _names(args.tasks, list(TASKS), "task(s)")
     models = _names(args.models, list(MODELS), "model(s)")
@@ -417,12 +412,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             cfg.eval_lengths = [int(v) for v in args.eval_lengths.split(",")]
         except ValueError:
             raise SystemExit(f"pararnn track: --eval-lengths must be integers, got {args.eval_lengths!r}")
+    require_packages("track", "tqdm", "matplotlib")
+    ensure_writable(args.out, "--out", folder=True)
     if init_distributed_from_env():
-        rank, world = _ddp_rank_world()
+        rank, world = ddp_rank_world()
         print(f"pararnn track: data-parallel on {world} processes (rank {rank})", file=sys.stderr)
-    results = run_study(plan, list(range(args.seeds)), cfg, args.out, args.jobs)
-    if _ddp_rank_world()[0] != 0:
-        return results
-    print(summarize(results, args.out))
+    if ddp_rank_world()[0] != 0:
+        return run_study(plan, list(range(args.seeds)), cfg, args.out, args.jobs)
+    with study_lock(args.out):
+        results = run_study(plan, list(range(args.seeds)), cfg, args.out, args.jobs)
+        print(summarize(finished_runs(args.out), args.out))
     print(f"results: {args.out}/summary.json, {args.out}/table.md, plots in {args.out}/plots/")
     return results

@@ -1,9 +1,9 @@
 """Engine speed: parallel Newton vs the strong/weak sequential loops, nn.GRU and the memory floor.
 
-Usage (``pararnn bench`` or ``python benchmarks/bench_engine.py``):
-    pararnn bench            # the engine issue's regimes, ~5-10 min on 2 cores
-    pararnn bench --quick    # small shapes, well under a minute
-Writes results/bench_engine.json (with the machine) and prints markdown tables.
+Usage (``pararnn bench`` or ``python benchmarks/bench_engine.py``; the options are in cli.py):
+    pararnn bench            # the latency and bandwidth regimes and the zoo, ~15 min on 2 cores
+    pararnn bench --quick    # small shapes, under a minute
+Writes results/bench_engine.json (version, commit, date, machine, settings) and prints markdown tables.
 All ratios come from one run: the machines are noisy, so compare within a run only.
 """
 from __future__ import annotations
@@ -16,18 +16,21 @@ import torch
 
 import pararnn
 from pararnn.cell import autodiff_step_and_jacobian
+from pararnn.dispatch import scan_dispatch
 from pararnn.models import CELLS, make_cell
 from pararnn.models.paragru import ParaGRU
-from pararnn.scan import scan_dispatch
-from pararnn.utils.io import write_json_atomic
-from pararnn.utils.timing import copy_bandwidth, machine_info, median_time
+from pararnn.newton import sequential_solve
+from pararnn.structure import Diagonal
+from pararnn.utils.timing import copy_bandwidth, median_time
+
+from .common import ensure_writable, figure, markdown_table, require_packages, run_metadata, set_threads, write_json_atomic, write_text
 
 
 class ParaGRUJvp(ParaGRU):
     """The same cell with its Jacobian left to torch.func (one jvp)."""
 
     def step_and_jacobian(self, h, u):
-        return autodiff_step_and_jacobian(self.step, h, u, "diagonal")
+        return autodiff_step_and_jacobian(self.step, h, u, Diagonal())
 
 
 def weak_loop(cell, x):
@@ -44,12 +47,8 @@ def weak_loop(cell, x):
 def strong_loop(cell, x):
     """The strong baseline: a loop over u.unbind(1) (linear-time backward)."""
     u = cell.prepare(x)
-    h = cell.initial_state(x.shape[0], cell.state_dtype(u), x.device)
-    out = []
-    for u_t in u.unbind(1):
-        h = cell.step(h, u_t)
-        out.append(h)
-    return cell.output(torch.stack(out, 1), x)
+    h0 = cell.initial_state(x.shape[0], cell.state_dtype(u), x.device)
+    return cell.output(sequential_solve(cell.step, u, h0), x)
 
 
 def measure(fn, x, params, repeats, backward):
@@ -152,25 +151,16 @@ def bench_cells(names, shapes, repeats, device="cpu", weak_max_work=8 * 1024 * 1
 
 def _loglog(path, title, ylabel, series, hline=None):
     """One log-log plot of ``series``: (xs, ys, linestyle, color, label) tuples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for xs, ys, ls, color, label in series:
-        ax.plot(xs, ys, ls, marker="o", color=color, label=label)
-    if hline is not None:
-        ax.axhline(hline, color="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length T")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path) as ax:
+        for xs, ys, ls, color, label in series:
+            ax.plot(xs, ys, ls, marker="o", color=color, label=label)
+        if hline is not None:
+            ax.axhline(hline, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
     return path
 
 
@@ -197,17 +187,20 @@ def plot_cells(rows, out_prefix):
                     "fwd+bwd time per token (µs)", per_token)]
 
 
+def _ms_pair(r, method):
+    """``"fwd / fwd+bwd"`` in ms for one method of a row ("–" where not measured)."""
+    ms = lambda k: "–" if r.get(k) is None else f"{r[k] * 1e3:.0f}"  # noqa: E731
+    return f"{ms(method + '_fwd_s')} / {ms(method + '_fwdbwd_s')}"
+
+
 def cells_table(rows):
     """Markdown table of the per-cell rows (ms, fwd / fwd+bwd)."""
-    ms = lambda r, k: "–" if r.get(k) is None else f"{r[k] * 1e3:.0f}"  # noqa: E731
-    lines = ["| cell | structure | B | T | d | Lyapunov λ | iters | max err | naive loop | sequential | **parallel** | torch twin | speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cols = [f"{ms(r, m + '_fwd_s')} / {ms(r, m + '_fwdbwd_s')}" for m in ("naive", "sequential", "parallel", "torch")]
-        lines.append(f"| {r['cell']} | {r['structure']} | {r['B']} | {r['T']} | {r['d']} | {r['lyapunov']:.2f} | {r['newton_iterations']} | "
-                     f"{r['max_abs_err_vs_sequential']:.1e} | " + " | ".join(cols)
-                     + f" | {r['speedup_fwd']:.2f}× / {r['speedup_fwdbwd']:.2f}× |")
-    return "\n".join(lines)
+    header = ["cell", "structure", "B", "T", "d", "Lyapunov λ", "iters", "max err", "naive loop", "sequential",
+              "**parallel**", "torch twin", "speedup"]
+    return markdown_table(header, [
+        [r["cell"], r["structure"], r["B"], r["T"], r["d"], f"{r['lyapunov']:.2f}", r["newton_iterations"],
+         f"{r['max_abs_err_vs_sequential']:.1e}", *[_ms_pair(r, m) for m in ("naive", "sequential", "parallel", "torch")],
+         f"{r['speedup_fwd']:.2f}× / {r['speedup_fwdbwd']:.2f}×"] for r in rows])
 
 
 def bench_scan_floor(shapes, repeats):
@@ -217,8 +210,8 @@ def bench_scan_floor(shapes, repeats):
         A = torch.rand(B, T, d)
         b = torch.randn(B, T, d)
         out = torch.empty_like(b)
-        t = median_time(lambda: scan_dispatch(A, b, None, "diagonal", out=out), repeats=repeats, warmup=2)
-        t_ref = median_time(lambda: scan_dispatch(A, b, None, "diagonal", backend="reference"), repeats=2)
+        t = median_time(lambda: scan_dispatch(A, b, None, Diagonal(), out=out), repeats=repeats, warmup=2)
+        t_ref = median_time(lambda: scan_dispatch(A, b, None, Diagonal(), backend="reference"), repeats=2)
         nbytes = 3 * A.numel() * A.element_size()  # read A, b; write h
         bw = copy_bandwidth(nbytes)
         floor = nbytes / bw
@@ -231,43 +224,18 @@ def bench_scan_floor(shapes, repeats):
 
 def table(rows):
     """Markdown table of the regime rows (ms, fwd / fwd+bwd)."""
-    lines = ["| B | T | d | iters | strong loop | sequential | **parallel** | parallel (jvp J) | torch.nn.GRU | weak loop | parallel speedup vs strong |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    ms = lambda v: "–" if v is None else f"{v * 1e3:.0f}"  # noqa: E731
-    for r in rows:
-        cols = [f"{ms(r[f'{m}_fwd_s'])} / {ms(r[f'{m}_fwdbwd_s'])}" for m in
-                ("strong_loop", "sequential", "parallel", "parallel_jvp", "torch_gru", "weak_loop")]
-        lines.append(f"| {r['B']} | {r['T']} | {r['d']} | {r['newton_iterations']} | " + " | ".join(cols)
-                     + f" | {r['speedup_parallel_vs_strong_fwd']:.2f}× / {r['speedup_parallel_vs_strong_fwdbwd']:.2f}× |")
-    return "\n".join(lines)
-
-
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--quick", action="store_true", help="small shapes (well under a minute)")
-    ap.add_argument("--threads", type=int, default=1, help="torch and numba threads (default 1)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
-    ap.add_argument("--cells", default="paragru,paralstm,gru,lstm,lru",
-                    help=f"comma-separated cells for the per-cell table, from {', '.join(CELLS)} ('' = none)")
-    ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
-                    help="run the engine regimes and the scan-vs-floor study (--no-engine: cells only)")
-    ap.add_argument("--Ts", default=None, help="comma-separated sequence lengths for the per-cell study")
-    ap.add_argument("--width", type=int, default=None, help="state width d for the per-cell study")
-    ap.add_argument("--batch", type=int, default=1, help="batch size B for the per-cell study")
-    ap.add_argument("--out", default="results/bench_engine.json",
-                    help="JSON results path (a .md table and .png plots are written beside it)")
+    header = ["B", "T", "d", "iters", "strong loop", "sequential", "**parallel**", "parallel (jvp J)", "torch.nn.GRU",
+              "weak loop", "parallel speedup vs strong"]
+    methods = ("strong_loop", "sequential", "parallel", "parallel_jvp", "torch_gru", "weak_loop")
+    return markdown_table(header, [
+        [r["B"], r["T"], r["d"], r["newton_iterations"], *[_ms_pair(r, m) for m in methods],
+         f"{r['speedup_parallel_vs_strong_fwd']:.2f}× / {r['speedup_parallel_vs_strong_fwdbwd']:.2f}×"] for r in rows])
 
 
 def run(args: argparse.Namespace) -> dict:
     """Run the engine benchmark; returns the results dict (also written to ``args.out``)."""
     if args.threads < 1 or args.repeats < 1:
         raise SystemExit("pararnn bench: --threads and --repeats must be >= 1")
-    torch.set_num_threads(args.threads)
-    try:
-        import numba
-
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
     cells = [c.strip().lower() for c in args.cells.split(",") if c.strip()]
     bad = [c for c in cells if c not in CELLS]
     if bad:
@@ -289,9 +257,14 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("pararnn bench: --Ts, --width and --batch must be >= 1")
     cell_shapes = [(args.batch, T, width) for T in Ts]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {"machine": machine_info(), "settings": vars(args).copy(), "engine_cell": "ParaGRU (diagonal GRU-like)",
+    require_packages("bench", "tqdm", "matplotlib")
+    ensure_writable(args.out, "--out")
+    set_threads(args.threads)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings.update(Ts=Ts, width=width, cells=cells, regimes=regimes if args.engine else {},
+                    scan_shapes=scan_shapes if args.engine else [], device=device)
+    result = {**run_metadata(settings), "engine_cell": "ParaGRU (diagonal GRU-like)",
               "units": "seconds (median)", "regimes": {}, "scan_vs_floor": None}
-    result["settings"].pop("func", None)
     if args.engine:
         for name, shapes in regimes.items():
             result["regimes"][name] = [bench_regime(B, T, d, args.repeats) for B, T, d in shapes]
@@ -314,8 +287,7 @@ def run(args: argparse.Namespace) -> dict:
         md += ["", "Per cell, times in ms, forward / forward+backward (speedup = sequential / parallel):", "",
                cells_table(result["cells"])]
     base = os.path.splitext(args.out)[0]
-    with open(base + ".md", "w") as f:
-        f.write("\n".join(md) + "\n")
+    write_text(base + ".md", "\n".join(md))
     print("\n".join(md))
     if result["cells"]:
         print("\nplots: " + ", ".join(plot_cells(result["cells"], base)))
@@ -324,10 +296,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    run(ap.parse_args(argv))
+    """``python benchmarks/bench_engine.py [options]`` = ``pararnn bench [options]``."""
+    from pararnn.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""What every study shares: run metadata, writable outputs, thread settings, DDP setup, plots."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+
+from ..utils.io import write_json_atomic  # noqa: F401 (re-exported for the studies)
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout pararnn runs from (None when installed from a wheel)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata(settings: dict) -> dict:
+    """Version, commit, date, machine and the settings actually used: the head of every results JSON."""
+    from .. import __version__
+    from ..utils.timing import machine_info
+
+    return {"pararnn": __version__, "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["pararnn", *sys.argv[1:]]) if sys.argv else None,
+            "machine": machine_info(), "settings": settings}
+
+
+def ensure_writable(path: str, what: str, folder: bool = False) -> None:
+    """Fail now, not after the work, if ``path`` (a file, or a folder) cannot be written.
+
+    Raises SystemExit naming the option ``what`` and the reason.
+    """
+    target = path if folder else (os.path.dirname(os.path.abspath(path)) or ".")
+    try:
+        if folder and os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(f"{path} exists and is not a folder")
+        if not folder and os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a folder")
+        os.makedirs(target, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".pararnn-write-test-"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"pararnn: cannot write {what} {path!r}: {e.strerror or e}") from None
+
+
+def require_packages(command: str, *names: str) -> None:
+    """Say which dependency is missing before doing any work (they ship with pararnn)."""
+    missing = []
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise SystemExit(f"pararnn {command}: needs {', '.join(missing)} (pip install {' '.join(missing)}, "
+                         "or reinstall pararnn, which depends on them)")
+
+
+def set_threads(n: int | None) -> None:
+    """Pin torch's and numba's thread pools to ``n`` threads (None: leave them)."""
+    if n is None:
+        return
+    import torch
+
+    torch.set_num_threads(n)
+    try:  # the compiled scans have their own thread pool
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+
+
+def ddp_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_available() and dist.is_initialized()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+@contextlib.contextmanager
+def figure(path: str, figsize=(5.5, 3.8), dpi: int = 110):
+    """``with figure(path) as ax:`` draws on one matplotlib axis (Agg) and saves it to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield ax
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table from a header and rows of already formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text + "\n")
