@@ -7,8 +7,6 @@ Writes results/bench_gpu.json.   Usage: python benchmarks/bench_gpu.py [--quick]
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import torch
@@ -26,12 +24,15 @@ def main(argv=None) -> int:
     from pararnn.models.paragru import ParaGRU
     from pararnn.scan import scan_dispatch
     from pararnn.structure import Block
-    from pararnn.utils.timing import copy_bandwidth, machine_info, median_time
+    from pararnn.studies.common import ensure_writable, run_metadata, write_json_atomic
+    from pararnn.utils.timing import copy_bandwidth, median_time
+
+    ensure_writable(args.out, "--out")
 
     dev = torch.device("cuda")
     Ts = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
     BD = 1 << 14  # B·d lanes
-    out = {"machine": machine_info(), "scans": [], "newton": []}
+    out = {**run_metadata({**vars(args), "Ts": Ts}), "scans": [], "newton": []}
     for T in Ts:
         for name, structure in (("diagonal", "diagonal"), ("block2", Block(2))):
             B, d = 8, BD // 8
@@ -63,9 +64,7 @@ def main(argv=None) -> int:
                               "speedup": rows["sequential"] / rows["parallel"]})
         print(f"ParaGRU T={T}: parallel {rows['parallel'] * 1e3:.1f} ms, sequential "
               f"{rows['sequential'] * 1e3:.1f} ms ({rows['sequential'] / rows['parallel']:.1f}×)")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_json_atomic(args.out, out)
     return 0
 
 

@@ -38,8 +38,9 @@ def main(argv=None):
     ap.add_argument("--out", default="results/bench_memory.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, ".")
-    from pararnn.utils.io import write_json_atomic
-    from pararnn.utils.timing import machine_info
+    from pararnn.studies.common import ensure_writable, run_metadata, write_json_atomic
+
+    ensure_writable(args.out, "--out")
 
     rows = []
     base_kb = int(subprocess.run([sys.executable, "-c", CHILD, "0"], capture_output=True, text=True,
@@ -54,7 +55,7 @@ def main(argv=None):
         rows.append({"T": T, "d": 64, "B": 1, "peak_rss_bytes": peak, "above_baseline_bytes": above,
                      "bytes_per_step": above / T, "fwdbwd_s": float(dt)})
         print(f"| {T} | {peak / 2**20:.0f} | {above / 2**20:.0f} | {above / T:.0f} | {float(dt):.2f} |")
-    write_json_atomic(args.out, {"machine": machine_info(), "cell": "ParaGRU d=64 B=1, fp32", "rows": rows})
+    write_json_atomic(args.out, {**run_metadata(vars(args)), "cell": "ParaGRU d=64 B=1, fp32", "rows": rows})
     print(f"\nresults: {args.out}")
 
 

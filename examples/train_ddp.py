@@ -13,14 +13,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pararnn.models import SequenceModel
+from pararnn.studies.common import ddp_rank_world, init_distributed_from_env
 from pararnn.studies.tasks import TASKS
 
 
 def main(steps: int = 200, global_batch: int = 32, seed: int = 0):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    init_distributed_from_env()  # under torchrun: gloo on CPU, nccl on GPU
+    rank, world = ddp_rank_world()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = SequenceModel(2, 2, d_model=32, n_layers=1, cell="paragru").to(device)
