@@ -158,6 +158,9 @@ def check_structure(
             f"{type(cell).__name__}.step_and_jacobian disagrees with autodiff of step: "
             f"max |J - J_autodiff| = {diff:.3g}"
         )
+    msg = _holomorphic_error(cell.step, h, u, rtol)
+    if msg:
+        raise ValueError(f"{type(cell).__name__}: {msg}.")
     fdiff = (f - f_ref).abs().amax().item()
     if fdiff > atol + rtol * (f_ref.abs().amax().item() + atol):
         raise ValueError(
@@ -165,4 +168,79 @@ def check_structure(
         )
 
 
-__all__ = ["Block", "Cell", "Dense", "Diagonal", "autodiff_step_and_jacobian", "check_structure", "dense_jacobian"]
+class CellCheckError(ValueError):
+    """A cell breaks an assumption of the parallel solver (found by the automatic probe)."""
+
+
+def _holomorphic_error(step, h, u, rtol):
+    """A message if ``step`` is not complex-linear in h at (h, u) (its jvp along i·v is not i·(its jvp
+    along v)), else None. Real states: None."""
+    if not h.is_complex():
+        return None
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(h.shape, generator=g, dtype=torch.float64).to(h)
+    f = lambda hh: step(hh, u)  # noqa: E731
+    jv = jvp(f, (h,), (v,))[1]
+    jiv = jvp(f, (h,), (1j * v,))[1]
+    bad = (jiv - 1j * jv).abs().amax().item()
+    if bad > rtol * (jv.abs().amax().item() + 1e-30):
+        return (f"its step is not holomorphic in the complex state h (the derivative along i·v differs from "
+                f"i times the derivative along v by {bad:.3g}; e.g. it uses h.abs(), h.real or h.conj()). "
+                "The solver's complex Jacobians assume complex-linear derivatives: write the state as "
+                "real and imaginary parts (a real state of twice the size, Block(2) structure)")
+    return None
+
+
+def verify_cell(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> None:
+    """The probe the parallel solver runs once per cell, dtype and device (``check_cell=True``).
+
+    At a few sampled positions ``h [n, d]``, ``u [n, *]`` (n >= 2) it checks, with a few extra
+    evaluations of ``step``:
+
+    - determinism: two evaluations of ``step`` agree (Newton re-evaluates every position at
+      every iteration, so dropout or other randomness in ``step`` gives wrong gradients);
+    - no row coupling: a tangent on one row moves no other row's output (a normalisation over
+      the batch inside ``step`` breaks the per-sequence solve and its gradients);
+    - the declared structure: the jvp of ``step`` along a random tangent equals the declared
+      Jacobian of ``step_and_jacobian`` applied to it (a too-narrow declaration gives wrong
+      gradients even where Newton still converges);
+    - complex states: ``step`` is holomorphic in h.
+
+    Raises :class:`CellCheckError` (a ValueError) saying what is wrong and what to do.
+    """
+    name = type(cell).__name__
+    structure = cell.get_structure()
+    real = h.real.dtype if h.is_complex() else h.dtype
+    rtol = float(torch.finfo(real).eps) ** 0.5  # a hand-written J agrees with autodiff far better
+    f = lambda hh: cell.step(hh, u)  # noqa: E731
+    f1, f2 = f(h), f(h)
+    if not torch.equal(f1, f2) and not bool(torch.isnan(f1).any()):
+        raise CellCheckError(
+            f"{name}.step is not deterministic (two evaluations at the same (h, u) differ by "
+            f"{(f1 - f2).abs().amax().item():.3g}): the parallel solver evaluates step many times per position. "
+            "Stochastic layers (dropout) belong in prepare() or output(); mode='sequential' supports them in step.")
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(h.shape, generator=g, dtype=torch.float64).to(h)
+    one_row = torch.zeros_like(v)
+    one_row[0] = v[0]
+    moved = jvp(f, (h,), (one_row,))[1][1:].abs().amax().item() if h.shape[0] > 1 else 0.0
+    if moved > 0:
+        raise CellCheckError(
+            f"{name}.step couples batch rows (a change of row 0's state moves other rows' outputs by "
+            f"{moved:.3g}; e.g. a normalisation over the batch inside step). Each row of h must be "
+            "updated from its own row only: normalise over features, or in prepare()/output().")
+    f_j, J = cell.step_and_jacobian(h, u)
+    jv = jvp(f, (h,), (v,))[1]
+    scale = structure.matvec(J.abs(), v.abs()) + jv.abs()
+    bad = ((jv - structure.matvec(J, v)).abs() - rtol * scale).amax().item()
+    if bad > 0 or not torch.allclose(f_j, f1, rtol=rtol, atol=0, equal_nan=True):
+        check_structure(cell, u=u, h=h, rtol=rtol, atol=float(torch.finfo(real).tiny))  # names the entry
+        raise CellCheckError(
+            f"{name}: its declared Jacobian ({structure}) does not match the derivative of step "
+            f"(max excess {bad:.3g}); check step_and_jacobian and the structure declaration.")
+    msg = _holomorphic_error(cell.step, h, u, rtol)
+    if msg:
+        raise CellCheckError(f"{name}: {msg}.")
+
+
+__all__ = ["Block", "Cell", "CellCheckError", "verify_cell", "Dense", "Diagonal", "autodiff_step_and_jacobian", "check_structure", "dense_jacobian"]

@@ -20,13 +20,15 @@ class ConvergenceWarning(RuntimeWarning):
     """Issued by ``on_fail="warn"`` or ``"fallback"`` when Newton does not converge."""
 
 
-_DEFAULT_TOL = {  # (rtol, atol) on the residual max|f(h_{t-1}) - h_t|
-    torch.float64: (1e-12, 1e-12),
-    torch.complex128: (1e-12, 1e-12),
-    torch.float32: (2e-6, 2e-6),
-    torch.complex64: (2e-6, 2e-6),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1e-2, 1e-2),
+# Default rtol per dtype: about 16 units of roundoff (fp32 eps = 1.2e-7), so that an iterate that
+# is exact up to the rounding of one evaluation of f passes, and nothing coarser does.
+_DEFAULT_RTOL = {
+    torch.float64: 1e-12,
+    torch.complex128: 1e-12,
+    torch.float32: 2e-6,
+    torch.complex64: 2e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1e-2,
 }
 
 
@@ -36,9 +38,13 @@ class SolverOptions:
 
     Attributes:
         max_iters: most Newton steps (linear scans). Newton needs at most T; typical cells 2-10.
-        rtol, atol: a sequence is converged when every entry of the residual satisfies
-            ``|f(h_{t-1}, u_t) - h_t| <= atol + rtol·(|f(h_{t-1}, u_t)| + max|h_{t-1}|)``.
-            ``None`` = a default per dtype (fp64 1e-12, fp32 2e-6, fp16 2e-3).
+        rtol, atol: a sequence is converged when every entry i of every residual satisfies
+            ``|r_t,i| <= atol + rtol·(|f_i| + Σ_j |J_t,ij| |h_{t-1},j|)``, with
+            ``r_t = f(h_{t-1}, u_t) - h_t`` and J = df/dh: the rounding scale of the linearised
+            step, per entry, so states of any size (1e-12 or 1e6, or both in one state) are
+            solved to the same relative accuracy. ``None`` = defaults: rtol per dtype (fp64
+            1e-12, fp32 2e-6, fp16 2e-3, bf16 1e-2); atol = the dtype's smallest normal number
+            (so no state is small enough to pass unsolved).
         init: initial guess: ``"step"`` (``h_t = f(h0, u_t)`` for all t, as ParaRNN with h0=0),
             ``"zeros"``, or a tensor ``[B, T, d]`` (warm start, e.g. a previous solution).
         on_fail: ``"raise"`` (ConvergenceError), ``"warn"`` (return the last iterate with a
@@ -56,6 +62,10 @@ class SolverOptions:
         check_finite: raise on NaN/Inf in x or h0 before solving.
         chunk: the cell is evaluated over T in chunks of about this many state elements, so
             temporaries stay small (a CPU speed knob; results do not depend on it).
+        check_cell: on the first parallel call per cell, dtype and device, probe ``step`` at a
+            few positions (:func:`pararnn.cell.verify_cell`: determinism, no coupling of batch
+            rows, the declared structure, holomorphy of complex cells) and raise a clear error
+            if it breaks an assumption of the solver. Costs a few evaluations of ``step`` once.
         process_group: a ``torch.distributed`` group for sequence parallelism: each rank passes
             its own time chunk of x (in rank order), see :mod:`pararnn.distributed`. The
             ``"fallback"`` policy is not available there (non-convergence raises instead).
@@ -73,6 +83,7 @@ class SolverOptions:
     check_finite: bool = True
     chunk: int = 1 << 18
     process_group: object = None
+    check_cell: bool = True
 
     def __post_init__(self):
         if not isinstance(self.max_iters, int) or self.max_iters < 1:
@@ -92,12 +103,13 @@ class SolverOptions:
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         check_backend(self.backend)
-        for name in ("safeguard", "check_finite"):
+        for name in ("safeguard", "check_finite", "check_cell"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
-        rtol, atol = _DEFAULT_TOL.get(dtype, (1e-5, 1e-5))
+        rtol = _DEFAULT_RTOL.get(dtype, 1e-5)
+        atol = torch.finfo(dtype).tiny if not dtype.is_complex else torch.finfo(dtype.to_real()).tiny
         return (rtol if self.rtol is None else self.rtol, atol if self.atol is None else self.atol)
 
 
@@ -159,30 +171,35 @@ def time_chunks(B: int, T: int, d: int, target: int):
 
 
 def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.Tensor,
-             chunk: int, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+             chunk: int, rtol: float, structure=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual and Jacobian at the iterate, written into buffers, chunk by chunk over T.
 
     ``S [B, T+1, d]`` holds (h0, h_1..h_T); ``u [B, T, *]``. Fills ``r = f(h_{t-1}, u_t) - h_t``
     ``[B, T, d]`` and ``J [B, T, *jac]``. Returns per sequence ``[B]``: ``max|r|`` and
-    ``max(|r_t| - rtol·(|f_t| + max|h_{t-1}|))``, the test (a sequence is converged when the latter
-    is <= atol). The scale is per position on purpose: one taken from the whole iterate would let
-    a blown-up iterate (|h| ~ 1e250) pass with a residual that is garbage at the small entries,
-    while |h_{t-1}| covers the rounding of f itself (a h + b can cancel to ~0 from large terms).
+    ``max(|r_t| - rtol·scale_t)``, the test (a sequence is converged when the latter is <= atol),
+    with the per-entry scale ``|f_t| + |J_t| |h_{t-1}|`` (a matvec of absolute values): the size
+    of what rounds when f is evaluated, including terms of the linear part that cancel (a h + b
+    can be ~0 from large terms). Per entry and per position, so neither a large entry of the
+    same state, nor a blown-up iterate elsewhere (|h| ~ 1e250), can make a residual pass that is
+    garbage at the small entries; a scale that multiplies J also keeps a saturated blown-up
+    entry (J ≈ 0) from inflating it.
     """
     B, T = u.shape[:2]
     d = S.shape[-1]
+    structure = cell.get_structure() if structure is None else structure
     err = torch.zeros(B, dtype=r.real.dtype, device=r.device)
     excess = torch.full_like(err, -float("inf"))
     for t0, t1 in time_chunks(B, T, d, chunk):
         n = t1 - t0
-        f, Jc = cell.step_and_jacobian(_flat(S[:, t0:t1]), _flat(u[:, t0:t1]))
+        hp = _flat(S[:, t0:t1])  # previous states [B*n, d]
+        f, Jc = cell.step_and_jacobian(hp, _flat(u[:, t0:t1]))
         f = f.reshape(B, n, d)
         J[:, t0:t1] = Jc.reshape(B, n, *Jc.shape[1:])
         rc = r[:, t0:t1]
         torch.sub(f, S[:, t0 + 1:t1 + 1], out=rc)
         ra = rc.abs()
-        # scale of f's own rounding: |f| and the size of the state it was computed from
-        scale = f.abs() + S[:, t0:t1].abs().amax(dim=-1, keepdim=True)  # [B, n, d]
+        # the rounding scale of the linearised step, per entry: |f| + |J| |h_prev|
+        scale = f.abs().add_(structure.matvec(Jc.abs(), hp.abs()).reshape(B, n, d))  # [B, n, d]
         # NaN must propagate: amax and maximum do (fmax would drop it).
         err = torch.maximum(err, ra.amax(dim=(1, 2)))
         excess = torch.maximum(excess, (ra - rtol * scale).amax(dim=(1, 2)))

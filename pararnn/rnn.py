@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 
-from .cell import Cell
+from .cell import Cell, verify_cell
 from .newton import SolverInfo, SolverOptions, handle_failure, newton_solve, sequential_solve, time_chunks
 from .parallel import context_for
 from .structure import as_structure
@@ -52,7 +52,15 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     the graph, and :class:`_Adjoint` turns the incoming state gradients into its cotangents with
     one reverse-time scan.
     """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(
+            "pararnn: torch.func transforms (grad, vmap, jacrev, functional_call under them) cannot trace a "
+            "parallel solve (its Newton loop and scans run outside autograd's functional tracing). Use "
+            "mode='sequential' under torch.func, or ordinary autograd (loss.backward(), torch.autograd.grad), "
+            "which the parallel solve supports.")
     pctx = context_for(opts.process_group)
+    if opts.check_cell:
+        _verify_once(cell, u, h0)
     with torch.no_grad():
         S, J, info = newton_solve(cell, u, h0, opts, pctx)  # S: [B, T+1, d] = (h0, h_1..h_T)
         handle_failure(cell, u, S, J, info, opts, pctx, **({} if warn is None else {"warn": warn}))
@@ -75,6 +83,23 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
             return H, info  # nothing upstream wants a gradient
         f_chunks.append(f.reshape(B, n, d))
     return _Adjoint.apply(H, J, cell.get_structure(), opts.backend, pctx, bounds, *f_chunks), info
+
+
+def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
+    """Run :func:`pararnn.cell.verify_cell` once per cell, dtype and device, at n sampled positions."""
+    key = (h0.dtype, h0.device, str(cell.get_structure()))
+    done = cell.__dict__.setdefault("_pararnn_verified", set())
+    if key in done:
+        return
+    B, T = u.shape[:2]
+    b = torch.arange(n, device=u.device) % B
+    t = torch.linspace(0, T - 1, n, device=u.device).long()
+    with torch.no_grad():
+        u_s = u[b, t].detach()  # [n, *]
+        h_s = cell.step(h0[b].detach(), u_s)  # a state at the scale the solve will see, [n, d]
+    with torch.enable_grad():
+        verify_cell(cell, h_s, u_s)
+    done.add(key)
 
 
 def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagonal",

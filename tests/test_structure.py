@@ -74,6 +74,8 @@ def test_misdeclared_cell_gives_wrong_newton_answer_without_the_guard():
     cell = DenseTanh(3, 6).double()
     cell.structure = "diagonal"
     x = torch.randn(2, 30, 3, dtype=torch.float64)
-    rnn = pararnn.RNN(cell, max_iters=3, on_fail="raise")
+    with pytest.raises(ValueError, match="declares structure diagonal"):  # the automatic probe
+        pararnn.RNN(cell, max_iters=3, on_fail="raise")(x)
+    rnn = pararnn.RNN(cell, max_iters=3, on_fail="raise", check_cell=False)  # opted out
     with pytest.raises(pararnn.ConvergenceError):
         rnn(x)
