@@ -30,7 +30,7 @@ class _Adjoint(torch.autograd.Function):
     def forward(ctx, H, J, structure, backend, pctx, bounds, *f_chunks):
         ctx.save_for_backward(J)
         ctx.structure, ctx.backend, ctx.pctx, ctx.bounds = structure, backend, pctx, bounds
-        return H
+        return H.clone()  # an ordinary tensor (H is a view of the solver's [B, T+1, d] buffer)
 
     @staticmethod
     def backward(ctx, g):
@@ -52,12 +52,8 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     the graph, and :class:`_Adjoint` turns the incoming state gradients into its cotangents with
     one reverse-time scan.
     """
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        raise RuntimeError(
-            "pararnn: torch.func transforms (grad, vmap, jacrev, functional_call under them) cannot trace a "
-            "parallel solve (its Newton loop and scans run outside autograd's functional tracing). Use "
-            "mode='sequential' under torch.func, or ordinary autograd (loss.backward(), torch.autograd.grad), "
-            "which the parallel solve supports.")
+    if _under_torch_func():
+        raise RuntimeError(TORCH_FUNC_MSG)
     pctx = context_for(opts.process_group)
     if opts.check_cell:
         _verify_once(cell, u, h0)
@@ -66,7 +62,7 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
         handle_failure(cell, u, S, J, info, opts, pctx, **({} if warn is None else {"warn": warn}))
     H = S[:, 1:]
     if not torch.is_grad_enabled():
-        return H, info
+        return H.clone(), info  # not a view of the solver's buffer: y.view(), y += 1 work
     B, T, d = H.shape
     bounds = time_chunks(B, T, d, opts.chunk)
     f_chunks = []
@@ -80,9 +76,21 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
         n = t1 - t0
         f = cell.step(hp.reshape(B * n, d), u_c.reshape(B * n, *u.shape[2:]))
         if t0 == 0 and not f.requires_grad:
-            return H, info  # nothing upstream wants a gradient
+            return H.clone(), info  # nothing upstream wants a gradient
         f_chunks.append(f.reshape(B, n, d))
     return _Adjoint.apply(H, J, cell.get_structure(), opts.backend, pctx, bounds, *f_chunks), info
+
+
+TORCH_FUNC_MSG = (
+    "pararnn: torch.func transforms (grad, vmap, jacrev, functional_call under them) cannot trace a parallel "
+    "solve (its Newton loop and scans run outside autograd's functional tracing). Use mode='sequential' "
+    "(or 'auto') under torch.func, or ordinary autograd (loss.backward(), torch.autograd.grad), which the "
+    "parallel solve supports.")
+
+
+def _under_torch_func() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) is tracing this call."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
@@ -228,6 +236,12 @@ class RNN(nn.Module):
         mode = self.mode if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        functional = _under_torch_func()
+        if functional:  # values cannot be inspected there: only the plain loop traces
+            if mode == "parallel":
+                raise RuntimeError(TORCH_FUNC_MSG)
+            mode = "sequential"
+            opts = dataclasses.replace(opts, check_finite=False)
         if opts.check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or Inf (pass check_finite=False to skip this check)")
         u = self.cell.prepare(x)  # [B, T, *]

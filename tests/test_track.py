@@ -110,3 +110,44 @@ def test_reconstruction_small():
     assert by[("complex", 1)] < 0.05 and by[("complex", 16)] < 0.1  # recent inputs read back
     assert by[("real", 16)] > 0.5  # real eigenvalues smear them together
     assert by[("complex", 16)] < by[("real", 16)] / 5
+
+
+def test_other_configuration_is_refused_and_finished_runs_kept(tmp_path):
+    out = str(tmp_path / "t")
+    main(ARGS + ["--out", out])
+    path = os.path.join(out, "runs", "parity__paragru__seed0.json")
+    before = open(path).read()
+    with pytest.raises(SystemExit, match="another configuration"):
+        main([a if a != "3" else "4" for a in ARGS] + ["--out", out])  # --steps 4
+    assert open(path).read() == before
+
+
+def test_concurrent_study_on_one_folder_is_refused(tmp_path):
+    out = str(tmp_path / "t")
+    with track.study_lock(out):
+        with pytest.raises(SystemExit, match="another study is running"):
+            main(ARGS + ["--out", out])
+
+
+def test_incomplete_checkpoint_is_moved_aside_and_rerun(tmp_path, capsys):
+    out = str(tmp_path / "t")
+    main(ARGS + ["--out", out])
+    path = os.path.join(out, "runs", "parity__paragru__seed0.json")
+    res = json.load(open(path))
+    del res["mean_newton_iterations"]
+    with open(path, "w") as f:
+        json.dump(res, f)
+    capsys.readouterr()
+    main(ARGS + ["--out", out])
+    assert "incomplete" in capsys.readouterr().err and os.path.exists(path + ".corrupt")
+    assert "mean_newton_iterations" in json.load(open(path))
+
+
+def test_subset_rerun_keeps_the_whole_summary(tmp_path):
+    out = str(tmp_path / "t")
+    main(ARGS + ["--out", out])
+    main(["track", "--tasks", "parity", "--models", "paragru", "--steps", "3", "--eval-lengths", "50",
+          "--jobs", "1", "--out", out])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert {r["model"] for r in summary["runs"]} == {"diag_neg", "paragru"}
+    assert "diag_neg" in open(os.path.join(out, "table.md")).read()
