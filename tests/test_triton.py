@@ -136,3 +136,25 @@ def test_tree_scan_patch_is_active_and_tree_ordered():
     from triton.runtime import interpreter
 
     assert getattr(interpreter.ScanOps.generic_scan, "_pararnn_tree", False)
+
+
+@pytest.mark.parametrize("structure, dtype", [("diagonal", torch.float32), ("diagonal", torch.complex64),
+                                              (Block(2), torch.float32), (Block(4), torch.float32)])
+def test_overflowing_partial_products_give_no_nan(structure, dtype):
+    """A = 100, b = 0: the tree's partial products of A overflow, the answer is exactly 0."""
+    st = as_structure(structure, 8)
+    A = torch.full((2, 64, *st.storage_shape(8)), 100.0, dtype=dtype)
+    b = torch.zeros(2, 64, 8, dtype=dtype)
+    b[1, 40] = 1.0  # the second row does overflow from t = 40 on, as in the reference
+    ref = scan_reference(A.to(torch.complex128 if dtype.is_complex else torch.float64),
+                         b.to(torch.complex128 if dtype.is_complex else torch.float64), None, st).to(dtype)
+    A, b = A.requires_grad_(), b.requires_grad_()
+    got = triton_scan.scan_triton(A.detach().to(DEVICE), b.detach().to(DEVICE), None, st).cpu()
+    assert not bool(torch.isnan(got[0]).any()) and bool((got[0] == 0).all())
+    finite = torch.isfinite(ref)
+    assert bool((torch.isfinite(got) == finite).all())  # inf exactly where the reference overflows
+    assert not bool(torch.isnan(got).any())
+    g = torch.zeros(2, 64, 8, dtype=dtype)
+    g[0, -1] = 1.0
+    lam = triton_scan.scan_triton(A.detach().to(DEVICE), g.to(DEVICE), None, st, reverse=True, adjoint=True).cpu()
+    assert not bool(torch.isnan(lam).any())

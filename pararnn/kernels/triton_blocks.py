@@ -2,18 +2,18 @@
 import triton
 import triton.language as tl
 
-from .triton_common import lane_tile, time_index
+from .triton_common import lane_tile, mul0, time_index
 
 
 @triton.jit
 def _combine_k2(a1_00, a1_01, a1_10, a1_11, b1_0, b1_1, a2_00, a2_01, a2_10, a2_11, b2_0, b2_1):
     return (
-        a2_00 * a1_00 + a2_01 * a1_10,
-        a2_00 * a1_01 + a2_01 * a1_11,
-        a2_10 * a1_00 + a2_11 * a1_10,
-        a2_10 * a1_01 + a2_11 * a1_11,
-        a2_00 * b1_0 + a2_01 * b1_1 + b2_0,
-        a2_10 * b1_0 + a2_11 * b1_1 + b2_1,
+        mul0(a2_00, a1_00) + mul0(a2_01, a1_10),
+        mul0(a2_00, a1_01) + mul0(a2_01, a1_11),
+        mul0(a2_10, a1_00) + mul0(a2_11, a1_10),
+        mul0(a2_10, a1_01) + mul0(a2_11, a1_11),
+        mul0(a2_00, b1_0) + mul0(a2_01, b1_1) + b2_0,
+        mul0(a2_10, b1_0) + mul0(a2_11, b1_1) + b2_1,
     )
 
 
@@ -52,8 +52,8 @@ def _block_k2_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
         b_1 = tl.load(Bv + pb + 1, mask=m2, other=0.0).to(tl.float32)
         a_00, a_01, a_10, a_11, b_0, b_1 = tl.associative_scan(
             (a_00, a_01, a_10, a_11, b_0, b_1), axis=0, combine_fn=_combine_k2)
-        h_0 = a_00 * c_0[None, :] + a_01 * c_1[None, :] + b_0
-        h_1 = a_10 * c_0[None, :] + a_11 * c_1[None, :] + b_1
+        h_0 = mul0(a_00, c_0[None, :]) + mul0(a_01, c_1[None, :]) + b_0
+        h_1 = mul0(a_10, c_0[None, :]) + mul0(a_11, c_1[None, :]) + b_1
         tl.store(OUT + pb + 0, h_0.to(OUT.dtype.element_ty), mask=m2)
         tl.store(OUT + pb + 1, h_1.to(OUT.dtype.element_ty), mask=m2)
         c_0 = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, h_0, 0.0), axis=0)
@@ -63,18 +63,18 @@ def _block_k2_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
 @triton.jit
 def _combine_k3(a1_00, a1_01, a1_02, a1_10, a1_11, a1_12, a1_20, a1_21, a1_22, b1_0, b1_1, b1_2, a2_00, a2_01, a2_02, a2_10, a2_11, a2_12, a2_20, a2_21, a2_22, b2_0, b2_1, b2_2):
     return (
-        a2_00 * a1_00 + a2_01 * a1_10 + a2_02 * a1_20,
-        a2_00 * a1_01 + a2_01 * a1_11 + a2_02 * a1_21,
-        a2_00 * a1_02 + a2_01 * a1_12 + a2_02 * a1_22,
-        a2_10 * a1_00 + a2_11 * a1_10 + a2_12 * a1_20,
-        a2_10 * a1_01 + a2_11 * a1_11 + a2_12 * a1_21,
-        a2_10 * a1_02 + a2_11 * a1_12 + a2_12 * a1_22,
-        a2_20 * a1_00 + a2_21 * a1_10 + a2_22 * a1_20,
-        a2_20 * a1_01 + a2_21 * a1_11 + a2_22 * a1_21,
-        a2_20 * a1_02 + a2_21 * a1_12 + a2_22 * a1_22,
-        a2_00 * b1_0 + a2_01 * b1_1 + a2_02 * b1_2 + b2_0,
-        a2_10 * b1_0 + a2_11 * b1_1 + a2_12 * b1_2 + b2_1,
-        a2_20 * b1_0 + a2_21 * b1_1 + a2_22 * b1_2 + b2_2,
+        mul0(a2_00, a1_00) + mul0(a2_01, a1_10) + mul0(a2_02, a1_20),
+        mul0(a2_00, a1_01) + mul0(a2_01, a1_11) + mul0(a2_02, a1_21),
+        mul0(a2_00, a1_02) + mul0(a2_01, a1_12) + mul0(a2_02, a1_22),
+        mul0(a2_10, a1_00) + mul0(a2_11, a1_10) + mul0(a2_12, a1_20),
+        mul0(a2_10, a1_01) + mul0(a2_11, a1_11) + mul0(a2_12, a1_21),
+        mul0(a2_10, a1_02) + mul0(a2_11, a1_12) + mul0(a2_12, a1_22),
+        mul0(a2_20, a1_00) + mul0(a2_21, a1_10) + mul0(a2_22, a1_20),
+        mul0(a2_20, a1_01) + mul0(a2_21, a1_11) + mul0(a2_22, a1_21),
+        mul0(a2_20, a1_02) + mul0(a2_21, a1_12) + mul0(a2_22, a1_22),
+        mul0(a2_00, b1_0) + mul0(a2_01, b1_1) + mul0(a2_02, b1_2) + b2_0,
+        mul0(a2_10, b1_0) + mul0(a2_11, b1_1) + mul0(a2_12, b1_2) + b2_1,
+        mul0(a2_20, b1_0) + mul0(a2_21, b1_1) + mul0(a2_22, b1_2) + b2_2,
     )
 
 
@@ -135,9 +135,9 @@ def _block_k3_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
         b_2 = tl.load(Bv + pb + 2, mask=m2, other=0.0).to(tl.float32)
         a_00, a_01, a_02, a_10, a_11, a_12, a_20, a_21, a_22, b_0, b_1, b_2 = tl.associative_scan(
             (a_00, a_01, a_02, a_10, a_11, a_12, a_20, a_21, a_22, b_0, b_1, b_2), axis=0, combine_fn=_combine_k3)
-        h_0 = a_00 * c_0[None, :] + a_01 * c_1[None, :] + a_02 * c_2[None, :] + b_0
-        h_1 = a_10 * c_0[None, :] + a_11 * c_1[None, :] + a_12 * c_2[None, :] + b_1
-        h_2 = a_20 * c_0[None, :] + a_21 * c_1[None, :] + a_22 * c_2[None, :] + b_2
+        h_0 = mul0(a_00, c_0[None, :]) + mul0(a_01, c_1[None, :]) + mul0(a_02, c_2[None, :]) + b_0
+        h_1 = mul0(a_10, c_0[None, :]) + mul0(a_11, c_1[None, :]) + mul0(a_12, c_2[None, :]) + b_1
+        h_2 = mul0(a_20, c_0[None, :]) + mul0(a_21, c_1[None, :]) + mul0(a_22, c_2[None, :]) + b_2
         tl.store(OUT + pb + 0, h_0.to(OUT.dtype.element_ty), mask=m2)
         tl.store(OUT + pb + 1, h_1.to(OUT.dtype.element_ty), mask=m2)
         tl.store(OUT + pb + 2, h_2.to(OUT.dtype.element_ty), mask=m2)
@@ -149,26 +149,26 @@ def _block_k3_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
 @triton.jit
 def _combine_k4(a1_00, a1_01, a1_02, a1_03, a1_10, a1_11, a1_12, a1_13, a1_20, a1_21, a1_22, a1_23, a1_30, a1_31, a1_32, a1_33, b1_0, b1_1, b1_2, b1_3, a2_00, a2_01, a2_02, a2_03, a2_10, a2_11, a2_12, a2_13, a2_20, a2_21, a2_22, a2_23, a2_30, a2_31, a2_32, a2_33, b2_0, b2_1, b2_2, b2_3):
     return (
-        a2_00 * a1_00 + a2_01 * a1_10 + a2_02 * a1_20 + a2_03 * a1_30,
-        a2_00 * a1_01 + a2_01 * a1_11 + a2_02 * a1_21 + a2_03 * a1_31,
-        a2_00 * a1_02 + a2_01 * a1_12 + a2_02 * a1_22 + a2_03 * a1_32,
-        a2_00 * a1_03 + a2_01 * a1_13 + a2_02 * a1_23 + a2_03 * a1_33,
-        a2_10 * a1_00 + a2_11 * a1_10 + a2_12 * a1_20 + a2_13 * a1_30,
-        a2_10 * a1_01 + a2_11 * a1_11 + a2_12 * a1_21 + a2_13 * a1_31,
-        a2_10 * a1_02 + a2_11 * a1_12 + a2_12 * a1_22 + a2_13 * a1_32,
-        a2_10 * a1_03 + a2_11 * a1_13 + a2_12 * a1_23 + a2_13 * a1_33,
-        a2_20 * a1_00 + a2_21 * a1_10 + a2_22 * a1_20 + a2_23 * a1_30,
-        a2_20 * a1_01 + a2_21 * a1_11 + a2_22 * a1_21 + a2_23 * a1_31,
-        a2_20 * a1_02 + a2_21 * a1_12 + a2_22 * a1_22 + a2_23 * a1_32,
-        a2_20 * a1_03 + a2_21 * a1_13 + a2_22 * a1_23 + a2_23 * a1_33,
-        a2_30 * a1_00 + a2_31 * a1_10 + a2_32 * a1_20 + a2_33 * a1_30,
-        a2_30 * a1_01 + a2_31 * a1_11 + a2_32 * a1_21 + a2_33 * a1_31,
-        a2_30 * a1_02 + a2_31 * a1_12 + a2_32 * a1_22 + a2_33 * a1_32,
-        a2_30 * a1_03 + a2_31 * a1_13 + a2_32 * a1_23 + a2_33 * a1_33,
-        a2_00 * b1_0 + a2_01 * b1_1 + a2_02 * b1_2 + a2_03 * b1_3 + b2_0,
-        a2_10 * b1_0 + a2_11 * b1_1 + a2_12 * b1_2 + a2_13 * b1_3 + b2_1,
-        a2_20 * b1_0 + a2_21 * b1_1 + a2_22 * b1_2 + a2_23 * b1_3 + b2_2,
-        a2_30 * b1_0 + a2_31 * b1_1 + a2_32 * b1_2 + a2_33 * b1_3 + b2_3,
+        mul0(a2_00, a1_00) + mul0(a2_01, a1_10) + mul0(a2_02, a1_20) + mul0(a2_03, a1_30),
+        mul0(a2_00, a1_01) + mul0(a2_01, a1_11) + mul0(a2_02, a1_21) + mul0(a2_03, a1_31),
+        mul0(a2_00, a1_02) + mul0(a2_01, a1_12) + mul0(a2_02, a1_22) + mul0(a2_03, a1_32),
+        mul0(a2_00, a1_03) + mul0(a2_01, a1_13) + mul0(a2_02, a1_23) + mul0(a2_03, a1_33),
+        mul0(a2_10, a1_00) + mul0(a2_11, a1_10) + mul0(a2_12, a1_20) + mul0(a2_13, a1_30),
+        mul0(a2_10, a1_01) + mul0(a2_11, a1_11) + mul0(a2_12, a1_21) + mul0(a2_13, a1_31),
+        mul0(a2_10, a1_02) + mul0(a2_11, a1_12) + mul0(a2_12, a1_22) + mul0(a2_13, a1_32),
+        mul0(a2_10, a1_03) + mul0(a2_11, a1_13) + mul0(a2_12, a1_23) + mul0(a2_13, a1_33),
+        mul0(a2_20, a1_00) + mul0(a2_21, a1_10) + mul0(a2_22, a1_20) + mul0(a2_23, a1_30),
+        mul0(a2_20, a1_01) + mul0(a2_21, a1_11) + mul0(a2_22, a1_21) + mul0(a2_23, a1_31),
+        mul0(a2_20, a1_02) + mul0(a2_21, a1_12) + mul0(a2_22, a1_22) + mul0(a2_23, a1_32),
+        mul0(a2_20, a1_03) + mul0(a2_21, a1_13) + mul0(a2_22, a1_23) + mul0(a2_23, a1_33),
+        mul0(a2_30, a1_00) + mul0(a2_31, a1_10) + mul0(a2_32, a1_20) + mul0(a2_33, a1_30),
+        mul0(a2_30, a1_01) + mul0(a2_31, a1_11) + mul0(a2_32, a1_21) + mul0(a2_33, a1_31),
+        mul0(a2_30, a1_02) + mul0(a2_31, a1_12) + mul0(a2_32, a1_22) + mul0(a2_33, a1_32),
+        mul0(a2_30, a1_03) + mul0(a2_31, a1_13) + mul0(a2_32, a1_23) + mul0(a2_33, a1_33),
+        mul0(a2_00, b1_0) + mul0(a2_01, b1_1) + mul0(a2_02, b1_2) + mul0(a2_03, b1_3) + b2_0,
+        mul0(a2_10, b1_0) + mul0(a2_11, b1_1) + mul0(a2_12, b1_2) + mul0(a2_13, b1_3) + b2_1,
+        mul0(a2_20, b1_0) + mul0(a2_21, b1_1) + mul0(a2_22, b1_2) + mul0(a2_23, b1_3) + b2_2,
+        mul0(a2_30, b1_0) + mul0(a2_31, b1_1) + mul0(a2_32, b1_2) + mul0(a2_33, b1_3) + b2_3,
     )
 
 
@@ -259,10 +259,10 @@ def _block_k4_kernel(A, Bv, H0, OUT, T, M, HAS_H0: tl.constexpr, REVERSE: tl.con
         b_3 = tl.load(Bv + pb + 3, mask=m2, other=0.0).to(tl.float32)
         a_00, a_01, a_02, a_03, a_10, a_11, a_12, a_13, a_20, a_21, a_22, a_23, a_30, a_31, a_32, a_33, b_0, b_1, b_2, b_3 = tl.associative_scan(
             (a_00, a_01, a_02, a_03, a_10, a_11, a_12, a_13, a_20, a_21, a_22, a_23, a_30, a_31, a_32, a_33, b_0, b_1, b_2, b_3), axis=0, combine_fn=_combine_k4)
-        h_0 = a_00 * c_0[None, :] + a_01 * c_1[None, :] + a_02 * c_2[None, :] + a_03 * c_3[None, :] + b_0
-        h_1 = a_10 * c_0[None, :] + a_11 * c_1[None, :] + a_12 * c_2[None, :] + a_13 * c_3[None, :] + b_1
-        h_2 = a_20 * c_0[None, :] + a_21 * c_1[None, :] + a_22 * c_2[None, :] + a_23 * c_3[None, :] + b_2
-        h_3 = a_30 * c_0[None, :] + a_31 * c_1[None, :] + a_32 * c_2[None, :] + a_33 * c_3[None, :] + b_3
+        h_0 = mul0(a_00, c_0[None, :]) + mul0(a_01, c_1[None, :]) + mul0(a_02, c_2[None, :]) + mul0(a_03, c_3[None, :]) + b_0
+        h_1 = mul0(a_10, c_0[None, :]) + mul0(a_11, c_1[None, :]) + mul0(a_12, c_2[None, :]) + mul0(a_13, c_3[None, :]) + b_1
+        h_2 = mul0(a_20, c_0[None, :]) + mul0(a_21, c_1[None, :]) + mul0(a_22, c_2[None, :]) + mul0(a_23, c_3[None, :]) + b_2
+        h_3 = mul0(a_30, c_0[None, :]) + mul0(a_31, c_1[None, :]) + mul0(a_32, c_2[None, :]) + mul0(a_33, c_3[None, :]) + b_3
         tl.store(OUT + pb + 0, h_0.to(OUT.dtype.element_ty), mask=m2)
         tl.store(OUT + pb + 1, h_1.to(OUT.dtype.element_ty), mask=m2)
         tl.store(OUT + pb + 2, h_2.to(OUT.dtype.element_ty), mask=m2)

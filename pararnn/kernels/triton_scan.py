@@ -31,17 +31,17 @@ def interpreting() -> bool:
 
 if HAVE_TRITON:
     from .triton_blocks import KERNELS as _BLOCK_KERNELS
-    from .triton_common import lane_tile, time_index
+    from .triton_common import lane_tile, mul0, time_index
 
     @triton.jit
     def _combine_real(a1, b1, a2, b2):
-        return a2 * a1, a2 * b1 + b2
+        return mul0(a2, a1), mul0(a2, b1) + b2
 
     @triton.jit
     def _combine_complex(ar1, ai1, br1, bi1, ar2, ai2, br2, bi2):
         # (a2, b2) ∘ (a1, b1) = (a2 a1, a2 b1 + b2) in complex arithmetic
-        return (ar2 * ar1 - ai2 * ai1, ar2 * ai1 + ai2 * ar1,
-                ar2 * br1 - ai2 * bi1 + br2, ar2 * bi1 + ai2 * br1 + bi2)
+        return (mul0(ar2, ar1) - mul0(ai2, ai1), mul0(ar2, ai1) + mul0(ai2, ar1),
+                mul0(ar2, br1) - mul0(ai2, bi1) + br2, mul0(ar2, bi1) + mul0(ai2, br1) + bi2)
 
     @triton.jit(do_not_specialize=["T"])
     def _diag_real_kernel(A, Bv, H0, OUT, T, D, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
@@ -62,7 +62,7 @@ if HAVE_TRITON:
                         other=1.0).to(tl.float32)
             b = tl.load(Bv + base + t[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
             acum, bcum = tl.associative_scan((a, b), axis=0, combine_fn=_combine_real)
-            h = acum * carry[None, :] + bcum
+            h = mul0(acum, carry[None, :]) + bcum
             tl.store(OUT + base + t[:, None] * D + offs_d[None, :], h.to(OUT.dtype.element_ty), mask=m2)
             carry = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
 
@@ -92,8 +92,8 @@ if HAVE_TRITON:
             br = tl.load(Bv + pb, mask=m2, other=0.0).to(tl.float32)
             bim = tl.load(Bv + pb + 1, mask=m2, other=0.0).to(tl.float32)
             ar, ai, br, bim = tl.associative_scan((ar, ai, br, bim), axis=0, combine_fn=_combine_complex)
-            hr = ar * cr[None, :] - ai * ci[None, :] + br
-            hi = ar * ci[None, :] + ai * cr[None, :] + bim
+            hr = mul0(ar, cr[None, :]) - mul0(ai, ci[None, :]) + br
+            hi = mul0(ar, ci[None, :]) + mul0(ai, cr[None, :]) + bim
             tl.store(OUT + pb, hr.to(OUT.dtype.element_ty), mask=m2)
             tl.store(OUT + pb + 1, hi.to(OUT.dtype.element_ty), mask=m2)
             last = rows[:, None] == BLOCK_T - 1
