@@ -103,6 +103,14 @@ class SolverOptions:
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         check_backend(self.backend)
+        if self.process_group is not None and not isinstance(self.process_group, ParallelContext):
+            import torch.distributed as dist
+
+            if not (dist.is_available() and isinstance(self.process_group, dist.ProcessGroup)):
+                raise TypeError("process_group must be a torch.distributed ProcessGroup or a "
+                                f"pararnn.parallel.ParallelContext, got {type(self.process_group).__name__}")
+        if isinstance(self.max_iters, bool):
+            raise TypeError(f"max_iters must be an int >= 1, got {self.max_iters!r}")
         for name in ("safeguard", "check_finite", "check_cell"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

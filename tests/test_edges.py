@@ -261,6 +261,8 @@ def test_convergence_warning_is_stable_and_once_per_module():
     ({"atol": float("inf")}, "atol"),
     ({"rtol": float("nan")}, "rtol"),
     ({"check_cell": "yes"}, "check_cell"),
+    ({"process_group": "world"}, "process_group"),
+    ({"max_iters": True}, "max_iters"),
 ])
 def test_options_are_validated_when_set(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -1,4 +1,5 @@
 """Reliability: divergence is never silent, fuzzing against sequential, determinism, long sequences."""
+import copy
 import warnings
 
 import pytest
@@ -150,6 +151,54 @@ def test_fuzz_parallel_equals_sequential_or_reports(c):
             assert err < tol, (c, err)
     if c["max_iters"] >= c["T"]:  # Newton is exact after T steps: it must have converged
         assert info.all_converged, c
+
+
+class ScaledCell(pararnn.Cell):
+    """``s · inner(h / s, u)`` with per-entry scales s ``[d]``: the same dynamics at any state size."""
+
+    def __init__(self, inner, s):
+        super().__init__()
+        self.inner, self.state_size, self.structure = inner, inner.state_size, inner.structure
+        self.register_buffer("s", s)
+
+    def step(self, h, u):
+        return self.s * self.inner.step(h / self.s, u)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(cases(), st.sampled_from([1e-12, 1e-6, 1e6, "mixed"]))
+def test_fuzz_state_scale(c, scale):
+    """States from 1e-12 to 1e6, or 1e6 and O(1) entries in one state: every entry reaches the
+    dtype's relative accuracy, or the solve reports non-convergence."""
+    c = dict(c, scale=min(c["scale"], 0.9), max_iters=30)
+    if scale == 1e-12 and c["dtype"] == torch.float32:
+        scale = 1e-30  # fp32's range: as small relative to its normal range as 1e-12 in fp64 tests
+    s = torch.full((c["d"],), float(scale)) if scale != "mixed" else torch.tensor([1e6, 1.0] * 3)[:c["d"]]
+    inner = RandomCell(c["d"], c["structure"], c["scale"], c["gated"], c["seed"])
+    cell = ScaledCell(copy.deepcopy(inner), s).to(c["dtype"])
+    g = torch.Generator().manual_seed(c["seed"] + 1)
+    x = torch.randn(c["B"], c["T"], c["d"], generator=g, dtype=torch.float64)
+    ys = pararnn.RNN(ScaledCell(inner, s).double(), mode="sequential")(x)[0]
+    y, _, info = run(cell, x.to(c["dtype"]), None, max_iters=30)
+    tol = 1e-9 if c["dtype"] == torch.float64 else 1e-4
+    for b in range(c["B"]):
+        if bool(info.converged[b]):
+            err = ((y[b].double() - ys[b]).abs() / ys[b].abs().amax(0).clamp_min(1e-300)).amax().item()
+            assert err < tol, (c, scale, err)  # relative per entry (per column of the state)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(cases(), st.booleans())
+def test_fuzz_structure_probe(c, narrower):
+    """The automatic probe passes every correctly declared cell and refuses a too-narrow declaration."""
+    cell = RandomCell(c["d"], c["structure"], max(c["scale"], 0.5), c["gated"], c["seed"]).double()
+    x = torch.randn(c["B"], c["T"], c["d"], dtype=torch.float64, generator=torch.Generator().manual_seed(c["seed"]))
+    if narrower and not isinstance(as_structure(c["structure"], c["d"]), pararnn.Diagonal) and c["d"] > 1:
+        cell.structure = "diagonal"
+        with pytest.raises(ValueError, match="declares structure diagonal"):
+            pararnn.RNN(cell)(x)
+    else:
+        pararnn.RNN(cell)(x)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

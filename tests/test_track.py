@@ -151,3 +151,65 @@ def test_subset_rerun_keeps_the_whole_summary(tmp_path):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert {r["model"] for r in summary["runs"]} == {"diag_neg", "paragru"}
     assert "diag_neg" in open(os.path.join(out, "table.md")).read()
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of a session (the study and its workers), from /proc."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid and fields[0] != "Z":
+                    pids.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return pids
+
+
+def _start_study(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "pararnn", "track", "--tasks", "parity", "--models",
+                             "paragru,diag_neg", "--steps", "100000", "--jobs", "2", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 90
+    while len(_session_pids(proc.pid)) < 3 and time.time() < deadline:  # parent + 2 workers
+        time.sleep(0.5)
+    time.sleep(3)  # workers importing torch and training
+    assert proc.poll() is None and len(_session_pids(proc.pid)) >= 3
+    return proc
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_ctrl_c_stops_the_whole_study_quickly(tmp_path):
+    import signal
+    import time
+
+    proc = _start_study(tmp_path)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, err = proc.communicate(timeout=30)
+    assert time.time() - t0 < 5, "the study took more than 5 s to stop"
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "interrupted" in err
+    time.sleep(1)
+    assert _session_pids(proc.pid) == []  # no worker left behind
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    import signal
+    import time
+
+    proc = _start_study(tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.time() + 10
+    while _session_pids(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _session_pids(proc.pid) == [], "orphaned workers kept running"

@@ -17,7 +17,9 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -210,12 +212,46 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
                 bar.update()
         else:
             # spawn, not fork: forked children inherit torch's OpenMP pool state and ran 2× slower
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_worker_init, initargs=(os.getpid(),))
+            try:
                 for fut in as_completed([pool.submit(_job, j) for j in todo]):
                     results.append(fut.result())
                     bar.update()
+            except BaseException:  # Ctrl-C (or a failed run): stop the workers now, not after their runs
+                _stop_workers(pool)
+                raise
+            pool.shutdown()
         bar.close()
     return results
+
+
+def _worker_init(parent_pid: int) -> None:
+    """In each worker: leave Ctrl-C to the parent, and exit as soon as the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)  # the parent died (kill -9): nobody will read this worker's result
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+# How often a worker checks that its parent is alive: an orphan stops within this time.
+PARENT_POLL_S = 0.5
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's workers (runs in flight are lost; finished ones are on disk)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.join(timeout=2)
+        if p.is_alive():
+            p.kill()
 
 
 def finished_runs(out: str) -> list[dict]:
