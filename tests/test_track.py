@@ -71,6 +71,7 @@ def test_study_writes_outputs_and_resumes(tmp_path, capsys):
     assert summary["pararnn"] and summary["date"] and summary["settings"]["steps"] == 3
     res = summary["runs"]
     assert {r["model"] for r in res} == {"diag_neg", "paragru"} and "50" in res[0]["eval"]
+    assert all(r["pararnn"] and r["date"] and "commit" in r for r in res)  # every run's JSON too
     mtimes = {r: os.path.getmtime(os.path.join(out, "runs", r)) for r in runs}
     capsys.readouterr()
     main(ARGS + ["--out", out])  # everything done: nothing is retrained

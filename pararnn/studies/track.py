@@ -137,7 +137,9 @@ def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, prog
             x, y = task.sample(cfg.eval_batch, L, egen)
             logits, _ = model(x)
             evals[str(L)] = accuracy(logits.argmax(-1), y, task.chance)
+    meta = run_metadata(asdict(cfg))
     return {"task": task_name, "model": model_name, "seed": seed, "config": asdict(cfg),
+            **{k: meta[k] for k in ("pararnn", "commit", "date", "machine")},
             "final_train_loss": sum(losses[-20:]) / len(losses[-20:]), "train_seconds": train_s,
             "mean_newton_iterations": sum(iters) / max(len(iters), 1), "newton_fallbacks": fallbacks,
             "chance": task.chance, "eval": evals}
