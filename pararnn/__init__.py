@@ -16,7 +16,7 @@ _API = {
     "Block": "structure", "Dense": "structure", "Diagonal": "structure", "Structure": "structure",
     "ConvergenceError": "newton", "ConvergenceWarning": "newton", "SolverInfo": "newton",
     "SolverOptions": "newton", "sequential_solve": "newton",
-    "RNN": "rnn", "choose_mode": "rnn",
+    "RNN": "rnn", "SolveStats": "rnn", "choose_mode": "rnn",
     "linear_scan": "scan",
     "Diagnosis": "diagnostics", "diagnose": "diagnostics",
 }

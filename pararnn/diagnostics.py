@@ -8,6 +8,7 @@ e^{λ t} along the sequence.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,10 @@ class Diagnosis:
         per_sequence: ``[B]`` estimates.
         steps: time steps used.
         predictable: ``lyapunov < 0``.
-        advice: one sentence on what to expect from ``mode="parallel"``.
+        newton_iterations: Newton steps the parallel solve took on this input (None if not run).
+        will_fall_back: whether that solve failed to converge, so that ``mode="parallel"`` falls
+            back to the sequential loop on such inputs (None if not run).
+        advice: what to expect from ``mode="parallel"``.
     """
 
     lyapunov: float
@@ -33,17 +37,25 @@ class Diagnosis:
     steps: int
     predictable: bool
     advice: str
+    newton_iterations: int | None = None
+    will_fall_back: bool | None = None
 
 
 @torch.no_grad()
 def diagnose(cell, x: torch.Tensor, h0: torch.Tensor | None = None, max_steps: int = 4096,
-             seed: int = 0) -> Diagnosis:
+             seed: int = 0, solve: bool = True, **solver_options) -> Diagnosis:
     """Estimate the largest Lyapunov exponent of ``cell`` along its trajectory on ``x [B, T, D_in]``.
 
     The trajectory is computed sequentially (robust for any cell), then the Jacobians along it
     are multiplied onto a random unit vector with renormalisation (Benettin's method); for a
     diagonal cell the exponent is exact: ``max_i mean_t log|J_t,i|``. Uses the first
     ``max_steps`` steps.
+
+    λ alone does not predict the Newton step count (measured with benchmarks/bench_convergence.py
+    at T = 1024: λ ≈ -0.14 took 18 steps for a ParaGRU-like cell, 8 for ParaLSTM, and λ = -0.22
+    took 5 for a dense Elman cell), so with ``solve=True`` the advice also reports what the
+    parallel solve (``pararnn.RNN(cell, **solver_options)``) actually did on this input: the
+    steps it took, or that it did not converge and will fall back to the sequential loop.
     """
     x = x[:, :max_steps]
     u = cell.prepare(x)
@@ -72,11 +84,26 @@ def diagnose(cell, x: torch.Tensor, h0: torch.Tensor | None = None, max_steps: i
     if not math.isfinite(lam_max):
         advice = "the trajectory or its Jacobians are not finite; parallel solving cannot work"
     elif lam_max < -1e-3:
-        advice = (f"contractive (λ = {lam_max:.3g} < 0): errors shrink by e^λ per step, so Newton "
-                  f"should converge in a few iterations")
+        advice = (f"contractive (λ = {lam_max:.3g} < 0): errors shrink by e^λ per step on average, so "
+                  f"Newton can converge in far fewer than T steps")
     elif lam_max <= 1e-3:
         advice = f"marginal (λ = {lam_max:.3g} ≈ 0): expect slow Newton convergence on long sequences"
     else:
         advice = (f"chaotic (λ = {lam_max:.3g} > 0): errors grow by e^λ per step; parallel Newton "
                   f"needs ~T iterations or fails: use mode='sequential'")
-    return Diagnosis(lam_max, lam.float().cpu(), T, lam_max < 0, advice)
+    iters = fall_back = None
+    if solve:
+        from .rnn import RNN
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            info = RNN(cell, **{**solver_options, "on_fail": "warn"})(x, h0, return_info=True)[2]
+        iters, fall_back = info.iterations, not info.all_converged
+        if fall_back:
+            advice += (f". The parallel solve of this input did not converge in {info.iterations} Newton steps: "
+                       f"mode='parallel' will fall back to the sequential loop on such inputs (use "
+                       f"mode='sequential', raise max_iters, or bound the recurrent weights)")
+        else:
+            advice += (f". The parallel solve of this input took {info.iterations} Newton steps; expect about "
+                       f"as many on similar inputs")
+    return Diagnosis(lam_max, lam.float().cpu(), T, lam_max < 0, advice, iters, fall_back)

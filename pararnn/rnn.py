@@ -1,6 +1,7 @@
 """`RNN`: run a `Cell` over a sequence, in parallel (Newton + scans) or sequentially."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import warnings
 
@@ -93,6 +94,43 @@ def _under_torch_func() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+@dataclasses.dataclass
+class SolveStats:
+    """Running totals of an :class:`RNN`'s solves since construction or :meth:`reset`, so drift in
+    Newton steps or fallbacks during training is visible (``rnn.stats``)."""
+
+    calls: int = 0
+    parallel_calls: int = 0
+    newton_steps: int = 0
+    max_newton_steps: int = 0
+    sequences: int = 0
+    fell_back: int = 0
+    not_converged: int = 0
+    safeguarded: int = 0
+
+    def record(self, info: SolverInfo) -> None:
+        self.calls += 1
+        if info.mode != "parallel":
+            return
+        self.parallel_calls += 1
+        self.newton_steps += info.iterations
+        self.max_newton_steps = max(self.max_newton_steps, info.iterations)
+        self.sequences += len(info.converged)
+        self.fell_back += int(info.fell_back.sum())
+        self.not_converged += int((~info.converged).sum())
+        self.safeguarded += int(info.safeguarded)
+
+    @property
+    def mean_newton_steps(self) -> float:
+        return self.newton_steps / max(self.parallel_calls, 1)
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def summary(self) -> dict:
+        return {**dataclasses.asdict(self), "mean_newton_steps": self.mean_newton_steps}
+
+
 def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
     """Run :func:`pararnn.cell.verify_cell` once per cell, dtype and device, at n sampled positions."""
     key = (h0.dtype, h0.device, str(cell.get_structure()))
@@ -165,6 +203,16 @@ class RNN(nn.Module):
         self.mode = mode
         self.options = SolverOptions(**solver_options)
         self.last_info: SolverInfo | None = None
+        self.stats = SolveStats()
+        self._solve_hooks: collections.OrderedDict[int, object] = collections.OrderedDict()
+
+    def register_solve_hook(self, hook):
+        """Call ``hook(rnn, info)`` after every forward (info: :class:`pararnn.SolverInfo`), e.g. to
+        log Newton steps and fallbacks per layer and training step. Returns a handle whose
+        ``remove()`` unregisters it, as torch.nn's hooks do."""
+        handle = torch.utils.hooks.RemovableHandle(self._solve_hooks)
+        self._solve_hooks[handle.id] = hook
+        return handle
 
     def _warn_once(self, w: Warning) -> None:
         """Issue each warning text once per module (the numbers live on ``last_info``)."""
@@ -268,6 +316,9 @@ class RNN(nn.Module):
         else:
             y, info = parallel_solve(self.cell, u, h0, opts, warn=self._warn_once)
         self.last_info = info
+        self.stats.record(info)
+        for hook in list(self._solve_hooks.values()):
+            hook(self, info)
         hT = y[:, -1]  # the full final state (all parts), to pass back as h0
         y = self.cell.output(y, x)
         return (y, hT, info) if return_info else (y, hT)

@@ -249,3 +249,31 @@ def test_no_warning_on_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pararnn.RNN(cell)(torch.randn(2, 30, 3, dtype=torch.float64))
+
+
+def test_solve_stats_and_hooks_report_every_solve():
+    cell = make_cell("dense")
+    rnn = pararnn.RNN(cell, max_iters=2)
+    seen = []
+    handle = rnn.register_solve_hook(lambda m, info: seen.append((m is rnn, info.iterations)))
+    x = torch.randn(2, 30, 3, dtype=torch.float64)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rnn(x)
+        rnn(x, mode="sequential")
+    assert seen == [(True, rnn.stats.newton_steps), (True, 0)]
+    st = rnn.stats.summary()
+    assert st["calls"] == 2 and st["parallel_calls"] == 1 and st["sequences"] == 2
+    assert st["fell_back"] == int(rnn.stats.fell_back) and st["max_newton_steps"] <= 2
+    handle.remove()
+    rnn(x, max_iters=30)
+    assert len(seen) == 2 and rnn.stats.calls == 3
+    rnn.stats.reset()
+    assert rnn.stats.calls == 0
+    from pararnn.models import SequenceModel
+
+    model = SequenceModel(5, 3, d_model=8, n_layers=2)
+    model(torch.randint(0, 5, (2, 12)))
+    assert [s["parallel_calls"] for s in model.solver_stats()] == [1, 1]

@@ -249,3 +249,24 @@ def test_million_steps_forward_and_backward():
         head, _ = seq(x[:, :2000])
         tail, _ = seq(x[:, -2000:], y[:, -2001])
     assert (head - y[:, :2000]).abs().max() < 1e-5 and (tail - y[:, -2000:]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("a_std, max_iters", [(0.5, 30), (2.0, 30), (3.0, 30), (3.0, 5)])
+def test_diagnose_predicts_what_the_parallel_solve_does(a_std, max_iters):
+    from pararnn.models import ParaGRU
+
+    torch.manual_seed(0)
+    cell = ParaGRU(16, 16)
+    with torch.no_grad():
+        cell.a.normal_(0, a_std)
+    x = torch.randn(2, 512, 16)
+    est = pararnn.diagnose(cell, x, max_iters=max_iters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, info = pararnn.RNN(cell, max_iters=max_iters)(x, return_info=True)
+    assert est.will_fall_back == bool(info.fell_back.any())
+    assert est.will_fall_back == (a_std == 3.0)  # both branches are exercised
+    if not est.will_fall_back:
+        assert est.newton_iterations == info.iterations and f"took {info.iterations} Newton steps" in est.advice
+    else:
+        assert "will fall back" in est.advice

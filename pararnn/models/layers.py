@@ -124,6 +124,14 @@ class SequenceModel(nn.Module):
             new_states.append(hT)
         return self.head(self.norm(h)), new_states
 
+    def solver_stats(self) -> list[dict]:
+        """Per layer: Newton steps, fallbacks and safeguard uses since the last reset (see ``RNN.stats``)."""
+        return [block.rnn.stats.summary() for block in self.blocks]
+
+    def reset_solver_stats(self) -> None:
+        for block in self.blocks:
+            block.rnn.stats.reset()
+
     def step(self, x_t, states=None):
         """One token ``[B]`` (or ``[B, n_in]``) -> ``(out [B, n_out], states)``."""
         h = self._embed(x_t)

@@ -1,0 +1,123 @@
+"""Newton convergence against the size of the recurrent weights: iterations, fallbacks, accuracy, time.
+
+The sweep of hard-but-predictable cells: a GRU-like diagonal cell (ParaGRU) whose recurrent
+vectors are drawn with standard deviation a_std, ParaLSTM (Block(2)) likewise, and a dense Elman
+cell whose recurrent matrix has spectral radius rho. For each: the largest Lyapunov exponent
+(`pararnn.diagnose`), the parallel solve with default options (Newton steps, safeguard,
+sequences that fell back to the sequential loop, error against a float64 sequential solve) and
+its wall time against `mode="sequential"` (medians, the two interleaved), in the latency regime
+(B = 1) and a wider batch. Writes results/bench_convergence.json and .md.
+
+Usage: python benchmarks/bench_convergence.py [--quick] [--threads 1] [--out results/bench_convergence.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+
+def _cell(kind: str, size: float, d: int, seed: int):
+    from pararnn.models import Elman, ParaGRU, ParaLSTM
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        if kind == "paragru":
+            cell = ParaGRU(d, d)
+            cell.a.normal_(0, size)
+        elif kind == "paralstm":
+            cell = ParaLSTM(d, d)
+            cell.a.normal_(0, size)
+            cell.p.normal_(0, size)
+        else:  # dense Elman with spectral radius `size`
+            cell = Elman(d, d)
+            W = torch.randn(d, d) / d**0.5
+            cell.weight_hh.copy_(W * (size / torch.linalg.eigvals(W).abs().max()))
+    return cell
+
+
+def _times(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, the callables interleaved round by round."""
+    out = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            out[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def one_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed: int = 0) -> dict:
+    import pararnn
+
+    cell = _cell(kind, size, d, seed)
+    x = torch.randn(B, T, d, generator=torch.Generator().manual_seed(seed + 1))
+    lam = pararnn.diagnose(cell, x[:, : min(T, 2048)], solve=False).lyapunov
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = pararnn.RNN(cell.double(), mode="sequential")(x.double())[0]
+        cell.float()
+        par, seq = pararnn.RNN(cell), pararnn.RNN(cell, mode="sequential")
+        y, _, info = par(x, return_info=True)
+        ys = seq(x)[0]
+        scale = ref.abs().amax().item()
+        t = _times({"parallel": lambda: par(x), "sequential": lambda: seq(x)}, repeats)
+    return {"cell": kind, "size": size, "B": B, "T": T, "d": d, "lyapunov": lam,
+            "newton_iterations": info.iterations, "safeguarded": info.safeguarded,
+            "fell_back": int(info.fell_back.sum()), "converged": int(info.converged.sum()),
+            "rel_err_parallel": (y.double() - ref).abs().max().item() / scale,
+            "rel_err_sequential_fp32": (ys.double() - ref).abs().max().item() / scale,
+            "parallel_fwd_s": t["parallel"], "sequential_fwd_s": t["sequential"],
+            "speedup_fwd": t["sequential"] / t["parallel"]}
+
+
+def table(rows) -> str:
+    from pararnn.studies.common import markdown_table
+
+    header = ["cell", "size", "B", "T", "d", "Lyapunov λ", "Newton steps", "safeguard", "fell back",
+              "error (parallel)", "error (fp32 loop)", "parallel (ms)", "sequential (ms)", "speedup"]
+    return markdown_table(header, [
+        [r["cell"], r["size"], r["B"], r["T"], r["d"], f"{r['lyapunov']:.3f}", r["newton_iterations"],
+         "yes" if r["safeguarded"] else "no", f"{r['fell_back']}/{r['B']}", f"{r['rel_err_parallel']:.1e}",
+         f"{r['rel_err_sequential_fp32']:.1e}", f"{r['parallel_fwd_s'] * 1e3:.0f}",
+         f"{r['sequential_fwd_s'] * 1e3:.0f}", f"{r['speedup_fwd']:.2f}×"] for r in rows])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="T = 1024 and fewer sizes (about a minute)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="results/bench_convergence.json")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from tqdm import tqdm
+
+    from pararnn.studies.common import ensure_writable, run_metadata, set_threads, write_json_atomic, write_text
+
+    ensure_writable(args.out, "--out")
+    set_threads(args.threads)
+    T = 1024 if args.quick else 4096
+    sweep = {"paragru": [0.5, 1.0, 1.5, 2.0, 3.0], "paralstm": [0.5, 1.0, 1.5, 2.0],
+             "elman": [0.5, 0.9, 1.2, 1.5]}
+    if args.quick:
+        sweep = {k: v[:3] for k, v in sweep.items()}
+    shapes = [(1, T, 64), (4, T, 64)]
+    cases = [(k, s, *shape) for k, sizes in sweep.items() for s in sizes for shape in shapes]
+    rows = [one_case(k, s, B, T_, d, args.repeats) for k, s, B, T_, d in tqdm(cases, desc="convergence", unit="case")]
+    settings = {**vars(args), "T": T, "sweep": sweep, "shapes": shapes}
+    write_json_atomic(args.out, {**run_metadata(settings), "units": "seconds (median), forward only", "rows": rows})
+    md = table(rows)
+    write_text(os.path.splitext(args.out)[0] + ".md", md)
+    print(md)
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
