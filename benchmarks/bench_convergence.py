@@ -8,7 +8,8 @@ sequences that fell back to the sequential loop, error against a float64 sequent
 its wall time against `mode="sequential"` (medians, the two interleaved), in the latency regime
 (B = 1) and a wider batch. Writes results/bench_convergence.json and .md.
 
-Usage: python benchmarks/bench_convergence.py [--quick] [--threads 1] [--out results/bench_convergence.json]
+Usage: python benchmarks/bench_convergence.py [--quick] [--threads 1] [--bound 1.0] [--out results/bench_convergence.json]
+("size" is a_std for ParaGRU/ParaLSTM and the spectral radius rho for Elman.)
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import warnings
 import torch
 
 
-def _cell(kind: str, size: float, d: int, seed: int):
-    from pararnn.models import Elman, ParaGRU, ParaLSTM
+def _cell(kind: str, size: float, d: int, seed: int, bound: float | None = None):
+    from pararnn.models import Elman, ParaGRU, ParaLSTM, bound_recurrent_weights
 
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -38,7 +39,7 @@ def _cell(kind: str, size: float, d: int, seed: int):
             cell = Elman(d, d)
             W = torch.randn(d, d) / d**0.5
             cell.weight_hh.copy_(W * (size / torch.linalg.eigvals(W).abs().max()))
-    return cell
+    return cell if bound is None else bound_recurrent_weights(cell, bound)
 
 
 def _times(fns: dict, repeats: int) -> dict:
@@ -52,10 +53,11 @@ def _times(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
-def one_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed: int = 0) -> dict:
+def one_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed: int = 0,
+             bound: float | None = None) -> dict:
     import pararnn
 
-    cell = _cell(kind, size, d, seed)
+    cell = _cell(kind, size, d, seed, bound)
     x = torch.randn(B, T, d, generator=torch.Generator().manual_seed(seed + 1))
     lam = pararnn.diagnose(cell, x[:, : min(T, 2048)], solve=False).lyapunov
     with torch.no_grad(), warnings.catch_warnings():
@@ -67,7 +69,7 @@ def one_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed:
         ys = seq(x)[0]
         scale = ref.abs().amax().item()
         t = _times({"parallel": lambda: par(x), "sequential": lambda: seq(x)}, repeats)
-    return {"cell": kind, "size": size, "B": B, "T": T, "d": d, "lyapunov": lam,
+    return {"cell": kind, "size": size, "bound": bound, "B": B, "T": T, "d": d, "lyapunov": lam,
             "newton_iterations": info.iterations, "safeguarded": info.safeguarded,
             "fell_back": int(info.fell_back.sum()), "converged": int(info.converged.sum()),
             "rel_err_parallel": (y.double() - ref).abs().max().item() / scale,
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="T = 1024 and fewer sizes (about a minute)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bound", type=float, default=None,
+                    help="bound the recurrent weights (pararnn.models.bound_recurrent_weights) at this value")
     ap.add_argument("--out", default="results/bench_convergence.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -109,7 +113,8 @@ def main(argv=None) -> int:
         sweep = {k: v[:3] for k, v in sweep.items()}
     shapes = [(1, T, 64), (4, T, 64)]
     cases = [(k, s, *shape) for k, sizes in sweep.items() for s in sizes for shape in shapes]
-    rows = [one_case(k, s, B, T_, d, args.repeats) for k, s, B, T_, d in tqdm(cases, desc="convergence", unit="case")]
+    rows = [one_case(k, s, B, T_, d, args.repeats, bound=args.bound)
+            for k, s, B, T_, d in tqdm(cases, desc="convergence", unit="case")]
     settings = {**vars(args), "T": T, "sweep": sweep, "shapes": shapes}
     write_json_atomic(args.out, {**run_metadata(settings), "units": "seconds (median), forward only", "rows": rows})
     md = table(rows)

@@ -7,6 +7,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .cell import Cell, verify_cell
 from .newton import SolverInfo, SolverOptions, handle_failure, newton_solve, sequential_solve, time_chunks
@@ -279,6 +280,18 @@ class RNN(nn.Module):
             ``cell.output(states, x)`` (the states themselves unless the cell has a readout);
             ``h_T`` is the full final state, ready to pass back as ``h0``.
         """
+        # parametrized weights (e.g. pararnn.models.bound_recurrent_weights) are computed once per
+        # call, not at every one of the T sequential steps or Newton evaluations
+        with parametrize.cached():
+            # fill the cache now, in the caller's grad mode: a first access inside the solver's
+            # no_grad Newton loop would cache a weight without a graph and lose its gradient
+            for module in self.cell.modules():
+                if parametrize.is_parametrized(module):
+                    for name in module.parametrizations:
+                        getattr(module, name)
+            return self._forward(x, h0, mode, return_info, **solver_overrides)
+
+    def _forward(self, x, h0, mode, return_info, **solver_overrides):
         self._check_x(x)
         opts = dataclasses.replace(self.options, **solver_overrides) if solver_overrides else self.options
         mode = self.mode if mode is None else mode

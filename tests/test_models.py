@@ -249,3 +249,33 @@ def test_residual_block_registers_its_cell_once_and_loads_old_checkpoints():
     torch.testing.assert_close(fresh.cell.a, block.cell.a)  # the rnn.cell.* copy wins
     model = SequenceModel(5, 3, d_model=8, n_layers=2)
     assert sum(1 for k in model.state_dict() if ".cell." in k) == sum(1 for k in model.state_dict() if "rnn.cell." in k)
+
+
+def test_bound_recurrent_weights():
+    from pararnn.models import Elman, bound_recurrent_weights
+
+    torch.manual_seed(0)
+    cell = ParaGRU(4, 8).double()
+    with torch.no_grad():
+        cell.a.normal_(0, 3.0)
+    bound_recurrent_weights(cell, 0.9)
+    assert cell.a.abs().max() < 0.9
+    x = torch.randn(2, 40, 4, dtype=torch.float64)
+    y, _ = pararnn.RNN(cell)(x)
+    assert rel_err(y, pararnn.RNN(cell, mode="sequential")(x)[0]) < 1e-10
+    orig = cell.parametrizations.a.original
+    (g_par,) = torch.autograd.grad(y.square().sum(), orig)  # trained through the bound
+    (g_seq,) = torch.autograd.grad(pararnn.RNN(cell, mode="sequential")(x)[0].square().sum(), orig)
+    assert g_par.abs().max() > 0 and rel_err(g_par, g_seq) < 1e-8
+    gru = GRU(4, 6).double()
+    with torch.no_grad():
+        gru.weight_hh.mul_(10)
+    bound_recurrent_weights(gru, 0.5)
+    norms = torch.linalg.matrix_norm(gru.weight_hh.reshape(3, 6, 6), ord=2)
+    assert bool((norms <= 0.5 + 1e-9).all())
+    pararnn.check_structure(gru)  # the hand-written Jacobian sees the bounded weight
+    assert set(Elman.recurrent_parameters) == {"weight_hh"}
+    with pytest.raises(ValueError, match="recurrent_parameters"):
+        bound_recurrent_weights(LRU(4, 8), 0.9)
+    with pytest.raises(ValueError, match="bound"):
+        bound_recurrent_weights(ParaGRU(4, 8), 0.0)

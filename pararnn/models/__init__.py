@@ -1,4 +1,5 @@
 """The cell zoo and layers. Every cell is a `pararnn.Cell`: no solver code lives here."""
+from .contractive import bound_recurrent_weights
 from .deltanet import DeltaNet, DeltaProduct
 from .elman import Elman
 from .gru import GRU
@@ -10,4 +11,4 @@ from .paralstm import ParaLSTM
 from .ssm import ComplexSSM, SelectiveSSM
 
 __all__ = ["CELLS", "ComplexSSM", "DeltaNet", "DeltaProduct", "Elman", "GRU", "LRU", "LSTM", "ParaGRU", "ParaLSTM",
-           "ResidualBlock", "SelectiveSSM", "SequenceModel", "make_cell"]
+           "ResidualBlock", "SelectiveSSM", "SequenceModel", "bound_recurrent_weights", "make_cell"]

@@ -14,6 +14,8 @@ class Elman(Cell):
     ``heads > 1`` makes ``W_hh`` block-diagonal (structure ``Block(hidden/heads)``).
     """
 
+    recurrent_parameters = {"weight_hh": "matrix"}  # see models.contractive
+
     def __init__(self, input_size: int, hidden_size: int, heads: int = 1, nonlinearity: str = "tanh"):
         super().__init__()
         if nonlinearity not in ("tanh", "relu"):

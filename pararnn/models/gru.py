@@ -15,6 +15,8 @@ class GRU(Cell):
     ``x [B, T, input_size]`` -> state ``[B, T, hidden_size]``. ``heads > 1``: block-diagonal W_hh.
     """
 
+    recurrent_parameters = {"weight_hh": "matrix"}  # see models.contractive
+
     def __init__(self, input_size: int, hidden_size: int, heads: int = 1):
         super().__init__()
         self.input_size, self.state_size, self.heads = input_size, hidden_size, heads

@@ -17,6 +17,8 @@ class LSTM(Cell):
     / :meth:`join_state` to convert; ``RNN`` outputs ``y = h [B, T, H]``.
     """
 
+    recurrent_parameters = {"weight_hh": "matrix"}  # see models.contractive
+
     def __init__(self, input_size: int, hidden_size: int, heads: int = 1):
         super().__init__()
         self.input_size, self.hidden_size, self.heads = input_size, hidden_size, heads

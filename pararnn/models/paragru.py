@@ -16,6 +16,7 @@ class ParaGRU(Cell):
     """
 
     structure = "diagonal"
+    recurrent_parameters = {"a": "diagonal"}  # see models.contractive
 
     def __init__(self, input_size: int, state_size: int, a_scale: float = 0.5):
         super().__init__()

@@ -19,6 +19,7 @@ class ParaLSTM(Cell):
     """
 
     structure = Block(2)
+    recurrent_parameters = {"a": "diagonal", "p": "diagonal"}  # see models.contractive
 
     def __init__(self, input_size: int, hidden_size: int, a_scale: float = 0.5):
         super().__init__()
