@@ -150,17 +150,34 @@ class SolverInfo:
         return self.converged is None or bool(self.converged.all())
 
 
-def sequential_solve(step: Callable, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+def sequential_solve(step: Callable, u: torch.Tensor, h0: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """The strong sequential loop: ``h_t = step(h_{t-1}, u_t)`` over ``u.unbind(1)``.
 
-    u: ``[B, T, *]``, h0: ``[B, d]``. Returns ``[B, T, d]``. Differentiable by plain autograd.
+    u: ``[B, T, *]``, h0: ``[B, d]``, mask: ``[B, T]`` bool or None (False = a padded step, which
+    keeps the state). Returns ``[B, T, d]``. Differentiable by plain autograd.
     """
     h = h0
     out = []
-    for u_t in u.unbind(1):
-        h = step(h, u_t)
+    for t, u_t in enumerate(u.unbind(1)):
+        h_new = step(h, u_t)
+        h = h_new if mask is None else torch.where(mask[:, t, None], h_new, h)
         out.append(h)
     return torch.stack(out, dim=1)
+
+
+def hold_padded(f: torch.Tensor, J: torch.Tensor | None, hp: torch.Tensor, m: torch.Tensor | None, structure):
+    """Padded steps keep the state: ``f = h_prev`` and ``J = I`` where the mask ``m [N]`` is False.
+
+    ``f, hp [N, d]``, ``J [N, *jac]`` (or None). In the scan that is the identity transition.
+    """
+    if m is None:
+        return f, J
+    f = torch.where(m[:, None], f, hp)
+    if J is not None:
+        eye = structure.identity(hp.shape[-1], J.dtype, J.device)
+        J = torch.where(m.reshape(-1, *[1] * (J.dim() - 1)), J, eye)
+    return f, J
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -179,11 +196,13 @@ def time_chunks(B: int, T: int, d: int, target: int):
 
 
 def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.Tensor,
-             chunk: int, atol: float = 0.0, structure=None) -> tuple[torch.Tensor, torch.Tensor]:
+             chunk: int, atol: float = 0.0, structure=None, mask: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual and Jacobian at the iterate, written into buffers, chunk by chunk over T.
 
     ``S [B, T+1, d]`` holds (h0, h_1..h_T); ``u [B, T, *]``. Fills ``r = f(h_{t-1}, u_t) - h_t``
-    ``[B, T, d]`` and ``J [B, T, *jac]``. Returns per sequence ``[B]``: ``max|r|`` and
+    ``[B, T, d]`` and ``J [B, T, *jac]`` (``mask [B, T]``: padded steps hold the state, see
+    :func:`hold_padded`). Returns per sequence ``[B]``: ``max|r|`` and
     ``q = max((|r_t| - atol)₊ / scale_t)``: the sequence passes ``|r| <= atol + rtol·scale``
     exactly when ``q <= rtol``. The per-entry scale ``|f_t| + |J_t| |h_{t-1}|`` (a matvec of
     absolute values) is the size of what rounds when f is evaluated, including terms of the
@@ -202,6 +221,7 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
         n = t1 - t0
         hp = _flat(S[:, t0:t1])  # previous states [B*n, d]
         f, Jc = cell.step_and_jacobian(hp, _flat(u[:, t0:t1]))
+        f, Jc = hold_padded(f, Jc, hp, None if mask is None else _flat(mask[:, t0:t1]), structure)
         f = f.reshape(B, n, d)
         J[:, t0:t1] = Jc.reshape(B, n, *Jc.shape[1:])
         rc = r[:, t0:t1]
@@ -291,11 +311,13 @@ def initial_guess(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, 
             H[:, t0:t1] = cell.step(h0x, _flat(u[:, t0:t1])).reshape(B, n, d)
 
 
-def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, ctx: ParallelContext = LOCAL):
+def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, ctx: ParallelContext = LOCAL,
+                 mask: torch.Tensor | None = None):
     """Solve ``h_t = f(h_{t-1}, u_t)``, t = 1..T, by Newton with parallel linear scans.
 
-    u: ``[B, T, *]`` (prepared inputs), h0: ``[B, d]``. Runs without autograd. ``ctx`` says where
-    the scans run (local, or this rank's time chunk).
+    u: ``[B, T, *]`` (prepared inputs), h0: ``[B, d]``, mask: ``[B, T]`` bool or None (False =
+    a padded step: f = h_prev, J = I). Runs without autograd. ``ctx`` says where the scans run
+    (local, or this rank's time chunk).
 
     Returns ``(S, J, info)``: ``S [B, T+1, d]`` holds ``(h0, h_1..h_T)`` (so ``S[:, 1:]`` is the
     solution and ``S[:, :-1]`` the previous states), ``J [B, T, *jac]`` is df/dh at the solution
@@ -321,7 +343,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
     def check():
         """Evaluate at the iterate; per-sequence (max residual, converged), global over the context."""
         S[:, 0] = ctx.boundary_state(H, h0)  # a later chunk's first step reads the previous chunk's last state
-        err, q = evaluate(cell, S, u, r, J, opts.chunk, atol, structure)  # [B] each
+        err, q = evaluate(cell, S, u, r, J, opts.chunk, atol, structure, mask)  # [B] each
         inf = float("inf")  # NaN counts as the worst: never converged
         return ctx.max(torch.nan_to_num(err, nan=inf)), ctx.max(torch.nan_to_num(q, nan=inf))
 
@@ -362,7 +384,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
 
 
 def handle_failure(cell, u, S, J, info: SolverInfo, opts: SolverOptions, ctx: ParallelContext = LOCAL,
-                   warn=warnings.warn) -> None:
+                   warn=warnings.warn, mask: torch.Tensor | None = None) -> None:
     """The failure policy, applied by the caller of :func:`newton_solve` to its result.
 
     ``"raise"``: ConvergenceError. ``"warn"``: a ConvergenceWarning, the last iterate kept.
@@ -385,9 +407,10 @@ def handle_failure(cell, u, S, J, info: SolverInfo, opts: SolverOptions, ctx: Pa
         return
     warn(ConvergenceWarning(FELL_BACK_MSG))
     H, h0 = S[:, 1:], S[:, 0]
-    H[bad] = sequential_solve(cell.step, u[bad], h0[bad])
+    mb = None if mask is None else mask[bad]
+    H[bad] = sequential_solve(cell.step, u[bad], h0[bad], mb)
     Jb, rb = J[bad], torch.empty_like(H[bad])
-    evaluate(cell, S[bad], u[bad], rb, Jb, opts.chunk)
+    evaluate(cell, S[bad], u[bad], rb, Jb, opts.chunk, mask=mb)
     J[bad] = Jb
     info.fell_back[bad] = True
 

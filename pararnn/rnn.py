@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .cell import Cell, verify_cell
-from .newton import SolverInfo, SolverOptions, handle_failure, newton_solve, sequential_solve, time_chunks
+from .newton import (SolverInfo, SolverOptions, handle_failure, hold_padded, newton_solve, sequential_solve,
+                     time_chunks)
 from .parallel import context_for
 from .structure import as_structure
 
@@ -46,13 +47,14 @@ class _Adjoint(torch.autograd.Function):
         return (None, None, None, None, None, None, *[lam[:, t0:t1] for t0, t1 in ctx.bounds])
 
 
-def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, warn=None):
+def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, warn=None,
+                   mask: torch.Tensor | None = None):
     """Differentiable parallel solve: ``(H [B, T, d], SolverInfo)``.
 
     Newton runs without a graph, then the failure policy (``opts.on_fail``) is applied. If
     gradients are wanted, one more evaluation of ``step`` at the solution (chunked over T) carries
     the graph, and :class:`_Adjoint` turns the incoming state gradients into its cotangents with
-    one reverse-time scan.
+    one reverse-time scan. ``mask [B, T]`` (False = padded step) holds the state there.
     """
     if _under_torch_func():
         raise RuntimeError(TORCH_FUNC_MSG)
@@ -60,8 +62,8 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     if opts.check_cell:
         _verify_once(cell, u, h0)
     with torch.no_grad():
-        S, J, info = newton_solve(cell, u, h0, opts, pctx)  # S: [B, T+1, d] = (h0, h_1..h_T)
-        handle_failure(cell, u, S, J, info, opts, pctx, **({} if warn is None else {"warn": warn}))
+        S, J, info = newton_solve(cell, u, h0, opts, pctx, mask)  # S: [B, T+1, d] = (h0, h_1..h_T)
+        handle_failure(cell, u, S, J, info, opts, pctx, mask=mask, **({} if warn is None else {"warn": warn}))
     H = S[:, 1:]
     if not torch.is_grad_enabled():
         return H.clone(), info  # not a view of the solver's buffer: y.view(), y += 1 work
@@ -76,7 +78,10 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
         if t0 == 0 and owns_h0:  # h_{-1} = h0 carries h0's gradient
             hp = torch.cat([h0.unsqueeze(1), hp[:, 1:]], dim=1)
         n = t1 - t0
-        f = cell.step(hp.reshape(B * n, d), u_c.reshape(B * n, *u.shape[2:]))
+        hp = hp.reshape(B * n, d)
+        f = cell.step(hp, u_c.reshape(B * n, *u.shape[2:]))
+        if mask is not None:  # padded steps hold the state (no gradient to their inputs)
+            f = hold_padded(f, None, hp, mask[:, t0:t1].reshape(B * n), None)[0]
         if t0 == 0 and not f.requires_grad:
             return H.clone(), info  # nothing upstream wants a gradient
         f_chunks.append(f.reshape(B, n, d))
@@ -265,7 +270,7 @@ class RNN(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None, mode: str | None = None,
-                return_info: bool = False, **solver_overrides):
+                return_info: bool = False, lengths: torch.Tensor | None = None, **solver_overrides):
         """Run the cell over ``x``.
 
         Args:
@@ -273,6 +278,10 @@ class RNN(nn.Module):
             h0: ``[B, state]`` or None (zeros).
             mode: override the module's mode for this call.
             return_info: also return the :class:`SolverInfo`.
+            lengths: ``[B]`` integer tensor of valid lengths for a right-padded batch (1 <= L <= T).
+                Padded steps keep the state (the identity transition), ``y`` is zero there, ``h_T``
+                is each sequence's state at its own last valid step, and padded inputs get zero
+                gradient.
             **solver_overrides: per-call :class:`SolverOptions` fields (e.g. ``init=H_prev``).
 
         Returns:
@@ -289,9 +298,24 @@ class RNN(nn.Module):
                 if parametrize.is_parametrized(module):
                     for name in module.parametrizations:
                         getattr(module, name)
-            return self._forward(x, h0, mode, return_info, **solver_overrides)
+            return self._forward(x, h0, mode, return_info, lengths, **solver_overrides)
 
-    def _forward(self, x, h0, mode, return_info, **solver_overrides):
+    def _padding_mask(self, lengths, x: torch.Tensor, opts) -> torch.Tensor | None:
+        """``[B, T]`` bool, True at valid steps, from ``lengths [B]``; None without lengths."""
+        if lengths is None:
+            return None
+        if opts.process_group is not None:
+            raise ValueError("lengths cannot be combined with process_group yet: pad or pack per rank")
+        B, T = x.shape[:2]
+        if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.is_complex() \
+                or lengths.dtype == torch.bool or tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must be an integer tensor [B] = [{B}], got "
+                             f"{getattr(lengths, 'dtype', type(lengths).__name__)} {list(getattr(lengths, 'shape', []))}")
+        if bool((lengths < 1).any()) or bool((lengths > T).any()):
+            raise ValueError(f"lengths must be in [1, T] = [1, {T}], got {lengths.tolist()}")
+        return torch.arange(T, device=x.device) < lengths.to(x.device)[:, None]
+
+    def _forward(self, x, h0, mode, return_info, lengths, **solver_overrides):
         self._check_x(x)
         opts = dataclasses.replace(self.options, **solver_overrides) if solver_overrides else self.options
         mode = self.mode if mode is None else mode
@@ -323,17 +347,20 @@ class RNN(nn.Module):
             training = torch.is_grad_enabled() and (
                 u.requires_grad or h0.requires_grad or any(p.requires_grad for p in self.cell.parameters()))
             mode = choose_mode(B, T, self.cell.state_size, u.device, self.cell.get_structure(), training)
+        mask = self._padding_mask(lengths, x, opts)  # [B, T] or None
         if mode == "sequential":
-            y = sequential_solve(self.cell.step, u, h0)
+            y = sequential_solve(self.cell.step, u, h0, mask)
             info = SolverInfo(mode="sequential")
         else:
-            y, info = parallel_solve(self.cell, u, h0, opts, warn=self._warn_once)
+            y, info = parallel_solve(self.cell, u, h0, opts, warn=self._warn_once, mask=mask)
         self.last_info = info
         self.stats.record(info)
         for hook in list(self._solve_hooks.values()):
             hook(self, info)
-        hT = y[:, -1]  # the full final state (all parts), to pass back as h0
+        hT = y[:, -1]  # the full final state (all parts), to pass back as h0; padded steps held it
         y = self.cell.output(y, x)
+        if mask is not None:
+            y = y * mask[..., None].to(y.dtype)  # zero at padded positions
         return (y, hT, info) if return_info else (y, hT)
 
     @torch.no_grad()

@@ -45,6 +45,10 @@ class Structure:
         """Non-zeros per Jacobian row (1 diagonal, k blocks, d dense): the cost model's k."""
         raise NotImplementedError
 
+    def identity(self, d: int, dtype, device) -> torch.Tensor:
+        """The identity transition in storage form ``[*storage_shape(d)]`` (a padded step)."""
+        return self.from_dense(torch.eye(d, dtype=dtype, device=device))
+
     # ---------------------------------------------------------------- algebra
     def matvec(self, J: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``J @ v`` for J ``[..., *storage_shape]`` and v ``[..., d]``."""

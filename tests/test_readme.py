@@ -11,8 +11,11 @@ def test_readme_python_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README has no python example"
     code = blocks[0].replace("torch.randn(4, 2048, 16)", "torch.randn(2, 128, 16)")
+    code = code.replace("torch.randint(1, 2049, (4,))", "torch.randint(1, 129, (2,))")
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     y, y_seq = scope["y"], scope["y_seq"]
     assert y.shape == (2, 128, 64)
     assert torch.allclose(y, y_seq, atol=1e-5)
+    L = scope["lengths"]
+    assert torch.allclose(scope["h_pad"], scope["y"][torch.arange(2), L - 1], atol=1e-5)

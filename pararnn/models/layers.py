@@ -74,9 +74,10 @@ class ResidualBlock(nn.Module):
             state_dict.setdefault(prefix + "rnn." + key[len(prefix):], value)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x, h0=None, mode=None):
-        """Returns ``(x [B, T, d_model], h_T [B, state])``."""
-        y, hT = self.rnn(self.norm1(x), h0, mode=mode)
+    def forward(self, x, h0=None, mode=None, lengths=None):
+        """Returns ``(x [B, T, d_model], h_T [B, state])``. ``lengths [B]``: right-padded batch
+        (h_T is each sequence's state at its last valid step; outputs at padded steps are not used)."""
+        y, hT = self.rnn(self.norm1(x), h0, mode=mode, lengths=lengths)
         x = x + self.out(y)
         return x + self.mlp(self.norm2(x)), hT
 
@@ -115,12 +116,14 @@ class SequenceModel(nn.Module):
             raise TypeError(f"token ids must be an integer tensor [B, T], got dtype {x.dtype}")
         return self.embed(x)
 
-    def forward(self, x, states=None, mode=None):
-        """``x``: token ids ``[B, T]`` (or features ``[B, T, n_in]``) -> ``(out [B, T, n_out], states)``."""
+    def forward(self, x, states=None, mode=None, lengths=None):
+        """``x``: token ids ``[B, T]`` (or features ``[B, T, n_in]``) -> ``(out [B, T, n_out], states)``.
+
+        ``lengths [B]``: valid lengths of a right-padded batch (see :class:`pararnn.RNN`)."""
         h = self._embed(x)
         new_states = []
         for i, block in enumerate(self.blocks):
-            h, hT = block(h, None if states is None else states[i], mode=mode)
+            h, hT = block(h, None if states is None else states[i], mode=mode, lengths=lengths)
             new_states.append(hT)
         return self.head(self.norm(h)), new_states
 

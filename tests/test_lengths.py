@@ -1,0 +1,79 @@
+"""Variable lengths (right-padded batches): every sequence as if it ran alone, in both modes."""
+import pytest
+import torch
+from helpers import KINDS, make_cell, rel_err
+
+import pararnn
+from pararnn.models import LSTM, SequenceModel
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_padded_batch_equals_each_sequence_alone(kind, mode):
+    torch.manual_seed(0)
+    cell = make_cell(kind)
+    T, lengths = 17, torch.tensor([17, 1, 9, 5])
+    x = torch.randn(4, T, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, cell.state_size, dtype=torch.float64, requires_grad=True)
+    rnn = pararnn.RNN(cell, mode=mode)
+    y, hT = rnn(x, h0, lengths=lengths)
+    gy = torch.randn_like(y)
+    gx, gh0 = torch.autograd.grad((y * gy).sum() + hT.square().sum(), [x, h0])
+    for b, L in enumerate(lengths.tolist()):
+        xb = x[b:b + 1, :L].detach().requires_grad_()
+        hb = h0[b:b + 1].detach().requires_grad_()
+        yb, hTb = pararnn.RNN(cell, mode="sequential")(xb, hb)
+        assert rel_err(y[b, :L], yb[0]) < 1e-10 and rel_err(hT[b], hTb[0]) < 1e-10
+        assert bool((y[b, L:] == 0).all())  # padded outputs are zero
+        gxb, ghb = torch.autograd.grad((yb * gy[b:b + 1, :L]).sum() + hTb.square().sum(), [xb, hb])
+        assert rel_err(gx[b, :L], gxb[0]) < 1e-9 and rel_err(gh0[b], ghb[0]) < 1e-9
+        assert bool((gx[b, L:] == 0).all())  # padded inputs get no gradient
+
+
+def test_lengths_with_a_readout_cell_and_the_layers():
+    torch.manual_seed(0)
+    cell = LSTM(3, 4).double()  # state (h, c) packed, output h
+    x = torch.randn(3, 12, 3, dtype=torch.float64)
+    lengths = torch.tensor([12, 4, 7])
+    y, hT = pararnn.RNN(cell)(x, lengths=lengths)
+    for b, L in enumerate(lengths.tolist()):
+        yb, hTb = pararnn.RNN(cell)(x[b:b + 1, :L])
+        assert rel_err(hT[b], hTb[0]) < 1e-10 and rel_err(y[b, :L], yb[0]) < 1e-10
+    model = SequenceModel(5, 2, d_model=8, n_layers=2).double()
+    tok = torch.randint(0, 5, (3, 12))
+    _, states = model(tok, lengths=lengths)
+    for b, L in enumerate(lengths.tolist()):
+        _, sb = model(tok[b:b + 1, :L])
+        assert all(rel_err(s[b], s1[0]) < 1e-9 for s, s1 in zip(states, sb))
+
+
+@pytest.mark.parametrize("lengths, match", [
+    (torch.tensor([3.0, 2.0]), "integer"),
+    (torch.tensor([3]), "lengths must be an integer tensor"),
+    (torch.tensor([0, 2]), r"\[1, T\]"),
+    (torch.tensor([5, 2]), r"\[1, T\]"),
+])
+def test_bad_lengths_are_refused(lengths, match):
+    rnn = pararnn.RNN(make_cell("diagonal"))
+    with pytest.raises(ValueError, match=match):
+        rnn(torch.randn(2, 4, 3, dtype=torch.float64), lengths=lengths)
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "block2"])
+def test_lengths_with_the_triton_backend(kind):
+    pytest.importorskip("triton")
+    from pararnn.kernels import triton_scan
+
+    if not (triton_scan.HAVE_TRITON and (torch.cuda.is_available() or triton_scan.interpreting())):
+        pytest.skip("no CUDA and no Triton interpreter")
+    import triton_interp
+
+    triton_interp.install()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    cell = make_cell(kind, dtype=torch.float32).to(device)
+    x = torch.randn(3, 40, 3, device=device)
+    lengths = torch.tensor([40, 1, 23])
+    y, hT = pararnn.RNN(cell, backend="triton")(x, lengths=lengths)
+    ys, hTs = pararnn.RNN(cell, mode="sequential")(x, lengths=lengths)
+    assert rel_err(y, ys) < 1e-5 and rel_err(hT, hTs) < 1e-5
