@@ -13,6 +13,7 @@ from .cell import Cell, verify_cell
 from .newton import (SolverInfo, SolverOptions, handle_failure, hold_padded, newton_solve, sequential_solve,
                      time_chunks)
 from .parallel import context_for
+from .scan import check_cu_seqlens
 from .structure import as_structure
 
 MODES = ("parallel", "sequential", "auto")
@@ -270,7 +271,8 @@ class RNN(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None, mode: str | None = None,
-                return_info: bool = False, lengths: torch.Tensor | None = None, **solver_overrides):
+                return_info: bool = False, lengths: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, **solver_overrides):
         """Run the cell over ``x``.
 
         Args:
@@ -282,6 +284,10 @@ class RNN(nn.Module):
                 Padded steps keep the state (the identity transition), ``y`` is zero there, ``h_T``
                 is each sequence's state at its own last valid step, and padded inputs get zero
                 gradient.
+            cu_seqlens: packed sequences in flash-linear-attention's convention: ``x`` is
+                ``[1, total, D_in]``, ``cu_seqlens [N+1]`` the cumulative offsets, ``h0`` is
+                ``[N, state]`` and ``h_T`` is ``[N, state]``; each sequence starts from its own h0.
+                (Solved as a padded batch of N sequences.)
             **solver_overrides: per-call :class:`SolverOptions` fields (e.g. ``init=H_prev``).
 
         Returns:
@@ -291,6 +297,10 @@ class RNN(nn.Module):
         """
         # parametrized weights (e.g. pararnn.models.bound_recurrent_weights) are computed once per
         # call, not at every one of the T sequential steps or Newton evaluations
+        if cu_seqlens is not None:
+            if lengths is not None:
+                raise ValueError("pass lengths or cu_seqlens, not both")
+            return self._forward_packed(x, h0, mode, return_info, cu_seqlens, **solver_overrides)
         with parametrize.cached():
             # fill the cache now, in the caller's grad mode: a first access inside the solver's
             # no_grad Newton loop would cache a weight without a graph and lose its gradient
@@ -299,6 +309,19 @@ class RNN(nn.Module):
                     for name in module.parametrizations:
                         getattr(module, name)
             return self._forward(x, h0, mode, return_info, lengths, **solver_overrides)
+
+    def _forward_packed(self, x, h0, mode, return_info, cu_seqlens, **solver_overrides):
+        """``x [1, total, D]`` with ``cu_seqlens [N+1]``: unpacked to a right-padded ``[N, L_max, D]``
+        batch, solved with ``lengths``, and packed back."""
+        self._check_x(x)
+        cu = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1]).to(x.device)
+        lengths = cu[1:] - cu[:-1]  # [N]
+        steps = torch.arange(int(lengths.max()), device=x.device)
+        valid = steps[None, :] < lengths[:, None]  # [N, L_max]
+        idx = (cu[:-1, None] + steps[None, :]).clamp(max=x.shape[1] - 1)  # [N, L_max]
+        xp = x[0][idx] * valid[..., None].to(x.dtype)  # [N, L_max, D]
+        out = self.forward(xp, h0, mode, return_info, lengths=lengths, **solver_overrides)
+        return (out[0][valid].unsqueeze(0), *out[1:])  # y [1, total, out], h_T [N, state]
 
     def _padding_mask(self, lengths, x: torch.Tensor, opts) -> torch.Tensor | None:
         """``[B, T]`` bool, True at valid steps, from ``lengths [B]``; None without lengths."""

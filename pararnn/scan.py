@@ -65,6 +65,20 @@ class _LinearScanFn(torch.autograd.Function):
         return gA, lam, gh0, None, None, None, None
 
 
+def check_cu_seqlens(cu_seqlens, B: int, T: int) -> torch.Tensor:
+    """Validate fla-style cumulative offsets ``[N+1]`` for a packed ``[1, total, ...]`` batch; on CPU."""
+    if B != 1:
+        raise ValueError(f"with cu_seqlens the batch must be packed as [1, total, ...], got B = {B}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+            or cu_seqlens.dtype.is_floating_point or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor [N+1] of cumulative offsets (0, ..., total)")
+    cu = cu_seqlens.detach().to("cpu", torch.long)
+    if int(cu[0]) != 0 or int(cu[-1]) != T or bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must rise strictly from 0 to total = {T} (every sequence >= 1 step), "
+                         f"got {cu.tolist()}")
+    return cu
+
+
 def _check_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -80,6 +94,7 @@ def linear_scan(
     reverse: bool = False,
     backend: str = "auto",
     process_group=None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Solve the linear recurrence ``h_t = A_t h_{t-1} + b_t`` for all t as one parallel reduction.
 
@@ -96,6 +111,11 @@ def linear_scan(
             its own consecutive time chunk (rank order = time order; chunk lengths may differ)
             and the same h0; the result is this rank's chunk. See :mod:`pararnn.distributed`.
             A :class:`pararnn.parallel.ParallelContext` is accepted too.
+        cu_seqlens: packed sequences, flash-linear-attention's convention: ``b`` is ``[1, total, d]``
+            and ``cu_seqlens [N+1]`` holds the cumulative offsets (0, ..., total); ``h0`` is
+            ``[N, d]`` (or None). Each sequence starts from its own h0: in the scan, a zero
+            transition at its first step (its last with ``reverse``). The final state of
+            sequence n is ``h[0, cu[n+1] - 1]`` (``h[0, cu[n]]`` with ``reverse``).
 
     Returns:
         h: ``[B, T, d]``. Differentiable in A, b and h0.
@@ -118,6 +138,21 @@ def linear_scan(
         raise TypeError(f"A and b must share a dtype, got A: {A.dtype}, b: {b.dtype}")
     if A.device != b.device:
         raise ValueError(f"A and b must be on one device, got A: {A.device}, b: {b.device}")
+    if cu_seqlens is not None:
+        if process_group is not None:
+            raise ValueError("cu_seqlens cannot be combined with process_group")
+        cu = check_cu_seqlens(cu_seqlens, B, T)
+        if h0 is not None:
+            _check_tensor("h0", h0)
+            if tuple(h0.shape) != (len(cu) - 1, d):
+                raise ValueError(f"with cu_seqlens, h0 must be [N, d] = {[len(cu) - 1, d]}, got {list(h0.shape)}")
+        # a sequence's first visited step reads its own h0: zero transition, A h0 folded into b
+        first = ((cu[1:] - 1) if reverse else cu[:-1]).to(A.device)  # [N]
+        A0 = A[0, first]
+        A = A.index_put((torch.zeros_like(first), first), torch.zeros_like(A0))
+        if h0 is not None:
+            b = b.index_put((torch.zeros_like(first), first), b[0, first] + structure.matvec(A0, h0.to(b.dtype)))
+        h0 = None
     if h0 is not None:
         _check_tensor("h0", h0)
         if tuple(h0.shape) != (B, d):

@@ -77,3 +77,71 @@ def test_lengths_with_the_triton_backend(kind):
     y, hT = pararnn.RNN(cell, backend="triton")(x, lengths=lengths)
     ys, hTs = pararnn.RNN(cell, mode="sequential")(x, lengths=lengths)
     assert rel_err(y, ys) < 1e-5 and rel_err(hT, hTs) < 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_packed_batch_equals_each_sequence_alone(kind, mode):
+    torch.manual_seed(1)
+    cell = make_cell(kind)
+    cu = torch.tensor([0, 5, 6, 20])
+    x = torch.randn(1, 20, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, cell.state_size, dtype=torch.float64, requires_grad=True)
+    y, hT = pararnn.RNN(cell, mode=mode)(x, h0, cu_seqlens=cu)
+    assert y.shape == (1, 20, cell.output_size) and hT.shape == (3, cell.state_size)
+    gx, gh0 = torch.autograd.grad(y.square().sum() + hT.sum(), [x, h0])
+    for n in range(3):
+        s, e = int(cu[n]), int(cu[n + 1])
+        xb, hb = x[:, s:e].detach().requires_grad_(), h0[n:n + 1].detach().requires_grad_()
+        yb, hTb = pararnn.RNN(cell, mode="sequential")(xb, hb)
+        assert rel_err(y[:, s:e], yb) < 1e-10 and rel_err(hT[n], hTb[0]) < 1e-10
+        gxb, ghb = torch.autograd.grad(yb.square().sum() + hTb.sum(), [xb, hb])
+        assert rel_err(gx[:, s:e], gxb) < 1e-9 and rel_err(gh0[n], ghb[0]) < 1e-9
+
+
+@pytest.mark.parametrize("structure", ["diagonal", pararnn.Block(2), pararnn.Block(2, shared=True), "dense"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_linear_scan_cu_seqlens(structure, reverse):
+    st = pararnn.structure.as_structure(structure, 4)
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 1, 7, 12])
+    A = (0.5 * torch.randn(1, 12, *st.storage_shape(4), generator=g, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(1, 12, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    h = pararnn.linear_scan(A, b, h0, structure, reverse=reverse, cu_seqlens=cu)
+    gh = torch.randn_like(h)
+    grads = torch.autograd.grad((h * gh).sum(), [A, b, h0])
+    want, wgrads = [], [torch.zeros_like(A), torch.zeros_like(b), torch.zeros_like(h0)]
+    for n in range(3):
+        s, e = int(cu[n]), int(cu[n + 1])
+        An, bn, hn = A[:, s:e].detach().requires_grad_(), b[:, s:e].detach().requires_grad_(), \
+            h0[n:n + 1].detach().requires_grad_()
+        hs = pararnn.linear_scan(An, bn, hn, structure, reverse=reverse, backend="reference")
+        want.append(hs)
+        gA, gb, gh0 = torch.autograd.grad((hs * gh[:, s:e]).sum(), [An, bn, hn])
+        wgrads[0][:, s:e], wgrads[1][:, s:e], wgrads[2][n] = gA, gb, gh0[0]
+    assert rel_err(h, torch.cat(want, 1)) < 1e-12
+    for g_, w in zip(grads, wgrads):
+        assert rel_err(g_, w) < 1e-11
+
+
+@pytest.mark.parametrize("cu, match", [(torch.tensor([0, 3, 3, 6]), "rise strictly"),
+                                       (torch.tensor([1, 6]), "rise strictly"),
+                                       (torch.tensor([0.0, 6.0]), "integer")])
+def test_bad_cu_seqlens_are_refused(cu, match):
+    with pytest.raises(ValueError, match=match):
+        pararnn.RNN(make_cell("diagonal"))(torch.randn(1, 6, 3, dtype=torch.float64), cu_seqlens=cu)
+    with pytest.raises(ValueError, match=match):
+        pararnn.linear_scan(torch.rand(1, 6, 4), torch.randn(1, 6, 4), cu_seqlens=cu)
+
+
+def test_packed_batch_through_the_sequence_model():
+    torch.manual_seed(0)
+    model = SequenceModel(5, 2, d_model=8, n_layers=2).double()
+    cu = torch.tensor([0, 4, 11])
+    tok = torch.randint(0, 5, (1, 11))
+    out, states = model(tok, cu_seqlens=cu)
+    for n in range(2):
+        s, e = int(cu[n]), int(cu[n + 1])
+        o, sb = model(tok[:, s:e])
+        assert rel_err(out[:, s:e], o) < 1e-9 and all(rel_err(a[n], c[0]) < 1e-9 for a, c in zip(states, sb))

@@ -74,10 +74,11 @@ class ResidualBlock(nn.Module):
             state_dict.setdefault(prefix + "rnn." + key[len(prefix):], value)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x, h0=None, mode=None, lengths=None):
+    def forward(self, x, h0=None, mode=None, lengths=None, cu_seqlens=None):
         """Returns ``(x [B, T, d_model], h_T [B, state])``. ``lengths [B]``: right-padded batch
-        (h_T is each sequence's state at its last valid step; outputs at padded steps are not used)."""
-        y, hT = self.rnn(self.norm1(x), h0, mode=mode, lengths=lengths)
+        (h_T is each sequence's state at its last valid step; outputs at padded steps are not used);
+        ``cu_seqlens [N+1]``: packed ``[1, total, d_model]`` batch (h0, h_T: ``[N, state]``)."""
+        y, hT = self.rnn(self.norm1(x), h0, mode=mode, lengths=lengths, cu_seqlens=cu_seqlens)
         x = x + self.out(y)
         return x + self.mlp(self.norm2(x)), hT
 
@@ -116,14 +117,16 @@ class SequenceModel(nn.Module):
             raise TypeError(f"token ids must be an integer tensor [B, T], got dtype {x.dtype}")
         return self.embed(x)
 
-    def forward(self, x, states=None, mode=None, lengths=None):
+    def forward(self, x, states=None, mode=None, lengths=None, cu_seqlens=None):
         """``x``: token ids ``[B, T]`` (or features ``[B, T, n_in]``) -> ``(out [B, T, n_out], states)``.
 
-        ``lengths [B]``: valid lengths of a right-padded batch (see :class:`pararnn.RNN`)."""
+        ``lengths [B]``: valid lengths of a right-padded batch; ``cu_seqlens [N+1]``: a packed
+        ``[1, total]`` batch (see :class:`pararnn.RNN`)."""
         h = self._embed(x)
         new_states = []
         for i, block in enumerate(self.blocks):
-            h, hT = block(h, None if states is None else states[i], mode=mode, lengths=lengths)
+            h, hT = block(h, None if states is None else states[i], mode=mode, lengths=lengths,
+                          cu_seqlens=cu_seqlens)
             new_states.append(hT)
         return self.head(self.norm(h)), new_states
 
