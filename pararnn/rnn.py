@@ -138,6 +138,17 @@ class SolveStats:
         return {**dataclasses.asdict(self), "mean_newton_steps": self.mean_newton_steps}
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(device: torch.device):
+    """The autocast dtype active for this device type, or None."""
+    kind = device.type if device.type in ("cpu", "cuda") else None
+    if kind is None or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
 def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
     """Run :func:`pararnn.cell.verify_cell` once per cell, dtype and device, at n sampled positions."""
     key = (h0.dtype, h0.device, str(cell.get_structure()))
@@ -150,7 +161,7 @@ def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
     with torch.no_grad():
         u_s = u[b, t].detach()  # [n, *]
         h_s = cell.step(h0[b].detach(), u_s)  # a state at the scale the solve will see, [n, d]
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(u.device.type, enabled=False):  # the cell's math, in full precision
         verify_cell(cell, h_s, u_s)
     done.add(key)
 
@@ -250,7 +261,8 @@ class RNN(nn.Module):
         if p is not None:
             if x.device != p.device:
                 raise ValueError(f"x is on {x.device} but the cell's parameters are on {p.device}")
-            if x.dtype != p.dtype and not (x.is_complex() or p.is_complex()):
+            lower = _autocast_dtype(x.device) == x.dtype  # an autocast layer handed in its precision
+            if x.dtype != p.dtype and not (x.is_complex() or p.is_complex() or lower):
                 raise TypeError(f"x has dtype {x.dtype} but the cell's parameters are {p.dtype}")
 
     def _make_h0(self, h0, u: torch.Tensor) -> torch.Tensor:
@@ -353,6 +365,14 @@ class RNN(nn.Module):
         if opts.check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or Inf (pass check_finite=False to skip this check)")
         u = self.cell.prepare(x)  # [B, T, *]
+        low = _autocast_dtype(u.device)
+        if low is not None:  # mixed precision: the state, Jacobians and scans stay in the parameters' precision
+            p = self._param_like()
+            if p is not None and u.dtype in _HALF and p.dtype not in _HALF:
+                u = u.to(p.dtype)
+            if opts.rtol is None:  # step's matmuls run in `low`: converge to its precision, not fp32's
+                tol = max(opts.tolerances(low)[0], opts.tolerances(u.real.dtype if u.is_complex() else u.dtype)[0])
+                opts = dataclasses.replace(opts, rtol=tol)
         if u.shape[:2] != x.shape[:2]:
             raise ValueError(f"{type(self.cell).__name__}.prepare must keep [B, T] leading dims: "
                              f"x {list(x.shape)} -> u {list(u.shape)}")

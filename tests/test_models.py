@@ -279,3 +279,19 @@ def test_bound_recurrent_weights():
         bound_recurrent_weights(LRU(4, 8), 0.9)
     with pytest.raises(ValueError, match="bound"):
         bound_recurrent_weights(ParaGRU(4, 8), 0.0)
+
+
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_bf16_autocast_every_cell(name, mode):
+    torch.manual_seed(0)
+    cell = make_cell(name, 8)
+    x = torch.randn(2, 40, 8)
+    ref = pararnn.RNN(cell, mode="sequential")(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _, info = pararnn.RNN(cell, mode=mode)(x, return_info=True)
+        y_lp = pararnn.RNN(cell, mode=mode)(x.bfloat16())[0]  # bf16 activations from an autocast layer
+    assert info.all_converged and info.iterations <= 5  # not max_iters and a fallback
+    assert rel_err(y.float(), ref.double().float()) < 3e-2 and rel_err(y_lp.float(), ref) < 5e-2
+    y.float().sum().backward()
+    assert all(p.grad is not None for p in cell.parameters() if p.requires_grad)

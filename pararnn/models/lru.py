@@ -50,7 +50,8 @@ class LRU(Cell):
     def prepare(self, x):
         lam = self.eigenvalues()
         gamma = torch.sqrt(1 - lam.abs() ** 2)  # [N]
-        Bx = torch.complex(x @ self.B_re.T, x @ self.B_im.T)  # [B, T, N]
+        dt = self.B_re.dtype  # complex parts in the parameters' precision (autocast may give bf16)
+        Bx = torch.complex((x @ self.B_re.T).to(dt), (x @ self.B_im.T).to(dt))  # [B, T, N]
         return gamma * Bx
 
     def step(self, h, u):

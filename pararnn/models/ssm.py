@@ -76,12 +76,13 @@ class ComplexSSM(DiagonalLinear):
 
     def transitions(self, x):
         """``(a [B, T, N] complex, Δ [B, T, N])``; ``|a| <= 1``."""
-        delta = F.softplus(self.dt(x))
-        return torch.polar(torch.exp(-delta * torch.exp(self.w)), self.theta(x)), delta
+        dt = self.w.dtype  # polar/complex need the parameters' precision (autocast may give bf16)
+        delta = F.softplus(self.dt(x)).to(dt)
+        return torch.polar(torch.exp(-delta * torch.exp(self.w)), self.theta(x).to(dt)), delta
 
     def prepare(self, x):
         a, delta = self.transitions(x)
-        re, im = self.inp(x).chunk(2, -1)
+        re, im = self.inp(x).to(self.w.dtype).chunk(2, -1)
         return torch.cat([a, delta * torch.complex(re, im)], -1)  # [B, T, 2N] complex
 
 
