@@ -116,7 +116,29 @@ def supports(structure, dtype: torch.dtype, d: int) -> bool:
     return dtype in _REAL and not structure.shared and structure.width(d) in _BLOCK_SIZES
 
 
-def _autotuned(kernel, lane_block: str, key: str):
+# (BLOCK_T, lanes per program, num_warps): the grid first tried on GPUs. Compiled for sm_80 and
+# sm_90 with no GPU (python -m pararnn.kernels.aot), much of it spilled registers: fp32 block3 on
+# sm_80 in 15 of its 18 configs (every 2-warp one), block4's first config in every dtype.
+FULL_GRID = [(bt, bl, w) for bt in (32, 64, 128) for bl in (16, 32, 64) for w in (2, 4)]
+# The autotune space actually used: configs that compiled with no spill, no stack and shared
+# memory within sm_80/sm_86/sm_90 limits for fp32 on both sm_80 and sm_90 (triton 3.9.0,
+# ptxas 13.4), at most 4 per kernel, preferring fewer registers. Resources per config:
+# pararnn/kernels/README.md. tests/test_aot.py recompiles the first of each in CI.
+GPU_CONFIGS: dict[str, list[tuple[int, int, int]]] = {
+    "diag_real": [(32, 32, 4), (64, 16, 4), (128, 16, 4)],  # (64, 32, 4) spilled 4 B in fp16/bf16, sm_90
+    "diag_complex": [(32, 16, 4), (32, 32, 4), (64, 16, 4)],
+    "block2": [(32, 16, 4), (32, 32, 4), (64, 16, 4)],
+    "block3": [(32, 8, 4), (64, 8, 4), (32, 16, 8), (32, 16, 4)],
+    "block4": [(16, 8, 4), (32, 8, 4), (32, 8, 8), (16, 16, 4)],
+}
+
+
+def gpu_configs(name: str) -> list[tuple[int, int, int]]:
+    """The autotune space of kernel ``name`` on a GPU (``python -m pararnn.kernels.aot`` checks it)."""
+    return GPU_CONFIGS.get(name, FULL_GRID)
+
+
+def _autotuned(kernel, lane_block: str, key: str, name: str):
     """Autotune over tile sizes keyed on the feature size only (never on T, which varies).
 
     The interpreter gets a single config: autotuning would benchmark every config there.
@@ -124,15 +146,14 @@ def _autotuned(kernel, lane_block: str, key: str):
     if interpreting():
         configs = [triton.Config({"BLOCK_T": 32, lane_block: 16})]
     else:  # pragma: no cover - needs a GPU
-        configs = [triton.Config({"BLOCK_T": bt, lane_block: bl}, num_warps=w)
-                   for bt in (32, 64, 128) for bl in (16, 32, 64) for w in (2, 4)]
+        configs = [triton.Config({"BLOCK_T": bt, lane_block: bl}, num_warps=w) for bt, bl, w in gpu_configs(name)]
     return triton.autotune(configs=configs, key=[key])(kernel)
 
 
 if HAVE_TRITON:
-    _diag_real = _autotuned(_diag_real_kernel, "BLOCK_D", "D")
-    _diag_complex = _autotuned(_diag_complex_kernel, "BLOCK_D", "D")
-    _blocks = {k: _autotuned(kern, "BLOCK_M", "M") for k, kern in _BLOCK_KERNELS.items()}
+    _diag_real = _autotuned(_diag_real_kernel, "BLOCK_D", "D", "diag_real")
+    _diag_complex = _autotuned(_diag_complex_kernel, "BLOCK_D", "D", "diag_complex")
+    _blocks = {k: _autotuned(kern, "BLOCK_M", "M", f"block{k}") for k, kern in _BLOCK_KERNELS.items()}
 
 
 def scan_triton(A, b, h0, structure, reverse=False, adjoint=False, out=None):
