@@ -186,13 +186,14 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
     from tqdm import tqdm
 
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
-    check_same_config(out, cfg)
+    found = finished_runs(out)  # every checkpoint read (and validated) once
+    check_same_config(found.values(), cfg, out)
     results, todo = [], []
     for task, models in plan.items():
         for model in models:
             for seed in seeds:
                 path = os.path.join(out, "runs", f"{task}__{slug(model)}__seed{seed}.json")
-                done = load_checkpoint(path)
+                done = found.get(path)
                 if done is not None:
                     results.append(done)
                 else:
@@ -256,16 +257,16 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
             p.kill()
 
 
-def finished_runs(out: str) -> list[dict]:
-    """Every valid finished run in ``<out>/runs`` (a bad checkpoint is moved aside)."""
-    runs = [load_checkpoint(p) for p in sorted(glob.glob(os.path.join(out, "runs", "*.json")))]
-    return [r for r in runs if r is not None]
+def finished_runs(out: str) -> dict[str, dict]:
+    """``{path: result}`` of every valid finished run in ``<out>/runs`` (a bad checkpoint is moved aside)."""
+    runs = {p: load_checkpoint(p) for p in sorted(glob.glob(os.path.join(out, "runs", "*.json")))}
+    return {p: r for p, r in runs.items() if r is not None}
 
 
-def check_same_config(out: str, cfg: TrackConfig) -> None:
+def check_same_config(runs, cfg: TrackConfig, out: str) -> None:
     """Refuse to mix configurations in one folder: finished runs are never overwritten or mixed."""
     want = asdict(cfg)
-    for r in finished_runs(out):
+    for r in runs:
         if r["config"] != want:
             diff = {k: (r["config"].get(k), v) for k, v in want.items() if r["config"].get(k) != v}
             raise SystemExit(
@@ -459,6 +460,6 @@ def run(args: argparse.Namespace) -> list[dict]:
         return run_study(plan, list(range(args.seeds)), cfg, args.out, args.jobs)
     with study_lock(args.out):
         results = run_study(plan, list(range(args.seeds)), cfg, args.out, args.jobs)
-        print(summarize(finished_runs(args.out), args.out))
+        print(summarize(list(finished_runs(args.out).values()), args.out))
     print(f"results: {args.out}/summary.json, {args.out}/table.md, plots in {args.out}/plots/")
     return results
