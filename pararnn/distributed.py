@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from .dispatch import scan_dispatch
 from .parallel import ParallelContext, register_group_context
+from .scan import shifted_adjoint_transitions as local_shifted_adjoint_transitions
 from .structure import Diagonal, as_structure
 
 
@@ -75,21 +76,14 @@ def sp_scan(A, b, h0, structure, reverse=False, group=None, backend="auto"):
 
 
 def shifted_adjoint_transitions(A, structure, reverse, group):
-    """``A'_t = A_{t±1}^H`` across rank boundaries, for the adjoint of a (reverse) scan.
-
-    The adjoint of a forward scan is the reverse scan ``λ_t = A_{t+1}^H λ_{t+1} + g_t``: its last
-    local step needs the next rank's first transition (and zero on the last rank).
-    """
+    """``A'_t = A_{t±1}^H`` across rank boundaries, for the adjoint of a (reverse) scan: the last
+    local step reads the next rank's first transition (the previous rank's last with ``reverse``;
+    zero at the sequence's end)."""
     rank, W = rank_and_size(group)
-    if not reverse:  # need A_{t+1}: the next rank's first transition
-        firsts = all_gather(A[:, 0], group)
-        nxt = firsts[rank + 1] if rank + 1 < W else torch.zeros_like(A[:, 0])
-        shifted = torch.cat([A[:, 1:], nxt.unsqueeze(1)], 1)
-    else:  # adjoint of a reverse scan, λ_t = A_{t-1}^H λ_{t-1} + g_t: the previous rank's last
-        lasts = all_gather(A[:, -1], group)
-        prv = lasts[rank - 1] if rank > 0 else torch.zeros_like(A[:, 0])
-        shifted = torch.cat([prv.unsqueeze(1), A[:, :-1]], 1)
-    return structure.transpose(shifted)
+    edges = all_gather(A[:, -1 if reverse else 0], group)
+    neighbour = rank - 1 if reverse else rank + 1
+    edge = edges[neighbour] if 0 <= neighbour < W else None
+    return local_shifted_adjoint_transitions(A, structure, reverse, edge)
 
 
 def sp_adjoint_scan(A, g, structure, reverse=False, group=None, backend="auto"):
