@@ -160,8 +160,7 @@ def sequential_solve(step: Callable, u: torch.Tensor, h0: torch.Tensor,
     h = h0
     out = []
     for t, u_t in enumerate(u.unbind(1)):
-        h_new = step(h, u_t)
-        h = h_new if mask is None else torch.where(mask[:, t, None], h_new, h)
+        h = hold_padded(step(h, u_t), None, h, None if mask is None else mask[:, t], None)[0]
         out.append(h)
     return torch.stack(out, dim=1)
 

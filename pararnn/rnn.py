@@ -307,12 +307,12 @@ class RNN(nn.Module):
             ``cell.output(states, x)`` (the states themselves unless the cell has a readout);
             ``h_T`` is the full final state, ready to pass back as ``h0``.
         """
-        # parametrized weights (e.g. pararnn.models.bound_recurrent_weights) are computed once per
-        # call, not at every one of the T sequential steps or Newton evaluations
         if cu_seqlens is not None:
             if lengths is not None:
                 raise ValueError("pass lengths or cu_seqlens, not both")
             return self._forward_packed(x, h0, mode, return_info, cu_seqlens, **solver_overrides)
+        # parametrized weights (e.g. pararnn.models.bound_recurrent_weights) are computed once per
+        # call, not at every one of the T sequential steps or Newton evaluations
         with parametrize.cached():
             # fill the cache now, in the caller's grad mode: a first access inside the solver's
             # no_grad Newton loop would cache a weight without a graph and lose its gradient
