@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -42,20 +40,10 @@ def _cell(kind: str, size: float, d: int, seed: int, bound: float | None = None)
     return cell if bound is None else bound_recurrent_weights(cell, bound)
 
 
-def _times(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, the callables interleaved round by round."""
-    out = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            out[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in out.items()}
-
-
 def one_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed: int = 0,
              bound: float | None = None) -> dict:
     import pararnn
+    from pararnn.utils.timing import interleaved_medians
 
     cell = _cell(kind, size, d, seed, bound)
     x = torch.randn(B, T, d, generator=torch.Generator().manual_seed(seed + 1))
@@ -68,7 +56,7 @@ def one_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed:
         y, _, info = par(x, return_info=True)
         ys = seq(x)[0]
         scale = ref.abs().amax().item()
-        t = _times({"parallel": lambda: par(x), "sequential": lambda: seq(x)}, repeats)
+        t = interleaved_medians({"parallel": lambda: par(x), "sequential": lambda: seq(x)}, repeats)
     return {"cell": kind, "size": size, "bound": bound, "B": B, "T": T, "d": d, "lyapunov": lam,
             "newton_iterations": info.iterations, "safeguarded": info.safeguarded,
             "fell_back": int(info.fell_back.sum()), "converged": int(info.converged.sum()),

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -32,6 +30,7 @@ def main(argv=None) -> int:
     from pararnn.models import make_cell
     from pararnn.studies.common import (ensure_writable, markdown_table, run_metadata, set_threads,
                                         write_json_atomic, write_text)
+    from pararnn.utils.timing import interleaved_medians
 
     ensure_writable(args.out, "--out")
     set_threads(args.threads)
@@ -50,19 +49,16 @@ def main(argv=None) -> int:
                 y, _, info = rnn(x, return_info=True)
             row[f"{prec}_iters"] = info.iterations
             row[f"{prec}_rel_err"] = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-        times = {f"{p}_{k}": [] for p in ctxs for k in ("fwd", "fwdbwd")}
-        for _ in range(args.repeats):  # interleaved
-            for prec, ctx in ctxs.items():
-                for kind in ("fwd", "fwdbwd"):
-                    t = time.perf_counter()
-                    with ctx():
-                        if kind == "fwd":
-                            with torch.no_grad():
-                                rnn(x)
-                        else:
-                            rnn(x)[0].float().sum().backward()
-                    times[f"{prec}_{kind}"].append(time.perf_counter() - t)
-        row.update({f"{k}_s": statistics.median(v) for k, v in times.items()})
+        def run(ctx, backward):
+            with ctx():
+                if backward:
+                    rnn(x)[0].float().sum().backward()
+                else:
+                    with torch.no_grad():
+                        rnn(x)
+
+        fns = {f"{p}_{k}_s": (lambda c=c, b=(k == "fwdbwd"): run(c, b)) for p, c in ctxs.items() for k in ("fwd", "fwdbwd")}
+        row.update(interleaved_medians(fns, args.repeats))
         rows.append(row)
     write_json_atomic(args.out, {**run_metadata(vars(args)), "rows": rows})
     md = markdown_table(

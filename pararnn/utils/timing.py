@@ -37,6 +37,24 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1,
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 0,
+                        device: torch.device | str | None = None) -> dict[str, float]:
+    """Median seconds of each callable, the callables run in turn round by round, so machine noise
+    hits all of them alike (after ``warmup`` untimed rounds)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def copy_bandwidth(nbytes: int, device: torch.device | str = "cpu", repeats: int = 10) -> float:
     """Measured copy bandwidth in bytes/s (read + write) into an existing buffer of ``nbytes``."""
     n = max(1, nbytes // 8)  # each copy reads n*4 and writes n*4 bytes
