@@ -21,7 +21,7 @@ _API = {
     "Diagnosis": "diagnostics", "diagnose": "diagnostics",
 }
 _SUBMODULES = ("cell", "structure", "newton", "rnn", "scan", "diagnostics", "dispatch", "parallel", "distributed",
-               "kernels", "models", "studies", "utils")
+               "kernels", "models", "nn", "studies", "utils")
 
 __all__ = sorted(_API)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..cell import Cell
@@ -28,11 +29,11 @@ class GRU(Cell):
         return self.state_size
 
     def prepare(self, x):
-        return x @ self.weight_ih.T + self.bias_ih  # [B, T, 3H]
+        return F.linear(x, self.weight_ih, self.bias_ih)  # [B, T, 3H]
 
     def _gates(self, h, u):
         """``r, z, n [N, H]`` and ``W_hn h + b_hn [N, H]`` at ``h [N, H]``, ``u [N, 3H]``."""
-        gh = h @ recurrent_weight(self).T + self.bias_hh  # [N, 3H]
+        gh = F.linear(h, recurrent_weight(self), self.bias_hh)  # [N, 3H]
         ur, uz, un = u.chunk(3, -1)
         hr, hz, hn = gh.chunk(3, -1)
         r = torch.sigmoid(ur + hr)

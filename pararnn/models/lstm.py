@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..cell import Cell
@@ -39,12 +40,12 @@ class LSTM(Cell):
         return torch.cat([hh, cc], -2).flatten(-3)
 
     def prepare(self, x):
-        return x @ self.weight_ih.T + self.bias_ih  # [B, T, 4H]
+        return F.linear(x, self.weight_ih, self.bias_ih)  # [B, T, 4H]
 
     def _gates(self, s, u):
         """``h, c [N, H]`` from the state ``s [N, 2H]`` and the activated gates ``i, f, g, o [N, H]``."""
         h, c = self.split_state(s)
-        g_all = u + h @ recurrent_weight(self).T + self.bias_hh  # [N, 4H]
+        g_all = u + F.linear(h, recurrent_weight(self), self.bias_hh)  # [N, 4H]
         ai, af, ag, ao = g_all.chunk(4, -1)
         return h, c, torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag), torch.sigmoid(ao)
 

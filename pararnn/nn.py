@@ -1,0 +1,267 @@
+"""`pararnn.nn`: drop-in GRU, LSTM and RNN with torch.nn's constructor, shapes and parameter names.
+
+``pararnn.nn.GRU(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)``
+has torch.nn.GRU's forward (``input [T, B, H_in]`` or batch first, ``hx [num_layers·dirs, B, H]``,
+``PackedSequence`` in and out, unbatched ``[T, H_in]``) and its parameters (``weight_ih_l0``,
+``bias_hh_l1_reverse``, ...), so ``load_state_dict`` works both ways. Each layer and direction is
+solved by a :class:`pararnn.RNN` (``mode="auto"`` by default: parallel Newton where it is measured
+to win on this device, the sequential loop otherwise); the reverse direction is the same solve on
+each sequence reversed within its length.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import models
+from .rnn import RNN as _Solver
+
+__all__ = ["GRU", "LSTM", "RNN"]
+
+_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+class _Bound:
+    """Mixin for a zoo cell that owns no parameters: ``weight_ih`` and friends are read, at every
+    access, from the owning module's torch-named attribute (``weight_ih_l1_reverse``), so the
+    owner's ``load_state_dict``, ``.to()``, ``deepcopy`` and parametrizations (weight norm, ...)
+    are what the solver sees. Missing biases (``bias=False``) read as None."""
+
+    def _bind(self, owner: nn.Module, suffix: str) -> None:
+        for name in _WEIGHTS:
+            self._parameters.pop(name, None)
+        self.__dict__["_owner"], self.__dict__["_suffix"] = owner, suffix
+
+    def __getattr__(self, name):
+        if name in _WEIGHTS and "_owner" in self.__dict__:
+            return getattr(self.__dict__["_owner"], name + self.__dict__["_suffix"], None)
+        return super().__getattr__(name)
+
+    def parameters(self, recurse: bool = True):
+        """The owner's parameters (dtype, device and requires_grad checks of :class:`pararnn.RNN`)."""
+        return self.__dict__["_owner"].parameters(recurse)
+
+
+class _GRUCell(_Bound, models.GRU):
+    pass
+
+
+class _LSTMCell(_Bound, models.LSTM):
+    pass
+
+
+class _ElmanCell(_Bound, models.Elman):
+    def prepare(self, x):
+        u = F.linear(x, self.weight_ih, self.bias_ih)  # [B, T, H]
+        return u if self.bias_hh is None else u + self.bias_hh  # torch.nn.RNN's two biases, folded
+
+
+class _RNNBase(nn.Module):
+    """torch.nn.RNNBase's interface over pararnn solves. Subclasses set ``_gates`` and ``_cell``."""
+
+    _gates = 1
+    _cell = None
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, mode: str = "auto", **solver_options):
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if proj_size:
+            raise NotImplementedError("proj_size is not supported by pararnn.nn.LSTM (use proj_size=0)")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size = bidirectional, 0
+        self.mode = mode
+        dirs = 2 if bidirectional else 1
+        factory = {"device": device, "dtype": dtype}
+        rnns = []
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else hidden_size * dirs
+            for direction in range(dirs):
+                sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                g = self._gates * hidden_size
+                self.register_parameter("weight_ih" + sfx, nn.Parameter(torch.empty(g, layer_in, **factory)))
+                self.register_parameter("weight_hh" + sfx, nn.Parameter(torch.empty(g, hidden_size, **factory)))
+                if bias:
+                    self.register_parameter("bias_ih" + sfx, nn.Parameter(torch.empty(g, **factory)))
+                    self.register_parameter("bias_hh" + sfx, nn.Parameter(torch.empty(g, **factory)))
+                with torch.random.fork_rng(devices=[]):  # the cell's own (discarded) init must not
+                    cell = self._make_cell(layer_in, hidden_size)  # shift the RNG: torch.nn's seeds give torch.nn's weights
+                cell._bind(self, sfx)
+                rnns.append(_Solver(cell, mode=mode, **solver_options))
+        self.__dict__["_rnns"] = rnns  # not submodules: the parameters live here, under torch's names
+        self.reset_parameters()
+
+    def _make_cell(self, input_size: int, hidden_size: int):
+        return self._cell(input_size, hidden_size)
+
+    @property
+    def rnns(self) -> tuple:
+        """The :class:`pararnn.RNN` of each layer and direction (order: l0, l0_reverse, l1, ...):
+        their ``last_info``, ``stats`` and ``register_solve_hook`` report each solve."""
+        return tuple(self._rnns)
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
+        k = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-k, k)
+
+    def flatten_parameters(self) -> None:
+        """No-op (kept so scripts written for cuDNN modules run unchanged)."""
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s + f", mode={self.mode!r}"
+
+    # ------------------------------------------------------------------ state layout
+    def _state_from_hx(self, hx, B: int, dtype, device) -> torch.Tensor | None:
+        """``hx [L·D, B, H]`` -> states ``[L·D, B, state]`` (None: zeros)."""
+        if hx is None:
+            return None
+        self._check_hx(hx, "hx", B)
+        return hx
+
+    def _hx_from_state(self, hn: torch.Tensor):
+        return hn
+
+    def _check_hx(self, h, name: str, B: int) -> None:
+        want = (self.num_layers * (2 if self.bidirectional else 1), B, self.hidden_size)
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {list(want)}, got {type(h).__name__}")
+        if tuple(h.shape) != want:
+            raise ValueError(f"{name} must be [num_layers*num_directions, batch, hidden_size] = {list(want)}, "
+                             f"got {list(h.shape)}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input, hx=None):
+        """``input``: ``[T, B, H_in]`` (``[B, T, H_in]`` if batch_first), ``[T, H_in]`` unbatched,
+        or a ``PackedSequence``. ``hx``: ``[num_layers·dirs, B, H]`` (LSTM: a tuple ``(h0, c0)``).
+
+        Returns ``(output, h_n)``: output ``[T, B, dirs·H]`` (or batch first, or packed like the
+        input; zero at padded positions), ``h_n`` like ``hx`` (LSTM: ``(h_n, c_n)``), each
+        sequence's state at its own last step.
+        """
+        with parametrize.cached():  # parametrized weights: computed once, in the caller's grad mode
+            for name in getattr(self, "parametrizations", {}):
+                getattr(self, name)
+            return self._forward(input, hx)
+
+    def _forward(self, input, hx):
+        packed = isinstance(input, PackedSequence)
+        unbatched = False
+        if packed:
+            x, lengths = pad_packed_sequence(input, batch_first=True)  # [B, T, H_in], original order
+            lengths = lengths.to(x.device)
+        else:
+            if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+                raise ValueError(f"input must be a 3-D tensor [T, B, H_in] ([B, T, H_in] if batch_first), "
+                                 f"a 2-D unbatched [T, H_in] or a PackedSequence, got {getattr(input, 'shape', type(input))}")
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(0) if unbatched else (input if self.batch_first else input.transpose(0, 1))
+            lengths = None
+            if unbatched and hx is not None:
+                hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"input must have input_size = {self.input_size} features, got {x.shape[-1]}")
+        B = x.shape[0]
+        states = self._state_from_hx(hx, B, x.dtype, x.device)  # [L·D, B, state] or None
+        dirs = 2 if self.bidirectional else 1
+        finals = []
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(dirs):
+                i = layer * dirs + direction
+                h0 = None if states is None else states[i]
+                xi = x if direction == 0 else _reverse_within(x, lengths)
+                y, hT = self._rnns[i](xi, h0, lengths=lengths)
+                outs.append(y if direction == 0 else _reverse_within(y, lengths))
+                finals.append(hT)
+            x = outs[0] if dirs == 1 else torch.cat(outs, -1)  # [B, T, dirs·H]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        hn = self._hx_from_state(torch.stack(finals))  # [L·D, B, H] (LSTM: a tuple)
+        if packed:
+            order = input.sorted_indices  # pack in the input's own order, so batch_sizes line up
+            ys, ls = (x, lengths) if order is None else (x.index_select(0, order), lengths[order.to(x.device)])
+            data = pack_padded_sequence(ys, ls.cpu(), batch_first=True).data
+            return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), hn
+        if unbatched:
+            return x[0], (tuple(h[:, 0] for h in hn) if isinstance(hn, tuple) else hn[:, 0])
+        return (x if self.batch_first else x.transpose(0, 1)), hn
+
+
+def _reverse_within(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Reverse each sequence of ``x [B, T, F]`` within its own length (padding stays in place)."""
+    if lengths is None:
+        return x.flip(1)
+    T = x.shape[1]
+    t = torch.arange(T, device=x.device)
+    idx = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # [B, T]
+    return x.gather(1, idx[..., None].expand_as(x))
+
+
+class GRU(_RNNBase):
+    """Drop-in for :class:`torch.nn.GRU` (same constructor, forward, shapes and parameter names),
+    solved by pararnn. Extra keyword arguments: ``mode`` (``"auto"``, ``"parallel"``,
+    ``"sequential"``) and :class:`pararnn.SolverOptions` fields."""
+
+    _gates, _cell = 3, _GRUCell
+
+
+class RNN(_RNNBase):
+    """Drop-in for :class:`torch.nn.RNN` (``nonlinearity="tanh"`` or ``"relu"``), solved by pararnn."""
+
+    _gates = 1
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, mode: str = "auto", **solver_options):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device=device, dtype=dtype, mode=mode, **solver_options)
+
+    def _make_cell(self, input_size, hidden_size):
+        return _ElmanCell(input_size, hidden_size, nonlinearity=self.nonlinearity)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity!r}"
+
+
+class LSTM(_RNNBase):
+    """Drop-in for :class:`torch.nn.LSTM` (``hx = (h0, c0)``, returns ``(output, (h_n, c_n))``),
+    solved by pararnn. ``proj_size`` raises NotImplementedError."""
+
+    _gates, _cell = 4, _LSTMCell
+
+    def _state_from_hx(self, hx, B, dtype, device):
+        if hx is None:
+            return None
+        if not isinstance(hx, tuple) or len(hx) != 2:
+            raise TypeError("hx must be a tuple (h0, c0) for an LSTM")
+        self._check_hx(hx[0], "h0", B)
+        self._check_hx(hx[1], "c0", B)
+        return torch.cat(hx, -1)  # [L·D, B, 2H]: one head, state = [h, c]
+
+    def _hx_from_state(self, hn):
+        return hn[..., :self.hidden_size], hn[..., self.hidden_size:]
+

@@ -1,0 +1,167 @@
+"""pararnn.nn drop-ins against torch.nn.GRU/LSTM/RNN in fp64: values, final states, gradients."""
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
+
+import pararnn
+
+KINDS = ["GRU", "LSTM", "RNN"]
+
+
+def _pair(kind, mode="parallel", **kw):
+    ref = getattr(nn, kind)(dtype=torch.float64, **kw)
+    ours = getattr(pararnn.nn, kind)(dtype=torch.float64, mode=mode, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _flat(h):
+    return torch.cat(h) if isinstance(h, tuple) else h
+
+
+def _random_config(rng):
+    return dict(input_size=rng.randint(1, 5), hidden_size=rng.randint(1, 6), num_layers=rng.randint(1, 3),
+                bias=rng.random() < 0.7, batch_first=rng.random() < 0.5, bidirectional=rng.random() < 0.5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed", range(4))
+def test_random_configurations_equal_torch_nn(kind, seed):
+    rng = random.Random(seed)
+    cfg = _random_config(rng)
+    if kind == "RNN":
+        cfg["nonlinearity"] = rng.choice(["tanh", "relu"])
+    mode = rng.choice(["parallel", "sequential"])
+    ref, ours = _pair(kind, mode, **cfg)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    B, T = 3, rng.choice([1, 7, 33])
+    dirs = 2 if cfg["bidirectional"] else 1
+    shape = (B, T, cfg["input_size"]) if cfg["batch_first"] else (T, B, cfg["input_size"])
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(cfg["num_layers"] * dirs, B, cfg["hidden_size"], dtype=torch.float64)
+    hx = (h0, torch.randn_like(h0)) if kind == "LSTM" else h0
+    packed = seed % 2 == 1  # lengths 1 and T in one batch, unsorted
+    lengths = torch.tensor([T, 1, max(1, T // 2)])
+    inputs = []
+    for _ in range(2):
+        inputs.append(pack_padded_sequence(x, lengths, batch_first=cfg["batch_first"], enforce_sorted=False)
+                      if packed else x)
+    (yr, hr), (yo, ho) = ref(inputs[0], hx), ours(inputs[1], hx)
+    if packed:
+        assert torch.equal(yo.batch_sizes, yr.batch_sizes)
+        assert torch.equal(yo.unsorted_indices, yr.unsorted_indices)
+        yr, yo = yr.data, yo.data
+    torch.testing.assert_close(yo, yr)
+    torch.testing.assert_close(_flat(ho), _flat(hr))
+    loss = lambda y, h: (y.sin() * torch.linspace(0, 1, y.shape[-1], dtype=y.dtype)).sum() + _flat(h).square().sum()  # noqa: E731
+    gr = torch.autograd.grad(loss(yr, hr), [x, *ref.parameters()])
+    go = torch.autograd.grad(loss(yo, ho), [x, *ours.parameters()])
+    for a, b in zip(go, gr):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dicts_load_both_ways_and_seeds_give_torch_weights(kind):
+    torch.manual_seed(3)
+    ref = getattr(nn, kind)(3, 4, num_layers=2, bidirectional=True)
+    torch.manual_seed(3)
+    ours = getattr(pararnn.nn, kind)(3, 4, num_layers=2, bidirectional=True)
+    for (n, a), (m, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert n == m
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # same seed, same initial weights
+    back = getattr(nn, kind)(3, 4, num_layers=2, bidirectional=True)
+    back.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(back(x)[0], ours(x)[0])
+
+
+def test_unbatched_and_sorted_packed_inputs():
+    ref, ours = _pair("GRU", input_size=4, hidden_size=5)
+    x = torch.randn(30, 4, dtype=torch.float64)
+    h0 = torch.randn(1, 5, dtype=torch.float64)
+    (yr, hr), (yo, ho) = ref(x, h0), ours(x, h0)
+    assert yo.shape == (30, 5) and ho.shape == (1, 5)
+    torch.testing.assert_close(yo, yr)
+    torch.testing.assert_close(ho, hr)
+    packed = pack_sequence([torch.randn(n, 4, dtype=torch.float64) for n in (9, 5, 2)])  # enforce_sorted
+    (pr, hr), (po, ho) = ref(packed), ours(packed)
+    assert po.sorted_indices is None
+    torch.testing.assert_close(po.data, pr.data)
+    torch.testing.assert_close(ho, hr)
+
+
+def test_parametrizations_on_the_module_reach_the_solver():
+    """weight_norm on weight_hh_l0 of the drop-in changes its output exactly as on torch.nn.GRU."""
+    ref, ours = _pair("GRU", input_size=3, hidden_size=4)
+    for m in (ref, ours):
+        torch.nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
+        with torch.no_grad():
+            m.parametrizations.weight_hh_l0.original0.mul_(3)  # the norms change, the stored weight does not
+    x = torch.randn(16, 2, 3, dtype=torch.float64)
+    yr, yo = ref(x)[0], ours(x)[0]
+    torch.testing.assert_close(yo, yr)
+    for a, b in zip(torch.autograd.grad(yo.sum(), list(ours.parameters())),
+                    torch.autograd.grad(yr.sum(), list(ref.parameters()))):
+        torch.testing.assert_close(a, b)
+
+
+def test_deepcopy_is_independent():
+    ours = pararnn.nn.LSTM(3, 4)
+    twin = copy.deepcopy(ours)
+    x = torch.randn(6, 2, 3)
+    torch.testing.assert_close(twin(x)[0], ours(x)[0])
+    with torch.no_grad():
+        twin.weight_hh_l0.zero_()
+        twin.weight_ih_l0.zero_()
+    assert not torch.allclose(twin(x)[0], ours(x)[0])
+
+
+def test_dropout_between_layers_only_in_training():
+    ours = pararnn.nn.GRU(3, 4, num_layers=2, dropout=0.5)
+    x = torch.randn(8, 2, 3)
+    ours.eval()
+    torch.testing.assert_close(ours(x)[0], ours(x)[0])
+    ours.train()
+    assert not torch.allclose(ours(x)[0], ours(x)[0])
+
+
+def test_swapping_torch_gru_gives_the_same_loss_curve():
+    def losses(cls, **kw):
+        torch.manual_seed(1)
+        model = cls(4, 8, num_layers=2, batch_first=True, dtype=torch.float64, **kw)
+        head = nn.Linear(8, 1, dtype=torch.float64)
+        opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-2)
+        out = []
+        for _ in range(15):
+            x = torch.randn(4, 48, 4, dtype=torch.float64)
+            target = x.sum(-1, keepdim=True).cumsum(1).tanh()
+            loss = (head(model(x)[0]) - target).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    ref, ours = losses(nn.GRU), losses(pararnn.nn.GRU, mode="parallel")
+    assert ref[-1] < ref[0]  # it is learning
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: pararnn.nn.LSTM(3, 4, proj_size=2), "proj_size"),
+    (lambda: pararnn.nn.GRU(0, 4), "input_size"),
+    (lambda: pararnn.nn.GRU(3, 4, dropout=2.0), "dropout"),
+    (lambda: pararnn.nn.RNN(3, 4, nonlinearity="gelu"), "nonlinearity"),
+    (lambda: pararnn.nn.GRU(3, 4)(torch.randn(5, 2, 3), torch.zeros(2, 2, 4)), r"hx must be \[num_layers"),
+    (lambda: pararnn.nn.LSTM(3, 4)(torch.randn(5, 2, 3), torch.zeros(1, 2, 4)), "tuple"),
+    (lambda: pararnn.nn.LSTM(3, 4)(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 3, 4))), "c0"),
+    (lambda: pararnn.nn.GRU(3, 4)(torch.randn(5, 2, 2)), "input_size"),
+    (lambda: pararnn.nn.GRU(3, 4)(torch.randn(2, 5, 2, 3)), "input must be"),
+])
+def test_bad_arguments_are_named(call, match):
+    with pytest.raises((ValueError, TypeError, NotImplementedError), match=match):
+        call()
