@@ -295,3 +295,45 @@ def test_bf16_autocast_every_cell(name, mode):
     assert rel_err(y.float(), ref.double().float()) < 3e-2 and rel_err(y_lp.float(), ref) < 5e-2
     y.float().sum().backward()
     assert all(p.grad is not None for p in cell.parameters() if p.requires_grad)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    from pararnn.models import SequenceModelConfig
+    model = SequenceModel(11, 7, d_model=8, n_layers=2, cell="gru", solver_options={"max_iters": 50},
+                          mlp_ratio=2, heads=2).double()
+    model.save_pretrained(tmp_path / "m")
+    loaded = SequenceModel.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config == SequenceModelConfig(
+        11, 7, 8, 2, "gru", "parallel", False, 2, {"max_iters": 50}, {"heads": 2})
+    assert next(loaded.parameters()).dtype == torch.float64
+    assert loaded.blocks[0].rnn.options.max_iters == 50 and loaded.blocks[0].cell.heads == 2
+    x = torch.randint(0, 11, (2, 9))
+    torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
+    assert SequenceModel.from_config(model.config).config == model.config
+    with pytest.raises(ValueError, match="cell given by name"):
+        SequenceModel(5, 2, d_model=8, n_layers=1, cell=ParaGRU(8, 8)).save_pretrained(tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        SequenceModel.from_pretrained(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("cell", ["paragru", "lstm", "deltanet"])
+def test_generate_after_parallel_prefill_equals_a_sequential_run(cell):
+    torch.manual_seed(0)
+    model = SequenceModel(13, 13, d_model=8, n_layers=2, cell=cell).double()
+    prompt = torch.randint(0, 13, (3, 40))
+    greedy = model.generate(prompt, 12, temperature=0)
+    assert greedy.shape == (3, 52) and torch.equal(greedy[:, :40], prompt)
+    # the same tokens, decoded one step at a time from the start
+    states, tokens = None, [prompt[:, 0]]
+    for t in range(51):
+        logits, states = model.step(tokens[-1] if t >= 40 else prompt[:, t], states)
+        if t >= 39:
+            tokens.append(logits.argmax(-1))
+    torch.testing.assert_close(greedy[:, 40:], torch.stack(tokens[1:], 1))
+    sampled = [model.generate(prompt, 8, temperature=0.8, top_k=4, generator=torch.Generator().manual_seed(5),
+                              mode=m) for m in ("parallel", "sequential")]
+    assert torch.equal(sampled[0], sampled[1])
+    assert torch.equal(model.generate(prompt, 5, top_k=1), greedy[:, :45])  # top-1 sampling is greedy
+    for bad in ({"max_new_tokens": -1}, {"max_new_tokens": 2, "temperature": -1.0}, {"max_new_tokens": 2, "top_k": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad)) if len(bad) == 1 else list(bad)[1]):
+            model.generate(prompt, **bad)

@@ -3,7 +3,7 @@ from .contractive import bound_recurrent_weights
 from .deltanet import DeltaNet, DeltaProduct
 from .elman import Elman
 from .gru import GRU
-from .layers import CELLS, ResidualBlock, SequenceModel, make_cell
+from .layers import CELLS, ResidualBlock, SequenceModel, SequenceModelConfig, make_cell
 from .lru import LRU
 from .lstm import LSTM
 from .paragru import ParaGRU
@@ -11,4 +11,4 @@ from .paralstm import ParaLSTM
 from .ssm import ComplexSSM, SelectiveSSM
 
 __all__ = ["CELLS", "ComplexSSM", "DeltaNet", "DeltaProduct", "Elman", "GRU", "LRU", "LSTM", "ParaGRU", "ParaLSTM",
-           "ResidualBlock", "SelectiveSSM", "SequenceModel", "bound_recurrent_weights", "make_cell"]
+           "ResidualBlock", "SelectiveSSM", "SequenceModel", "SequenceModelConfig", "bound_recurrent_weights", "make_cell"]

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import os
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..cell import Cell
@@ -89,6 +93,31 @@ class ResidualBlock(nn.Module):
         return x_t + self.mlp(self.norm2(x_t)), h
 
 
+@dataclasses.dataclass
+class SequenceModelConfig:
+    """Everything :class:`SequenceModel` is built from; saved as ``config.json`` by
+    :meth:`SequenceModel.save_pretrained`.
+
+    ``cell`` is a name from ``CELLS`` (a Cell instance can build a model but not be saved);
+    ``cell_kwargs`` go to that cell's constructor (e.g. ``{"heads": 4}``), ``solver_options`` to
+    each layer's :class:`pararnn.RNN` (JSON values only: no process group, no ``init`` tensor).
+    """
+
+    n_in: int
+    n_out: int
+    d_model: int = 64
+    n_layers: int = 2
+    cell: str = "paragru"
+    mode: str = "parallel"
+    regression: bool = False
+    mlp_ratio: int = 4
+    solver_options: dict = dataclasses.field(default_factory=dict)
+    cell_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
+
+
 class SequenceModel(nn.Module):
     """Embedding (or a linear input map), ``n_layers`` residual blocks, a final norm and a head.
 
@@ -97,20 +126,71 @@ class SequenceModel(nn.Module):
         n_out: classes (logits) or regression targets.
         cell: a name from ``CELLS`` or a ``Cell`` (deep-copied per layer).
         regression: inputs are real features ``[B, T, n_in]`` instead of token ids ``[B, T]``.
+
+    ``SequenceModel.from_config(SequenceModelConfig(...))`` builds the same model from a config;
+    ``model.config`` is the config it was built from.
     """
 
     def __init__(self, n_in: int, n_out: int, d_model: int = 64, n_layers: int = 2,
                  cell: str | Cell = "paragru", mode: str = "parallel", regression: bool = False,
-                 solver_options: dict | None = None, **cell_kwargs):
+                 solver_options: dict | None = None, mlp_ratio: int = 4, **cell_kwargs):
         super().__init__()
+        self.config = SequenceModelConfig(n_in, n_out, d_model, n_layers, cell, mode, regression, mlp_ratio,
+                                          dict(solver_options or {}), dict(cell_kwargs))
         self.regression = regression
         self.embed = nn.Linear(n_in, d_model) if regression else nn.Embedding(n_in, d_model)
         self.blocks = nn.ModuleList([
             ResidualBlock(d_model, copy.deepcopy(cell) if isinstance(cell, Cell) else cell, mode=mode,
-                          solver_options=solver_options, **cell_kwargs)
+                          mlp_ratio=mlp_ratio, solver_options=solver_options, **cell_kwargs)
             for _ in range(n_layers)])
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_out)
+
+    @classmethod
+    def from_config(cls, config: SequenceModelConfig) -> "SequenceModel":
+        if not isinstance(config, SequenceModelConfig):
+            raise TypeError(f"config must be a SequenceModelConfig, got {type(config).__name__}")
+        c = dataclasses.asdict(config)
+        return cls(**{k: v for k, v in c.items() if k != "cell_kwargs"}, **c["cell_kwargs"])
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` (the config, the parameter dtype and the pararnn version) and
+        ``model.pt`` (the state_dict: tensors only, loaded back with ``weights_only=True``, so no
+        code is pickled) into ``directory`` (created if needed)."""
+        if not isinstance(self.config.cell, str):
+            raise ValueError("save_pretrained needs a cell given by name (one of pararnn.models.CELLS); "
+                             "a model built from a Cell instance can be saved with torch.save(model.state_dict())")
+        from .. import __version__
+        config = dataclasses.asdict(self.config)
+        try:
+            dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+            text = json.dumps({**config, "dtype": dtype, "pararnn_version": __version__}, indent=2)
+        except TypeError as e:
+            raise ValueError(f"the config must be JSON serialisable to be saved (solver_options, cell_kwargs): {e}") \
+                from None
+        os.makedirs(directory, exist_ok=True)
+        torch.save(self.state_dict(), os.path.join(directory, WEIGHTS_FILE))
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            f.write(text + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location=None) -> "SequenceModel":
+        """The model :meth:`save_pretrained` wrote into ``directory``."""
+        path = os.path.join(directory, CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {os.fspath(directory)!r} (written by save_pretrained)")
+        with open(path) as f:
+            raw = json.load(f)
+        raw.pop("pararnn_version", None)
+        dtype = getattr(torch, raw.pop("dtype", "float32"))
+        fields = {f.name for f in dataclasses.fields(SequenceModelConfig)}
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise ValueError(f"{path} has unknown config fields {unknown}")
+        model = cls.from_config(SequenceModelConfig(**raw)).to(dtype)
+        state = torch.load(os.path.join(directory, WEIGHTS_FILE), map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+        return model
 
     def _embed(self, x):
         if not self.regression and (x.is_floating_point() or x.is_complex()):
@@ -146,3 +226,44 @@ class SequenceModel(nn.Module):
             h, s = block.step(h, None if states is None else states[i])
             new_states.append(s)
         return self.head(self.norm(h)), new_states
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 mode: str | None = None) -> torch.Tensor:
+        """Sample a continuation: ``prompt [B, T0]`` token ids -> ``[B, T0 + max_new_tokens]``.
+
+        The prompt is prefilled in one call (``mode``: this model's mode by default, so parallel
+        Newton), then each new token is decoded with :meth:`step`. ``temperature = 0`` is greedy;
+        ``top_k`` keeps the k most likely tokens before sampling.
+        """
+        if self.regression:
+            raise ValueError("generate needs a token model (regression=False)")
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"prompt must be token ids [B, T0] with T0 >= 1, got {getattr(prompt, 'shape', prompt)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        logits, states = self(prompt, mode=mode)  # [B, T0, V]
+        last = logits[:, -1]
+        out = [prompt]
+        for i in range(max_new_tokens):
+            token = _sample(last, temperature, top_k, generator)  # [B]
+            out.append(token[:, None])
+            if i + 1 < max_new_tokens:
+                last, states = self.step(token, states)
+        return torch.cat(out, 1)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
