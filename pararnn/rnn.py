@@ -362,8 +362,6 @@ class RNN(nn.Module):
                 raise RuntimeError(TORCH_FUNC_MSG)
             mode = "sequential"
             opts = dataclasses.replace(opts, check_finite=False)
-        if opts.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or Inf (pass check_finite=False to skip this check)")
         u = self.cell.prepare(x)  # [B, T, *]
         low = _autocast_dtype(u.device)
         if low is not None:  # mixed precision: the state, Jacobians and scans stay in the parameters' precision
@@ -378,8 +376,6 @@ class RNN(nn.Module):
                              f"x {list(x.shape)} -> u {list(u.shape)}")
         user_h0 = h0 is not None
         h0 = self._make_h0(h0, u)
-        if opts.check_finite and user_h0 and not bool(torch.isfinite(h0).all()):
-            raise ValueError("h0 contains NaN or Inf (pass check_finite=False to skip this check)")
         B, T = u.shape[:2]
         if opts.process_group is not None:  # every rank holds a chunk: only the parallel solve links them
             if mode == "sequential":
@@ -390,6 +386,22 @@ class RNN(nn.Module):
             training = torch.is_grad_enabled() and (
                 u.requires_grad or h0.requires_grad or any(p.requires_grad for p in self.cell.parameters()))
             mode = choose_mode(B, T, self.cell.state_size, u.device, self.cell.get_structure(), training)
+        y, info = self._solve(x, u, h0, user_h0, mode, opts, lengths)
+        hT = y[:, -1]  # the full final state (all parts), to pass back as h0; padded steps held it
+        y = self.cell.output(y, x)
+        if lengths is not None:  # zero at padded positions
+            y = y * (torch.arange(T, device=y.device) < lengths.to(y.device)[:, None])[..., None].to(y.dtype)
+        return (y, hT, info) if return_info else (y, hT)
+
+    @torch.compiler.disable
+    def _solve(self, x, u, h0, user_h0, mode, opts, lengths):
+        """The solve proper: ``(states [B, T, d], info)``. Under torch.compile it runs eagerly, as one
+        graph break per call: its checks and Newton's convergence tests read values, and the
+        sequential loop would be unrolled over T. Autograd records it as usual."""
+        if opts.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or Inf (pass check_finite=False to skip this check)")
+        if opts.check_finite and user_h0 and not bool(torch.isfinite(h0).all()):
+            raise ValueError("h0 contains NaN or Inf (pass check_finite=False to skip this check)")
         mask = self._padding_mask(lengths, x, opts)  # [B, T] or None
         if mode == "sequential":
             y = sequential_solve(self.cell.step, u, h0, mask)
@@ -400,11 +412,7 @@ class RNN(nn.Module):
         self.stats.record(info)
         for hook in list(self._solve_hooks.values()):
             hook(self, info)
-        hT = y[:, -1]  # the full final state (all parts), to pass back as h0; padded steps held it
-        y = self.cell.output(y, x)
-        if mask is not None:
-            y = y * mask[..., None].to(y.dtype)  # zero at padded positions
-        return (y, hT, info) if return_info else (y, hT)
+        return y, info
 
     @torch.no_grad()
     def solve_info(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> SolverInfo:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 from .dispatch import BACKENDS, check_backend, resolve_backend, scan_dispatch  # noqa: F401 (re-exported)
 from .parallel import LOCAL, context_for
 from .structure import Structure, as_structure
@@ -23,12 +24,9 @@ def shifted_adjoint_transitions(A: torch.Tensor, structure: Structure, reverse: 
 
 
 class _LinearScanFn(torch.autograd.Function):
-    """``linear_scan`` on this context's chunk; backward: one adjoint scan and an outer product.
-
-    ``dL/db = λ``, ``dL/dA_t = λ_t ⊗ conj(h_prev)``, ``dL/dh0 = A_first^H λ_first``. Under
-    ``create_graph=True`` the adjoint is computed with differentiable scans (:func:`linear_scan`
-    on explicit shifted, transposed transitions), so gradients of gradients are exact.
-    """
+    """``linear_scan`` on a context's chunk (sequence parallelism, custom structures); backward:
+    :func:`pararnn.ops.scan_grads` with the context's adjoint scan. A local scan of a built-in
+    structure is the custom op ``pararnn::scan`` instead, with the same backward."""
 
     @staticmethod
     def forward(ctx, A, b, h0, structure, reverse, backend, pctx):
@@ -41,29 +39,16 @@ class _LinearScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         A, h, h0, h_in = ctx.saved_tensors
-        st, rev, pctx = ctx.structure, ctx.reverse, ctx.pctx
-        g = g.contiguous()
-        if torch.is_grad_enabled():  # create_graph: the adjoint as a differentiable scan
-            if pctx is not LOCAL:
-                raise NotImplementedError("double backward through a sequence-parallel linear_scan is not "
-                                          "supported; run that part without process_group")
-            lam = linear_scan(shifted_adjoint_transitions(A, st, rev), g, None, st, reverse=not rev,
-                              backend=ctx.backend)
-        else:
-            lam = pctx.adjoint_scan(A, g, st, reverse=rev, backend=ctx.backend)
-        gA = gh0 = None
-        if ctx.needs_input_grad[0]:
-            init = h_in if h_in is not None else torch.zeros_like(h[:, 0])
-            if rev:
-                hprev = torch.cat([h[:, 1:], init.unsqueeze(1)], dim=1)
-            else:
-                hprev = torch.cat([init.unsqueeze(1), h[:, :-1]], dim=1)
-            gA = st.outer(lam, hprev)
-        if ctx.has_h0 and ctx.needs_input_grad[2]:
-            edge = -1 if rev else 0
-            gh0 = st.matvec(st.transpose(A[:, edge]), lam[:, edge])
-            if not pctx.owns_h0(rev):  # h0 only enters the chunk that starts the sequence
-                gh0 = torch.zeros_like(gh0)
+        pctx = ctx.pctx
+        if torch.is_grad_enabled() and pctx is not LOCAL:
+            raise NotImplementedError("double backward through a sequence-parallel linear_scan is not "
+                                      "supported; run that part without process_group")
+        gA, lam, gh0 = ops.scan_grads(
+            A, h, h_in, g, ctx.structure, ctx.reverse, ctx.backend, ctx.needs_input_grad[0],
+            ctx.has_h0 and ctx.needs_input_grad[2],
+            adjoint=lambda A, g: pctx.adjoint_scan(A, g, ctx.structure, reverse=ctx.reverse, backend=ctx.backend))
+        if gh0 is not None and not pctx.owns_h0(ctx.reverse):  # h0 only enters the chunk that starts the sequence
+            gh0 = torch.zeros_like(gh0)
         return gA, lam, gh0, None, None, None, None
 
 
@@ -165,4 +150,8 @@ def linear_scan(
                 f"got ({h0.dtype}, {h0.device})"
             )
     check_backend(backend)
-    return _LinearScanFn.apply(A, b, h0, structure, bool(reverse), backend, context_for(process_group))
+    pctx = context_for(process_group)
+    spec = ops.op_structure(structure)
+    if pctx is LOCAL and spec is not None:  # the custom op: torch.compile sees no numba or Triton
+        return ops.scan(A, b, h0, spec, bool(reverse), False, backend)
+    return _LinearScanFn.apply(A, b, h0, structure, bool(reverse), backend, pctx)

@@ -23,6 +23,7 @@ column, and the ``(d)²`` Jacobian is never materialised.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -266,4 +267,16 @@ def as_structure(structure, d: int | None = None) -> Structure:
     return structure
 
 
-__all__ = ["Block", "Dense", "Diagonal", "Structure", "as_structure"]
+def from_str(spec: str) -> Structure | None:
+    """The structure whose ``str()`` is ``spec`` (``"diagonal"``, ``"dense"``, ``"Block(4)"``,
+    ``"Block(4, shared=True)"``), or None for a spec that is not one of these: the string form a
+    custom op can carry (see :mod:`pararnn.ops`)."""
+    if spec in _NAMES:
+        return _NAMES[spec]()
+    m = _BLOCK_STR.fullmatch(spec)
+    return Block(int(m.group(1)), shared=m.group(2) is not None) if m else None
+
+
+_BLOCK_STR = re.compile(r"Block\((\d+)(, shared=True)?\)")
+
+__all__ = ["Block", "Dense", "Diagonal", "Structure", "as_structure", "from_str"]

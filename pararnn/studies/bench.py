@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -98,20 +99,38 @@ def bench_regime(B, T, d, repeats, weak_max_work=8 * 1024 * 1024 * 256):
     par = pararnn.RNN(cell, mode="parallel")
     par_jvp = pararnn.RNN(cell_jvp, mode="parallel")
     seq = pararnn.RNN(cell, mode="sequential")
+    compiled = torch.compile(par)
+
+    def bf16(x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return par(x)[0]
+
     methods = {
         "strong_loop": (lambda x: strong_loop(cell, x), list(cell.parameters())),
         "weak_loop": (lambda x: weak_loop(cell, x), list(cell.parameters())),
         "sequential": (lambda x: seq(x)[0], list(cell.parameters())),
         "parallel": (lambda x: par(x)[0], list(cell.parameters())),
+        "parallel_compiled": (lambda x: compiled(x)[0], list(cell.parameters())),
+        "parallel_bf16": (bf16, list(cell.parameters())),
         "parallel_jvp": (lambda x: par_jvp(x)[0], list(cell_jvp.parameters())),
         "torch_gru": (lambda x: gru(x)[0], list(gru.parameters())),
     }
-    row = {"B": B, "T": T, "d": d, **solve_check(par, seq, x)}
+    row = {"B": B, "T": T, "d": d, **solve_check(par, seq, x), "compile_s": compile_time(compiled, x, cell)}
     slow = {"weak_loop"} if B * T * T * d > weak_max_work else set()
     row.update(time_methods(methods, x, repeats, slow, log=f"B={B} T={T} d={d}"))
     for bw in ("fwd", "fwdbwd"):
         row[f"speedup_parallel_vs_strong_{bw}"] = row[f"strong_loop_{bw}_s"] / row[f"parallel_{bw}_s"]
     return row
+
+
+def compile_time(compiled, x, cell) -> float:
+    """Seconds of the first call of a ``torch.compile``d module, forward and backward (the one-off
+    compilation; later calls are timed like every other method)."""
+    t0 = time.perf_counter()
+    torch.autograd.grad(compiled(x)[0].sum(), list(cell.parameters()))
+    with torch.no_grad():
+        compiled(x)
+    return time.perf_counter() - t0
 
 
 def torch_twin(cell):
@@ -224,12 +243,15 @@ def bench_scan_floor(shapes, repeats):
 
 def table(rows):
     """Markdown table of the regime rows (ms, fwd / fwd+bwd)."""
-    header = ["B", "T", "d", "iters", "strong loop", "sequential", "**parallel**", "parallel (jvp J)", "torch.nn.GRU",
-              "weak loop", "parallel speedup vs strong"]
-    methods = ("strong_loop", "sequential", "parallel", "parallel_jvp", "torch_gru", "weak_loop")
+    header = ["B", "T", "d", "iters", "strong loop", "sequential", "**parallel**", "parallel, torch.compile",
+              "parallel, bf16 autocast", "parallel (jvp J)", "torch.nn.GRU", "weak loop", "parallel speedup vs strong",
+              "compile (s, once)"]
+    methods = ("strong_loop", "sequential", "parallel", "parallel_compiled", "parallel_bf16", "parallel_jvp",
+               "torch_gru", "weak_loop")
     return markdown_table(header, [
         [r["B"], r["T"], r["d"], r["newton_iterations"], *[_ms_pair(r, m) for m in methods],
-         f"{r['speedup_parallel_vs_strong_fwd']:.2f}× / {r['speedup_parallel_vs_strong_fwdbwd']:.2f}×"] for r in rows])
+         f"{r['speedup_parallel_vs_strong_fwd']:.2f}× / {r['speedup_parallel_vs_strong_fwdbwd']:.2f}×",
+         f"{r['compile_s']:.1f}"] for r in rows])
 
 
 def run(args: argparse.Namespace) -> dict:
