@@ -149,6 +149,11 @@ class SequenceParallel(ParallelContext):
     def boundary_state(self, H, h0):
         return boundary_state(H, h0, self.group)
 
+    def time_extent(self, T_local, device):
+        sizes = all_gather(torch.tensor([T_local], device=device), self.group)
+        rank, _ = rank_and_size(self.group)
+        return int(sum(int(t) for t in sizes[:rank])), int(sum(int(t) for t in sizes))
+
     def owns_h0(self, reverse=False):
         rank, W = rank_and_size(self.group)
         return rank == (W - 1 if reverse else 0)

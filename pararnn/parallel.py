@@ -39,6 +39,10 @@ class ParallelContext:
         """The state this chunk's first step reads: h0 here."""
         return h0
 
+    def time_extent(self, T_local: int, device) -> tuple[int, int]:
+        """``(offset, total)``: where this chunk starts in the whole sequence, and the whole length."""
+        return 0, T_local
+
     def owns_h0(self, reverse: bool = False) -> bool:
         """Whether this chunk starts the sequence (so h0 enters it and gets a gradient)."""
         return True

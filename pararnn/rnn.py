@@ -295,7 +295,7 @@ class RNN(nn.Module):
             lengths: ``[B]`` integer tensor of valid lengths for a right-padded batch (1 <= L <= T).
                 Padded steps keep the state (the identity transition), ``y`` is zero there, ``h_T``
                 is each sequence's state at its own last valid step, and padded inputs get zero
-                gradient.
+                gradient. With ``process_group`` every rank passes the same, whole-sequence lengths.
             cu_seqlens: packed sequences in flash-linear-attention's convention: ``x`` is
                 ``[1, total, D_in]``, ``cu_seqlens [N+1]`` the cumulative offsets, ``h0`` is
                 ``[N, state]`` and ``h_T`` is ``[N, state]``; each sequence starts from its own h0.
@@ -339,16 +339,15 @@ class RNN(nn.Module):
         """``[B, T]`` bool, True at valid steps, from ``lengths [B]``; None without lengths."""
         if lengths is None:
             return None
-        if opts.process_group is not None:
-            raise ValueError("lengths cannot be combined with process_group yet: pad or pack per rank")
-        B, T = x.shape[:2]
+        B, T_local = x.shape[:2]
+        offset, T = context_for(opts.process_group).time_extent(T_local, x.device)  # this rank's steps
         if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.is_complex() \
                 or lengths.dtype == torch.bool or tuple(lengths.shape) != (B,):
             raise ValueError(f"lengths must be an integer tensor [B] = [{B}], got "
                              f"{getattr(lengths, 'dtype', type(lengths).__name__)} {list(getattr(lengths, 'shape', []))}")
         if bool((lengths < 1).any()) or bool((lengths > T).any()):
             raise ValueError(f"lengths must be in [1, T] = [1, {T}], got {lengths.tolist()}")
-        return torch.arange(T, device=x.device) < lengths.to(x.device)[:, None]
+        return torch.arange(offset, offset + T_local, device=x.device) < lengths.to(x.device)[:, None]
 
     def _forward(self, x, h0, mode, return_info, lengths, **solver_overrides):
         self._check_x(x)
@@ -386,16 +385,16 @@ class RNN(nn.Module):
             training = torch.is_grad_enabled() and (
                 u.requires_grad or h0.requires_grad or any(p.requires_grad for p in self.cell.parameters()))
             mode = choose_mode(B, T, self.cell.state_size, u.device, self.cell.get_structure(), training)
-        y, info = self._solve(x, u, h0, user_h0, mode, opts, lengths)
+        y, info, mask = self._solve(x, u, h0, user_h0, mode, opts, lengths)
         hT = y[:, -1]  # the full final state (all parts), to pass back as h0; padded steps held it
         y = self.cell.output(y, x)
-        if lengths is not None:  # zero at padded positions
-            y = y * (torch.arange(T, device=y.device) < lengths.to(y.device)[:, None])[..., None].to(y.dtype)
+        if mask is not None:  # zero at padded positions
+            y = y * mask[..., None].to(y.dtype)
         return (y, hT, info) if return_info else (y, hT)
 
     @torch.compiler.disable
     def _solve(self, x, u, h0, user_h0, mode, opts, lengths):
-        """The solve proper: ``(states [B, T, d], info)``. Under torch.compile it runs eagerly, as one
+        """The solve proper: ``(states [B, T, d], info, padding mask [B, T] or None)``. Under torch.compile it runs eagerly, as one
         graph break per call: its checks and Newton's convergence tests read values, and the
         sequential loop would be unrolled over T. Autograd records it as usual."""
         if opts.check_finite and not bool(torch.isfinite(x).all()):
@@ -412,23 +411,34 @@ class RNN(nn.Module):
         self.stats.record(info)
         for hook in list(self._solve_hooks.values()):
             hook(self, info)
-        return y, info
+        return y, info, mask
 
     @torch.no_grad()
     def solve_info(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> SolverInfo:
         """Run the parallel solver on x without autograd and return its :class:`SolverInfo`."""
         return self.forward(x, h0, mode="parallel", return_info=True)[2]
 
-    def step(self, x_t: torch.Tensor, h: torch.Tensor | None = None):
+    def step(self, x_t: torch.Tensor, h: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """Decode one token: ``x_t [B, D_in]``, ``h [B, state]`` (None = zeros).
 
+        ``mask [B]`` (bool, optional): False for sequences past their end, whose state is held
+        and whose ``y_t`` is zero, as at the padded steps of ``forward(..., lengths=)``.
         Returns ``(y_t [B, out], h_next [B, state])``.
         """
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2:
             raise ValueError(f"x_t must be [B, D_in], got {getattr(x_t, 'shape', type(x_t))}")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                                 or tuple(mask.shape) != (x_t.shape[0],)):
+            raise ValueError(f"mask must be a bool tensor [B] = [{x_t.shape[0]}], got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} {list(getattr(mask, 'shape', []))}")
         x = x_t.unsqueeze(1)
         self._check_x(x)
         u = self.cell.prepare(x)
         h = self._make_h0(h, u)
-        h = self.cell.step(h, u[:, 0])
-        return self.cell.output(h.unsqueeze(1), x)[:, 0], h
+        h_next = self.cell.step(h, u[:, 0])
+        y = self.cell.output(h_next.unsqueeze(1), x)[:, 0]
+        if mask is not None:
+            keep = mask.to(x_t.device)[:, None]
+            h_next = torch.where(keep, h_next, h)
+            y = y * keep.to(y.dtype)
+        return y, h_next

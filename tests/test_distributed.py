@@ -70,6 +70,13 @@ def _newton_case(rank, world):
         assert rel_err(gh0, ref_grads[1]) < 1e-9
         for p, gr in zip(cell.parameters(), ref_grads[2:]):
             assert rel_err(p.grad, gr) < 1e-9
+    # lengths: global, the same on every rank; one sequence ends inside rank 0's chunk
+    lengths = torch.tensor([T_FULL * 3, 2])
+    ref, ref_h = pararnn.RNN(cell, mode="sequential")(x, h0, lengths=lengths)
+    y, hT = pararnn.RNN(cell, process_group=dist.group.WORLD)(x[:, sl], h0, lengths=lengths)
+    assert rel_err(y, ref[:, sl]) < 1e-10
+    if rank == world - 1:
+        assert rel_err(hT, ref_h) < 1e-10
 
 
 def _ddp_case(rank, world):

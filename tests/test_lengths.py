@@ -145,3 +145,24 @@ def test_packed_batch_through_the_sequence_model():
         s, e = int(cu[n]), int(cu[n + 1])
         o, sb = model(tok[:, s:e])
         assert rel_err(out[:, s:e], o) < 1e-9 and all(rel_err(a[n], c[0]) < 1e-9 for a, c in zip(states, sb))
+
+
+def test_step_decoding_with_a_mask_equals_lengths():
+    """Decoding a padded batch token by token with mask = (t < length) gives forward(lengths=)'s
+    outputs and final states, through the whole model."""
+    torch.manual_seed(0)
+    model = SequenceModel(7, 3, d_model=8, n_layers=2, cell="paralstm").double()
+    x = torch.randint(0, 7, (3, 20))
+    lengths = torch.tensor([20, 1, 9])
+    out, states = model(x, lengths=lengths)
+    s, outs = None, []
+    for t in range(20):
+        o, s = model.step(x[:, t], s, mask=t < lengths)
+        outs.append(o)
+    for a, b in zip(s, states):
+        torch.testing.assert_close(a, b)
+    valid = (torch.arange(20) < lengths[:, None])[..., None]
+    torch.testing.assert_close(torch.stack(outs, 1) * valid, out * valid)
+    rnn = model.blocks[0].rnn
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        rnn.step(torch.randn(3, 8, dtype=torch.float64), None, mask=torch.ones(3))

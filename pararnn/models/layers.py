@@ -86,9 +86,10 @@ class ResidualBlock(nn.Module):
         x = x + self.out(y)
         return x + self.mlp(self.norm2(x)), hT
 
-    def step(self, x_t, h=None):
-        """One token: ``x_t [B, d_model]`` -> ``(x_t [B, d_model], h [B, state])``."""
-        y, h = self.rnn.step(self.norm1(x_t), h)
+    def step(self, x_t, h=None, mask=None):
+        """One token: ``x_t [B, d_model]`` -> ``(x_t [B, d_model], h [B, state])``; ``mask [B]``
+        (bool): False holds that sequence's state (see :meth:`pararnn.RNN.step`)."""
+        y, h = self.rnn.step(self.norm1(x_t), h, mask)
         x_t = x_t + self.out(y)
         return x_t + self.mlp(self.norm2(x_t)), h
 
@@ -218,12 +219,13 @@ class SequenceModel(nn.Module):
         for block in self.blocks:
             block.rnn.stats.reset()
 
-    def step(self, x_t, states=None):
-        """One token ``[B]`` (or ``[B, n_in]``) -> ``(out [B, n_out], states)``."""
+    def step(self, x_t, states=None, mask=None):
+        """One token ``[B]`` (or ``[B, n_in]``) -> ``(out [B, n_out], states)``. ``mask [B]`` (bool):
+        False for sequences past their end, whose states are held (as with ``lengths``)."""
         h = self._embed(x_t)
         new_states = []
         for i, block in enumerate(self.blocks):
-            h, s = block.step(h, None if states is None else states[i])
+            h, s = block.step(h, None if states is None else states[i], mask)
             new_states.append(s)
         return self.head(self.norm(h)), new_states
 
