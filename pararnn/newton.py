@@ -1,6 +1,7 @@
 """Newton's method on F(H)_t = h_t - f(h_{t-1}, u_t) = 0: every iteration is one linear scan."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -60,7 +61,17 @@ class SolverOptions:
             so far) and continue with ``jacobian_clip=0.9`` (``info.safeguarded`` says so).
         backend: linear-scan backend (see :func:`pararnn.linear_scan`).
         check_finite: raise on NaN/Inf in x or h0 before solving.
-        chunk: the cell is evaluated over T in chunks of about this many state elements, so
+        chunk_size: solve T in consecutive chunks of this many steps (None: all of T at once).
+            Each chunk is solved (in parallel, or by the loop) from the previous chunk's final
+            state; the forward keeps only the chunk-boundary states and the outputs, and the
+            backward recomputes one chunk at a time (its states and Jacobians) and runs its adjoint
+            scan, so memory is O(B·T·output + B·chunk_size·(state + Jacobian)) with exact
+            gradients. ``"auto"``: the largest multiple of 64 steps whose solver buffers fit
+            ``memory_budget`` (see :func:`pararnn.newton.auto_chunk_size`); no chunking if all of
+            T fits. A chunk also bounds Newton's work on hard cells: Newton is exact after at
+            most ``chunk_size`` steps.
+        memory_budget: bytes for one chunk's solver buffers under ``chunk_size="auto"`` (1 GiB).
+        eval_chunk: the cell is evaluated over T in pieces of about this many state elements, so
             temporaries stay small (a CPU speed knob; results do not depend on it).
         check_cell: on the first parallel call per cell, dtype and device, probe ``step`` at a
             few positions (:func:`pararnn.cell.verify_cell`: determinism, no coupling of batch
@@ -81,7 +92,9 @@ class SolverOptions:
     safeguard: bool = True
     backend: str = "auto"
     check_finite: bool = True
-    chunk: int = 1 << 18
+    chunk_size: int | str | None = None
+    memory_budget: int = 1 << 30
+    eval_chunk: int = 1 << 18
     process_group: object = None
     check_cell: bool = True
 
@@ -94,8 +107,13 @@ class SolverOptions:
             raise ValueError(f"damping must be in (0, 1], got {self.damping!r}")
         if isinstance(self.init, str) and self.init not in ("step", "zeros"):
             raise ValueError(f"init must be 'step', 'zeros' or a tensor, got {self.init!r}")
-        if not isinstance(self.chunk, int) or self.chunk < 1:
-            raise ValueError(f"chunk must be an int >= 1, got {self.chunk!r}")
+        if not isinstance(self.eval_chunk, int) or self.eval_chunk < 1:
+            raise ValueError(f"eval_chunk must be an int >= 1, got {self.eval_chunk!r}")
+        if self.chunk_size is not None and self.chunk_size != "auto" and (
+                isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be None, 'auto' or an int >= 1, got {self.chunk_size!r}")
+        if isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, int) or self.memory_budget < 1:
+            raise ValueError(f"memory_budget must be a positive int (bytes), got {self.memory_budget!r}")
         if self.jacobian_clip is not None and not self.jacobian_clip > 0:
             raise ValueError(f"jacobian_clip must be > 0, got {self.jacobian_clip!r}")
         for name in ("rtol", "atol"):
@@ -144,10 +162,36 @@ class SolverInfo:
     rtol: float | None = None
     atol: float | None = None
     safeguarded: bool = False
+    chunks: list["SolverInfo"] | None = None
 
     @property
     def all_converged(self) -> bool:
         return self.converged is None or bool(self.converged.all())
+
+    @staticmethod
+    def merge(infos: list["SolverInfo"]) -> "SolverInfo":
+        """One info for a solve in time chunks (``chunk_size``): the worst chunk's iterations and
+        residuals, a sequence converged if it did in every chunk and fell back if it did in any;
+        ``chunks`` keeps each chunk's own info."""
+        worst = max(infos, key=lambda i: i.iterations)
+        if infos[0].mode != "parallel":
+            return dataclasses.replace(infos[0], chunks=infos)
+        conv = torch.stack([i.converged for i in infos]).all(0)
+        fell = torch.stack([i.fell_back for i in infos]).any(0)
+        return dataclasses.replace(worst, converged=conv, fell_back=fell,
+                                   safeguarded=any(i.safeguarded for i in infos), chunks=infos)
+
+
+def auto_chunk_size(B: int, T: int, d: int, jac_numel: int, itemsize: int, budget: int) -> int | None:
+    """``chunk_size="auto"``: the largest multiple of 64 steps (at least 64) whose solver buffers,
+    estimated as ``B · itemsize · 8 · (d + jac_numel)`` bytes per step (states, residuals, Newton
+    update, Jacobians, the graph of the final evaluation and the adjoint), fit ``budget``; None
+    (no chunking) when all of T fits."""
+    per_step = B * itemsize * 8 * (d + jac_numel)
+    steps = budget // max(1, per_step)
+    if steps >= T:
+        return None
+    return max(64, steps // 64 * 64)
 
 
 def sequential_solve(step: Callable, u: torch.Tensor, h0: torch.Tensor,
@@ -304,7 +348,7 @@ def initial_guess(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, 
     elif opts.init == "zeros":
         H.zero_()
     else:  # f(h0, u_t) for every t
-        for t0, t1 in time_chunks(B, T, d, opts.chunk):
+        for t0, t1 in time_chunks(B, T, d, opts.eval_chunk):
             n = t1 - t0
             h0x = h0.unsqueeze(1).expand(B, n, d).reshape(B * n, d)
             H[:, t0:t1] = cell.step(h0x, _flat(u[:, t0:t1])).reshape(B, n, d)
@@ -342,7 +386,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
     def check():
         """Evaluate at the iterate; per-sequence (max residual, converged), global over the context."""
         S[:, 0] = ctx.boundary_state(H, h0)  # a later chunk's first step reads the previous chunk's last state
-        err, q = evaluate(cell, S, u, r, J, opts.chunk, atol, structure, mask)  # [B] each
+        err, q = evaluate(cell, S, u, r, J, opts.eval_chunk, atol, structure, mask)  # [B] each
         inf = float("inf")  # NaN counts as the worst: never converged
         return ctx.max(torch.nan_to_num(err, nan=inf)), ctx.max(torch.nan_to_num(q, nan=inf))
 
@@ -409,7 +453,7 @@ def handle_failure(cell, u, S, J, info: SolverInfo, opts: SolverOptions, ctx: Pa
     mb = None if mask is None else mask[bad]
     H[bad] = sequential_solve(cell.step, u[bad], h0[bad], mb)
     Jb, rb = J[bad], torch.empty_like(H[bad])
-    evaluate(cell, S[bad], u[bad], rb, Jb, opts.chunk, mask=mb)
+    evaluate(cell, S[bad], u[bad], rb, Jb, opts.eval_chunk, mask=mb)
     J[bad] = Jb
     info.fell_back[bad] = True
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import warnings
 
 import torch
@@ -10,8 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .cell import Cell, verify_cell
-from .newton import (SolverInfo, SolverOptions, handle_failure, hold_padded, newton_solve, sequential_solve,
-                     time_chunks)
+from .newton import (SolverInfo, SolverOptions, auto_chunk_size, handle_failure, hold_padded, newton_solve,
+                     sequential_solve, time_chunks)
 from .parallel import context_for
 from .scan import check_cu_seqlens
 from .structure import as_structure
@@ -69,7 +70,7 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     if not torch.is_grad_enabled():
         return H.clone(), info  # not a view of the solver's buffer: y.view(), y += 1 work
     B, T, d = H.shape
-    bounds = time_chunks(B, T, d, opts.chunk)
+    bounds = time_chunks(B, T, d, opts.eval_chunk)
     f_chunks = []
     # one split (its backward is one cat), not T/n slices (each slice's backward is full-size)
     u_chunks = u.split([t1 - t0 for t0, t1 in bounds], dim=1)
@@ -166,6 +167,29 @@ def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
     done.add(key)
 
 
+def _renamed(options: dict) -> dict:
+    if "chunk" in options:
+        raise TypeError("the solver option chunk was renamed eval_chunk (state elements per cell evaluation); "
+                        "chunk_size is the number of time steps per solve chunk")
+    return options
+
+
+def _check_prepare_is_per_step(cell, x: torch.Tensor, n: int = 6) -> None:
+    """``chunk_size`` prepares each chunk on its own, which is right only if ``prepare`` acts on each
+    time step independently: checked once per cell on the first ``n`` steps of one sequence."""
+    done = cell.__dict__.setdefault("_pararnn_verified", set())
+    if "prepare_per_step" in done or x.shape[1] < 3:
+        return
+    xs = x[:1, :n].detach()
+    with torch.no_grad():
+        whole, tail = cell.prepare(xs)[:, 2:], cell.prepare(xs[:, 2:])
+    if not torch.allclose(whole, tail, rtol=1e-4, atol=1e-6 * (1 + float(whole.abs().max()))):
+        raise ValueError(f"chunk_size needs a prepare() that acts on each time step on its own, but "
+                         f"{type(cell).__name__}.prepare mixes time steps (e.g. a convolution over T): "
+                         f"chunks would see different inputs. Use chunk_size=None for this cell.")
+    done.add("prepare_per_step")
+
+
 def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagonal",
                 training: bool = True) -> str:
     """The ``mode="auto"`` rule (measurements behind it: README, "Choosing a mode").
@@ -219,7 +243,7 @@ class RNN(nn.Module):
         cell.get_structure()  # validate the declaration early
         self.cell = cell
         self.mode = mode
-        self.options = SolverOptions(**solver_options)
+        self.options = SolverOptions(**_renamed(solver_options))
         self.last_info: SolverInfo | None = None
         self.stats = SolveStats()
         self._solve_hooks: collections.OrderedDict[int, object] = collections.OrderedDict()
@@ -351,7 +375,7 @@ class RNN(nn.Module):
 
     def _forward(self, x, h0, mode, return_info, lengths, **solver_overrides):
         self._check_x(x)
-        opts = dataclasses.replace(self.options, **solver_overrides) if solver_overrides else self.options
+        opts = dataclasses.replace(self.options, **_renamed(solver_overrides)) if solver_overrides else self.options
         mode = self.mode if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -361,21 +385,20 @@ class RNN(nn.Module):
                 raise RuntimeError(TORCH_FUNC_MSG)
             mode = "sequential"
             opts = dataclasses.replace(opts, check_finite=False)
-        u = self.cell.prepare(x)  # [B, T, *]
+        # with chunk_size every chunk prepares its own inputs: here one step, for dtypes and shapes
+        chunked = opts.chunk_size is not None and opts.process_group is None
+        xp = x[:, :1] if chunked else x
+        u = self._prepare(xp)  # [B, T, *]
         low = _autocast_dtype(u.device)
-        if low is not None:  # mixed precision: the state, Jacobians and scans stay in the parameters' precision
-            p = self._param_like()
-            if p is not None and u.dtype in _HALF and p.dtype not in _HALF:
-                u = u.to(p.dtype)
-            if opts.rtol is None:  # step's matmuls run in `low`: converge to its precision, not fp32's
-                tol = max(opts.tolerances(low)[0], opts.tolerances(u.real.dtype if u.is_complex() else u.dtype)[0])
-                opts = dataclasses.replace(opts, rtol=tol)
-        if u.shape[:2] != x.shape[:2]:
+        if low is not None and opts.rtol is None:  # step's matmuls run in `low`: converge to its precision
+            tol = max(opts.tolerances(low)[0], opts.tolerances(u.real.dtype if u.is_complex() else u.dtype)[0])
+            opts = dataclasses.replace(opts, rtol=tol)
+        if u.shape[:2] != xp.shape[:2]:
             raise ValueError(f"{type(self.cell).__name__}.prepare must keep [B, T] leading dims: "
-                             f"x {list(x.shape)} -> u {list(u.shape)}")
+                             f"x {list(xp.shape)} -> u {list(u.shape)}")
         user_h0 = h0 is not None
         h0 = self._make_h0(h0, u)
-        B, T = u.shape[:2]
+        B, T = x.shape[:2]
         if opts.process_group is not None:  # every rank holds a chunk: only the parallel solve links them
             if mode == "sequential":
                 raise ValueError("mode='sequential' cannot be combined with process_group (each rank would "
@@ -385,33 +408,97 @@ class RNN(nn.Module):
             training = torch.is_grad_enabled() and (
                 u.requires_grad or h0.requires_grad or any(p.requires_grad for p in self.cell.parameters()))
             mode = choose_mode(B, T, self.cell.state_size, u.device, self.cell.get_structure(), training)
-        y, info, mask = self._solve(x, u, h0, user_h0, mode, opts, lengths)
-        hT = y[:, -1]  # the full final state (all parts), to pass back as h0; padded steps held it
-        y = self.cell.output(y, x)
-        if mask is not None:  # zero at padded positions
-            y = y * mask[..., None].to(y.dtype)
+        y, hT, info = self._solve(x, None if chunked else u, h0, user_h0, mode, opts, lengths)
         return (y, hT, info) if return_info else (y, hT)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """``cell.prepare(x)``; under autocast, half-precision inputs are brought back to the
+        parameters' precision (the state, Jacobians and scans stay there)."""
+        u = self.cell.prepare(x)
+        if _autocast_dtype(u.device) is not None:
+            p = self._param_like()
+            if p is not None and u.dtype in _HALF and p.dtype not in _HALF:
+                u = u.to(p.dtype)
+        return u
 
     @torch.compiler.disable
     def _solve(self, x, u, h0, user_h0, mode, opts, lengths):
-        """The solve proper: ``(states [B, T, d], info, padding mask [B, T] or None)``. Under torch.compile it runs eagerly, as one
-        graph break per call: its checks and Newton's convergence tests read values, and the
-        sequential loop would be unrolled over T. Autograd records it as usual."""
+        """The solve and the readout: ``(y [B, T, out], h_T [B, state], info)``. Under torch.compile
+        it runs eagerly, as one graph break per call: its checks and Newton's convergence tests
+        read values, and the sequential loop would be unrolled over T. Autograd records it as usual."""
         if opts.check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or Inf (pass check_finite=False to skip this check)")
         if opts.check_finite and user_h0 and not bool(torch.isfinite(h0).all()):
             raise ValueError("h0 contains NaN or Inf (pass check_finite=False to skip this check)")
         mask = self._padding_mask(lengths, x, opts)  # [B, T] or None
-        if mode == "sequential":
-            y = sequential_solve(self.cell.step, u, h0, mask)
-            info = SolverInfo(mode="sequential")
+        C = self._chunk_size(x, h0, opts)
+        if C is None:
+            y, hT, info = self._solve_chunk(mode, opts, u, x, h0, mask, {}, 0)
         else:
-            y, info = parallel_solve(self.cell, u, h0, opts, warn=self._warn_once, mask=mask)
+            y, hT, info = self._solve_in_chunks(mode, opts, x, h0, mask, C)
         self.last_info = info
         self.stats.record(info)
         for hook in list(self._solve_hooks.values()):
             hook(self, info)
-        return y, info, mask
+        return y, hT, info
+
+    def _chunk_size(self, x, h0, opts) -> int | None:
+        """Steps per solve chunk, or None for one solve over all of T."""
+        C, T = opts.chunk_size, x.shape[1]
+        if C is None:
+            return None
+        if opts.process_group is not None:
+            if C == "auto":
+                return None
+            raise NotImplementedError("chunk_size cannot be combined with process_group yet: each rank "
+                                      "already holds only its own part of T")
+        if C == "auto":
+            d = self.cell.state_size
+            jac = math.prod(self.cell.get_structure().storage_shape(d))
+            C = auto_chunk_size(x.shape[0], T, d, jac, h0.element_size(), opts.memory_budget)
+        return None if C is None or C >= T else C
+
+    def _solve_chunk(self, mode, opts, u, x, h0, mask, infos: dict, i: int):
+        """One solve over ``x [B, n, D_in]`` (``u = prepare(x)``, computed here if None) from ``h0``,
+        and its readout: ``(y, h_last, info)``. ``infos[i]`` keeps the first info of chunk i (a
+        backward recompute does not replace it)."""
+        if u is None:
+            u = self._prepare(x)
+        if mode == "sequential":
+            H = sequential_solve(self.cell.step, u, h0, mask)
+            info = SolverInfo(mode="sequential")
+        else:
+            H, info = parallel_solve(self.cell, u, h0, opts, warn=self._warn_once, mask=mask)
+        infos.setdefault(i, info)
+        y = self.cell.output(H, x)
+        if mask is not None:  # zero at padded positions
+            y = y * mask[..., None].to(y.dtype)
+        return y, H[:, -1].clone(), info  # a copy: a view would keep the chunk's states alive
+
+    def _solve_in_chunks(self, mode, opts, x, h0, mask, C: int):
+        """T in chunks of C steps, each prepared and solved from the previous chunk's final state.
+        With gradients each chunk is a non-reentrant activation checkpoint: the forward keeps its
+        inputs (a view of x and the boundary state) and its outputs only; the backward reruns the
+        chunk (prepare, Newton and the graph-carrying evaluation at the solution), whose adjoint
+        scan then takes the cotangent carried in from the next chunk through h_last."""
+        from torch.utils.checkpoint import checkpoint
+
+        _check_prepare_is_per_step(self.cell, x)
+        infos: dict[int, SolverInfo] = {}
+        ys, h = [], h0
+        # one split, not slices: its backward is one cat (a slice's backward is a full-size zero tensor)
+        x_chunks = x.split(C, dim=1)
+        mask_chunks = (None,) * len(x_chunks) if mask is None else mask.split(C, dim=1)
+        for i, (x_c, m_c) in enumerate(zip(x_chunks, mask_chunks)):
+            o = opts if not isinstance(opts.init, torch.Tensor) else \
+                dataclasses.replace(opts, init=opts.init[:, i * C:(i + 1) * C])
+            args = (mode, o, None, x_c, h, m_c, infos, i)
+            if torch.is_grad_enabled():
+                y, h, _ = checkpoint(self._solve_chunk, *args, use_reentrant=False)
+            else:
+                y, h, _ = self._solve_chunk(*args)
+            ys.append(y)
+        return torch.cat(ys, 1), h, SolverInfo.merge([infos[i] for i in range(len(infos))])
 
     @torch.no_grad()
     def solve_info(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> SolverInfo:

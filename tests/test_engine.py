@@ -235,7 +235,7 @@ def test_numba_free_fallback_gives_the_same_answer():
 def test_options_are_validated():
     cell = make_cell("diagonal")
     for bad in [dict(max_iters=0), dict(on_fail="ignore"), dict(damping=0.0), dict(damping=1.5),
-                dict(init="random"), dict(rtol=-1.0), dict(chunk=0)]:
+                dict(init="random"), dict(rtol=-1.0), dict(eval_chunk=0)]:
         with pytest.raises(ValueError):
             pararnn.RNN(cell, **bad)
     with pytest.raises(ValueError, match="mode"):

@@ -19,3 +19,17 @@ def test_readme_python_example_runs():
     assert torch.allclose(y, y_seq, atol=1e-5)
     L = scope["lengths"]
     assert torch.allclose(scope["h_pad"], scope["y"][torch.arange(2), L - 1], atol=1e-5)
+
+
+def test_readme_drop_in_example_runs(tmp_path, monkeypatch):
+    """The torch.nn / saved-model example, shortened; torch.compile is covered by test_compile.py."""
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[1]
+    assert "pararnn.nn.GRU" in block and "save_pretrained" in block
+    code = block.replace("512", "40").replace("300", "30").replace("(2, 256)", "(2, 16)")
+    code = code.replace("torch.compile(model)", "model")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["out"].shape == (4, 40, 128) and scope["h_n"].shape == (4, 4, 64)
+    assert scope["tokens"].shape == (1, 52)
+    assert (tmp_path / "my_model" / "config.json").is_file()
