@@ -167,6 +167,24 @@ def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
     done.add(key)
 
 
+class _Place(torch.autograd.Function):
+    """``buf[:, t0:t0+n] = y_c`` in place, returning buf: a chunked solve's outputs go into one
+    buffer as each chunk finishes (a cat at the end would hold every chunk and the result at once).
+    Backward: buf's gradient passes through unchanged (each earlier write reads only its own
+    slice of it) and y_c gets its slice, a view."""
+
+    @staticmethod
+    def forward(ctx, buf, y_c, t0: int):
+        ctx.t0, ctx.n = t0, y_c.shape[1]
+        buf[:, t0:t0 + ctx.n].copy_(y_c)
+        ctx.mark_dirty(buf)
+        return buf
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g[:, ctx.t0:ctx.t0 + ctx.n], None
+
+
 def _renamed(options: dict) -> dict:
     if "chunk" in options:
         raise TypeError("the solver option chunk was renamed eval_chunk (state elements per cell evaluation); "
@@ -485,7 +503,7 @@ class RNN(nn.Module):
 
         _check_prepare_is_per_step(self.cell, x)
         infos: dict[int, SolverInfo] = {}
-        ys, h = [], h0
+        y, h = None, h0
         # one split, not slices: its backward is one cat (a slice's backward is a full-size zero tensor)
         x_chunks = x.split(C, dim=1)
         mask_chunks = (None,) * len(x_chunks) if mask is None else mask.split(C, dim=1)
@@ -493,12 +511,17 @@ class RNN(nn.Module):
             o = opts if not isinstance(opts.init, torch.Tensor) else \
                 dataclasses.replace(opts, init=opts.init[:, i * C:(i + 1) * C])
             args = (mode, o, None, x_c, h, m_c, infos, i)
-            if torch.is_grad_enabled():
-                y, h, _ = checkpoint(self._solve_chunk, *args, use_reentrant=False)
+            # the last chunk is not checkpointed: the backward starts with it, so its recompute would
+            # be immediate and its graph costs what the recompute's would
+            if torch.is_grad_enabled() and i < len(x_chunks) - 1:
+                y_c, h, _ = checkpoint(self._solve_chunk, *args, use_reentrant=False)
             else:
-                y, h, _ = self._solve_chunk(*args)
-            ys.append(y)
-        return torch.cat(ys, 1), h, SolverInfo.merge([infos[i] for i in range(len(infos))])
+                y_c, h, _ = self._solve_chunk(*args)
+            if y is None:  # the output buffer [B, T, out]: chunks are written in as they come, no cat
+                y = y_c.new_empty(x.shape[0], x.shape[1], *y_c.shape[2:])
+            y = _Place.apply(y, y_c, i * C)
+            del y_c
+        return y, h, SolverInfo.merge([infos[i] for i in range(len(infos))])
 
     @torch.no_grad()
     def solve_info(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> SolverInfo:
