@@ -7,7 +7,7 @@ the freed temporaries of earlier chunks; each case is therefore measured twice, 
 default and with ``MALLOC_MMAP_THRESHOLD_=65536`` (RSS then follows live memory, but every large
 allocation is page-faulted afresh, so its times are slower; the time ratio uses the default runs).
 
-Usage: python benchmarks/bench_chunked.py [--quick] [--out results/bench_chunked.json]
+Usage: python benchmarks/bench_chunked.py [--quick] [--cells deltanet,paragru] [--out results/bench_chunked.json]
 Writes JSON (version, commit, date, machine, settings) and a markdown table beside it.
 """
 from __future__ import annotations
@@ -55,6 +55,7 @@ def run_case(cell, B, T, d, C, mmap):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small T (a minute), for a smoke run")
+    ap.add_argument("--cells", default="deltanet,paragru", help="which workloads to run (comma-separated)")
     ap.add_argument("--out", default="results/bench_chunked.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, ".")
@@ -70,6 +71,7 @@ def main(argv=None):
              ("paragru", 1, 1_000_000 // s, 16, ["none", 65536]),
              ("paragru", 1, 4_000_000 // s, 16, [65536]),
              ("paragru", 1, 10_000_000 // s, 64, [65536])]
+    cases = [c for c in cases if c[0] in args.cells.split(",")]
     jobs = [(c, B, T, d, C, mmap) for c, B, T, d, Cs in cases for C in Cs for mmap in (False, True)]
     rows = []
     for cell, B, T, d, C, mmap in tqdm(jobs, desc="bench chunked", unit="case"):
