@@ -165,3 +165,16 @@ def test_swapping_torch_gru_gives_the_same_loss_curve():
 def test_bad_arguments_are_named(call, match):
     with pytest.raises((ValueError, TypeError, NotImplementedError), match=match):
         call()
+
+
+def test_chunk_size_on_the_drop_ins():
+    ref, ours = _pair("LSTM", "parallel", input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    chunked = pararnn.nn.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, mode="parallel",
+                              chunk_size=5)
+    chunked.load_state_dict(ref.state_dict())
+    x = torch.randn(23, 2, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([23, 9]), enforce_sorted=False)
+    (yr, hr), (yc, hc) = ref(packed), chunked(packed)
+    torch.testing.assert_close(yc.data, yr.data)
+    torch.testing.assert_close(_flat(hc), _flat(hr))
+    assert len(chunked.rnns[0].last_info.chunks) == 5
