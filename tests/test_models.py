@@ -283,14 +283,15 @@ def test_bound_recurrent_weights():
 
 @pytest.mark.parametrize("name", CELLS)
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
-def test_bf16_autocast_every_cell(name, mode):
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_half_precision_autocast_every_cell(name, mode, low):
     torch.manual_seed(0)
     cell = make_cell(name, 8)
     x = torch.randn(2, 40, 8)
     ref = pararnn.RNN(cell, mode="sequential")(x)[0]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=low):
         y, _, info = pararnn.RNN(cell, mode=mode)(x, return_info=True)
-        y_lp = pararnn.RNN(cell, mode=mode)(x.bfloat16())[0]  # bf16 activations from an autocast layer
+        y_lp = pararnn.RNN(cell, mode=mode)(x.to(low))[0]  # half activations from an autocast layer
     assert info.all_converged and info.iterations <= 5  # not max_iters and a fallback
     assert rel_err(y.float(), ref.double().float()) < 3e-2 and rel_err(y_lp.float(), ref) < 5e-2
     y.float().sum().backward()
