@@ -401,8 +401,8 @@ class RNN(nn.Module):
         if functional:  # values cannot be inspected there: only the plain loop traces
             if mode == "parallel":
                 raise RuntimeError(TORCH_FUNC_MSG)
-            mode = "sequential"
-            opts = dataclasses.replace(opts, check_finite=False)
+            mode = "sequential"  # (activation checkpoints do not run under torch.func either)
+            opts = dataclasses.replace(opts, check_finite=False, chunk_size=None)
         # with chunk_size every chunk prepares its own inputs: here one step, for dtypes and shapes
         chunked = opts.chunk_size is not None and opts.process_group is None
         xp = x[:, :1] if chunked else x

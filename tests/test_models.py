@@ -284,12 +284,14 @@ def test_bound_recurrent_weights():
 @pytest.mark.parametrize("name", CELLS)
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
-def test_half_precision_autocast_every_cell(name, mode, low):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_half_precision_autocast_every_cell(name, mode, low, device):
     torch.manual_seed(0)
-    cell = make_cell(name, 8)
-    x = torch.randn(2, 40, 8)
+    cell = make_cell(name, 8).to(device)
+    x = torch.randn(2, 40, 8, device=device)
     ref = pararnn.RNN(cell, mode="sequential")(x)[0]
-    with torch.autocast("cpu", dtype=low):
+    with torch.autocast(device, dtype=low):
         y, _, info = pararnn.RNN(cell, mode=mode)(x, return_info=True)
         y_lp = pararnn.RNN(cell, mode=mode)(x.to(low))[0]  # half activations from an autocast layer
     assert info.all_converged and info.iterations <= 5  # not max_iters and a fallback
