@@ -38,14 +38,19 @@ def resolve_backend(backend: str, A: torch.Tensor, b: torch.Tensor, structure: S
         if backend == "triton" and triton_module() is None:
             raise RuntimeError("backend='triton' needs triton, which is not importable here")
         return backend
-    if b.device.type == "cuda":
-        tri = triton_module()
-        if tri is not None and tri.supports(structure, b.dtype, b.shape[-1]):
-            return "triton"
+    if A.device != b.device:
         return "reference"
-    if _cpu.available(A, b):
-        return "cpu"
-    return "reference"
+    return auto_backend(b.device, b.dtype, structure, b.shape[-1])
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype, structure: Structure, d: int) -> str:
+    """The backend ``"auto"`` takes on this device for this structure, dtype and state size:
+    ``"triton"`` (CUDA, where a kernel exists), ``"cpu"`` (numba) or ``"reference"`` (the PyTorch
+    loop over T). :func:`pararnn.choose_mode` asks the same question."""
+    if device.type == "cuda":
+        tri = triton_module()
+        return "triton" if tri is not None and tri.supports(structure, dtype, d) else "reference"
+    return "cpu" if device.type == "cpu" and _cpu.HAVE_NUMBA else "reference"
 
 
 def scan(A, b, h0, structure: Structure, reverse=False, adjoint=False, backend="auto", out=None):
@@ -64,4 +69,4 @@ def scan(A, b, h0, structure: Structure, reverse=False, adjoint=False, backend="
 
 scan_dispatch = scan  # the name the benchmarks use
 
-__all__ = ["BACKENDS", "check_backend", "resolve_backend", "scan", "scan_dispatch"]
+__all__ = ["BACKENDS", "auto_backend", "check_backend", "resolve_backend", "scan", "scan_dispatch"]

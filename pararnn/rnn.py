@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .cell import Cell, verify_cell
+from .dispatch import auto_backend
 from .newton import (SolverInfo, SolverOptions, auto_chunk_size, handle_failure, hold_padded, newton_solve,
                      sequential_solve, time_chunks)
 from .parallel import context_for
@@ -209,10 +210,14 @@ def _check_prepare_is_per_step(cell, x: torch.Tensor, n: int = 6) -> None:
 
 
 def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagonal",
-                training: bool = True) -> str:
+                training: bool = True, dtype: torch.dtype = torch.float32, backend: str = "auto") -> str:
     """The ``mode="auto"`` rule (measurements behind it: README, "Choosing a mode").
 
-    - CUDA: parallel (the scan is O(log T) deep and the step evaluations fill the device).
+    - Never a parallel solve whose scan would be the PyTorch loop over T (once per Newton step):
+      sequential wherever :func:`pararnn.dispatch.auto_backend` has no compiled scan (with
+      ``backend="auto"``), e.g. dense, shared-block, ``Block(k > 4)`` or fp64 cells on CUDA.
+    - CUDA, with a Triton kernel: parallel (the scan is O(log T) deep and the step evaluations
+      fill the device).
     - CPU: the sequential loop costs ~T × per-step op latency, nearly independent of width; the
       parallel solve costs ~(Newton iterations) × B·T·d·k element operations, k the Jacobian
       width (block size, or d for dense; counted as at least 8 for diagonal cells, whose
@@ -221,9 +226,12 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
       the sequential one another T-step loop) and up to 1024 for inference. T < 64 stays
       sequential.
     """
+    structure = as_structure(structure, d)
+    if backend == "auto" and auto_backend(device, dtype, structure, d) == "reference":
+        return "sequential"
     if device.type == "cuda":
         return "parallel"
-    k = as_structure(structure, d).width(d)
+    k = structure.width(d)
     limit = AUTO_WORK_TRAINING if training else AUTO_WORK_INFERENCE
     return "parallel" if (T >= AUTO_MIN_T and B * d * max(k, AUTO_MIN_WIDTH) <= limit) else "sequential"
 
@@ -425,7 +433,8 @@ class RNN(nn.Module):
         if mode == "auto":
             training = torch.is_grad_enabled() and (
                 u.requires_grad or h0.requires_grad or any(p.requires_grad for p in self.cell.parameters()))
-            mode = choose_mode(B, T, self.cell.state_size, u.device, self.cell.get_structure(), training)
+            mode = choose_mode(B, T, self.cell.state_size, u.device, self.cell.get_structure(), training,
+                               h0.dtype, opts.backend)
         y, hT, info = self._solve(x, None if chunked else u, h0, user_h0, mode, opts, lengths)
         return (y, hT, info) if return_info else (y, hT)
 

@@ -214,6 +214,17 @@ def test_choose_mode():
     assert pararnn.choose_mode(1, 4096, 64, cpu, "dense", training=False) == "sequential"
     assert pararnn.choose_mode(1, 4096, 128, cpu, "dense", training=True) == "sequential"  # LSTM
     assert pararnn.choose_mode(1, 4096, 128, cpu, pararnn.Block(2), training=False) == "parallel"
+    # CUDA (the rule needs no device): parallel only where a Triton kernel exists, never the loop
+    cuda = torch.device("cuda")
+    from pararnn.dispatch import triton_module
+    if triton_module() is not None:
+        assert pararnn.choose_mode(1, 4096, 64, cuda) == "parallel"
+        assert pararnn.choose_mode(1, 4096, 64, cuda, pararnn.Block(4)) == "parallel"
+    for structure, dtype in [("dense", torch.float32), (pararnn.Block(8), torch.float32),
+                             (pararnn.Block(4, shared=True), torch.float32), ("diagonal", torch.float64)]:
+        assert pararnn.choose_mode(1, 4096, 64, cuda, structure, dtype=dtype) == "sequential"
+        assert pararnn.dispatch.auto_backend(cuda, dtype, pararnn.structure.as_structure(structure, 64), 64) \
+            == "reference"
     assert pararnn.choose_mode(1, 32, 64, cpu) == "sequential"
     assert pararnn.choose_mode(64, 128, 1024, torch.device("cuda")) == "parallel"
     cell = make_cell("diagonal")
