@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 
 from .kernels import cpu as _cpu
+from .kernels.assoc import scan_assoc
 from .kernels.reference import scan_reference
 from .structure import Structure
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+BACKENDS = ("auto", "reference", "cpu", "triton", "assoc")
 
 
 def triton_module():
@@ -28,8 +29,9 @@ def check_backend(backend) -> None:
 def resolve_backend(backend: str, A: torch.Tensor, b: torch.Tensor, structure: Structure) -> str:
     """Pick the concrete backend for these tensors.
 
-    ``"auto"``: Triton for CUDA tensors when a kernel exists for the structure and dtype, the
-    compiled numba path for CPU tensors, and the plain PyTorch loop otherwise.
+    ``"auto"``: Triton for CUDA tensors when a kernel exists for the structure and dtype, else
+    the log-depth PyTorch scan (``"assoc"``: dense, shared blocks, k > 4, fp64 on CUDA); the
+    compiled numba path for CPU tensors; the plain PyTorch loop otherwise.
     """
     check_backend(backend)
     if backend != "auto":
@@ -45,11 +47,12 @@ def resolve_backend(backend: str, A: torch.Tensor, b: torch.Tensor, structure: S
 
 def auto_backend(device: torch.device, dtype: torch.dtype, structure: Structure, d: int) -> str:
     """The backend ``"auto"`` takes on this device for this structure, dtype and state size:
-    ``"triton"`` (CUDA, where a kernel exists), ``"cpu"`` (numba) or ``"reference"`` (the PyTorch
-    loop over T). :func:`pararnn.choose_mode` asks the same question."""
+    ``"triton"`` (CUDA, where a kernel exists), ``"assoc"`` (CUDA otherwise: the log-depth scan in
+    batched matmuls), ``"cpu"`` (numba) or ``"reference"`` (the PyTorch loop over T).
+    :func:`pararnn.choose_mode` asks the same question."""
     if device.type == "cuda":
         tri = triton_module()
-        return "triton" if tri is not None and tri.supports(structure, dtype, d) else "reference"
+        return "triton" if tri is not None and tri.supports(structure, dtype, d) else "assoc"
     return "cpu" if device.type == "cpu" and _cpu.HAVE_NUMBA else "reference"
 
 
@@ -63,6 +66,9 @@ def scan(A, b, h0, structure: Structure, reverse=False, adjoint=False, backend="
         return _cpu.scan_cpu(A, b, h0, structure, reverse, adjoint, out=out)
     if name == "triton":
         return triton_module().scan_triton(A, b, h0, structure, reverse, adjoint, out=out)
+    if name == "assoc":
+        res = scan_assoc(A, b, h0, structure, reverse, adjoint)
+        return res if out is None else out.copy_(res)
     res = scan_reference(A, b, h0, structure, reverse, adjoint)
     return res if out is None else out.copy_(res)
 

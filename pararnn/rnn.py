@@ -214,10 +214,10 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
     """The ``mode="auto"`` rule (measurements behind it: README, "Choosing a mode").
 
     - Never a parallel solve whose scan would be the PyTorch loop over T (once per Newton step):
-      sequential wherever :func:`pararnn.dispatch.auto_backend` has no compiled scan (with
-      ``backend="auto"``), e.g. dense, shared-block, ``Block(k > 4)`` or fp64 cells on CUDA.
-    - CUDA, with a Triton kernel: parallel (the scan is O(log T) deep and the step evaluations
-      fill the device).
+      sequential wherever :func:`pararnn.dispatch.auto_backend` answers ``"reference"`` (with
+      ``backend="auto"``; e.g. a CPU without numba).
+    - CUDA: parallel (Triton, or the log-depth ``"assoc"`` scan where no kernel exists; the scan
+      is O(log T) deep and the step evaluations fill the device; not measured on a GPU yet).
     - CPU: the sequential loop costs ~T × per-step op latency, nearly independent of width; the
       parallel solve costs ~(Newton iterations) × B·T·d·k element operations, k the Jacobian
       width (block size, or d for dense; counted as at least 8 for diagonal cells, whose

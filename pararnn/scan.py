@@ -92,8 +92,10 @@ def linear_scan(
         h0: initial state ``[B, d]`` (default zeros). With ``reverse=True`` it is ``h_{T+1}``.
         structure: ``"diagonal"``, ``pararnn.Block(k)``, ``"dense"`` or a ``pararnn.Structure``.
         reverse: solve the reverse-time recurrence ``h_t = A_t h_{t+1} + b_t`` instead.
-        backend: ``"auto"`` (Triton on CUDA, compiled numba on CPU, else the loop), ``"cpu"``,
-            ``"triton"`` or ``"reference"`` (the plain PyTorch loop).
+        backend: ``"auto"`` (Triton on CUDA where a kernel exists, else ``"assoc"``; compiled
+            numba on CPU; else the loop), ``"cpu"``, ``"triton"``, ``"assoc"`` (a log-depth
+            scan in batched matmuls, any device and structure) or ``"reference"`` (the plain
+            PyTorch loop).
         process_group: a ``torch.distributed`` group for sequence parallelism: every rank passes
             its own consecutive time chunk (rank order = time order; chunk lengths may differ)
             and the same h0; the result is this rank's chunk. See :mod:`pararnn.distributed`.

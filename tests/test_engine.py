@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import AffineCell, KINDS, make_cell, rel_err
+from helpers import AffineCell, BlockTanh, KINDS, make_cell, rel_err
 
 import pararnn
 from pararnn.models.paragru import ParaGRU
@@ -222,9 +222,11 @@ def test_choose_mode():
         assert pararnn.choose_mode(1, 4096, 64, cuda, pararnn.Block(4)) == "parallel"
     for structure, dtype in [("dense", torch.float32), (pararnn.Block(8), torch.float32),
                              (pararnn.Block(4, shared=True), torch.float32), ("diagonal", torch.float64)]:
-        assert pararnn.choose_mode(1, 4096, 64, cuda, structure, dtype=dtype) == "sequential"
+        # no Triton kernel: the log-depth PyTorch scan, not the loop over T
         assert pararnn.dispatch.auto_backend(cuda, dtype, pararnn.structure.as_structure(structure, 64), 64) \
-            == "reference"
+            == "assoc"
+        assert pararnn.choose_mode(1, 4096, 64, cuda, structure, dtype=dtype) == "parallel"
+    assert pararnn.choose_mode(1, 4096, 64, cpu, backend="reference") == "parallel"  # the user's choice
     assert pararnn.choose_mode(1, 32, 64, cpu) == "sequential"
     assert pararnn.choose_mode(64, 128, 1024, torch.device("cuda")) == "parallel"
     cell = make_cell("diagonal")
@@ -288,3 +290,19 @@ def test_solve_stats_and_hooks_report_every_solve():
     model = SequenceModel(5, 3, d_model=8, n_layers=2)
     model(torch.randint(0, 5, (2, 12)))
     assert [s["parallel_calls"] for s in model.solver_stats()] == [1, 1]
+
+
+@pytest.mark.parametrize("make", [lambda: pararnn.models.GRU(3, 6), lambda: pararnn.models.DeltaNet(3, 4, 5),
+                                  lambda: BlockTanh(3, 16, 8)], ids=["dense", "shared_block", "block8"])
+def test_newton_with_the_log_depth_scan(make):
+    """backend="assoc" (CUDA's path for structures without a Triton kernel), fp64: the parallel
+    solve and its gradients equal the sequential loop's."""
+    torch.manual_seed(0)
+    cell = make().double()
+    x = torch.randn(2, 37, 3, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for rnn in (pararnn.RNN(cell, backend="assoc"), pararnn.RNN(cell, mode="sequential")):
+        y, hT = rnn(x)
+        outs.append((y, *torch.autograd.grad(y.square().sum() + hT.sum(), [x, *cell.parameters()])))
+    for a, b in zip(*outs):
+        assert rel_err(a, b) < 1e-10

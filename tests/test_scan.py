@@ -42,6 +42,24 @@ def test_cpu_backend_matches_reference(structure, dtype, reverse, T):
 
 
 @pytest.mark.parametrize("structure", STRUCTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("T", [1, 2, 7, 200])
+def test_assoc_backend_matches_reference(structure, dtype, reverse, T):
+    """The log-depth PyTorch scan (the CUDA path where Triton has no kernel): forward, reverse and
+    adjoint, with and without h0, odd and power-of-two T."""
+    from pararnn.dispatch import scan
+
+    A, b, h0 = make(structure, 3, T, 6, dtype)
+    st = as_structure(structure, 6)
+    for init in (None, h0):
+        ref = scan_reference(A, b, init, st, reverse)
+        assert rel_err(pararnn.linear_scan(A, b, init, structure, reverse=reverse, backend="assoc"), ref) < tol(dtype)
+    adj = scan(A, b, None, st, reverse=reverse, adjoint=True, backend="assoc")
+    assert rel_err(adj, scan_reference(A, b, None, st, reverse, adjoint=True)) < tol(dtype)
+
+
+@pytest.mark.parametrize("structure", STRUCTS)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_reference_matches_explicit_loop(structure, reverse):
     """The reference itself against the recurrence written out with dense matrices."""
@@ -59,7 +77,7 @@ def test_reference_matches_explicit_loop(structure, reverse):
 @pytest.mark.parametrize("structure", STRUCTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "assoc"])
 def test_gradients_match_autograd_of_loop(structure, dtype, reverse, backend):
     A, b, h0 = make(structure, 2, 11, 6, dtype)
     st = as_structure(structure, 6)
