@@ -33,8 +33,7 @@ class _Bound:
     are what the solver sees. Missing biases (``bias=False``) read as None."""
 
     def _bind(self, owner: nn.Module, suffix: str) -> None:
-        for name in _WEIGHTS:
-            self._parameters.pop(name, None)
+        self._parameters.clear()  # the cell's own (discarded) initial weights: the owner holds them
         self.__dict__["_owner"], self.__dict__["_suffix"] = owner, suffix
 
     def __getattr__(self, name):
