@@ -36,3 +36,18 @@ def test_the_check_can_fail():
              "st = compile_stats('block3', 'fp32', 80, 32, 16, 2); print('OK' if st.ok else 'SPILL', st.spill_bytes)")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("SPILL") and int(r.stdout.split()[1]) > 0
+
+
+def test_associative_scan_lowers_to_one_warp_scan_per_kernel():
+    """The GPU lowering of tl.associative_scan, which the interpreter tests cannot see: one tt.scan
+    over time (axis 0, forward: reverse time is done by addressing) with the tuple the combine
+    expects, (a, b) = 2, complex 4, k×k blocks k² + k = 6 / 12 / 20 operands, implemented with
+    warp shuffles in the PTX. The PTX itself cannot run without a GPU (the wheel has no emulator)."""
+    r = _run("import json; from pararnn.kernels.aot import scan_lowering; print(json.dumps("
+             "{n: scan_lowering(n) for n in ['diag_real', 'diag_complex', 'block2', 'block3', 'block4']}))")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    want = {"diag_real": 2, "diag_complex": 4, "block2": 6, "block3": 12, "block4": 20}
+    for name, operands in want.items():
+        assert got[name]["scans"] == [{"operands": operands, "axis": 0, "reverse": False}], (name, got[name])
+        assert got[name]["ptx_warp_shuffles"] >= operands, (name, got[name])

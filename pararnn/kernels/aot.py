@@ -63,9 +63,10 @@ def kernels():
     return out
 
 
-def compile_stats(name: str, dtype: str, arch: int, BLOCK_T: int, BLOCK_L: int, num_warps: int,
-                  flags: dict | None = None) -> Stats:
-    """Compile one specialisation for ``sm_<arch>`` and read ptxas' resource report."""
+def compile_kernel(name: str, dtype: str, arch: int, BLOCK_T: int, BLOCK_L: int, num_warps: int,
+                   flags: dict | None = None):
+    """``triton.compile`` of one specialisation for ``sm_<arch>`` (no GPU needed): the compiled
+    kernel, whose ``asm`` holds its TTIR, TTGIR and PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -76,10 +77,29 @@ def compile_stats(name: str, dtype: str, arch: int, BLOCK_T: int, BLOCK_L: int, 
            ("D" if lane == "BLOCK_D" else "M"): "i32"}
     consts = {**flags, "BLOCK_T": BLOCK_T, lane: BLOCK_L}
     sig.update({k: "constexpr" for k in consts})
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def scan_lowering(name: str, dtype: str = "fp32", arch: int = 90, BLOCK_T: int = 32, BLOCK_L: int = 8,
+                  num_warps: int = 4) -> dict:
+    """What ``tl.associative_scan`` became on a real target (the tests run the interpreter, whose
+    scan is replaced, so this is the only view of the GPU lowering without a GPU): the TTGIR
+    ``tt.scan`` ops with their operand counts, axes and directions, and the warp shuffles in the
+    PTX that implement the scan across threads."""
+    k = compile_kernel(name, dtype, arch, BLOCK_T, BLOCK_L, num_warps)
+    scans = re.findall(r'"tt\.scan"\(([^)]*)\) <\{axis = (\d+) : i32, reverse = (\w+)\}>', k.asm["ttgir"])
+    return {"scans": [{"operands": args.count("%"), "axis": int(axis), "reverse": rev == "true"}
+                      for args, axis, rev in scans],
+            "ptx_warp_shuffles": len(re.findall(r"shfl\.sync", k.asm["ptx"]))}
+
+
+def compile_stats(name: str, dtype: str, arch: int, BLOCK_T: int, BLOCK_L: int, num_warps: int,
+                  flags: dict | None = None) -> Stats:
+    """Compile one specialisation for ``sm_<arch>`` and read ptxas' resource report."""
     base = dict(kernel=name, dtype=dtype, arch=arch, BLOCK_T=BLOCK_T, BLOCK_L=BLOCK_L, num_warps=num_warps)
     try:
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                           target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        k = compile_kernel(name, dtype, arch, BLOCK_T, BLOCK_L, num_warps, flags)
     except Exception as e:  # a compile error is a finding, not a crash of the check
         return Stats(**base, registers=None, spill_bytes=None, stack_bytes=None, shared_bytes=0, ok=False,
                      error=f"{type(e).__name__}: {str(e)[:300]}")
