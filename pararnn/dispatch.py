@@ -5,6 +5,7 @@ import torch
 
 from .kernels import cpu as _cpu
 from .kernels.assoc import scan_assoc
+from .kernels.tsplit import split_scan
 from .kernels.reference import scan_reference
 from .structure import Structure
 
@@ -65,7 +66,12 @@ def scan(A, b, h0, structure: Structure, reverse=False, adjoint=False, backend="
     if name == "cpu":
         return _cpu.scan_cpu(A, b, h0, structure, reverse, adjoint, out=out)
     if name == "triton":
-        return triton_module().scan_triton(A, b, h0, structure, reverse, adjoint, out=out)
+        tri = triton_module()
+        pieces = time_pieces(b.shape[0], b.shape[1], b.shape[-1], b.device)
+        if pieces > 1:  # few rows for the device: split T across programs too (three passes)
+            res = split_scan(tri.scan_triton, A, b, h0, structure, pieces, reverse, adjoint)
+            return res if out is None else out.copy_(res)
+        return tri.scan_triton(A, b, h0, structure, reverse, adjoint, out=out)
     if name == "assoc":
         res = scan_assoc(A, b, h0, structure, reverse, adjoint)
         return res if out is None else out.copy_(res)
@@ -73,6 +79,20 @@ def scan(A, b, h0, structure: Structure, reverse=False, adjoint=False, backend="
     return res if out is None else out.copy_(res)
 
 
+def time_pieces(B: int, T: int, d: int, device: torch.device) -> int:
+    """How many pieces to split T into for a Triton scan (1: no split). One program walks all of T
+    for a batch row and a lane tile (up to 64 lanes), so with ``B·⌈d/64⌉`` rows below the SM count
+    most of a GPU idles: split long sequences (T ≥ 2048) into pieces of at least 512 steps until
+    there are about two rows per SM. A first rule, not yet calibrated on a GPU."""
+    if device.type != "cuda" or T < 2048:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    rows = B * -(-d // 64)
+    if rows >= sms:
+        return 1
+    return max(1, min(T // 512, (2 * sms) // rows))
+
+
 scan_dispatch = scan  # the name the benchmarks use
 
-__all__ = ["BACKENDS", "auto_backend", "check_backend", "resolve_backend", "scan", "scan_dispatch"]
+__all__ = ["BACKENDS", "auto_backend", "check_backend", "resolve_backend", "scan", "scan_dispatch", "time_pieces"]

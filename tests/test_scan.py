@@ -146,3 +146,35 @@ def test_T_equals_one():
     out = pararnn.linear_scan(A, b, h0, Block(2))
     want = (A[:, 0] @ h0.reshape(2, 2, 2, 1)).reshape(2, 4) + b[:, 0]
     assert rel_err(out[:, 0], want) < 1e-14
+
+
+@pytest.mark.parametrize("structure", STRUCTS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("adjoint", [False, True])
+@pytest.mark.parametrize("T, pieces", [(1, 4), (7, 3), (200, 7), (64, 8)])
+def test_time_split_scan_equals_one_scan(structure, reverse, adjoint, T, pieces):
+    """T split across rows (three passes of any kernel; here numba) equals one scan: odd T, a
+    padded last piece, more pieces than steps, every structure, reverse and adjoint."""
+    from pararnn.kernels.cpu import scan_cpu
+    from pararnn.kernels.tsplit import split_scan
+
+    A, b, h0 = make(structure, 3, T, 6, torch.complex128 if structure == "diagonal" else torch.float64)
+    st = as_structure(structure, 6)
+    for init in ((None,) if adjoint else (None, h0)):
+        want = scan_reference(A, b, init, st, reverse, adjoint)
+        assert rel_err(split_scan(scan_cpu, A, b, init, st, pieces, reverse, adjoint), want) < 1e-11
+
+
+@pytest.mark.parametrize("structure", ["diagonal", Block(2)])
+def test_time_split_with_the_triton_kernels(structure):
+    """The same three passes with the Triton kernels (interpreter), at odd T."""
+    pytest.importorskip("triton")
+    from pararnn.kernels.triton_scan import scan_triton
+    from pararnn.kernels.tsplit import split_scan
+
+    A, b, h0 = make(structure, 1, 37, 4, torch.float32)
+    st = as_structure(structure, 4)
+    for reverse in ((False, True) if structure == "diagonal" else (False,)):  # blocks: slow to interpret
+        want = scan_reference(A, b, h0, st, reverse)
+        assert rel_err(split_scan(scan_triton, A, b, h0, st, 4, reverse), want) < 1e-5
+    assert pararnn.dispatch.time_pieces(1, 16384, 64, torch.device("cpu")) == 1  # CPU: never split

@@ -1,0 +1,73 @@
+"""Split T across programs: a scan as three passes of any scan kernel, for when B·d is small.
+
+One Triton program walks all of T for one (batch row, lane tile): at B = 1, d = 64 that is a
+handful of programs on a GPU with 100+ SMs. Splitting T into P pieces makes B·P independent rows:
+
+1. every piece is scanned from a zero start (the kernel on ``[B·P, L, d]``), and its summary is
+   its outgoing state and its composite transition ``Π A`` (a product for diagonal; for blocks,
+   the piece scanned from each probe tangent with b = 0, as in sequence parallelism);
+2. the P summaries are scanned (``[B, P, d]``, tiny) to give each piece's incoming state;
+3. each piece adds the propagation of its incoming state: the kernel again with b = 0 and that
+   state as h0.
+
+The result equals one scan over T (tested against the loop at odd T, where the last piece is
+padded with identity transitions). Work is about twice a plain scan, depth about T/P.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..structure import Diagonal, Structure
+
+
+def _pieces(t: torch.Tensor, P: int, L: int, fill: torch.Tensor | float) -> torch.Tensor:
+    """``[B, T, *]`` -> ``[B·P, L, *]``, the tail padded with ``fill`` (identity / zero)."""
+    B, T = t.shape[:2]
+    pad = P * L - T
+    if pad:
+        tail = (fill if isinstance(fill, torch.Tensor) else t.new_full((1,) * t.dim(), fill))
+        t = torch.cat([t, tail.expand(B, pad, *t.shape[2:]).to(t.dtype)], 1)
+    return t.reshape(B * P, L, *t.shape[2:])
+
+
+def split_scan(scan, A: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, structure: Structure,
+               pieces: int, reverse: bool = False, adjoint: bool = False) -> torch.Tensor:
+    """``scan(A, b, h0, structure, reverse=..., adjoint=...)`` (any backend's signature) computed
+    with T split into ``pieces`` rows of about T/pieces steps. Returns ``[B, T, d]``."""
+    if adjoint:  # the plain scan of the shifted, conjugate-transposed transitions
+        from ..scan import shifted_adjoint_transitions
+
+        return split_scan(scan, shifted_adjoint_transitions(A, structure, not reverse), b, h0, structure,
+                          pieces, reverse)
+    if reverse:
+        return split_scan(scan, A.flip(1), b.flip(1), h0, structure, pieces).flip(1)
+    B, T, d = b.shape
+    P = max(1, min(pieces, T))
+    L = -(-T // P)
+    P = -(-T // L)  # no empty piece
+    if P == 1:
+        return scan(A, b, h0, structure)
+    eye = structure.identity(d, A.dtype, A.device)  # [*jac]
+    Ap = _pieces(A, P, L, eye)  # [B·P, L, *jac]
+    bp = _pieces(b, P, L, 0.0)  # [B·P, L, d]
+    local = scan(Ap.contiguous(), bp.contiguous(), None, structure)  # pass 1: from zero
+    if isinstance(structure, Diagonal):
+        trans = Ap.prod(1)  # [B·P, d]
+    else:  # the piece's composite transition, one probe tangent at a time (columns of every block)
+        zeros = torch.zeros_like(bp)
+        cols = [scan(Ap.contiguous(), zeros, e.contiguous(), structure)[:, -1]
+                for e in structure.probe_tangents(B * P, d, A.dtype, A.device).unbind(0)]
+        trans = structure.assemble(torch.stack(cols), d)  # [B·P, *jac]
+    trans = trans.reshape(B, P, *trans.shape[1:])
+    edges = local[:, -1].reshape(B, P, d)
+    # pass 2: incoming state of every piece: h_in[p] = T_{p-1} h_in[p-1] + edge[p-1], h_in[0] = h0
+    shifted_T = torch.cat([torch.zeros_like(trans[:, :1]), trans[:, :-1]], 1)
+    shifted_e = torch.cat([(h0 if h0 is not None else torch.zeros_like(edges[:, 0])).unsqueeze(1),
+                           edges[:, :-1]], 1)
+    h_in = scan(shifted_T.contiguous(), shifted_e.contiguous(), None, structure)  # [B, P, d]
+    # pass 3: add each piece's propagated incoming state
+    fix = scan(Ap.contiguous(), torch.zeros_like(bp), h_in.reshape(B * P, d).contiguous(), structure)
+    return (local + fix).reshape(B, P * L, d)[:, :T]
+
+
+__all__ = ["split_scan"]
