@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import jacfwd, jvp, vmap
+from torch.func import jvp, vmap
 
 from .structure import Block, Dense, Diagonal, Structure, as_structure
 
