@@ -1,6 +1,8 @@
 """Scan dispatch: which backend solves ``h_t = A_t h_{t-1} + b_t`` for these tensors, and the call."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .kernels import cpu as _cpu
@@ -68,14 +70,14 @@ def scan(A, b, h0, structure: Structure, reverse=False, adjoint=False, backend="
     if name == "triton":
         tri = triton_module()
         pieces = time_pieces(b.shape[0], b.shape[1], b.shape[-1], b.device)
-        if pieces > 1:  # few rows for the device: split T across programs too (three passes)
-            res = split_scan(tri.scan_triton, A, b, h0, structure, pieces, reverse, adjoint)
-            return res if out is None else out.copy_(res)
-        return tri.scan_triton(A, b, h0, structure, reverse, adjoint, out=out)
-    if name == "assoc":
+        if pieces == 1:
+            return tri.scan_triton(A, b, h0, structure, reverse, adjoint, out=out)
+        # few rows for the device: split T across programs too (three passes)
+        res = split_scan(tri.scan_triton, A, b, h0, structure, pieces, reverse, adjoint)
+    elif name == "assoc":
         res = scan_assoc(A, b, h0, structure, reverse, adjoint)
-        return res if out is None else out.copy_(res)
-    res = scan_reference(A, b, h0, structure, reverse, adjoint)
+    else:
+        res = scan_reference(A, b, h0, structure, reverse, adjoint)
     return res if out is None else out.copy_(res)
 
 
@@ -86,11 +88,17 @@ def time_pieces(B: int, T: int, d: int, device: torch.device) -> int:
     there are about two rows per SM. A first rule, not yet calibrated on a GPU."""
     if device.type != "cuda" or T < 2048:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     rows = B * -(-d // 64)
     if rows >= sms:
         return 1
     return max(1, min(T // 512, (2 * sms) // rows))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (asked once: scans run in Newton's loop)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 scan_dispatch = scan  # the name the benchmarks use

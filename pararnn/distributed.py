@@ -12,13 +12,16 @@ not divide by the world size) but every rank needs at least one step.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
 from .dispatch import scan_dispatch
+from .kernels.tsplit import composite_transition
 from .parallel import ParallelContext, register_group_context
 from .scan import shifted_adjoint_transitions as local_shifted_adjoint_transitions
-from .structure import Diagonal, as_structure
+from .structure import as_structure
 
 
 def rank_and_size(group) -> tuple[int, int]:
@@ -33,21 +36,10 @@ def all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
 
 
 def transfer(A: torch.Tensor, structure, d: int, reverse: bool, backend: str = "auto") -> torch.Tensor:
-    """The composite transition of a whole chunk, in storage form ``[B, *jac]``.
-
-    Diagonal: the product of the A_t. Otherwise: the chunk's scan from each of the structure's
-    probe tangents with b = 0 gives one column of every block; the structure assembles them.
-    """
-    structure = as_structure(structure, d)
-    if isinstance(structure, Diagonal):
-        return A.prod(1)
-    B, T = A.shape[:2]
-    zeros = A.new_zeros(B, T, d)
-    cols = []
-    for e in structure.probe_tangents(B, d, A.dtype, A.device).unbind(0):
-        h = scan_dispatch(A, zeros, e.contiguous(), structure, reverse=reverse, backend=backend)
-        cols.append(h[:, 0] if reverse else h[:, -1])  # [B, d]
-    return structure.assemble(torch.stack(cols), d)
+    """The composite transition of a whole chunk, in storage form ``[B, *jac]``
+    (:func:`pararnn.kernels.tsplit.composite_transition` with this backend's scan)."""
+    return composite_transition(functools.partial(scan_dispatch, backend=backend), A,
+                                as_structure(structure, d), d, reverse)
 
 
 def sp_scan(A, b, h0, structure, reverse=False, group=None, backend="auto"):

@@ -130,7 +130,7 @@ class _RNNBase(nn.Module):
         return s + f", mode={self.mode!r}"
 
     # ------------------------------------------------------------------ state layout
-    def _state_from_hx(self, hx, B: int, dtype, device) -> torch.Tensor | None:
+    def _state_from_hx(self, hx, B: int) -> torch.Tensor | None:
         """``hx [L·D, B, H]`` -> states ``[L·D, B, state]`` (None: zeros)."""
         if hx is None:
             return None
@@ -180,7 +180,7 @@ class _RNNBase(nn.Module):
         if x.shape[-1] != self.input_size:
             raise ValueError(f"input must have input_size = {self.input_size} features, got {x.shape[-1]}")
         B = x.shape[0]
-        states = self._state_from_hx(hx, B, x.dtype, x.device)  # [L·D, B, state] or None
+        states = self._state_from_hx(hx, B)  # [L·D, B, state] or None
         dirs = 2 if self.bidirectional else 1
         finals = []
         for layer in range(self.num_layers):
@@ -252,7 +252,7 @@ class LSTM(_RNNBase):
 
     _gates, _cell = 4, _LSTMCell
 
-    def _state_from_hx(self, hx, B, dtype, device):
+    def _state_from_hx(self, hx, B):
         if hx is None:
             return None
         if not isinstance(hx, tuple) or len(hx) != 2:

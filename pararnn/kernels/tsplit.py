@@ -20,6 +20,23 @@ import torch
 from ..structure import Diagonal, Structure
 
 
+def composite_transition(scan, A: torch.Tensor, structure: Structure, d: int, reverse: bool = False) -> torch.Tensor:
+    """The transition of a whole run of steps ``A [B, T, *jac]`` (the product of its A_t, in scan
+    order), in storage form ``[B, *jac]``. Diagonal: the product. Otherwise: the run scanned by
+    ``scan(A, b, h0, structure, reverse=...)`` from each of the structure's probe tangents with
+    b = 0 gives one column of every block; the structure assembles them. Used for the pieces of a
+    split scan and for the chunks of sequence parallelism."""
+    if isinstance(structure, Diagonal):
+        return A.prod(1)
+    B = A.shape[0]
+    zeros = A.new_zeros(B, A.shape[1], d)
+    cols = []
+    for e in structure.probe_tangents(B, d, A.dtype, A.device).unbind(0):
+        h = scan(A, zeros, e.contiguous(), structure, reverse=reverse)
+        cols.append(h[:, 0] if reverse else h[:, -1])  # [B, d]
+    return structure.assemble(torch.stack(cols), d)
+
+
 def _pieces(t: torch.Tensor, P: int, L: int, fill: torch.Tensor | float) -> torch.Tensor:
     """``[B, T, *]`` -> ``[B·P, L, *]``, the tail padded with ``fill`` (identity / zero)."""
     B, T = t.shape[:2]
@@ -50,14 +67,9 @@ def split_scan(scan, A: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, 
     eye = structure.identity(d, A.dtype, A.device)  # [*jac]
     Ap = _pieces(A, P, L, eye)  # [B·P, L, *jac]
     bp = _pieces(b, P, L, 0.0)  # [B·P, L, d]
-    local = scan(Ap.contiguous(), bp.contiguous(), None, structure)  # pass 1: from zero
-    if isinstance(structure, Diagonal):
-        trans = Ap.prod(1)  # [B·P, d]
-    else:  # the piece's composite transition, one probe tangent at a time (columns of every block)
-        zeros = torch.zeros_like(bp)
-        cols = [scan(Ap.contiguous(), zeros, e.contiguous(), structure)[:, -1]
-                for e in structure.probe_tangents(B * P, d, A.dtype, A.device).unbind(0)]
-        trans = structure.assemble(torch.stack(cols), d)  # [B·P, *jac]
+    Ap, bp = Ap.contiguous(), bp.contiguous()
+    local = scan(Ap, bp, None, structure)  # pass 1: from zero
+    trans = composite_transition(scan, Ap, structure, d)  # [B·P, *jac]
     trans = trans.reshape(B, P, *trans.shape[1:])
     edges = local[:, -1].reshape(B, P, d)
     # pass 2: incoming state of every piece: h_in[p] = T_{p-1} h_in[p-1] + edge[p-1], h_in[0] = h0
@@ -66,8 +78,8 @@ def split_scan(scan, A: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, 
                            edges[:, :-1]], 1)
     h_in = scan(shifted_T.contiguous(), shifted_e.contiguous(), None, structure)  # [B, P, d]
     # pass 3: add each piece's propagated incoming state
-    fix = scan(Ap.contiguous(), torch.zeros_like(bp), h_in.reshape(B * P, d).contiguous(), structure)
+    fix = scan(Ap, torch.zeros_like(bp), h_in.reshape(B * P, d).contiguous(), structure)
     return (local + fix).reshape(B, P * L, d)[:, :T]
 
 
-__all__ = ["split_scan"]
+__all__ = ["composite_transition", "split_scan"]
