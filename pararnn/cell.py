@@ -82,9 +82,13 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
     structure = as_structure(structure, d)
     f = lambda hh: step(hh, u)  # noqa: E731
     tangents = structure.probe_tangents(N, d, h.dtype, h.device)  # [P, N, d]
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # make_dual cannot trace views with symbolic storage offsets (torch.compile, dynamic)
+        h = h.clone()
     if tangents.shape[0] <= LOOP_PROBES:
         cols = []
         for e in tangents.unbind(0):
+            e = e.clone() if compiling else e
             out, col = jvp(f, (h,), (e,))
             cols.append(col.unsqueeze(0))
         return out, structure.assemble(cols[0] if len(cols) == 1 else torch.cat(cols), d)

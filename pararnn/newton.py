@@ -73,6 +73,12 @@ class SolverOptions:
         memory_budget: bytes for one chunk's solver buffers under ``chunk_size="auto"`` (1 GiB).
         eval_chunk: the cell is evaluated over T in pieces of about this many state elements, so
             temporaries stay small (a CPU speed knob; results do not depend on it).
+        compile_cell: evaluate the cell in each Newton step through ``torch.compile`` (inductor,
+            dynamic shapes): ``step_and_jacobian``, the residual and the convergence reductions
+            fused into one pass per evaluation chunk (:func:`pararnn.newton.compiled_piece`).
+            Compiled once per cell class, structure, dtype and device (a few seconds on CPU), not
+            per call or per T; real dtypes only (complex cells stay eager). Off by default; see the
+            README's benchmark for where it wins.
         check_cell: on the first parallel call per cell, dtype and device, probe ``step`` at a
             few positions (:func:`pararnn.cell.verify_cell`: determinism, no coupling of batch
             rows, the declared structure, holomorphy of complex cells) and raise a clear error
@@ -97,6 +103,7 @@ class SolverOptions:
     eval_chunk: int = 1 << 18
     process_group: object = None
     check_cell: bool = True
+    compile_cell: bool = False
 
     def __post_init__(self):
         if not isinstance(self.max_iters, int) or self.max_iters < 1:
@@ -129,7 +136,7 @@ class SolverOptions:
                                 f"pararnn.parallel.ParallelContext, got {type(self.process_group).__name__}")
         if isinstance(self.max_iters, bool):
             raise TypeError(f"max_iters must be an int >= 1, got {self.max_iters!r}")
-        for name in ("safeguard", "check_finite", "check_cell"):
+        for name in ("safeguard", "check_finite", "check_cell", "compile_cell"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -239,8 +246,8 @@ def time_chunks(B: int, T: int, d: int, target: int):
 
 
 def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.Tensor,
-             chunk: int, atol: float = 0.0, structure=None, mask: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             chunk: int, atol: float = 0.0, structure=None, mask: torch.Tensor | None = None,
+             compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual and Jacobian at the iterate, written into buffers, chunk by chunk over T.
 
     ``S [B, T+1, d]`` holds (h0, h_1..h_T); ``u [B, T, *]``. Fills ``r = f(h_{t-1}, u_t) - h_t``
@@ -253,29 +260,67 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     neither a large entry of the same state, nor a blown-up iterate elsewhere (|h| ~ 1e250), can
     make a residual pass that is garbage at the small entries; a scale that multiplies J also
     keeps a saturated blown-up entry (J ≈ 0) from inflating it. NaN residuals give q = NaN.
+
+    ``compiled=True`` runs each chunk through :func:`evaluate_piece` compiled by torch.compile
+    (one fused pass, see :func:`compiled_piece`); otherwise eagerly (the reference twin).
     """
     B, T = u.shape[:2]
     d = S.shape[-1]
     structure = cell.get_structure() if structure is None else structure
     err = torch.zeros(B, dtype=r.real.dtype, device=r.device)
     q = torch.zeros_like(err)
-    tiny = torch.finfo(err.dtype).tiny
+    piece = compiled_piece() if compiled and can_compile(S) else evaluate_piece
     for t0, t1 in time_chunks(B, T, d, chunk):
-        n = t1 - t0
-        hp = _flat(S[:, t0:t1])  # previous states [B*n, d]
-        f, Jc = cell.step_and_jacobian(hp, _flat(u[:, t0:t1]))
-        f, Jc = hold_padded(f, Jc, hp, None if mask is None else _flat(mask[:, t0:t1]), structure)
-        f = f.reshape(B, n, d)
-        J[:, t0:t1] = Jc.reshape(B, n, *Jc.shape[1:])
         rc = r[:, t0:t1]
-        torch.sub(f, S[:, t0 + 1:t1 + 1], out=rc)
-        ra = rc.abs()
-        # NaN must propagate: amax and maximum do (fmax would drop it).
-        err = torch.maximum(err, ra.amax(dim=(1, 2)))
-        # the rounding scale of the linearised step, per entry: |f| + |J| |h_prev|  [B, n, d]
-        scale = structure.matvec(Jc.abs(), hp.abs()).reshape(B, n, d).add_(f.abs()).clamp_min_(tiny)
-        q = torch.maximum(q, ra.sub_(atol).clamp_min_(0).div_(scale).amax(dim=(1, 2)))
+        m = None if mask is None else mask[:, t0:t1]
+        # detach: u may require grad (training) and is read here without a graph; one compiled graph then
+        # serves training and inference
+        rp, Jc, e, qc = piece(cell, structure, S[:, t0:t1], u[:, t0:t1].detach(), S[:, t0 + 1:t1 + 1], m, atol,
+                              None if piece is not evaluate_piece else rc)
+        if rp is not rc:
+            rc.copy_(rp)
+        J[:, t0:t1] = Jc
+        # NaN must propagate: maximum does (fmax would drop it).
+        err, q = torch.maximum(err, e), torch.maximum(q, qc)
     return err, q
+
+
+def evaluate_piece(cell, structure, hp: torch.Tensor, u: torch.Tensor, hn: torch.Tensor, m: torch.Tensor | None,
+                   atol: float, r_out: torch.Tensor | None = None):
+    """One chunk of :func:`evaluate`: ``hp, hn [B, n, d]`` (previous and current states),
+    ``u [B, n, *]``, ``m [B, n]`` or None. Returns ``(r [B, n, d], J [B, n, *jac], max|r| [B], q [B])``;
+    ``r`` is written into ``r_out`` when given (the eager path; the compiled one returns it)."""
+    B, n, d = hp.shape
+    hp = hp.reshape(B * n, d)  # [B*n, d]
+    f, Jc = cell.step_and_jacobian(hp, u.reshape(B * n, *u.shape[2:]))
+    f, Jc = hold_padded(f, Jc, hp, None if m is None else m.reshape(B * n), structure)
+    f = f.view(B, n, d)
+    r = torch.sub(f, hn) if r_out is None else torch.sub(f, hn, out=r_out)
+    ra = r.abs()
+    # the rounding scale of the linearised step, per entry: |f| + |J| |h_prev|  [B, n, d]
+    scale = structure.matvec(Jc.abs(), hp.abs()).view(B, n, d).add_(f.abs()).clamp_min_(torch.finfo(ra.dtype).tiny)
+    err = ra.amax(dim=(1, 2))  # amax propagates NaN
+    q = ra.sub_(atol).clamp_min_(0).div_(scale).amax(dim=(1, 2))
+    return r, Jc.view(B, n, *Jc.shape[1:]), err, q
+
+
+_COMPILED_PIECE = None
+
+
+def compiled_piece():
+    """:func:`evaluate_piece` under ``torch.compile(dynamic=True)`` (inductor: one fused C++/OpenMP
+    loop on CPU, Triton on CUDA). Dynamic shapes, so T and B do not recompile; dynamo compiles
+    once per cell class, structure, dtype and device (and once more for B·n = 1 or B = 1, which it
+    specialises), not per call."""
+    global _COMPILED_PIECE
+    if _COMPILED_PIECE is None:
+        _COMPILED_PIECE = torch.compile(evaluate_piece, dynamic=True)
+    return _COMPILED_PIECE
+
+
+def can_compile(t: torch.Tensor) -> bool:
+    """The compiled evaluation covers real floating dtypes (complex cells run eagerly)."""
+    return t.dtype.is_floating_point
 
 
 # A sequence whose residual is within ROUNDING_FLOOR·rtol·scale everywhere, and that the last
@@ -386,7 +431,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
     def check():
         """Evaluate at the iterate; per-sequence (max residual, converged), global over the context."""
         S[:, 0] = ctx.boundary_state(H, h0)  # a later chunk's first step reads the previous chunk's last state
-        err, q = evaluate(cell, S, u, r, J, opts.eval_chunk, atol, structure, mask)  # [B] each
+        err, q = evaluate(cell, S, u, r, J, opts.eval_chunk, atol, structure, mask, opts.compile_cell)  # [B] each
         inf = float("inf")  # NaN counts as the worst: never converged
         return ctx.max(torch.nan_to_num(err, nan=inf)), ctx.max(torch.nan_to_num(q, nan=inf))
 

@@ -1,5 +1,8 @@
 """`pararnn bench` end to end on a tiny case: JSON with the machine, markdown table, plots."""
 import json
+import os
+
+import pytest
 
 from pararnn.cli import main
 
@@ -76,3 +79,30 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
                  ["bench", "--out", "/proc/b.json"]):
         with pytest.raises(SystemExit, match="cannot write --out"):
             main(argv)
+
+
+def test_engine_regime_row_times_every_method_and_tabulates():
+    """One tiny engine regime: every method timed forward and forward+backward (the compiled ones
+    included), the one-off compile times recorded, and the markdown table built from the row."""
+    from pararnn.studies.bench import bench_regime, table
+
+    row = bench_regime(2, 80, 4, repeats=1)
+    for m in ("strong_loop", "sequential", "parallel", "parallel_compile_cell", "parallel_compiled", "parallel_bf16"):
+        assert row[f"{m}_fwd_s"] > 0 and row[f"{m}_fwdbwd_s"] > 0, m
+    assert row["compile_s"] > 0 and row["compile_cell_s"] > 0
+    assert row["max_abs_err_vs_sequential"] < 1e-4
+    assert "compile_cell=True" in table([row])
+
+
+def test_bench_jax_skips_cleanly_without_jax(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("jax") is not None:
+        pytest.skip("jax is installed: the comparison itself is a benchmark, not a test")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_jax.py")
+    out = subprocess.run([sys.executable, script, "--out", str(tmp_path / "j.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "skipped" in out.stdout
+    assert not (tmp_path / "j.json").exists()

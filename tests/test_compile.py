@@ -74,3 +74,53 @@ def test_compile_on_the_first_call_of_a_fresh_process():
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "graph breaks 2" in r.stdout
+
+
+# ------------------------------------------------------------------ compile_cell: the fused evaluation
+def test_compiled_evaluation_matches_the_eager_twin_and_compiles_once_for_every_T():
+    """newton.evaluate(compiled=True) (torch.compile of evaluate_piece) against the eager twin:
+    residuals, Jacobians and the per-sequence reductions, with a padding mask; then a solve with
+    compile_cell=True equals the eager solve (values and gradients), and new T and B reuse the
+    compiled graph."""
+    from torch._dynamo.utils import counters
+
+    from pararnn.models import ParaGRU
+    from pararnn.newton import evaluate
+
+    torch.manual_seed(0)
+    cell = ParaGRU(5, 6)
+    B, T, d = 3, 40, 6
+    with torch.no_grad():
+        u = cell.prepare(torch.randn(B, T, 5))
+    S = torch.randn(B, T + 1, d)
+    mask = torch.rand(B, T) > 0.2
+    outs = []
+    for compiled in (False, True):
+        r, J = torch.empty(B, T, d), torch.empty(B, T, d)
+        with torch.no_grad():
+            err, q = evaluate(cell, S, u, r, J, 90, 1e-30, None, mask, compiled=compiled)  # 5 steps a chunk
+        outs.append((r, J, err, q))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(outs[0][0], torch.zeros_like(outs[0][0]))
+
+    x = torch.randn(B, T, 5, requires_grad=True)
+    eager = pararnn.RNN(cell, mode="parallel")
+    comp = pararnn.RNN(cell, mode="parallel", compile_cell=True)
+    (ye, he), (yc, hc) = eager(x), comp(x)
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-6)
+    assert comp.last_info.iterations == eager.last_info.iterations
+    ge = torch.autograd.grad(ye.sum(), [x, *cell.parameters()])
+    gc = torch.autograd.grad(yc.sum(), [x, *cell.parameters()])
+    for a, b in zip(ge, gc):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for B2, T2 in [(2, 71), (4, 9), (3, 300)]:
+            comp(torch.randn(B2, T2, 5))
+    assert counters["stats"]["unique_graphs"] == graphs, "a new T or B recompiled the cell evaluation"
+
+
+def test_compile_cell_is_validated():
+    with pytest.raises(TypeError, match="compile_cell"):
+        pararnn.SolverOptions(compile_cell=1)

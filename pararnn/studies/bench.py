@@ -100,6 +100,7 @@ def bench_regime(B, T, d, repeats, weak_max_work=8 * 1024 * 1024 * 256):
     par_jvp = pararnn.RNN(cell_jvp, mode="parallel")
     seq = pararnn.RNN(cell, mode="sequential")
     compiled = torch.compile(par)
+    par_cc = pararnn.RNN(cell, mode="parallel", compile_cell=True)
 
     def bf16(x):
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
@@ -111,21 +112,25 @@ def bench_regime(B, T, d, repeats, weak_max_work=8 * 1024 * 1024 * 256):
         "sequential": (lambda x: seq(x)[0], list(cell.parameters())),
         "parallel": (lambda x: par(x)[0], list(cell.parameters())),
         "parallel_compiled": (lambda x: compiled(x)[0], list(cell.parameters())),
+        "parallel_compile_cell": (lambda x: par_cc(x)[0], list(cell.parameters())),
         "parallel_bf16": (bf16, list(cell.parameters())),
         "parallel_jvp": (lambda x: par_jvp(x)[0], list(cell_jvp.parameters())),
         "torch_gru": (lambda x: gru(x)[0], list(gru.parameters())),
     }
-    row = {"B": B, "T": T, "d": d, **solve_check(par, seq, x), "compile_s": compile_time(compiled, x, cell)}
+    row = {"B": B, "T": T, "d": d, **solve_check(par, seq, x), "compile_s": compile_time(compiled, x, cell),
+           "compile_cell_s": compile_time(par_cc, x, cell)}
     slow = {"weak_loop"} if B * T * T * d > weak_max_work else set()
     row.update(time_methods(methods, x, repeats, slow, log=f"B={B} T={T} d={d}"))
     for bw in ("fwd", "fwdbwd"):
         row[f"speedup_parallel_vs_strong_{bw}"] = row[f"strong_loop_{bw}_s"] / row[f"parallel_{bw}_s"]
+        row[f"speedup_compile_cell_vs_strong_{bw}"] = row[f"strong_loop_{bw}_s"] / row[f"parallel_compile_cell_{bw}_s"]
     return row
 
 
 def compile_time(compiled, x, cell) -> float:
-    """Seconds of the first call of a ``torch.compile``d module, forward and backward (the one-off
-    compilation; later calls are timed like every other method)."""
+    """Seconds of the first call of a ``torch.compile``d module (or of an RNN with
+    ``compile_cell=True``), forward and backward (the one-off compilation; later calls are timed
+    like every other method)."""
     t0 = time.perf_counter()
     torch.autograd.grad(compiled(x)[0].sum(), list(cell.parameters()))
     with torch.no_grad():
@@ -243,15 +248,16 @@ def bench_scan_floor(shapes, repeats):
 
 def table(rows):
     """Markdown table of the regime rows (ms, fwd / fwd+bwd)."""
-    header = ["B", "T", "d", "iters", "strong loop", "sequential", "**parallel**", "parallel, torch.compile",
-              "parallel, bf16 autocast", "parallel (jvp J)", "torch.nn.GRU", "weak loop", "parallel speedup vs strong",
-              "compile (s, once)"]
-    methods = ("strong_loop", "sequential", "parallel", "parallel_compiled", "parallel_bf16", "parallel_jvp",
-               "torch_gru", "weak_loop")
+    header = ["B", "T", "d", "iters", "strong loop", "sequential", "**parallel**", "parallel, compile_cell=True",
+              "parallel, torch.compile", "parallel, bf16 autocast", "parallel (jvp J)", "torch.nn.GRU", "weak loop",
+              "parallel speedup vs strong", "compile_cell speedup vs strong", "compile / compile_cell (s, once)"]
+    methods = ("strong_loop", "sequential", "parallel", "parallel_compile_cell", "parallel_compiled", "parallel_bf16",
+               "parallel_jvp", "torch_gru", "weak_loop")
     return markdown_table(header, [
         [r["B"], r["T"], r["d"], r["newton_iterations"], *[_ms_pair(r, m) for m in methods],
          f"{r['speedup_parallel_vs_strong_fwd']:.2f}× / {r['speedup_parallel_vs_strong_fwdbwd']:.2f}×",
-         f"{r['compile_s']:.1f}"] for r in rows])
+         f"{r['speedup_compile_cell_vs_strong_fwd']:.2f}× / {r['speedup_compile_cell_vs_strong_fwdbwd']:.2f}×",
+         f"{r['compile_s']:.1f} / {r['compile_cell_s']:.1f}"] for r in rows])
 
 
 def run(args: argparse.Namespace) -> dict:
