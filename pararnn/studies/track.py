@@ -317,14 +317,26 @@ def summarize(results: list[dict], out: str) -> str:
     return table
 
 
+MARKERS = "osD^v<>ph*X"
+
+
 def _plot_task(task, rows, path):
+    """Per-position accuracy against length, one line per (model, seed). Lines that coincide (many
+    sit at 1.0) stay visible: each series has its own marker and a small horizontal offset (a
+    factor 2^±0.1 at most on the log axis), and every evaluated length gets a tick."""
     with figure(path, figsize=(5.5, 3.6)) as ax:
-        for r in rows:
+        all_Ls = sorted({int(L) for r in rows for L in r["eval"]})
+        n = len(rows)
+        for i, r in enumerate(rows):
             Ls = [int(L) for L in r["eval"]]
-            ax.plot(Ls, [r["eval"][str(L)]["acc"] for L in Ls], marker="o", label=f"{r['model']} (s{r['seed']})")
+            shift = 2 ** (0.2 * (i / max(1, n - 1) - 0.5)) if n > 1 else 1.0
+            ax.plot([L * shift for L in Ls], [r["eval"][str(L)]["acc"] for L in Ls], marker=MARKERS[i % len(MARKERS)],
+                    ms=4, lw=1, alpha=0.85, label=f"{r['model']} (s{r['seed']})")
         ax.axhline(rows[0]["chance"], color="gray", ls=":", label="chance")
         ax.axvline(rows[0]["config"]["train_max"], color="gray", ls="--", lw=0.8)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(all_Ls, [str(L) for L in all_Ls])
+        ax.minorticks_off()
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("sequence length (dashed: longest training length)")
         ax.set_ylabel("per-position accuracy")
