@@ -16,6 +16,7 @@ Usage: python benchmarks/bench_jax.py [--threads 1] [--repeats 5] [--compile-cel
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -49,7 +50,7 @@ def jax_solver(jax, jnp, n_iters_max: int, tol: float):
         H0 = step(a, jnp.zeros_like(u[..., : u.shape[-1] // 3]), u)  # h_t = f(0, u_t)
 
         def cond(c):
-            it, H, err = c
+            it, _, err = c
             return (it < n_iters_max) & (err > tol)
 
         def body(c):
@@ -114,8 +115,14 @@ def main(argv=None) -> int:
 
     import pararnn
     from pararnn.models import ParaGRU
-    from pararnn.studies.common import (ensure_writable, markdown_table, run_metadata, set_threads,
-                                        write_json_atomic, write_text)
+    from pararnn.studies.common import (
+        ensure_writable,
+        markdown_table,
+        run_metadata,
+        set_threads,
+        write_json_atomic,
+        write_text,
+    )
     from pararnn.utils.timing import interleaved_medians
 
     out = args.out or f"results/bench_jax_{n}thread{'s' if n > 1 else ''}.json"
@@ -145,11 +152,11 @@ def main(argv=None) -> int:
         gt = torch.autograd.grad(rnns["pararnn"](x)[0].sum(), [cell.a])[0].numpy()
         for r in rnns.values():  # compile / warm up outside the timings
             torch.autograd.grad(r(x)[0].sum(), ps)
-        methods = {"jax_fwd": lambda: fwd(params, xj).block_until_ready(),
-                   "jax_fwdbwd": lambda: grad(params, xj)["a"].block_until_ready()}
+        methods = {"jax_fwd": functools.partial(_block, fwd, params, xj),
+                   "jax_fwdbwd": functools.partial(_block, grad, params, xj)}
         for name, r in rnns.items():
-            methods[f"{name}_fwd"] = (lambda r: lambda: _nograd(r, x))(r)
-            methods[f"{name}_fwdbwd"] = (lambda r: lambda: torch.autograd.grad(r(x)[0].sum(), ps))(r)
+            methods[f"{name}_fwd"] = functools.partial(_nograd, r, x)
+            methods[f"{name}_fwdbwd"] = functools.partial(_fwdbwd, r, x, ps)
         t = interleaved_medians(methods, args.repeats)
         row = {"B": B, "T": T, "d": d, "pararnn_iterations": iters, "jax_iterations": jax_iters,
                "max_abs_diff_y": float(np.abs(yj - y_ref.numpy()).max()),
@@ -177,6 +184,18 @@ def _nograd(r, x):
 
     with torch.no_grad():
         return r(x)[0]
+
+
+def _fwdbwd(r, x, ps):
+    import torch
+
+    return torch.autograd.grad(r(x)[0].sum(), ps)
+
+
+def _block(fn, params, x):
+    import jax
+
+    return jax.block_until_ready(fn(params, x))
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def plain_newton(cell, u: torch.Tensor, dtype: torch.dtype, max_iters: int, tol:
 
 
 def one_case(a_std: float, dtype: torch.dtype, B: int, T: int, d: int, max_iters: int) -> dict:
-    import pararnn
     from bench_convergence import _cell
+
+    import pararnn
 
     cell = _cell("paragru", a_std, d, seed=0)
     x = torch.randn(B, T, d, generator=torch.Generator().manual_seed(1))
@@ -79,8 +80,14 @@ def main(argv=None) -> int:
     sys.path[:0] = [here, os.path.join(here, "..")]
     from tqdm import tqdm
 
-    from pararnn.studies.common import (ensure_writable, markdown_table, run_metadata, set_threads,
-                                        write_json_atomic, write_text)
+    from pararnn.studies.common import (
+        ensure_writable,
+        markdown_table,
+        run_metadata,
+        set_threads,
+        write_json_atomic,
+        write_text,
+    )
 
     ensure_writable(args.out, "--out")
     set_threads(args.threads)
