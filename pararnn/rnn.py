@@ -254,7 +254,8 @@ class RNN(nn.Module):
         mode: ``"parallel"`` (Newton + parallel scans), ``"sequential"`` (a loop over T, plain
             autograd) or ``"auto"`` (see :func:`choose_mode`).
         **solver_options: fields of :class:`pararnn.SolverOptions` (max_iters, rtol, atol, init,
-            on_fail, damping, backend, check_finite).
+            on_fail, damping, backend, check_finite, chunk_size, memory_budget, eval_chunk,
+            compile_cell, check_cell, process_group, ...).
 
     After each call, ``rnn.last_info`` is a :class:`pararnn.SolverInfo` (iterations, residual per
     iteration, which sequences converged or fell back).
