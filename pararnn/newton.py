@@ -294,14 +294,14 @@ def evaluate_piece(cell, structure, hp: torch.Tensor, u: torch.Tensor, hn: torch
     hp = hp.reshape(B * n, d)  # [B*n, d]
     f, Jc = cell.step_and_jacobian(hp, u.reshape(B * n, *u.shape[2:]))
     f, Jc = hold_padded(f, Jc, hp, None if m is None else m.reshape(B * n), structure)
-    f = f.view(B, n, d)
+    f = f.reshape(B, n, d)
     r = torch.sub(f, hn) if r_out is None else torch.sub(f, hn, out=r_out)
     ra = r.abs()
     # the rounding scale of the linearised step, per entry: |f| + |J| |h_prev|  [B, n, d]
-    scale = structure.matvec(Jc.abs(), hp.abs()).view(B, n, d).add_(f.abs()).clamp_min_(torch.finfo(ra.dtype).tiny)
+    scale = structure.matvec(Jc.abs(), hp.abs()).reshape(B, n, d).add_(f.abs()).clamp_min_(torch.finfo(ra.dtype).tiny)
     err = ra.amax(dim=(1, 2))  # amax propagates NaN
     q = ra.sub_(atol).clamp_min_(0).div_(scale).amax(dim=(1, 2))
-    return r, Jc.view(B, n, *Jc.shape[1:]), err, q
+    return r, Jc.reshape(B, n, *Jc.shape[1:]), err, q
 
 
 _COMPILED_PIECE = None

@@ -120,18 +120,28 @@ def test_chunked_refusals():
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import resource, sys, torch, pararnn
+    import sys, torch, pararnn
     from pararnn.models import DeltaNet
+
+    def status_kb(key):  # VmRSS / VmHWM of this process, in kB
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+
     torch.set_num_threads(1)
     T, C = int(sys.argv[1]), sys.argv[2]
     torch.manual_seed(0)
     cell = DeltaNet(16, 32, 32)  # state 32 x 32 = 1024 entries per step, output 32
     x = torch.randn(1, T, 16, requires_grad=True)
     rnn = pararnn.RNN(cell, chunk_size=None if C == "none" else int(C))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # reset the peak to the current RSS: ru_maxrss would start at the forking parent's RSS (it
+    # survives exec on Linux), which hides everything below it when pytest itself is large
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status_kb("VmRSS")
     y, _ = rnn(x)
     y.sum().backward()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)  # MB above the inputs
+    print((status_kb("VmHWM") - base) / 1024)  # MB above the inputs
 """)
 
 
@@ -151,5 +161,5 @@ def test_chunked_memory_does_not_grow_with_T_times_state():
     (hundreds of MB); chunked at C = 256 only the O(T·(input + output)) part grows (~10 MB)."""
     small, large = _peak_mb(4000, 256), _peak_mb(16000, 256)
     whole_small, whole_large = _peak_mb(4000, "none"), _peak_mb(16000, "none")
-    assert whole_large - whole_small > 200, (whole_small, whole_large)  # the test can tell the difference
+    assert whole_large - whole_small > 150, (whole_small, whole_large)  # the test can tell the difference (~240 MB)
     assert large - small < 60, (small, large)
