@@ -76,8 +76,9 @@ class SolverOptions:
         compile_cell: evaluate the cell in each Newton step through ``torch.compile`` (inductor,
             dynamic shapes): ``step_and_jacobian``, the residual and the convergence reductions
             fused into one pass per evaluation chunk (:func:`pararnn.newton.compiled_piece`).
-            Compiled once per cell class, structure, dtype and device (a few seconds on CPU), not
-            per call or per T; real dtypes only (complex cells stay eager). Off by default; see the
+            Compiled once per cell class, parameter shapes, structure, dtype and device (a few
+            seconds on CPU), not per call, B or T; real dtypes only (complex cells stay eager).
+            Past torch._dynamo's recompile limit (8 variants) it runs eagerly, as dynamo does. Off by default; see the
             README's benchmark for where it wins.
         check_cell: on the first parallel call per cell, dtype and device, probe ``step`` at a
             few positions (:func:`pararnn.cell.verify_cell`: determinism, no coupling of batch
@@ -310,8 +311,9 @@ _COMPILED_PIECE = None
 def compiled_piece():
     """:func:`evaluate_piece` under ``torch.compile(dynamic=True)`` (inductor: one fused C++/OpenMP
     loop on CPU, Triton on CUDA). Dynamic shapes, so T and B do not recompile; dynamo compiles
-    once per cell class, structure, dtype and device (and once more for B·n = 1 or B = 1, which it
-    specialises), not per call."""
+    once per cell class, parameter shapes (parameters are static), structure, dtype and device
+    (and once more for B = 1, or for a chunk whose step count equals B, which it specialises),
+    not per call."""
     global _COMPILED_PIECE
     if _COMPILED_PIECE is None:
         _COMPILED_PIECE = torch.compile(evaluate_piece, dynamic=True)
