@@ -277,7 +277,7 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
         # detach: u may require grad (training) and is read here without a graph; one compiled graph then
         # serves training and inference
         rp, Jc, e, qc = piece(cell, structure, S[:, t0:t1], u[:, t0:t1].detach(), S[:, t0 + 1:t1 + 1], m, atol,
-                              None if piece is not evaluate_piece else rc)
+                              rc if piece is evaluate_piece else None)
         if rp is not rc:
             rc.copy_(rp)
         J[:, t0:t1] = Jc

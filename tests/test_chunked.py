@@ -161,5 +161,5 @@ def test_chunked_memory_does_not_grow_with_T_times_state():
     (hundreds of MB); chunked at C = 256 only the O(T·(input + output)) part grows (~10 MB)."""
     small, large = _peak_mb(4000, 256), _peak_mb(16000, 256)
     whole_small, whole_large = _peak_mb(4000, "none"), _peak_mb(16000, "none")
-    assert whole_large - whole_small > 150, (whole_small, whole_large)  # the test can tell the difference (~240 MB)
+    assert whole_large - whole_small > 200, (whole_small, whole_large)  # the test can tell the difference (~240 MB)
     assert large - small < 60, (small, large)
