@@ -24,7 +24,7 @@ from pararnn.models import DeltaNet, ParaGRU
 torch.set_num_threads(1)
 cell_name, B, T, d, C = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 torch.manual_seed(0)
-cell = DeltaNet(d, d, d) if cell_name == "deltanet" else ParaGRU(d, d)
+cell = DeltaNet(d, d, d) if cell_name.startswith("deltanet") else ParaGRU(d, d)
 chunk = None if C == "none" else ("auto" if C == "auto" else int(C))
 rnn = pararnn.RNN(cell, chunk_size=chunk)
 warm = torch.randn(1, 64, d)
@@ -55,7 +55,9 @@ def run_case(cell, B, T, d, C, mmap):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small T (a minute), for a smoke run")
-    ap.add_argument("--cells", default="deltanet,paragru", help="which workloads to run (comma-separated)")
+    ap.add_argument("--cells", default="deltanet,paragru,deltanet_large",
+                    help="which workloads to run (comma-separated): deltanet, paragru, deltanet_large (the "
+                         "largest DeltaNet within 8 GB, whole solve against chunked)")
     ap.add_argument("--out", default="results/bench_chunked.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, ".")
@@ -70,7 +72,11 @@ def main(argv=None):
     cases = [("deltanet", 2, 8192 // s, 64, ["none", 256, 1024]),
              ("paragru", 1, 1_000_000 // s, 16, ["none", 65536]),
              ("paragru", 1, 4_000_000 // s, 16, [65536]),
-             ("paragru", 1, 10_000_000 // s, 64, [65536])]
+             ("paragru", 1, 10_000_000 // s, 64, [65536]),
+             # the largest DeltaNet within 8 GB: the whole solve needs ~97 KB per step at 64x64 (and 4x
+             # that at 128x128), so these are about the largest whole solves that fit; chunked, the same
+             ("deltanet_large", 1, 65536 // s, 64, ["none", 256]),
+             ("deltanet_large", 1, 16384 // s, 128, ["none", 256])]
     cases = [c for c in cases if c[0] in args.cells.split(",")]
     jobs = [(c, B, T, d, C, mmap) for c, B, T, d, Cs in cases for C in Cs for mmap in (False, True)]
     rows = []

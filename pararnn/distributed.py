@@ -116,6 +116,28 @@ def max_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
+def link_states(F, P, s, h0, structure, group):
+    """This rank's next guess of its entering state: ``s'_{q+1} = F_q + P_q (s'_q - s_q)`` folded
+    from rank 0 (whose entering state is h0) over the ranks before this one."""
+    rank, _ = rank_and_size(group)
+    Fs, Ps, ss = all_gather(F, group), all_gather(P, group), all_gather(s, group)
+    cur = h0 if rank == 0 else ss[0]  # rank 0 solves from its own h0: its guess is exact
+    for q in range(rank):
+        cur = Fs[q] + structure.matvec(Ps[q], cur - ss[q])
+    return cur
+
+
+def link_cotangents(g, P, structure, group):
+    """The cotangent of this rank's final state from the ranks after it:
+    ``μ_q = g_{q+1} + P_{q+1}^H μ_{q+1}``, folded from the last rank (μ = 0 there)."""
+    rank, W = rank_and_size(group)
+    gs, Ps = all_gather(g, group), all_gather(P, group)
+    mu = torch.zeros_like(g)
+    for q in range(W - 1, rank, -1):
+        mu = gs[q] + structure.matvec(structure.transpose(Ps[q]), mu)
+    return mu
+
+
 class SequenceParallel(ParallelContext):
     """The sequence-parallel context: this rank holds one consecutive time chunk of every sequence.
 
@@ -149,6 +171,15 @@ class SequenceParallel(ParallelContext):
     def owns_h0(self, reverse=False):
         rank, W = rank_and_size(self.group)
         return rank == (W - 1 if reverse else 0)
+
+    def size(self):
+        return rank_and_size(self.group)[1]
+
+    def link_states(self, F, P, s, h0, structure):
+        return link_states(F, P, s, h0, structure, self.group)
+
+    def link_cotangents(self, g, P, structure):
+        return link_cotangents(g, P, structure, self.group)
 
     def any(self, flag):
         return any_rank(flag, self.group)

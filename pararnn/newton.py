@@ -160,6 +160,10 @@ class SolverInfo:
         fell_back: ``[B]`` bool, which sequences were recomputed sequentially.
         rtol, atol: the tolerance applied (see :class:`SolverOptions`).
         safeguarded: whether the safeguard had to undo a step (see ``SolverOptions.safeguard``).
+        chunks: with ``chunk_size``, each time chunk's own info.
+        boundary_passes: with ``chunk_size`` and ``process_group``, how many passes over its part
+            each rank made until the states entering the ranks' parts settled (the last one is
+            the result; the other fields describe it).
     """
 
     mode: str
@@ -171,6 +175,7 @@ class SolverInfo:
     atol: float | None = None
     safeguarded: bool = False
     chunks: list["SolverInfo"] | None = None
+    boundary_passes: int | None = None
 
     @property
     def all_converged(self) -> bool:

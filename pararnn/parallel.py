@@ -47,6 +47,23 @@ class ParallelContext:
         """Whether this chunk starts the sequence (so h0 enters it and gets a gradient)."""
         return True
 
+    def size(self) -> int:
+        """How many processes share the sequence."""
+        return 1
+
+    def link_states(self, F, P, s, h0, structure) -> torch.Tensor:
+        """One Newton step on the states entering each process's time chunk (for ``chunk_size``
+        under sequence parallelism): given every process's chunk solved from its guess ``s [B, d]``,
+        its final state ``F [B, d]`` and transition ``P = dF/ds [B, *jac]``, the new guess
+        ``s'_{q+1} = F_q + P_q (s'_q - s_q)``, ``s'_0 = h0``. Here: h0."""
+        return h0
+
+    def link_cotangents(self, g, P, structure) -> torch.Tensor:
+        """The cotangent ``μ [B, d]`` of this process's final state from the later ones, given each
+        one's cotangent ``g`` of its entering state with nothing entering its end:
+        ``μ_q = g_{q+1} + P_{q+1}^H μ_{q+1}``, zero for the last. Here: zeros."""
+        return torch.zeros_like(g)
+
     def any(self, flag: torch.Tensor) -> torch.Tensor:
         """Elementwise OR of a bool tensor over the context's processes."""
         return flag

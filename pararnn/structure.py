@@ -248,6 +248,19 @@ class Block(Structure):
 _NAMES = {"diagonal": Diagonal, "diag": Diagonal, "dense": Dense}
 
 
+def run_transition(J: torch.Tensor, structure: Structure) -> torch.Tensor:
+    """The transition of a whole run of steps, ``J_T ··· J_1`` for ``J [B, T, *jac]``, in storage
+    form ``[B, *jac]``: the product over T for a diagonal, else a tree of pairwise matrix products
+    (every non-diagonal storage form ends in ``[k, k]`` matrices that compose by ``@``)."""
+    if isinstance(structure, Diagonal):
+        return J.prod(1)
+    while J.shape[1] > 1:
+        n = J.shape[1] // 2 * 2
+        pairs = J[:, 1:n:2] @ J[:, 0:n:2]  # later @ earlier, [B, n/2, *jac]
+        J = torch.cat([pairs, J[:, n:]], 1) if n < J.shape[1] else pairs
+    return J[:, 0]
+
+
 def as_structure(structure, d: int | None = None) -> Structure:
     """Normalise a declaration (``"diagonal"``, ``"dense"``, a :class:`Structure`) to an object.
 
@@ -281,4 +294,4 @@ def from_str(spec: str) -> Structure | None:
 
 _BLOCK_STR = re.compile(r"Block\((\d+)(, shared=True)?\)")
 
-__all__ = ["Block", "Dense", "Diagonal", "Structure", "as_structure", "from_str"]
+__all__ = ["Block", "Dense", "Diagonal", "Structure", "as_structure", "from_str", "run_transition"]

@@ -12,7 +12,6 @@ from helpers import BlockTanh, DenseTanh, DiagGRU, rel_err
 import pararnn
 from pararnn.models import LRU, DeltaNet, SequenceModel
 from pararnn.newton import auto_chunk_size
-from pararnn.parallel import ParallelContext
 
 CELLS = {
     "diagonal": lambda: DiagGRU(3, 6),
@@ -103,6 +102,20 @@ def test_auto_chunk_size_rule_and_budget():
     torch.testing.assert_close(y, pararnn.RNN(cell)(x)[0])
 
 
+def test_chunked_on_a_fresh_cell():
+    """The first call of a new cell runs its one-off checks; inside a checkpointed chunk they would
+    save tensors that the backward's recompute does not (a CheckpointError)."""
+    torch.manual_seed(0)
+    cell = DiagGRU(3, 4).double()
+    x = torch.randn(2, 50, 3, dtype=torch.float64, requires_grad=True)
+    y, _ = pararnn.RNN(cell, chunk_size=8)(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    y2, _ = pararnn.RNN(cell, mode="sequential")(x2)
+    (gx2,) = torch.autograd.grad(y2.sum(), x2)
+    torch.testing.assert_close(gx, gx2)
+
+
 def test_chunked_refusals():
     class MixesTime(DiagGRU):
         def prepare(self, x):
@@ -115,8 +128,6 @@ def test_chunked_refusals():
         pararnn.RNN(DiagGRU(3, 4), chunk_size=0)
     with pytest.raises(TypeError, match="renamed eval_chunk"):
         pararnn.RNN(DiagGRU(3, 4), chunk=10)
-    with pytest.raises(NotImplementedError, match="process_group"):
-        pararnn.RNN(DiagGRU(3, 4), chunk_size=4, process_group=ParallelContext())(torch.randn(1, 20, 3))
 
 
 MEMORY_SCRIPT = textwrap.dedent("""

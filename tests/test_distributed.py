@@ -79,6 +79,57 @@ def _newton_case(rank, world):
         assert rel_err(hT, ref_h) < 1e-10
 
 
+def _chunked_case(rank, world):
+    """chunk_size under sequence parallelism: each rank solves its part in chunks, the ranks settle
+    the states entering their parts by Newton, and values and gradients equal the single-process
+    sequential solve (fp64) for every structure; with lengths too."""
+    from helpers import BlockTanh, DenseTanh, DiagGRU, rel_err
+
+    from pararnn.models import DeltaNet
+
+    T = T_FULL * 3  # 33 steps: 17/16 or 11/11/11 per rank, chunks of 4 do not divide them
+    for name, make in (("diag", lambda: DiagGRU(3, 6)), ("block", lambda: BlockTanh(3, 6, 2)),
+                       ("dense", lambda: DenseTanh(3, 6)), ("deltanet", lambda: DeltaNet(3, 2, 3))):
+        torch.manual_seed(3)
+        cell = make().double()
+        d = cell.state_size
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(2, T, 3, dtype=torch.float64, generator=g)
+        h0 = 0.5 * torch.randn(2, d, dtype=torch.float64, generator=g)
+        xf, h0f = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        ref, ref_h = pararnn.RNN(cell, mode="sequential")(xf, h0f)
+        gy = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+        gh = torch.randn(2, d, dtype=torch.float64, generator=g)
+        ref_grads = torch.autograd.grad((ref * gy).sum() + (ref_h * gh).sum(), [xf, h0f, *cell.parameters()])
+        sl = _bounds(T, world, rank)
+        xl, h0l = x[:, sl].clone().requires_grad_(), h0.clone().requires_grad_()
+        rnn = pararnn.RNN(cell, process_group=dist.group.WORLD, chunk_size=4)
+        y, hT, info = rnn(xl, h0l, return_info=True)
+        assert rel_err(y, ref[:, sl]) < 1e-10, (name, rank, info)
+        assert 2 <= info.boundary_passes <= world + 1, (name, info.boundary_passes)
+        if name == "deltanet":  # linear: one pass from the guesses, one that confirms them
+            assert info.boundary_passes == 2, info.boundary_passes
+        cell.zero_grad()
+        loss = (y * gy[:, sl]).sum() + ((hT * gh).sum() if rank == world - 1 else 0.0)
+        loss.backward()
+        pararnn.distributed.allreduce_gradients(cell)
+        gh0 = h0l.grad if h0l.grad is not None else torch.zeros_like(h0l)  # h0 feeds rank 0 only
+        dist.all_reduce(gh0)
+        assert rel_err(xl.grad, ref_grads[0][:, sl]) < 1e-9, (name, rank)
+        assert rel_err(gh0, ref_grads[1]) < 1e-9, name
+        for p, gr in zip(cell.parameters(), ref_grads[2:]):
+            assert rel_err(p.grad, gr) < 1e-9, name
+        if rank == world - 1:
+            assert rel_err(hT, ref_h) < 1e-10
+    # lengths (global, the same on every rank): one sequence ends inside rank 0's part
+    lengths = torch.tensor([T, 2])
+    ref, ref_h = pararnn.RNN(cell, mode="sequential")(x, h0, lengths=lengths)
+    y, hT = pararnn.RNN(cell, process_group=dist.group.WORLD, chunk_size=3)(x[:, sl], h0, lengths=lengths)
+    assert rel_err(y, ref[:, sl]) < 1e-10
+    if rank == world - 1:
+        assert rel_err(hT, ref_h) < 1e-10
+
+
 def _ddp_case(rank, world):
     from pararnn.models import SequenceModel
 
@@ -114,7 +165,8 @@ def _track_case(rank, world):
     assert all(torch.equal(e, everyone[0]) for e in everyone), everyone
 
 
-CASES = {"scan": _scan_case, "newton": _newton_case, "ddp": _ddp_case, "track": _track_case}
+CASES = {"scan": _scan_case, "newton": _newton_case, "chunked": _chunked_case, "ddp": _ddp_case,
+         "track": _track_case}
 
 
 def _worker(rank, world, init_file, case):
@@ -148,6 +200,11 @@ def test_sequence_parallel_linear_scan(world, tmp_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_sequence_parallel_newton_and_gradients(world, tmp_path):
     _spawn("newton", world, tmp_path)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel_with_chunk_size(world, tmp_path):
+    _spawn("chunked", world, tmp_path)
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):

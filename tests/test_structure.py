@@ -79,3 +79,19 @@ def test_misdeclared_cell_gives_wrong_newton_answer_without_the_guard():
     rnn = pararnn.RNN(cell, max_iters=3, on_fail="raise", check_cell=False)  # opted out
     with pytest.raises(pararnn.ConvergenceError):
         rnn(x)
+
+
+def test_run_transition_is_the_product_of_the_run():
+    """The transition of a run of steps (a chunk's dh_last/dh0), against the dense product, at odd
+    and even lengths (the pairwise tree carries an odd step)."""
+    from pararnn.structure import run_transition
+
+    for structure in ("diagonal", Block(2), Block(2, shared=True), "dense"):
+        st = as_structure(structure, 4)
+        for T in (1, 2, 5, 8):
+            A = torch.randn(3, T, *st.storage_shape(4), dtype=torch.float64)
+            want = torch.eye(4, dtype=torch.float64).expand(3, 4, 4)
+            for t in range(T):
+                want = st.to_dense(A[:, t], 4) @ want
+            got = st.to_dense(run_transition(A, st), 4)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
