@@ -43,7 +43,8 @@ def track_arguments(ap: argparse.ArgumentParser) -> None:
                     help=f"comma-separated tasks ({', '.join(TASK_NAMES)}) or 'reconstruct'")
     ap.add_argument("--models", default=None, help=f"comma-separated models ({', '.join(MODEL_NAMES)}); "
                     "suffix _pos = eigenvalues in [0,1], _neg = in [-1,1]")
-    ap.add_argument("--seeds", type=int, default=1, help="seeds per (task, model)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per (task, model); tables give median ± MAD "
+                    "and best over them (default 3)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run")
     ap.add_argument("--eval-lengths", default=None, help="comma-separated test lengths")
     ap.add_argument("--jobs", type=int, default=2, help="parallel worker processes (1 torch thread each)")

@@ -69,7 +69,8 @@ class SolverOptions:
             gradients. ``"auto"``: the largest multiple of 64 steps whose solver buffers fit
             ``memory_budget`` (see :func:`pararnn.newton.auto_chunk_size`); no chunking if all of
             T fits. A chunk also bounds Newton's work on hard cells: Newton is exact after at
-            most ``chunk_size`` steps.
+            most ``chunk_size`` steps. With ``process_group`` each rank chunks its own part, and
+            the ranks settle the states entering their parts by Newton (``info.boundary_passes``).
         memory_budget: bytes for one chunk's solver buffers under ``chunk_size="auto"`` (1 GiB).
         eval_chunk: the cell is evaluated over T in pieces of about this many state elements, so
             temporaries stay small (a CPU speed knob; results do not depend on it).

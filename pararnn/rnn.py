@@ -191,24 +191,35 @@ class _Place(torch.autograd.Function):
         return g, g[:, ctx.t0:ctx.t0 + ctx.n], None
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 @functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (another C library, another OS)."""
+def _glibc():
+    """glibc's ``(malloc_trim, mallinfo2)``, or None (another C library or OS, glibc < 2.33)."""
     try:
-        return ctypes.CDLL(None).malloc_trim
+        libc = ctypes.CDLL(None)
+        trim, info = libc.malloc_trim, libc.mallinfo2
     except (OSError, AttributeError):
         return None
+    info.restype = _MallInfo2
+    return trim, info
 
 
-def _release_freed_memory(device: torch.device) -> None:
-    """Give the heap's free pages back to the OS before a chunk's solve (CPU, glibc). glibc keeps
-    freed buffers of up to 32 MB in its heap and, with the chunks' many same-sized temporaries
-    interleaved with longer-lived ones, reuses them poorly: measured on ParaGRU d = 64, B = 1,
-    T = 2·10⁶, C = 65536, fwd+bwd peak RSS 3.1 GB without this and 1.7 GB with it (1.5 GB live),
-    at the same speed (33-34 s)."""
-    trim = _malloc_trim() if device.type == "cpu" else None
-    if trim is not None:
-        trim(0)
+def _release_freed_memory(device: torch.device, budget: int) -> None:
+    """Between the chunks of a CPU solve: when glibc's heap holds more than ``budget`` bytes of
+    freed memory, give its free pages back to the OS. glibc keeps freed buffers of up to 32 MB in
+    its heap and reuses them poorly when the chunks' same-sized temporaries interleave with
+    longer-lived allocations, so RSS grows chunk after chunk. Trimming every chunk costs the
+    page faults of re-touching the chunk's temporaries (ParaGRU d = 16, T = 10⁶, C = 65536: fwd+bwd
+    3.9 s against 3.0 s), hence the threshold (``memory_budget``). Measured with it (AMD EPYC VM,
+    1 thread): d = 16 at the same speed as without (2.9-3.0 s); d = 64, T = 2·10⁶: peak RSS
+    1.7 GB against 3.1 GB without, 34 s either way."""
+    libc = _glibc() if device.type == "cpu" else None
+    if libc is not None and libc[1]().fordblks > budget:
+        libc[0](0)
 
 
 class _GradSlots:
@@ -576,7 +587,7 @@ class RNN(nn.Module):
         backward recompute does not replace it); ``transitions[i]``, if asked for, the chunk's
         transition ``dh_last/dh0 [B, *jac]`` (computed once, not again in a recompute)."""
         if chunked:  # one of many chunks (this also runs in the backward's recompute of the chunk)
-            _release_freed_memory(x.device)
+            _release_freed_memory(x.device, opts.memory_budget)
         if u is None:
             u = self._prepare(x)
         if mode == "sequential":

@@ -33,9 +33,10 @@ class DeltaProduct(Cell):
         self.q_proj = nn.Linear(input_size, d_k)
 
     def betas_keys_values(self, x):
-        """``β [B, T, n_h]``, unit keys ``k [B, T, n_h, d_k]``, values ``v [B, T, n_h, d_v]``."""
+        """``β [B, T, n_h]``, unit keys ``k [B, T, n_h, d_k]`` (L2-normalised silu of a projection, as in
+        the DeltaNet/DeltaProduct layers), values ``v [B, T, n_h, d_v]``."""
         beta = torch.sigmoid(self.b_proj(x)) * (2.0 if self.allow_neg_eigval else 1.0)
-        k = F.normalize(self.k_proj(x).unflatten(-1, (self.n_h, self.d_k)), dim=-1)
+        k = F.normalize(F.silu(self.k_proj(x)).unflatten(-1, (self.n_h, self.d_k)), dim=-1)  # as in the papers' layer
         v = self.v_proj(x).unflatten(-1, (self.n_h, self.d_v))
         return beta, k, v
 

@@ -1,5 +1,8 @@
-"""State-tracking tasks, generated in code: parity, counting mod m, arithmetic mod 5, group word
-problems (S3, A4, A5, S5) and flip-flop. Every task gives a target at every position."""
+"""State-tracking and recall tasks, generated in code: parity, counting mod 3, arithmetic mod 5
+(left to right, or with operator precedence), group word problems (S3, A4, A5, S5), flip-flop,
+keep-n-th and multi-query associative recall (MQAR). Targets are ``[B, T]`` class indices;
+``IGNORE`` (-100, cross_entropy's default ignore_index) marks positions without one (before the
+n-th token in keep-n-th, the key-value pairs in MQAR)."""
 from __future__ import annotations
 
 import itertools
@@ -7,6 +10,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+IGNORE = -100  # a position without a target (torch.nn.functional.cross_entropy skips it)
 
 
 @lru_cache(maxsize=None)
@@ -69,6 +74,62 @@ def _arith_mod5(B, T, gen):
     return x, y
 
 
+def _arith_mod5_precedence(B, T, gen):
+    """As arith_mod5, but × binds before + and -: the target is the value of the prefix up to the
+    last digit read, evaluated with the usual precedence (mod 5)."""
+    digits = torch.randint(0, 5, (B, T), generator=gen)
+    ops = torch.randint(5, 8, (B, T), generator=gen)
+    x = torch.where(torch.arange(T) % 2 == 0, digits, ops)
+    y = torch.empty_like(x)
+    acc = torch.zeros(B, dtype=torch.long)  # the sum of the finished terms
+    term = digits[:, 0].clone()  # the running term (a signed product)
+    op = torch.zeros(B, dtype=torch.long)
+    for t in range(T):
+        if t % 2 == 0 and t > 0:
+            d = x[:, t]
+            new_term = torch.where(op == 5, d, -d)  # after + or -: a new term starts
+            acc = torch.where(op == 7, acc, acc + term)
+            term = torch.where(op == 7, term * d, new_term) % 5
+        elif t % 2 == 1:
+            op = x[:, t]
+        y[:, t] = (acc + term) % 5
+    return x, y
+
+
+KEEP_N = 3  # keep-n-th: the token to keep is the 3rd (training lengths start at 3)
+KEEP_VOCAB = 16
+
+
+def _keep_nth(B, T, gen):
+    """Random tokens; from position n on, the target is the n-th token (none before it)."""
+    x = torch.randint(0, KEEP_VOCAB, (B, T), generator=gen)
+    y = torch.full_like(x, IGNORE)
+    if T >= KEEP_N:
+        y[:, KEEP_N - 1:] = x[:, KEEP_N - 1, None]
+    return x, y
+
+
+MQAR_KEYS = 64  # tokens 0..63 are keys, 64..127 values: vocabulary 128
+
+
+def _mqar(B, T, gen):
+    """Multi-query associative recall: ``P = min(T // 4, 64)`` (at least 1) key-value pairs
+    (distinct keys), then queries of those keys in random order; the target at a query is its
+    key's value (64 classes), none elsewhere."""
+    P = max(1, min(T // 4, MQAR_KEYS))
+    if T < 2 * P + 1:
+        raise ValueError(f"mqar needs T >= 3, got T={T}")
+    keys = torch.rand(B, MQAR_KEYS, generator=gen).argsort(1)[:, :P]  # [B, P] distinct keys
+    vals = torch.randint(0, MQAR_KEYS, (B, P), generator=gen)  # [B, P] value classes
+    q = torch.randint(0, P, (B, T - 2 * P), generator=gen)  # which pair each query asks for
+    x = torch.empty(B, T, dtype=torch.long)
+    x[:, 0:2 * P:2], x[:, 1:2 * P:2] = keys, vals + MQAR_KEYS
+    x[:, 2 * P:] = keys.gather(1, q)
+    y = torch.full_like(x, IGNORE)
+    y[:, 2 * P:] = vals.gather(1, q)
+    return x, y
+
+
 def _word_problem(n, even):
     def sample(B, T, gen):
         table = permutation_group(n, even)
@@ -99,7 +160,8 @@ def _flipflop(B, T, gen):
 _SAMPLERS = {
     "parity": _parity, "count_mod3": _count_mod3, "arith_mod5": _arith_mod5,
     "s3": _word_problem(3, False), "a4": _word_problem(4, True), "a5": _word_problem(5, True),
-    "s5": _word_problem(5, False), "flipflop": _flipflop,
+    "s5": _word_problem(5, False), "flipflop": _flipflop, "arith_mod5_precedence": _arith_mod5_precedence,
+    "keep_nth": _keep_nth, "mqar": _mqar,
 }
 
 TASKS = {
@@ -111,4 +173,10 @@ TASKS = {
     "a5": Task("a5", 60, 60, "word problem of A5 (non-solvable)"),
     "s5": Task("s5", 120, 120, "word problem of S5 (non-solvable)"),
     "flipflop": Task("flipflop", 3, 2, "flip-flop: remember the last written bit through noise"),
+    "arith_mod5_precedence": Task("arith_mod5_precedence", 8, 5,
+                                  "digits and +,-,× mod 5 with operator precedence (× first), no brackets"),
+    "keep_nth": Task("keep_nth", KEEP_VOCAB, KEEP_VOCAB, f"keep-n-th: repeat the {KEEP_N}rd token ({KEEP_VOCAB} "
+                     "tokens) at every later position"),
+    "mqar": Task("mqar", 2 * MQAR_KEYS, MQAR_KEYS, "multi-query associative recall: T/4 key-value pairs "
+                 f"(at most {MQAR_KEYS}, vocabulary {2 * MQAR_KEYS}), then queries of their keys"),
 }

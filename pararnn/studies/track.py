@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import re
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from .common import (ddp_rank_world, ensure_writable, figure, init_distributed_from_env,
                      require_packages, run_metadata, set_threads, write_json_atomic, write_text)
-from .tasks import TASKS
+from .tasks import IGNORE, TASKS
 
 # model name -> (cell name for pararnn.models.make_cell, cell kwargs).
 # Suffix _pos: transition eigenvalues in [0, 1]; _neg: in [-1, 1].
@@ -47,12 +48,17 @@ MODELS = {
     "lstm": ("lstm", {}),
 }
 
-# The --quick study: the contrasts of BACKGROUND §3, in about 15 minutes on 2 cores.
+# The --quick study (3 seeds): the published contrasts, the library's own nonlinear cells trained in
+# parallel, recall (MQAR, keep-n-th) and arithmetic.
 QUICK_PLAN = {
-    "parity": ["diag_pos", "diag_neg", "gru", "lstm"],
-    "count_mod3": ["diag_neg", "lru", "cdiag"],
-    "s3": ["deltaproduct1_neg", "deltaproduct2_pos", "deltaproduct2_neg", "gru"],
+    "parity": ["diag_pos", "diag_neg", "deltaproduct1_neg", "gru", "paragru", "paralstm"],
+    "count_mod3": ["diag_neg", "lru", "cdiag", "deltaproduct1_neg", "deltaproduct2_neg"],
+    "s3": ["deltaproduct1_neg", "deltaproduct2_pos", "deltaproduct2_neg", "gru", "paragru", "paralstm"],
+    "arith_mod5": ["diag_neg", "deltaproduct1_neg", "paragru"],
+    "mqar": ["diag_neg", "deltaproduct1_neg", "paragru", "paralstm"],
+    "keep_nth": ["diag_pos", "paragru", "paralstm"],
 }
+QUICK_SEEDS = 3
 
 
 @dataclass
@@ -67,7 +73,7 @@ class TrackConfig:
     train_min: int = 3
     train_max: int = 40
     eval_lengths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    eval_batch: int = 128
+    eval_batch: int = 512
 
 
 def slug(name: str) -> str:
@@ -75,11 +81,13 @@ def slug(name: str) -> str:
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor, chance: float) -> dict:
-    """Per-position, last-token and whole-sequence accuracy, plus scaled (acc - chance)/(1 - chance)."""
+    """Per-position, last-token and whole-sequence accuracy over the positions that have a target
+    (``y != IGNORE``), plus scaled (acc - chance)/(1 - chance). ``pred, y [B, L]``."""
+    has = y != IGNORE
     ok = pred == y  # [B, L]
-    per_pos = ok.float().mean().item()
-    last = ok[:, -1].float().mean().item()
-    return {"acc": per_pos, "last_token_acc": last, "sequence_acc": ok.all(1).float().mean().item(),
+    per_pos = ok[has].float().mean().item()
+    last = ok[:, -1][has[:, -1]].float().mean().item()
+    return {"acc": per_pos, "last_token_acc": last, "sequence_acc": (ok | ~has).all(1).float().mean().item(),
             "scaled_acc": (per_pos - chance) / (1 - chance), "scaled_last_token_acc": (last - chance) / (1 - chance)}
 
 
@@ -141,7 +149,8 @@ def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, prog
     return {"task": task_name, "model": model_name, "seed": seed, "config": asdict(cfg),
             **{k: meta[k] for k in ("pararnn", "commit", "date", "machine")},
             "final_train_loss": sum(losses[-20:]) / len(losses[-20:]), "train_seconds": train_s,
-            "mean_newton_iterations": sum(iters) / max(len(iters), 1), "newton_fallbacks": fallbacks,
+            "mean_newton_iterations": sum(iters) / max(len(iters), 1), "max_newton_iterations": max(iters, default=0),
+            "newton_fallbacks": fallbacks,
             "chance": task.chance, "eval": evals}
 
 
@@ -289,57 +298,166 @@ def study_lock(out: str):
         f.close()
 
 
+def median_mad(values: list[float]) -> tuple[float, float]:
+    """Median and median absolute deviation (unscaled) of a list of numbers."""
+    med = statistics.median(values)
+    return med, statistics.median(abs(v - med) for v in values)
+
+
+HOLDS = 0.9  # a seed "solves" a length when its last-token accuracy reaches this
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """Per model and length, over the seeds: last-token accuracy (the headline) as median, MAD,
+    best and every seed's value; scaled last-token median; per-position median; the seeds that
+    reach ``HOLDS``; and Newton iterations per training step (mean over runs, max over runs)."""
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        runs = [r for r in rows if r["model"] == model]
+        per_L = {}
+        for L in runs[0]["eval"]:
+            last = [r["eval"][L]["last_token_acc"] for r in runs]
+            med, mad = median_mad(last)
+            per_L[L] = {"last_token_median": med, "last_token_mad": mad, "last_token_best": max(last),
+                        "last_token_per_seed": last,
+                        "scaled_last_token_median": median_mad([r["eval"][L]["scaled_last_token_acc"] for r in runs])[0],
+                        "per_position_median": median_mad([r["eval"][L]["acc"] for r in runs])[0],
+                        "seeds_solving": sum(v >= HOLDS for v in last)}
+        out[model] = {"seeds": [r["seed"] for r in runs], "eval": per_L,
+                      "newton_iterations_mean": sum(r["mean_newton_iterations"] for r in runs) / len(runs),
+                      "newton_iterations_max": max(r.get("max_newton_iterations", r["mean_newton_iterations"])
+                                                   for r in runs)}
+    return out
+
+
 def summarize(results: list[dict], out: str) -> str:
     """Write summary.json, table.md and one accuracy-vs-length plot per task; return the table.
 
     ``results`` are every finished run of the folder (see :func:`finished_runs`), not only this
-    invocation's, so a subset rerun never shrinks the summary.
+    invocation's, so a subset rerun never shrinks the summary. Per task: the headline table (last-
+    token accuracy, median ± MAD over seeds, best of the seeds, and how many seeds reach 0.9),
+    scaled and per-position medians beside, and every seed's own row; then published figures
+    beside ours (:data:`PUBLISHED`).
     """
     results = sorted(results, key=lambda r: (r["task"], r["model"], r["seed"]))
+    summary = {task: aggregate([r for r in results if r["task"] == task]) for task in dict.fromkeys(r["task"] for r in results)}
     write_json_atomic(os.path.join(out, "summary.json"), {**run_metadata(results[0]["config"] if results else {}),
-                                                          "runs": results})
+                                                          "aggregate": summary, "runs": results})
     lines = []
-    for task in dict.fromkeys(r["task"] for r in results):
+    for task, agg in summary.items():
         rows = [r for r in results if r["task"] == task]
         lengths = list(rows[0]["eval"])
+        n_seeds = max(len(a["seeds"]) for a in agg.values())
+        cfg = rows[0]["config"]
         lines += [f"**{task}** ({TASKS[task].description}; chance {rows[0]['chance']:.2f}; trained on lengths "
-                  f"{rows[0]['config']['train_min']}-{rows[0]['config']['train_max']}). "
-                  "Per-position accuracy / last-token accuracy:", "",
-                  "| model | seed | " + " | ".join(f"L={L}" for L in lengths) + " | Newton iters |",
-                  "|---|---|" + "---|" * len(lengths) + "---|"]
+                  f"{cfg['train_min']}-{cfg['train_max']}; {n_seeds} seed(s); {cfg['eval_batch']} sequences per "
+                  f"length). Last-token accuracy, median ± MAD over seeds (best), and [seeds reaching {HOLDS}]:", "",
+                  "| model | " + " | ".join(f"L={L}" for L in lengths) + " | Newton iters per step (mean, max) |",
+                  "|---|" + "---|" * len(lengths) + "---|"]
+        for model, a in agg.items():
+            cells = [f"{e['last_token_median']:.2f} ± {e['last_token_mad']:.2f} ({e['last_token_best']:.2f}) "
+                     f"[{e['seeds_solving']}/{len(a['seeds'])}]" for e in a["eval"].values()]
+            lines.append(f"| {model} | " + " | ".join(cells) +
+                         f" | {a['newton_iterations_mean']:.1f}, {a['newton_iterations_max']} |")
+        lines += ["", "Scaled last-token accuracy (median) / per-position accuracy (median):", "",
+                  "| model | " + " | ".join(f"L={L}" for L in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        for model, a in agg.items():
+            lines.append(f"| {model} | " + " | ".join(f"{e['scaled_last_token_median']:.2f} / {e['per_position_median']:.2f}"
+                                                    for e in a["eval"].values()) + " |")
+        lines += ["", "Every seed, last-token accuracy:", "",
+                  "| model | seed | " + " | ".join(f"L={L}" for L in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
         for r in rows:
-            cells = [f"{r['eval'][L]['acc']:.2f} / {r['eval'][L]['last_token_acc']:.2f}" for L in lengths]
-            lines.append(f"| {r['model']} | {r['seed']} | " + " | ".join(cells) + f" | {r['mean_newton_iterations']:.1f} |")
+            lines.append(f"| {r['model']} | {r['seed']} | " +
+                         " | ".join(f"{r['eval'][L]['last_token_acc']:.2f}" for L in lengths) + " |")
         lines.append("")
-        _plot_task(task, rows, os.path.join(out, "plots", f"{task}.png"))
+        _plot_task(task, agg, rows[0], os.path.join(out, "plots", f"{task}.png"))
+    lines += published_table(summary)
     table = "\n".join(lines)
     write_text(os.path.join(out, "table.md"), table)
     return table
 
 
+# Published figures beside ours: (source, their model, their task, their figure, our model, our
+# task, how ours is read). Grazzi et al. report the best of 3 runs' scaled accuracy over lengths
+# 40-256; ParaRNN Table 1 the best of 3 runs' accuracy (%) at L = 100 with one layer.
+PUBLISHED = [
+    ("Grazzi et al. Table 3", "Mamba [0,1]", "parity", 0.000, "diag_pos", "parity", "grazzi"),
+    ("Grazzi et al. Table 3", "Mamba [-1,1]", "parity", 1.000, "diag_neg", "parity", "grazzi"),
+    ("Grazzi et al. Table 3", "DeltaNet [0,1]", "parity", 0.017, "deltaproduct1_pos", "parity", "grazzi"),
+    ("Grazzi et al. Table 3", "DeltaNet [-1,1]", "parity", 1.000, "deltaproduct1_neg", "parity", "grazzi"),
+    ("Grazzi et al. Table 3", "sLSTM", "parity", 1.000, "lstm", "parity", "grazzi"),
+    ("Grazzi et al. Table 3", "Mamba [0,1]", "mod arithmetic, no brackets", 0.095, "diag_pos", "arith_mod5", "grazzi"),
+    ("Grazzi et al. Table 3", "Mamba [-1,1]", "mod arithmetic, no brackets", 0.241, "diag_neg", "arith_mod5", "grazzi"),
+    ("Grazzi et al. Table 3", "DeltaNet [0,1]", "mod arithmetic, no brackets", 0.314, "deltaproduct1_pos", "arith_mod5",
+     "grazzi"),
+    ("Grazzi et al. Table 3", "DeltaNet [-1,1]", "mod arithmetic, no brackets", 0.971, "deltaproduct1_neg", "arith_mod5",
+     "grazzi"),
+    ("Grazzi et al. Table 3", "sLSTM", "mod arithmetic, no brackets", 0.787, "lstm", "arith_mod5", "grazzi"),
+    ("ParaRNN Table 1", "ParaGRU", "parity", 100, "paragru", "parity", "pararnn"),
+    ("ParaRNN Table 1", "ParaLSTM", "parity", 100, "paralstm", "parity", "pararnn"),
+    ("ParaRNN Table 1", "ParaGRU", "MQAR", 100, "paragru", "mqar", "pararnn"),
+    ("ParaRNN Table 1", "ParaLSTM", "MQAR", 100, "paralstm", "mqar", "pararnn"),
+    ("ParaRNN Table 1", "ParaGRU", "keep-n-th", 100, "paragru", "keep_nth", "pararnn"),
+    ("ParaRNN Table 1", "ParaLSTM", "keep-n-th", 100, "paralstm", "keep_nth", "pararnn"),
+    ("ParaRNN Table 1", "Mamba2", "parity", 51, "diag_pos", "parity", "pararnn"),
+]
+
+
+def published_table(summary: dict) -> list[str]:
+    """Markdown lines: every :data:`PUBLISHED` figure beside ours, read the same way where we ran
+    the model on the task ("not run" otherwise). Grazzi-style: the best seed's scaled last-token
+    accuracy averaged over our lengths from the longest training length to 256 (and the median
+    seed's). ParaRNN-style: the best seed's last-token accuracy (%) at our length nearest 100."""
+    lines = ["**Published figures beside ours** (our settings are smaller: 1 layer, d_model 32, 600 steps, "
+             "trained on lengths 3-40; Grazzi et al. train 2-layer models longer, ParaRNN trains and tests at "
+             "L = 100):", "", "| source | model | task | published | ours: model, task | ours |", "|---|---|---|---|---|---|"]
+    for source, their_model, their_task, fig, model, task, kind in PUBLISHED:
+        agg = summary.get(task, {}).get(model)
+        ours = "not run"
+        if agg is not None:
+            ev = agg["eval"]
+            Ls = [int(L) for L in ev]
+            if kind == "grazzi":
+                lo = min(Ls)  # the longest training length is always evaluated first
+                use = [str(L) for L in Ls if lo <= L <= 256]
+                best = max(sum(ev[L]["last_token_per_seed"][i] for L in use) / len(use)
+                           for i in range(len(agg["seeds"])))
+                chance = 1.0 / TASKS[task].n_out
+                ours = (f"best {(best - chance) / (1 - chance):.3f}, median "
+                        f"{sum(ev[L]['scaled_last_token_median'] for L in use) / len(use):.3f} (L {lo}-{max(map(int, use))})")
+            else:
+                L = str(min(Ls, key=lambda v: abs(v - 100)))
+                ours = f"best {100 * ev[L]['last_token_best']:.0f}, median {100 * ev[L]['last_token_median']:.0f} (L = {L})"
+        lines.append(f"| {source} | {their_model} | {their_task} | {fig} | {model}, {task} | {ours} |")
+    return lines + [""]
+
+
 MARKERS = "osD^v<>ph*X"
 
 
-def _plot_task(task, rows, path):
-    """Per-position accuracy against length, one line per (model, seed). Lines that coincide (many
-    sit at 1.0) stay visible: each series has its own marker and a small horizontal offset (a
-    factor 2^±0.1 at most on the log axis), and every evaluated length gets a tick."""
+def _plot_task(task, agg: dict, first: dict, path):
+    """Last-token accuracy against length: per model the median over seeds, with the MAD as an
+    error bar. Lines that coincide (many sit at 1.0) stay visible: each model has its own marker and
+    a small horizontal offset (a factor 2^±0.1 at most on the log axis), and every evaluated
+    length gets a tick."""
     with figure(path, figsize=(5.5, 3.6)) as ax:
-        all_Ls = sorted({int(L) for r in rows for L in r["eval"]})
-        n = len(rows)
-        for i, r in enumerate(rows):
-            Ls = [int(L) for L in r["eval"]]
+        all_Ls = sorted({int(L) for a in agg.values() for L in a["eval"]})
+        n = len(agg)
+        for i, (model, a) in enumerate(agg.items()):
+            Ls = [int(L) for L in a["eval"]]
             shift = 2 ** (0.2 * (i / max(1, n - 1) - 0.5)) if n > 1 else 1.0
-            ax.plot([L * shift for L in Ls], [r["eval"][str(L)]["acc"] for L in Ls], marker=MARKERS[i % len(MARKERS)],
-                    ms=4, lw=1, alpha=0.85, label=f"{r['model']} (s{r['seed']})")
-        ax.axhline(rows[0]["chance"], color="gray", ls=":", label="chance")
-        ax.axvline(rows[0]["config"]["train_max"], color="gray", ls="--", lw=0.8)
+            med = [a["eval"][str(L)]["last_token_median"] for L in Ls]
+            mad = [a["eval"][str(L)]["last_token_mad"] for L in Ls]
+            ax.errorbar([L * shift for L in Ls], med, yerr=mad, marker=MARKERS[i % len(MARKERS)], ms=4, lw=1,
+                        capsize=2, alpha=0.85, label=f"{model} ({len(a['seeds'])} seeds)")
+        ax.axhline(first["chance"], color="gray", ls=":", label="chance")
+        ax.axvline(first["config"]["train_max"], color="gray", ls="--", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_Ls, [str(L) for L in all_Ls])
         ax.minorticks_off()
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("sequence length (dashed: longest training length)")
-        ax.set_ylabel("per-position accuracy")
+        ax.set_ylabel("last-token accuracy (median, MAD)")
         ax.set_title(f"{task}: trained short, tested long")
 
 
