@@ -11,7 +11,9 @@ import sys
 # tests/test_cli.py checks them against pararnn.models.CELLS, studies.tasks.TASKS and studies.track.MODELS.
 CELL_NAMES = ("elman", "gru", "lstm", "paragru", "paralstm", "lru", "ssm", "ssm_neg", "cssm", "deltanet",
               "deltaproduct")
-TASK_NAMES = ("parity", "count_mod3", "arith_mod5", "s3", "a4", "a5", "s5", "flipflop")
+TASK_NAMES = ("parity", "count_mod3", "arith_mod5", "s3", "a4", "a5", "s5", "flipflop", "arith_mod5_precedence",
+              "arith_mod5_brackets", "keep_nth", "mqar")
+LM_MODEL_NAMES = ("paragru", "paralstm", "gru", "ssm_neg", "deltanet", "transformer")
 MODEL_NAMES = ("diag_pos", "diag_neg", "lru", "cdiag", "deltaproduct1_pos", "deltaproduct1_neg", "deltaproduct2_pos",
                "deltaproduct2_neg", "deltaproduct4_pos", "deltaproduct4_neg", "paragru", "paralstm", "gru", "lstm")
 
@@ -52,6 +54,21 @@ def track_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="results/track", help="output folder (checkpoints, tables, plots)")
 
 
+def lm_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="about 1M parameters per model, 300 steps (~10 min on 2 cores)")
+    ap.add_argument("--models", default=None, help=f"comma-separated models ({', '.join(LM_MODEL_NAMES)})")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per model")
+    ap.add_argument("--params", type=int, default=None, help="target parameter count per model")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default="results/lm", help="output folder (checkpoints, tables, plots)")
+
+
+def _run_lm(args):
+    from .studies import lm
+
+    return lm.run(args)
+
+
 def _run_bench(args):
     from .studies import bench
 
@@ -74,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("track", help="state tracking: linear vs nonlinear RNNs, trained short, tested long")
     track_arguments(p)
     p.set_defaults(func=_run_track)
+    p = sub.add_parser("lm", help="character-level language modelling on the Python stdlib: nonlinear RNNs "
+                                  "trained in parallel against linear RNNs and a Transformer")
+    lm_arguments(p)
+    p.set_defaults(func=_run_lm)
     return ap
 
 

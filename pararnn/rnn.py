@@ -581,11 +581,15 @@ class RNN(nn.Module):
         return None if C is None or C >= T else C
 
     def _solve_chunk(self, mode, opts, u, x, h0, mask, infos: dict, i: int, transitions: dict | None = None,
-                     chunked: bool = False):
+                     chunked: bool = False, warm: dict | None = None):
         """One solve over ``x [B, n, D_in]`` (``u = prepare(x)``, computed here if None) from ``h0``,
         and its readout: ``(y, h_last, info)``. ``infos[i]`` keeps the first info of chunk i (a
         backward recompute does not replace it); ``transitions[i]``, if asked for, the chunk's
-        transition ``dh_last/dh0 [B, *jac]`` (computed once, not again in a recompute)."""
+        transition ``dh_last/dh0 [B, *jac]`` (computed once, not again in a recompute). ``warm["init"]``,
+        once set, is this chunk's solution from the forward: the backward's recompute starts Newton
+        there (it converges at the first check) instead of solving again."""
+        if warm and mode != "sequential":
+            opts = dataclasses.replace(opts, init=warm["init"])
         if chunked:  # one of many chunks (this also runs in the backward's recompute of the chunk)
             _release_freed_memory(x.device, opts.memory_budget)
         if u is None:
@@ -632,13 +636,17 @@ class RNN(nn.Module):
         x_chunks = [_Take.apply(x, slots, t0, min(C, T - t0)) for t0 in range(0, T, C)]
         mask_chunks = (None,) * len(x_chunks) if mask is None else mask.split(C, dim=1)
         structure = self.cell.get_structure()
+        # where the output is the state itself (and no step is padded), the output buffer holds each
+        # chunk's solution: its recompute warm-starts from it
+        warm_start = mask is None and type(self.cell).output is Cell.output and torch.is_grad_enabled()
         if mode != "sequential" and opts.check_cell:  # the one-off cell check, outside the checkpoints:
             with torch.no_grad():  # run inside one, it would save tensors that its recompute does not
                 _verify_once(self.cell, self._prepare(x[:, :min(T, 64)]), h0)
         for i, (x_c, m_c) in enumerate(zip(x_chunks, mask_chunks)):
             o = opts if not isinstance(opts.init, torch.Tensor) else \
                 dataclasses.replace(opts, init=opts.init[:, i * C:(i + 1) * C])
-            args = (mode, o, None, x_c, h, m_c, infos, i, transitions, True)
+            warm = {} if warm_start else None
+            args = (mode, o, None, x_c, h, m_c, infos, i, transitions, True, warm)
             # the last chunk is not checkpointed: the backward starts with it, so its recompute would
             # be immediate and its graph costs what the recompute's would
             if torch.is_grad_enabled() and i < len(x_chunks) - 1:
@@ -651,6 +659,8 @@ class RNN(nn.Module):
             if y is None:  # the output buffer [B, T, out]: chunks are written in as they come, no cat
                 y = y_c.new_empty(x.shape[0], x.shape[1], *y_c.shape[2:])
             y = _Place.apply(y, y_c, i * C)
+            if warm is not None and y_c.dtype == h.dtype:
+                warm["init"] = y.detach()[:, i * C:i * C + y_c.shape[1]]  # a view: nothing is copied
             del y_c
         return y, h, infos, P
 

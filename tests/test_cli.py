@@ -59,6 +59,9 @@ def test_cli_name_lists_match_the_code():
     assert cli.CELL_NAMES == tuple(CELLS)
     assert cli.TASK_NAMES == tuple(TASKS)
     assert cli.MODEL_NAMES == tuple(MODELS)
+    from pararnn.studies import lm
+
+    assert cli.LM_MODEL_NAMES == tuple(lm.MODELS)
 
 
 def test_bench_json_records_version_commit_date_and_settings_used(tmp_path):

@@ -61,6 +61,13 @@ def test_new_task_targets_by_hand():
             assert y[b, t] == eval(expr) % 5, expr
             if t + 1 < 15:
                 assert y[b, t + 1] == y[b, t]  # an operator does not change the value yet
+    sym[8], sym[9] = "(", ")"
+    for T in (12, 13):
+        x, y = TASKS["arith_mod5_brackets"].sample(4, T, torch.Generator().manual_seed(T))
+        assert (y[:, :-1] == IGNORE).all() and (x[:, -1] == 10).all()
+        for b in range(4):
+            expr = "".join(sym.get(int(v), str(int(v))) for v in x[b, :-1] if int(v) != 11)
+            assert y[b, -1] == eval(expr) % 5, expr
     x, y = TASKS["keep_nth"].sample(2, 9, torch.Generator().manual_seed(5))
     assert (y[:, :KEEP_N - 1] == IGNORE).all() and (y[:, KEEP_N - 1:] == x[:, KEEP_N - 1, None]).all()
     T = 40

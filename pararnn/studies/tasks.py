@@ -1,5 +1,5 @@
 """State-tracking and recall tasks, generated in code: parity, counting mod 3, arithmetic mod 5
-(left to right, or with operator precedence), group word problems (S3, A4, A5, S5), flip-flop,
+(left to right, with operator precedence, or with brackets), group word problems (S3, A4, A5, S5), flip-flop,
 keep-n-th and multi-query associative recall (MQAR). Targets are ``[B, T]`` class indices;
 ``IGNORE`` (-100, cross_entropy's default ignore_index) marks positions without one (before the
 n-th token in keep-n-th, the key-value pairs in MQAR)."""
@@ -96,6 +96,75 @@ def _arith_mod5_precedence(B, T, gen):
     return x, y
 
 
+# brackets: digits 0-4, + - × (5, 6, 7), ( ) (8, 9), = (10), blank (11)
+LPAR, RPAR, EQUALS, BLANK = 8, 9, 10, 11
+
+
+def _expression(n: int, rng) -> list[int]:
+    """A random well-formed expression of exactly n tokens (n odd): a digit, ``( e )`` or ``e op e``."""
+    if n == 1:
+        return [rng.randrange(5)]
+    if rng.random() < 0.3:
+        return [LPAR, *_expression(n - 2, rng), RPAR]
+    a = 2 * rng.randrange((n - 1) // 2) + 1  # odd, 1..n-2
+    return [*_expression(a, rng), 5 + rng.randrange(3), *_expression(n - 1 - a, rng)]
+
+
+def evaluate_mod5(tokens: list[int]) -> int:
+    """The value mod 5 of an expression with the usual precedence (× before + and -, brackets first)."""
+    pos = 0
+
+    def expr():
+        nonlocal pos
+        v = term()
+        while pos < len(tokens) and tokens[pos] in (5, 6):
+            op = tokens[pos]
+            pos += 1
+            w = term()
+            v = (v + w) % 5 if op == 5 else (v - w) % 5
+        return v
+
+    def term():
+        nonlocal pos
+        v = factor()
+        while pos < len(tokens) and tokens[pos] == 7:
+            pos += 1
+            v = v * factor() % 5
+        return v
+
+    def factor():
+        nonlocal pos
+        tok = tokens[pos]
+        pos += 1
+        if tok == LPAR:
+            v = expr()
+            pos += 1  # the closing bracket
+            return v
+        return tok
+
+    return expr()
+
+
+def _arith_mod5_brackets(B, T, gen):
+    """An expression with brackets, + - × mod 5 (Grazzi et al.'s modular arithmetic with
+    brackets), then ``=``; the only target is the value, at the ``=``. The expression fills the
+    sequence (odd length, so one blank token leads when T - 1 is even)."""
+    import random
+
+    if T < 2:
+        raise ValueError(f"arith_mod5_brackets needs T >= 2, got T={T}")
+    rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    m = T - 1 if (T - 1) % 2 else T - 2
+    x = torch.full((B, T), BLANK, dtype=torch.long)
+    y = torch.full((B, T), IGNORE, dtype=torch.long)
+    for b in range(B):
+        e = _expression(m, rng)
+        x[b, T - 1 - m:T - 1] = torch.tensor(e)
+        y[b, T - 1] = evaluate_mod5(e)
+    x[:, T - 1] = EQUALS
+    return x, y
+
+
 KEEP_N = 3  # keep-n-th: the token to keep is the 3rd (training lengths start at 3)
 KEEP_VOCAB = 16
 
@@ -161,7 +230,7 @@ _SAMPLERS = {
     "parity": _parity, "count_mod3": _count_mod3, "arith_mod5": _arith_mod5,
     "s3": _word_problem(3, False), "a4": _word_problem(4, True), "a5": _word_problem(5, True),
     "s5": _word_problem(5, False), "flipflop": _flipflop, "arith_mod5_precedence": _arith_mod5_precedence,
-    "keep_nth": _keep_nth, "mqar": _mqar,
+    "keep_nth": _keep_nth, "mqar": _mqar, "arith_mod5_brackets": _arith_mod5_brackets,
 }
 
 TASKS = {
@@ -175,6 +244,8 @@ TASKS = {
     "flipflop": Task("flipflop", 3, 2, "flip-flop: remember the last written bit through noise"),
     "arith_mod5_precedence": Task("arith_mod5_precedence", 8, 5,
                                   "digits and +,-,× mod 5 with operator precedence (× first), no brackets"),
+    "arith_mod5_brackets": Task("arith_mod5_brackets", 12, 5, "an expression with brackets and +,-,× mod 5, "
+                                "then =; the target is its value"),
     "keep_nth": Task("keep_nth", KEEP_VOCAB, KEEP_VOCAB, f"keep-n-th: repeat the {KEEP_N}rd token ({KEEP_VOCAB} "
                      "tokens) at every later position"),
     "mqar": Task("mqar", 2 * MQAR_KEYS, MQAR_KEYS, "multi-query associative recall: T/4 key-value pairs "

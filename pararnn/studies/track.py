@@ -284,7 +284,7 @@ def check_same_config(runs, cfg: TrackConfig, out: str) -> None:
 
 
 @contextlib.contextmanager
-def study_lock(out: str):
+def study_lock(out: str, command: str = "track"):
     """Hold ``<out>/.lock`` for the study; a concurrent study on the same folder is refused."""
     os.makedirs(out, exist_ok=True)
     f = open(os.path.join(out, ".lock"), "w")
@@ -292,7 +292,7 @@ def study_lock(out: str):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SystemExit(f"pararnn track: another study is running in {out}; wait for it or choose another --out")
+            raise SystemExit(f"pararnn {command}: another study is running in {out}; wait for it or choose another --out")
         yield
     finally:
         f.close()
@@ -543,13 +543,13 @@ def _reconstruct_outputs(rows, out, settings):
 
 
 # ---------------------------------------------------------------- CLI
-def _names(value: str | None, known, what: str) -> list[str] | None:
+def _names(value: str | None, known, what: str, command: str = "track") -> list[str] | None:
     if value is None:
         return None
     names = [v.strip() for v in value.split(",") if v.strip()]
     bad = [n for n in names if n not in known]
     if bad or not names:
-        raise SystemExit(f"pararnn track: unknown {what} {bad or value!r}; choose from {', '.join(known)}")
+        raise SystemExit(f"pararnn {command}: unknown {what} {bad or value!r}; choose from {', '.join(known)}")
     return names
 
 
