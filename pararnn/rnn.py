@@ -578,6 +578,8 @@ class RNN(nn.Module):
             d = self.cell.state_size
             jac = math.prod(self.cell.get_structure().storage_shape(d))
             C = auto_chunk_size(x.shape[0], T, d, jac, h0.element_size(), opts.memory_budget)
+        if context_for(opts.process_group).size() > 1:  # every rank takes the same path (its collectives
+            return T if C is None else min(C, T)  # differ), even where its whole part is one chunk
         return None if C is None or C >= T else C
 
     def _solve_chunk(self, mode, opts, u, x, h0, mask, infos: dict, i: int, transitions: dict | None = None,

@@ -121,6 +121,10 @@ def _chunked_case(rank, world):
             assert rel_err(p.grad, gr) < 1e-9, name
         if rank == world - 1:
             assert rel_err(hT, ref_h) < 1e-10
+    # a chunk size that covers some ranks' whole part but not others' (2 ranks: 17 and 16 steps)
+    for C in (16, "auto"):
+        y, hT = pararnn.RNN(cell, process_group=dist.group.WORLD, chunk_size=C)(x[:, sl], h0)
+        assert rel_err(y, ref[:, sl]) < 1e-10, C
     # lengths (global, the same on every rank): one sequence ends inside rank 0's part
     lengths = torch.tensor([T, 2])
     ref, ref_h = pararnn.RNN(cell, mode="sequential")(x, h0, lengths=lengths)
