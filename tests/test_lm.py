@@ -40,7 +40,8 @@ def test_transformer_is_causal():
 def test_lm_study_end_to_end_and_resume(tmp_path, capsys):
     out = str(tmp_path / "lm")
     main(TINY + ["--out", out])
-    for f in ("summary.json", "table.md", os.path.join("plots", "loss.png"), os.path.join("runs", "paragru.json")):
+    for f in ("summary.json", "table.md", os.path.join("plots", "loss.png"), os.path.join("plots", "newton.png"),
+              os.path.join("runs", "paragru.json")):
         assert os.path.exists(os.path.join(out, f)), f
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
@@ -49,6 +50,7 @@ def test_lm_study_end_to_end_and_resume(tmp_path, capsys):
     assert set(runs) == {"paragru", "transformer"}
     r = runs["paragru"]
     assert r["val_bits_per_byte"] > 0 and r["train_tokens_per_s"] > 0 and len(r["loss_curve"]) == 2
+    assert len(r["newton_curve"]) == 2 and max(r["newton_curve"]) == r["newton_iterations_max"]
     assert r["newton_iterations_max"] >= 1 and r["timing"]["sequential_step_s"] > 0 and r["sample"].startswith("def ")
     assert runs["transformer"]["timing"] is None
     capsys.readouterr()

@@ -7,8 +7,8 @@ every result records. Models of about equal parameter count (each one's width is
 ParaGRU, ParaLSTM and the dense GRU trained with the parallel solver, a selective SSM with
 eigenvalues in [-1, 1], DeltaNet, and a causal Transformer built from
 ``torch.nn.TransformerEncoderLayer``. Each finished model is checkpointed as one JSON file under
-``<out>/runs/``; a rerun skips finished models. Outputs: ``<out>/summary.json``, ``<out>/table.md``
-and ``<out>/plots/loss.png``.
+``<out>/runs/``; a rerun skips finished models. Outputs: ``<out>/summary.json``, ``<out>/table.md``,
+``<out>/plots/loss.png`` and ``<out>/plots/newton.png`` (Newton steps per training step).
 """
 from __future__ import annotations
 
@@ -243,11 +243,11 @@ def train_one(name: str, cfg: LMConfig, data: torch.Tensor, progress: bool = Tru
             "d_model": d_model, "params": n_params(model), "val_bits_per_byte": bpb, "train_seconds": train_s,
             "train_tokens_per_s": cfg.steps * cfg.batch * cfg.seq_len / train_s,
             "newton_iterations_mean": sum(iters) / len(iters), "newton_iterations_max": max(iters),
-            "loss_curve": losses, "sample": text, "timing": timing}
+            "loss_curve": losses, "newton_curve": iters, "sample": text, "timing": timing}
 
 
 def summarize(results: list[dict], corpus: dict, out: str) -> str:
-    """Write summary.json, table.md and plots/loss.png; return the table."""
+    """Write summary.json, table.md, plots/loss.png and plots/newton.png; return the table."""
     results = sorted(results, key=lambda r: list(MODELS).index(r["model"]))
     write_json_atomic(os.path.join(out, "summary.json"), {**run_metadata(results[0]["config"] if results else {}),
                                                           "corpus": corpus, "runs": results})
@@ -279,6 +279,13 @@ def summarize(results: list[dict], corpus: dict, out: str) -> str:
         ax.set_xlabel("training step")
         ax.set_ylabel("train loss (bits/byte)")
         ax.set_title("character LM on the Python stdlib")
+    with figure(os.path.join(out, "plots", "newton.png"), figsize=(5.5, 3.6)) as ax:
+        for r in results:
+            if r["model"] != "transformer" and r.get("newton_curve"):
+                ax.plot(r["newton_curve"], lw=0.8, label=r["model"])
+        ax.set_xlabel("training step")
+        ax.set_ylabel("Newton steps (most over the layers)")
+        ax.set_title("Newton steps per training step")
     return table
 
 
