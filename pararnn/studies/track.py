@@ -58,7 +58,6 @@ QUICK_PLAN = {
     "mqar": ["diag_neg", "deltaproduct1_neg", "paragru", "paralstm"],
     "keep_nth": ["diag_pos", "paragru", "paralstm"],
 }
-QUICK_SEEDS = 3
 
 
 @dataclass
