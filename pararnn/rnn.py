@@ -18,7 +18,7 @@ from .newton import (ConvergenceError, SolverInfo, SolverOptions, auto_chunk_siz
                      newton_solve, sequential_solve, time_chunks)
 from .parallel import context_for
 from .scan import check_cu_seqlens
-from .structure import Diagonal, as_structure, run_transition
+from .structure import as_structure, compose, run_transition
 
 MODES = ("parallel", "sequential", "auto")
 
@@ -156,11 +156,18 @@ def _autocast_dtype(device: torch.device):
     return torch.get_autocast_dtype(kind)
 
 
+def _verify_key(cell, h0: torch.Tensor):
+    """What :func:`_verify_once` verifies once: the cell at this dtype, device and structure."""
+    return h0.dtype, h0.device, str(cell.get_structure())
+
+
+def _verified(cell, h0: torch.Tensor) -> bool:
+    return _verify_key(cell, h0) in cell.__dict__.get("_pararnn_verified", ())
+
+
 def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
     """Run :func:`pararnn.cell.verify_cell` once per cell, dtype and device, at n sampled positions."""
-    key = (h0.dtype, h0.device, str(cell.get_structure()))
-    done = cell.__dict__.setdefault("_pararnn_verified", set())
-    if key in done:
+    if _verified(cell, h0):
         return
     B, T = u.shape[:2]
     b = torch.arange(n, device=u.device) % B
@@ -170,7 +177,7 @@ def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
         h_s = cell.step(h0[b].detach(), u_s)  # a state at the scale the solve will see, [n, d]
     with torch.enable_grad(), torch.autocast(u.device.type, enabled=False):  # the cell's math, in full precision
         verify_cell(cell, h_s, u_s)
-    done.add(key)
+    cell.__dict__.setdefault("_pararnn_verified", set()).add(_verify_key(cell, h0))
 
 
 class _Place(torch.autograd.Function):
@@ -641,8 +648,8 @@ class RNN(nn.Module):
         # where the output is the state itself (and no step is padded), the output buffer holds each
         # chunk's solution: its recompute warm-starts from it
         warm_start = mask is None and type(self.cell).output is Cell.output and torch.is_grad_enabled()
-        if mode != "sequential" and opts.check_cell:  # the one-off cell check, outside the checkpoints:
-            with torch.no_grad():  # run inside one, it would save tensors that its recompute does not
+        if mode != "sequential" and opts.check_cell and not _verified(self.cell, h0):  # the one-off cell check,
+            with torch.no_grad():  # outside the checkpoints: inside one it would save tensors its recompute does not
                 _verify_once(self.cell, self._prepare(x[:, :min(T, 64)]), h0)
         for i, (x_c, m_c) in enumerate(zip(x_chunks, mask_chunks)):
             o = opts if not isinstance(opts.init, torch.Tensor) else \
@@ -657,7 +664,7 @@ class RNN(nn.Module):
                 y_c, h, _ = self._solve_chunk(*args)
             if transitions is not None:  # later chunk after earlier ones
                 Pc = transitions[i]
-                P = Pc if P is None else (Pc * P if isinstance(structure, Diagonal) else Pc @ P)
+                P = Pc if P is None else compose(Pc, P, structure)
             if y is None:  # the output buffer [B, T, out]: chunks are written in as they come, no cat
                 y = y_c.new_empty(x.shape[0], x.shape[1], *y_c.shape[2:])
             y = _Place.apply(y, y_c, i * C)

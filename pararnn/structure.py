@@ -248,15 +248,21 @@ class Block(Structure):
 _NAMES = {"diagonal": Diagonal, "diag": Diagonal, "dense": Dense}
 
 
+def compose(later: torch.Tensor, earlier: torch.Tensor, structure: Structure) -> torch.Tensor:
+    """The transition ``later · earlier`` of two storage-form transitions ``[..., *jac]``: an
+    elementwise product for a diagonal, else a matrix product (every non-diagonal storage form
+    ends in ``[k, k]`` matrices)."""
+    return later * earlier if isinstance(structure, Diagonal) else later @ earlier
+
+
 def run_transition(J: torch.Tensor, structure: Structure) -> torch.Tensor:
     """The transition of a whole run of steps, ``J_T ··· J_1`` for ``J [B, T, *jac]``, in storage
-    form ``[B, *jac]``: the product over T for a diagonal, else a tree of pairwise matrix products
-    (every non-diagonal storage form ends in ``[k, k]`` matrices that compose by ``@``)."""
+    form ``[B, *jac]``: the product over T for a diagonal, else a tree of pairwise :func:`compose`."""
     if isinstance(structure, Diagonal):
         return J.prod(1)
     while J.shape[1] > 1:
         n = J.shape[1] // 2 * 2
-        pairs = J[:, 1:n:2] @ J[:, 0:n:2]  # later @ earlier, [B, n/2, *jac]
+        pairs = compose(J[:, 1:n:2], J[:, 0:n:2], structure)  # [B, n/2, *jac]
         J = torch.cat([pairs, J[:, n:]], 1) if n < J.shape[1] else pairs
     return J[:, 0]
 
@@ -294,4 +300,4 @@ def from_str(spec: str) -> Structure | None:
 
 _BLOCK_STR = re.compile(r"Block\((\d+)(, shared=True)?\)")
 
-__all__ = ["Block", "Dense", "Diagonal", "Structure", "as_structure", "from_str", "run_transition"]
+__all__ = ["Block", "Dense", "Diagonal", "Structure", "as_structure", "compose", "from_str", "run_transition"]
