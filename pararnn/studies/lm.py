@@ -143,8 +143,20 @@ def n_params(model: nn.Module) -> int:
 
 
 def width_for(name: str, cfg: LMConfig) -> int:
-    """The width (a multiple of 8) whose model's parameter count is closest to ``cfg.params``."""
-    return min(range(16, 1025, 8), key=lambda d: abs(n_params(build(name, d, cfg)) - cfg.params))
+    """The width (a multiple of 8 in 16..1024) whose model's parameter count is closest to
+    ``cfg.params``: a bisection, the count growing with the width (a handful of models built, not
+    127)."""
+    def size(d):
+        return n_params(build(name, d, cfg))
+
+    lo, hi = 2, 128  # width = 8 · index
+    while lo < hi:  # the first index whose model reaches the target (hi if none does)
+        mid = (lo + hi) // 2
+        if size(8 * mid) >= cfg.params:
+            hi = mid
+        else:
+            lo = mid + 1
+    return min({8 * max(lo - 1, 2), 8 * lo}, key=lambda d: (abs(size(d) - cfg.params), d))
 
 
 def batches(data: torch.Tensor, cfg: LMConfig, gen: torch.Generator):
@@ -307,28 +319,26 @@ def run(args: argparse.Namespace) -> list[dict]:
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     results = []
     with study_lock(args.out, "lm"):
+        finished = {}  # every finished run in the folder, read once: {model: result}
         for path in sorted(glob.glob(os.path.join(args.out, "runs", "*.json"))):
             with open(path) as f:
                 r = json.load(f)
             if r.get("config") != asdict(cfg):
                 raise SystemExit(f"pararnn lm: {args.out} holds runs of another configuration ({path}); choose "
                                  "another --out, or pass the same settings")
+            finished[r["model"]] = r
         from tqdm import tqdm
 
         for name in tqdm(models, desc="lm models", unit="model"):
             path = os.path.join(args.out, "runs", f"{name}.json")
-            if os.path.exists(path):
+            if name in finished:
                 print(f"pararnn lm: {name} already finished in {path}, skipping it", file=sys.stderr)
-                with open(path) as f:
-                    results.append(json.load(f))
+                results.append(finished[name])
                 continue
             res = train_one(name, cfg, data)
             write_json_atomic(path, res)  # nothing lost if a later model is interrupted
             results.append(res)
-        everything = []
-        for path in sorted(glob.glob(os.path.join(args.out, "runs", "*.json"))):
-            with open(path) as f:
-                everything.append(json.load(f))
-        print(summarize(everything, corpus, args.out))
+            finished[name] = res
+        print(summarize(list(finished.values()), corpus, args.out))
     print(f"results: {args.out}/summary.json, {args.out}/table.md, plot {args.out}/plots/loss.png")
     return results
