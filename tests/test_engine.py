@@ -306,3 +306,29 @@ def test_newton_with_the_log_depth_scan(make):
         outs.append((y, *torch.autograd.grad(y.square().sum() + hT.sum(), [x, *cell.parameters()])))
     for a, b in zip(*outs):
         assert rel_err(a, b) < 1e-10
+
+
+def test_evaluation_pieces_are_sized_by_the_jacobian_too():
+    """A dense cell's step_and_jacobian is called on pieces holding about eval_chunk state elements
+    and at most 2·eval_chunk Jacobian entries; the answer does not depend on the piece size."""
+    from pararnn.models import GRU
+
+    torch.manual_seed(0)
+    cell = GRU(3, 8).double()
+    x = torch.randn(2, 40, 3, dtype=torch.float64)
+    rows = []
+    orig = cell.step_and_jacobian
+
+    def spy(h, u):
+        rows.append(h.shape[0])
+        return orig(h, u)
+
+    cell.step_and_jacobian = spy
+    # per step: state 2·8 = 16 entries, Jacobian 2·64 = 128: pieces of 64 // 64 = 1 step (B = 2 rows);
+    # sized by the state alone they would hold 4 steps
+    y_small = pararnn.RNN(cell, mode="parallel", eval_chunk=64, check_cell=False)(x)[0]
+    assert rows and max(rows) == 2
+    rows.clear()
+    y_large = pararnn.RNN(cell, mode="parallel", eval_chunk=1 << 20, check_cell=False)(x)[0]
+    assert max(rows) == 2 * 40
+    torch.testing.assert_close(y_small, y_large, rtol=1e-12, atol=1e-12)
