@@ -178,3 +178,31 @@ def test_time_split_with_the_triton_kernels(structure):
         want = scan_reference(A, b, h0, st, reverse)
         assert rel_err(split_scan(scan_triton, A, b, h0, st, 4, reverse), want) < 1e-5
     assert pararnn.dispatch.time_pieces(1, 16384, 64, torch.device("cpu")) == 1  # CPU: never split
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_cpu_block_scan_sums_in_fp64(adjoint):
+    """Each fp32 entry of the numba block scan is its k products summed in fp64 and rounded once:
+    one step (T = 1 forward, T = 2 adjoint) equals the fp64 matvec rounded to fp32 at almost every
+    entry, and is never more than 1 ulp off (summed in fp32, 64 terms give several ulp)."""
+    from pararnn.kernels.cpu import HAVE_NUMBA, scan_cpu
+
+    if not HAVE_NUMBA:
+        pytest.skip("numba missing")
+    g = torch.Generator().manual_seed(0)
+    k, B = 64, 64
+    A = torch.randn(B, 2, 1, k, k, generator=g).mul_(0.3)  # one dense block, [B, T, 1, k, k]
+    A.diagonal(dim1=-2, dim2=-1).add_(1)
+    h = torch.randn(B, k, generator=g)
+    b = torch.randn(B, 2, k, generator=g).mul_(1e-3)
+    A2 = A.reshape(B, 2, k, k)
+    if adjoint:  # out_0 = b_0, out_1... reverse adjoint: out_{T-1} = b_{T-1}, out_0 = b_0 + A_1^T out_1
+        bb = torch.stack([b[:, 0], h], 1)
+        out = scan_cpu(A2, bb, None, "dense", reverse=True, adjoint=True)[:, 0]
+        exact = (A2[:, 1].double().transpose(-1, -2) @ h.double()[..., None])[..., 0] + b[:, 0].double()
+    else:
+        out = scan_cpu(A2[:, :1], b[:, :1], h, "dense")[:, 0]
+        exact = (A2[:, 0].double() @ h.double()[..., None])[..., 0] + b[:, 0].double()
+    ulp = (out.double() - exact.float().double()).abs() / torch.finfo(torch.float32).eps / exact.abs().clamp_min(1e-30)
+    assert float((out == exact.float()).double().mean()) > 0.99
+    assert float(ulp.max()) <= 2.0
