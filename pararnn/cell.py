@@ -195,6 +195,20 @@ def _holomorphic_error(step, h, u, rtol):
     return None
 
 
+def is_affine(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether ``step`` is affine in the state, ``f(h, u) = A(u) h + c(u)``, judged by its declared
+    Jacobian being the same, bit for bit, at ``h [n, d]`` and at another state (``u [n, *]``).
+
+    The solver starts such a cell's Newton from zeros: one step is then exact up to the scan's
+    rounding, where from ``f(h0, u_t)`` the update ``H + δ`` cancels (``|H| >> |h_t|`` at small
+    entries) and a second step is needed. A wrong answer here costs Newton steps, never accuracy.
+    """
+    with torch.no_grad():
+        J1 = cell.step_and_jacobian(h, u)[1]
+        J2 = cell.step_and_jacobian(0.37 - 2 * h, u)[1]
+    return torch.equal(J1, J2)
+
+
 def verify_cell(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> None:
     """The probe the parallel solver runs once per cell, dtype and device (``check_cell=True``).
 
@@ -247,4 +261,4 @@ def verify_cell(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> None:
         raise CellCheckError(f"{name}: {msg}.")
 
 
-__all__ = ["Block", "Cell", "CellCheckError", "verify_cell", "Dense", "Diagonal", "autodiff_step_and_jacobian", "check_structure", "dense_jacobian"]
+__all__ = ["Block", "Cell", "CellCheckError", "verify_cell", "is_affine", "Dense", "Diagonal", "autodiff_step_and_jacobian", "check_structure", "dense_jacobian"]

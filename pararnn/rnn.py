@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .cell import Cell, verify_cell
+from .cell import Cell, is_affine, verify_cell
 from .dispatch import auto_backend
 from .newton import (ConvergenceError, SolverInfo, SolverOptions, auto_chunk_size, handle_failure, hold_padded,
-                     newton_solve, sequential_solve, time_chunks)
+                     newton_solve, replay_steps, sequential_solve, time_chunks)
 from .parallel import context_for
 from .scan import check_cu_seqlens
 from .structure import as_structure, compose, run_transition
@@ -53,7 +53,7 @@ class _Adjoint(torch.autograd.Function):
 
 
 def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, warn=None,
-                   mask: torch.Tensor | None = None, on_jacobians=None):
+                   mask: torch.Tensor | None = None, on_jacobians=None, replay: int | None = None):
     """Differentiable parallel solve: ``(H [B, T, d], SolverInfo)``.
 
     Newton runs without a graph, then the failure policy (``opts.on_fail``) is applied. If
@@ -61,6 +61,7 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     the graph, and :class:`_Adjoint` turns the incoming state gradients into its cotangents with
     one reverse-time scan. ``mask [B, T]`` (False = padded step) holds the state there.
     ``on_jacobians(J)``, if given, is called with ``J [B, T, *jac]`` at the solution (no grad).
+    ``replay=k``: repeat a solve that converged in k steps (see :func:`pararnn.newton.newton_solve`).
     """
     if _under_torch_func():
         raise RuntimeError(TORCH_FUNC_MSG)
@@ -68,7 +69,7 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     if opts.check_cell:
         _verify_once(cell, u, h0)
     with torch.no_grad():
-        S, J, info = newton_solve(cell, u, h0, opts, pctx, mask)  # S: [B, T+1, d] = (h0, h_1..h_T)
+        S, J, info = newton_solve(cell, u, h0, opts, pctx, mask, replay)  # S: [B, T+1, d] = (h0, h_1..h_T)
         handle_failure(cell, u, S, J, info, opts, pctx, mask=mask, **({} if warn is None else {"warn": warn}))
         if on_jacobians is not None:
             on_jacobians(J)
@@ -177,6 +178,7 @@ def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
         h_s = cell.step(h0[b].detach(), u_s)  # a state at the scale the solve will see, [n, d]
     with torch.enable_grad(), torch.autocast(u.device.type, enabled=False):  # the cell's math, in full precision
         verify_cell(cell, h_s, u_s)
+        cell.__dict__["_pararnn_affine"] = is_affine(cell, h_s, u_s)  # init="auto" reads it
     cell.__dict__.setdefault("_pararnn_verified", set()).add(_verify_key(cell, h0))
 
 
@@ -595,10 +597,14 @@ class RNN(nn.Module):
         and its readout: ``(y, h_last, info)``. ``infos[i]`` keeps the first info of chunk i (a
         backward recompute does not replace it); ``transitions[i]``, if asked for, the chunk's
         transition ``dh_last/dh0 [B, *jac]`` (computed once, not again in a recompute). ``warm["init"]``,
-        once set, is this chunk's solution from the forward: the backward's recompute starts Newton
-        there (it converges at the first check) instead of solving again."""
+        once set, is this chunk's solution from the forward: the backward's recompute evaluates the
+        Jacobians there instead of solving again. Otherwise a recompute (``infos[i]`` set) replays the
+        forward's Newton steps without their convergence tests (:func:`pararnn.newton.replay_steps`):
+        the same iterates, without the residual measures."""
+        replay = replay_steps(infos.get(i))
         if warm and mode != "sequential":
             opts = dataclasses.replace(opts, init=warm["init"])
+            replay = 0  # the forward's solution itself (the forward's last evaluation was there too)
         if chunked:  # one of many chunks (this also runs in the backward's recompute of the chunk)
             _release_freed_memory(x.device, opts.memory_budget)
         if u is None:
@@ -611,7 +617,8 @@ class RNN(nn.Module):
             if transitions is not None and i not in transitions:
                 structure = self.cell.get_structure()
                 keep = lambda J: transitions.setdefault(i, run_transition(J, structure))
-            H, info = parallel_solve(self.cell, u, h0, opts, warn=self._warn_once, mask=mask, on_jacobians=keep)
+            H, info = parallel_solve(self.cell, u, h0, opts, warn=self._warn_once, mask=mask, on_jacobians=keep,
+                                     replay=replay)
         infos.setdefault(i, info)
         y = self.cell.output(H, x)
         if mask is not None:  # zero at padded positions

@@ -174,3 +174,65 @@ def test_chunked_memory_does_not_grow_with_T_times_state():
     whole_small, whole_large = _peak_mb(4000, "none"), _peak_mb(16000, "none")
     assert whole_large - whole_small > 200, (whole_small, whole_large)  # the test can tell the difference (~240 MB)
     assert large - small < 60, (small, large)
+
+
+@pytest.mark.parametrize("opts", [{}, {"jacobian_clip": 0.8}, {"damping": 0.7}, {"mask": True}])
+@torch.no_grad()
+def test_replay_repeats_the_solve_exactly(opts):
+    """newton_solve(replay=k) after a solve that converged in k steps gives the same states and
+    Jacobians, bit for bit, without the convergence measures (what a chunked recompute runs)."""
+    from pararnn.newton import SolverOptions, newton_solve, replay_steps
+
+    torch.manual_seed(2)
+    cell = BlockTanh(3, 6, 2)
+    u = cell.prepare(torch.randn(3, 30, 3) * 2)
+    h0 = torch.randn(3, 6)
+    mask = (torch.arange(30) < torch.tensor([30, 11, 23])[:, None]) if opts.pop("mask", False) else None
+    o = SolverOptions(**opts)
+    S, J, info = newton_solve(cell, u, h0, o, mask=mask)
+    k = replay_steps(info)
+    assert k == info.iterations and k >= 3
+    S2, J2, info2 = newton_solve(cell, u, h0, o, mask=mask, replay=k)
+    assert torch.equal(S, S2) and torch.equal(J, J2) and info2.iterations == k
+    S3 = newton_solve(cell, u, h0, o, mask=mask, replay=k - 1)[0]
+    assert not torch.equal(S, S3)  # one step fewer is another iterate: the test can tell
+
+
+def test_chunked_backward_replays_without_measures(monkeypatch):
+    """The recompute of a checkpointed chunk evaluates the cell without the convergence measures
+    (measure=False) and as many times as its forward did; a chunk that fell back takes the full
+    solve again."""
+    import pararnn.newton as newton
+
+    calls = []
+    orig = newton.evaluate
+
+    def spy(*a, **k):
+        calls.append(a[10] if len(a) > 10 else k.get("measure", True))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(newton, "evaluate", spy)
+    torch.manual_seed(3)
+    cell = DeltaNet(3, 4, 5)
+    x = torch.randn(2, 24, 3, requires_grad=True)
+    rnn = pararnn.RNN(cell, mode="parallel", chunk_size=8)
+    y, _, info = rnn(x, return_info=True)
+    forward = list(calls)
+    assert forward and all(forward)
+    calls.clear()
+    y.sum().backward()
+    # chunks 0 and 1 are recomputed (the last one keeps its graph): iterations + 1 evaluations each
+    steps = [c.iterations for c in info.chunks[:2]]
+    assert calls == [False] * sum(s + 1 for s in steps)
+
+
+def test_replay_steps_only_for_clean_parallel_solves():
+    from pararnn.newton import SolverInfo, replay_steps
+
+    ok = torch.ones(2, dtype=torch.bool)
+    assert replay_steps(SolverInfo(mode="parallel", iterations=3, converged=ok, fell_back=~ok)) == 3
+    assert replay_steps(SolverInfo(mode="parallel", iterations=3, converged=ok, fell_back=torch.tensor([False, True]))) is None
+    assert replay_steps(SolverInfo(mode="parallel", iterations=3, converged=torch.tensor([True, False]),
+                                   fell_back=~ok)) is None
+    assert replay_steps(SolverInfo(mode="parallel", iterations=3, converged=ok, fell_back=~ok, safeguarded=True)) is None
+    assert replay_steps(SolverInfo(mode="sequential")) is None and replay_steps(None) is None
