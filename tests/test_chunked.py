@@ -202,7 +202,7 @@ def test_chunked_backward_replays_without_measures(monkeypatch):
     """The recompute of a checkpointed chunk evaluates the cell without the convergence measures
     (measure=False) and as many times as its forward did; a chunk that fell back takes the full
     solve again."""
-    import pararnn.newton as newton
+    from pararnn import newton
 
     calls = []
     orig = newton.evaluate
