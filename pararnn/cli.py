@@ -56,7 +56,7 @@ def track_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def lm_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--quick", action="store_true", help="6 models of about 1M parameters, 300 steps each (~12 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="6 models of about 1M parameters, 300 steps each (~13 min on 2 cores)")
     ap.add_argument("--models", default=None, help=f"comma-separated models ({', '.join(LM_MODEL_NAMES)})")
     ap.add_argument("--steps", type=int, default=None, help="training steps per model")
     ap.add_argument("--params", type=int, default=None, help="target parameter count per model")
