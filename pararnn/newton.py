@@ -275,7 +275,9 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
 
     ``compiled=True`` runs each chunk through :func:`evaluate_piece` compiled by torch.compile
     (one fused pass, see :func:`compiled_piece`); otherwise eagerly (the reference twin).
-    ``measure=False`` (eager only) fills r and J without the convergence measures (returns None, None).
+    ``measure=False`` fills r and J without the convergence measures (returns None, None); the
+    compiled piece computes them anyway (a variant without them could fuse differently, and a
+    replay, :func:`newton_solve`, must give the same numbers as the solve it repeats).
     """
     B, T = u.shape[:2]
     d = S.shape[-1]
@@ -283,8 +285,7 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     err = torch.zeros(B, dtype=r.real.dtype, device=r.device)
     q = torch.zeros_like(err)
     piece = compiled_piece() if compiled and can_compile(S) else evaluate_piece
-    if not measure and piece is not evaluate_piece:
-        raise ValueError("measure=False is an eager evaluation (the compiled piece fuses the measures)")
+    eager = piece is evaluate_piece
     # A piece holds about `chunk` state elements, and at most 2·chunk Jacobian entries: a dense d×d
     # Jacobian is d× its state, and pieces sized by the state alone made a dense GRU's (d = 176,
     # B = 16) temporaries 184 MB each, page-faulted afresh on every operation (4.2× slower training
@@ -296,7 +297,7 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
         # detach: u may require grad (training) and is read here without a graph; one compiled graph then
         # serves training and inference
         rp, Jc, e, qc = piece(cell, structure, S[:, t0:t1], u[:, t0:t1].detach(), S[:, t0 + 1:t1 + 1], m, atol,
-                              rc if piece is evaluate_piece else None, *(() if measure else (False,)))
+                              rc if eager else None, measure or not eager)
         if rp is not rc:
             rc.copy_(rp)
         J[:, t0:t1] = Jc
@@ -458,10 +459,14 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
     initial_guess(cell, u, h0, opts, H)
     info = SolverInfo(mode="parallel", rtol=rtol, atol=atol)
 
+    def evaluate_here(measure=True):
+        """r and J at the iterate (and, measuring, per-sequence max|r| and q, [B] each)."""
+        S[:, 0] = ctx.boundary_state(H, h0)  # a later chunk's first step reads the previous chunk's last state
+        return evaluate(cell, S, u, r, J, opts.eval_chunk, atol, structure, mask, opts.compile_cell, measure)
+
     def check():
         """Evaluate at the iterate; per-sequence (max residual, converged), global over the context."""
-        S[:, 0] = ctx.boundary_state(H, h0)  # a later chunk's first step reads the previous chunk's last state
-        err, q = evaluate(cell, S, u, r, J, opts.eval_chunk, atol, structure, mask, opts.compile_cell)  # [B] each
+        err, q = evaluate_here()
         inf = float("inf")  # NaN counts as the worst: never converged
         return ctx.max(torch.nan_to_num(err, nan=inf)), ctx.max(torch.nan_to_num(q, nan=inf))
 
@@ -472,19 +477,22 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
             return ok
         return ok | ((q <= ROUNDING_FLOOR * rtol) & (err > STALL_RATIO * prev))
 
+    def advance():
+        """One Newton step: H += damping · (the scan's solution of the linearised system)."""
+        policy.before_scan(J)
+        ctx.scan(J, r, None, structure, backend=opts.backend, out=delta)
+        if opts.damping != 1.0:
+            delta.mul_(opts.damping)
+        policy.before_update(H)
+        H.add_(delta)
+
     policy = StepPolicy(opts, structure, atol)
     if replay is not None:
-        measure = bool(opts.compile_cell and can_compile(S))  # a compiled piece always measures
-        for k in range(replay + 1):
-            S[:, 0] = ctx.boundary_state(H, h0)
-            evaluate(cell, S, u, r, J, opts.eval_chunk, atol, structure, mask, opts.compile_cell, measure)
-            if k == replay:
-                break
-            policy.before_scan(J)
-            ctx.scan(J, r, None, structure, backend=opts.backend, out=delta)
-            if opts.damping != 1.0:
-                delta.mul_(opts.damping)
-            H.add_(delta)
+        policy.safeguard = False  # a replay undoes nothing: no copies of the iterate
+        evaluate_here(measure=False)
+        for _ in range(replay):
+            advance()
+            evaluate_here(measure=False)
         info.iterations = replay
         info.converged = torch.ones(B, dtype=torch.bool, device=h0.device)
         info.fell_back = torch.zeros_like(info.converged)
@@ -502,12 +510,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
             break
         if not bool((~converged & torch.isfinite(err)).any()):
             break  # every unconverged sequence is NaN/Inf: further steps cannot help
-        policy.before_scan(J)
-        ctx.scan(J, r, None, structure, backend=opts.backend, out=delta)
-        if opts.damping != 1.0:
-            delta.mul_(opts.damping)
-        policy.before_update(H)
-        H.add_(delta)
+        advance()
         info.iterations += 1
     if policy.clip is not None:  # the backward needs the exact Jacobians at the solution
         check()
