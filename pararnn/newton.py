@@ -63,7 +63,10 @@ class SolverOptions:
             Jacobians. Newton still makes at least one more position exact per step, so it still
             converges within T steps; quadratic convergence is lost where clipping is active.
         safeguard: undo a step for the sequences it blew up (NaN/Inf, or residual 1e4× its best
-            so far) and continue with ``jacobian_clip=0.9`` (``info.safeguarded`` says so).
+            so far) and continue those in a trust region: exact Jacobians, each update entry at
+            most the size of its state row; a sequence that diverges there too (residual 100× its
+            best) restarts from its best iterate with Jacobians clipped to 0.9 (see
+            :class:`StepPolicy`; ``info.safeguarded`` says so).
         backend: linear-scan backend (see :func:`pararnn.linear_scan`).
         check_finite: raise on NaN/Inf in x or h0 before solving.
         chunk_size: solve T in consecutive chunks of this many steps (None: all of T at once).
@@ -365,35 +368,77 @@ class StepPolicy:
     """The safeguard and Jacobian clipping between Newton steps (see ``SolverOptions``).
 
     A step that blows a sequence up (NaN/Inf, or residual :data:`BLOWUP_FACTOR` × its best so far)
-    is undone for that sequence, and from then on every J_t is clipped to :data:`SAFEGUARD_CLIP` so
-    the scan cannot amplify through products of Jacobians (a quasi-Newton step that still fixes at
-    least one more position per step).
+    is undone for that sequence, and the sequence goes on more carefully, in two levels:
+
+    1. a trust region (:meth:`limit`): each entry of its Newton update is at most
+       :data:`TRUST_RADIUS` times the size of its state row at the restored iterate
+       (``max_t max(|h_t,i|, |f_t,i|)``, fixed from then on); where the scan overflowed the update
+       is cut to that radius (Inf) or to 0 (NaN). The Jacobians stay exact: near the solution the
+       step is Newton's (quadratic convergence), and it still makes one more position exact per step.
+    2. if it blows up again: its Jacobians are also clipped to :data:`SAFEGUARD_CLIP` (a
+       quasi-Newton step that cannot amplify through products of J).
     """
 
     def __init__(self, opts: SolverOptions, structure, atol: float):
         self.safeguard, self.structure, self.atol = opts.safeguard, structure, atol
         self.clip = opts.jacobian_clip
         self.H_prev = self.best = None
+        self.level = None  # [B] int: 0 plain, 1 trust region, 2 trust region and clipped Jacobians
+        self.radius = None  # [B, 1, d]: trust radius per state row (Inf: none yet)
         self.safeguarded = False
 
     def undo_blowups(self, err: torch.Tensor, H: torch.Tensor) -> bool:
-        """After a step: restore the previous iterate of blown-up sequences. True if any was."""
+        """After a step: restore the previous iterate of blown-up sequences (the best one so far for a
+        sequence that blew up in the trust region). True if any was restored."""
         if not self.safeguard or self.H_prev is None:
             return False
-        blown = ~torch.isfinite(err) | (err > BLOWUP_FACTOR * self.best.clamp_min(self.atol))
+        factor = torch.full_like(err, BLOWUP_FACTOR)
+        if self.level is not None:  # in the trust region, a residual that grows steadily is divergence too
+            factor[self.level == 1] = TRUSTED_BLOWUP_FACTOR
+        blown = ~torch.isfinite(err) | (err > factor * self.best.clamp_min(self.atol))
         if not bool(blown.any()):
             return False
-        H[blown] = self.H_prev[blown]
-        self.clip = min(self.clip, SAFEGUARD_CLIP) if self.clip is not None else SAFEGUARD_CLIP
+        if self.level is None:
+            self.level = torch.zeros_like(blown, dtype=torch.int8)
+            self.H_best = self.H_prev.clone()  # from now on the best iterate of each sequence is kept
+        H[blown] = torch.where((self.level[blown] == 1).reshape(-1, 1, 1), self.H_best[blown], self.H_prev[blown])
+        self.level[blown] = (self.level[blown] + 1).clamp_max(2)
         self.safeguarded = True
         return True
 
-    def record(self, err: torch.Tensor) -> None:
+    def record(self, err: torch.Tensor, H: torch.Tensor) -> None:
+        if self.level is not None:
+            better = err < self.best
+            self.H_best[better] = H[better]
         self.best = err if self.best is None else torch.minimum(self.best, err)
 
     def before_scan(self, J: torch.Tensor) -> None:
         if self.clip is not None:
             self.structure.clip(J, self.clip)
+        if self.level is not None and bool((self.level == 2).any()):
+            idx = (self.level == 2).nonzero().flatten()
+            Jb = J[idx]
+            self.structure.clip(Jb, SAFEGUARD_CLIP)
+            J[idx] = Jb
+
+    def limit(self, delta: torch.Tensor, H: torch.Tensor, r: torch.Tensor) -> None:
+        """In place: hold the update ``delta [B, T, d]`` of safeguarded sequences in their trust region;
+        ``H``, ``r`` are the iterate and its residual (the radius is set at the first call after a blow-up)."""
+        if self.level is None:
+            return
+        idx = (self.level == 1).nonzero().flatten()
+        if idx.numel() == 0:
+            return
+        if self.radius is None:
+            self.radius = torch.full((H.shape[0], 1, H.shape[2]), float("inf"), dtype=H.real.dtype, device=H.device)
+        new = idx[torch.isinf(self.radius[idx, 0, 0])]
+        if new.numel():  # the state rows' size at the restored iterate: max_t max(|h_t|, |f_t|), f = h + r
+            Hn = H[new]
+            size = torch.maximum(Hn.abs(), (Hn + r[new]).abs()).amax(1, keepdim=True)
+            self.radius[new] = (TRUST_RADIUS * size).clamp_min(torch.finfo(size.dtype).tiny)
+        db = torch.nan_to_num(delta[idx], nan=0.0)  # an overflowing scan: NaN -> 0, Inf -> the dtype's max
+        mag = db.abs()
+        delta[idx] = db * torch.clamp(self.radius[idx] / mag.clamp_min(torch.finfo(mag.dtype).tiny), max=1.0)
 
     def before_update(self, H: torch.Tensor) -> None:
         if self.safeguard:
@@ -405,8 +450,11 @@ class StepPolicy:
 # A residual this many times a sequence's best so far means the step diverged (Newton's error
 # squares each step near the solution, so an honest step never grows the residual by 10^4).
 BLOWUP_FACTOR = 1e4
-# After a blow-up, Jacobians are clipped to this norm: < 1 makes every product of J_t a
-# contraction, and 0.9 keeps most of the Newton direction for cells whose |J| is near 1.
+TRUSTED_BLOWUP_FACTOR = 100.0
+# After a blow-up, a sequence's Newton updates are held to this multiple of its state rows' size.
+TRUST_RADIUS = 1.0
+# After a second blow-up, its Jacobians are clipped to this norm: < 1 makes every product of J_t
+# a contraction, and 0.9 keeps most of the Newton direction for cells whose |J| is near 1.
 SAFEGUARD_CLIP = 0.9
 
 
@@ -481,6 +529,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         """One Newton step: H += damping · (the scan's solution of the linearised system)."""
         policy.before_scan(J)
         ctx.scan(J, r, None, structure, backend=opts.backend, out=delta)
+        policy.limit(delta, H, r)
         if opts.damping != 1.0:
             delta.mul_(opts.damping)
         policy.before_update(H)
@@ -504,7 +553,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
             err, q = check()
         converged = is_converged(err, q, prev)
         prev = err
-        policy.record(err)
+        policy.record(err, H)
         info.residuals.append(float(err.max()))
         if bool(converged.all()) or info.iterations >= opts.max_iters:
             break
