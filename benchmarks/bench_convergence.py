@@ -6,9 +6,12 @@ cell whose recurrent matrix has spectral radius rho. For each: the largest Lyapu
 (`pararnn.diagnose`), the parallel solve with default options (Newton steps, safeguard,
 sequences that fell back to the sequential loop, error against a float64 sequential solve) and
 its wall time against `mode="sequential"` (medians, the two interleaved), in the latency regime
-(B = 1) and a wider batch. Writes results/bench_convergence.json and .md.
+(B = 1) and a wider batch; and, untimed, how many Newton steps the solve needs when it may take
+up to --uncapped steps (which sequences converge by then, and their error). Writes
+results/bench_convergence.json and .md.
 
-Usage: python benchmarks/bench_convergence.py [--quick] [--threads 1] [--bound 1.0] [--out results/bench_convergence.json]
+Usage: python benchmarks/bench_convergence.py [--quick] [--threads 1] [--bound 1.0] [--uncapped 200]
+       [--out results/bench_convergence.json]
 ("size" is a_std for ParaGRU/ParaLSTM and the spectral radius rho for Elman.)
 """
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _cell(kind: str, size: float, d: int, seed: int, bound: float | None = None)
 
 
 def one_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed: int = 0,
-             bound: float | None = None) -> dict:
+             bound: float | None = None, uncapped: int = 200) -> dict:
     import pararnn
     from pararnn.utils.timing import interleaved_medians
 
@@ -55,6 +58,7 @@ def one_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed:
         par, seq = pararnn.RNN(cell), pararnn.RNN(cell, mode="sequential")
         y, _, info = par(x, return_info=True)
         ys = seq(x)[0]
+        yu, _, info_u = pararnn.RNN(cell, max_iters=uncapped, on_fail="warn")(x, return_info=True)
         scale = ref.abs().amax().item()
         t = interleaved_medians({"parallel": lambda: par(x), "sequential": lambda: seq(x)}, repeats)
     return {"cell": kind, "size": size, "bound": bound, "B": B, "T": T, "d": d, "lyapunov": lam,
@@ -62,6 +66,9 @@ def one_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed:
             "fell_back": int(info.fell_back.sum()), "converged": int(info.converged.sum()),
             "rel_err_parallel": (y.double() - ref).abs().max().item() / scale,
             "rel_err_sequential_fp32": (ys.double() - ref).abs().max().item() / scale,
+            "uncapped_max_iters": uncapped, "uncapped_iterations": info_u.iterations,
+            "uncapped_converged": int(info_u.converged.sum()),
+            "rel_err_uncapped": (yu.double() - ref).abs().max().item() / scale,
             "parallel_fwd_s": t["parallel"], "sequential_fwd_s": t["sequential"],
             "speedup_fwd": t["sequential"] / t["parallel"]}
 
@@ -70,12 +77,14 @@ def table(rows) -> str:
     from pararnn.studies.common import markdown_table
 
     header = ["cell", "size", "B", "T", "d", "Lyapunov λ", "Newton steps", "safeguard", "fell back",
-              "error (parallel)", "error (fp32 loop)", "parallel (ms)", "sequential (ms)", "speedup"]
+              "error (parallel)", "error (fp32 loop)", "parallel (ms)", "sequential (ms)", "speedup",
+              "steps, uncapped", "converged, uncapped", "error, uncapped"]
     return markdown_table(header, [
         [r["cell"], r["size"], r["B"], r["T"], r["d"], f"{r['lyapunov']:.3f}", r["newton_iterations"],
          "yes" if r["safeguarded"] else "no", f"{r['fell_back']}/{r['B']}", f"{r['rel_err_parallel']:.1e}",
          f"{r['rel_err_sequential_fp32']:.1e}", f"{r['parallel_fwd_s'] * 1e3:.0f}",
-         f"{r['sequential_fwd_s'] * 1e3:.0f}", f"{r['speedup_fwd']:.2f}×"] for r in rows])
+         f"{r['sequential_fwd_s'] * 1e3:.0f}", f"{r['speedup_fwd']:.2f}×", r["uncapped_iterations"],
+         f"{r['uncapped_converged']}/{r['B']}", f"{r['rel_err_uncapped']:.1e}"] for r in rows])
 
 
 def main(argv=None) -> int:
@@ -85,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bound", type=float, default=None,
                     help="bound the recurrent weights (pararnn.models.bound_recurrent_weights) at this value")
+    ap.add_argument("--uncapped", type=int, default=200,
+                    help="also solve once (untimed) with this max_iters: the steps Newton needs without the default cap")
     ap.add_argument("--out", default="results/bench_convergence.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -101,7 +112,7 @@ def main(argv=None) -> int:
         sweep = {k: v[:3] for k, v in sweep.items()}
     shapes = [(1, T, 64), (4, T, 64)]
     cases = [(k, s, *shape) for k, sizes in sweep.items() for s in sizes for shape in shapes]
-    rows = [one_case(k, s, B, T_, d, args.repeats, bound=args.bound)
+    rows = [one_case(k, s, B, T_, d, args.repeats, bound=args.bound, uncapped=args.uncapped)
             for k, s, B, T_, d in tqdm(cases, desc="convergence", unit="case")]
     settings = {**vars(args), "T": T, "sweep": sweep, "shapes": shapes}
     write_json_atomic(args.out, {**run_metadata(settings), "units": "seconds (median), forward only", "rows": rows})
