@@ -2,7 +2,8 @@
 
 The public names load on first use (PEP 562), so ``pararnn --version`` and ``pararnn --help``
 answer without importing torch. The first one loaded brings the whole API, including
-``pararnn.distributed`` (which registers the sequence-parallel context).
+``pararnn.distributed`` (which registers the sequence-parallel context; ``process_group=`` also
+imports it where it is missing). Every submodule imports on its own (``import pararnn.scan``).
 """
 from __future__ import annotations
 
@@ -40,9 +41,7 @@ def __getattr__(name: str):
     if name in _API:
         _load_api()
         return globals()[name]
-    if name in _SUBMODULES:
-        if name != "studies":
-            _load_api()
+    if name in _SUBMODULES:  # a submodule alone (`from . import dispatch` inside the package lands here too)
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pararnn' has no attribute {name!r}")
 

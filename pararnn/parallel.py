@@ -91,8 +91,10 @@ def context_for(process_group) -> ParallelContext:
         return LOCAL
     if isinstance(process_group, ParallelContext):
         return process_group
-    if _group_factory is None:  # pragma: no cover - pararnn/__init__ imports pararnn.distributed
-        raise RuntimeError("process_group needs pararnn.distributed; import pararnn first")
+    if _group_factory is None:  # pararnn.distributed registers itself on import
+        import importlib
+
+        importlib.import_module(".distributed", __package__)
     return _group_factory(process_group)
 
 

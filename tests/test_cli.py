@@ -50,6 +50,34 @@ def test_python_dash_m_and_distributed_reachable():
     assert r.returncode == 0 and "allreduce_gradients" in r.stdout, r.stderr
 
 
+def test_every_submodule_imports_first_in_a_fresh_process():
+    # `from . import dispatch` inside the package once loaded the whole API half-way through
+    # importing pararnn.scan (ImportError: partially initialized module)
+    import pararnn
+
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    importlib.import_module('pararnn.' + name)\n")
+    import subprocess
+    import sys
+
+    names = [n for n in pararnn._SUBMODULES if n != "studies"] + ["kernels.cpu", "studies.bench"]
+    procs = {n: subprocess.Popen([sys.executable, "-c", code, n], stderr=subprocess.PIPE, text=True) for n in names}
+    for name, p in procs.items():
+        err = p.communicate(timeout=120)[1]
+        assert p.returncode == 0, f"import pararnn.{name}: {err[-500:]}"
+
+
+def test_process_group_finds_the_sequence_parallel_context_by_itself():
+    code = ("import sys, torch.distributed as dist\n"
+            "from pararnn.parallel import context_for\n"
+            "assert 'pararnn.distributed' not in sys.modules\n"
+            "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+            "print(type(context_for(dist.group.WORLD)).__name__)\n")
+    r = _run("-c", code)
+    assert r.returncode == 0 and "SequenceParallel" in r.stdout, r.stderr[-500:]
+
+
 def test_cli_name_lists_match_the_code():
     from pararnn import cli
     from pararnn.models import CELLS
