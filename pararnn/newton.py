@@ -11,6 +11,7 @@ import torch
 
 from .dispatch import check_backend
 from .parallel import LOCAL, ParallelContext
+from .workspace import _Fresh
 
 
 class ConvergenceError(RuntimeError):
@@ -245,10 +246,6 @@ def hold_padded(f: torch.Tensor, J: torch.Tensor | None, hp: torch.Tensor, m: to
     return f, J
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
-
-
 def time_chunks(B: int, T: int, d: int, target: int):
     """Split [0, T) into chunks of about ``target`` elements of ``[B, chunk, d]``.
 
@@ -294,58 +291,112 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     # B = 16) temporaries 184 MB each, page-faulted afresh on every operation (4.2× slower training
     # steps). Block(2) pieces (Jacobian 2× the state) measured faster at 2·chunk than at chunk.
     per_step = max(d, math.prod(structure.storage_shape(d)) // 2)
-    for t0, t1 in time_chunks(B, T, per_step, chunk):
-        rc = r[:, t0:t1]
-        m = None if mask is None else mask[:, t0:t1]
+    for b0, b1, t0, t1 in contiguous_pieces(B, T, per_step, chunk):
+        m = None if mask is None else mask[b0:b1, t0:t1]
         # detach: u may require grad (training) and is read here without a graph; one compiled graph then
         # serves training and inference
-        rp, Jc, e, qc = piece(cell, structure, S[:, t0:t1], u[:, t0:t1].detach(), S[:, t0 + 1:t1 + 1], m, atol,
-                              rc if eager else None, measure or not eager)
-        if rp is not rc:
-            rc.copy_(rp)
-        J[:, t0:t1] = Jc
+        N = (b1 - b0) * (t1 - t0)
+        hp, uc, hn = S[b0:b1, t0:t1], u[b0:b1, t0:t1].detach(), S[b0:b1, t0 + 1:t1 + 1]
+        # view, never a copy: the piece writes r and J here
+        rc, Jc = r[b0:b1, t0:t1].view(N, d), J[b0:b1, t0:t1].view(N, *J.shape[2:])
+        if not eager:  # detached: no view base for dynamo to guard on (the buffers' own B, 0/1-specialised)
+            hp, hn, rc, Jc = hp.detach(), hn.detach(), rc.detach(), Jc.detach()
+            static_features(2, hp, uc, hn)
+            static_features(1, rc, Jc)
+        e, qc = piece(cell, structure, hp, uc, hn, m, atol, rc, Jc, measure or not eager)
         if not measure:
             continue
         # NaN must propagate: maximum does (fmax would drop it).
-        err, q = torch.maximum(err, e), torch.maximum(q, qc)
+        torch.maximum(err[b0:b1], e, out=err[b0:b1])
+        torch.maximum(q[b0:b1], qc, out=q[b0:b1])
     return (err, q) if measure else (None, None)
 
 
+def contiguous_pieces(B: int, T: int, per_step: int, target: int) -> list[tuple[int, int, int, int]]:
+    """Split ``[B, T]`` into pieces ``(b0, b1, t0, t1)`` of about ``target`` elements (``per_step``
+    per time step) that are contiguous in a ``[B, T, ...]`` buffer: whole rows, as many as fit,
+    when a row fits; else one row at a time, in time chunks. So a piece's outputs are one run of
+    memory, the same iteration space as its ``[N, d]`` computation, and a compiled piece stores
+    r and J straight into the solver's buffers in the loop that computes them (B-row pieces with
+    a time slice gave inductor a second loop nest over ``[B, n·d]`` and temporaries to copy)."""
+    row = T * per_step
+    if row <= target:
+        return [(b0, b1, 0, T) for b0, b1 in _even_split(B, max(1, target // max(1, row)))]
+    spans = _even_split(T, max(1, target // max(1, per_step)))
+    return [(b, b + 1, t0, t1) for b in range(B) for t0, t1 in spans]
+
+
+def _even_split(n: int, most: int) -> list[tuple[int, int]]:
+    """[0, n) in the fewest spans of at most ``most``, of near-equal lengths (so no stub of length 1
+    at the end, which dynamo would compile a graph of its own for)."""
+    k = -(-n // most)
+    bounds = [n * i // k for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def evaluate_piece(cell, structure, hp: torch.Tensor, u: torch.Tensor, hn: torch.Tensor, m: torch.Tensor | None,
-                   atol: float, r_out: torch.Tensor | None = None, measure: bool = True):
-    """One chunk of :func:`evaluate`: ``hp, hn [B, n, d]`` (previous and current states),
-    ``u [B, n, *]``, ``m [B, n]`` or None. Returns ``(r [B, n, d], J [B, n, *jac], max|r| [B], q [B])``;
-    ``r`` is written into ``r_out`` when given (the eager path; the compiled one returns it).
-    ``measure=False``: r and J only (the last two are None)."""
+                   atol: float, r_out: torch.Tensor, J_out: torch.Tensor, measure: bool = True):
+    """One piece of :func:`evaluate`: ``hp, hn [B, n, d]`` (previous and current states),
+    ``u [B, n, *]``, ``m [B, n]`` or None. Writes ``r`` into ``r_out [B·n, d]`` and ``J`` into
+    ``J_out [B·n, *jac]`` (views of the solver's buffers, rows in (b, t) order) and returns
+    ``(max|r| [B], q [B])``, or ``(None, None)`` with ``measure=False``."""
     B, n, d = hp.shape
-    hp = hp.reshape(B * n, d)  # [B*n, d]
-    f, Jc = cell.step_and_jacobian(hp, u.reshape(B * n, *u.shape[2:]))
-    f, Jc = hold_padded(f, Jc, hp, None if m is None else m.reshape(B * n), structure)
-    f = f.reshape(B, n, d)
-    r = torch.sub(f, hn) if r_out is None else torch.sub(f, hn, out=r_out)
+    N = B * n
+    hp = hp.reshape(N, d)  # [N, d]
+    f, Jc = cell.step_and_jacobian(hp, u.reshape(N, *u.shape[2:]))
+    f, Jc = hold_padded(f, Jc, hp, None if m is None else m.reshape(N), structure)
+    # Everything runs over the same [N, d] rows as the outputs, reduced per row and then per
+    # sequence: one iteration space, which inductor fuses into one loop nest, stores included.
+    # (out= would break dynamo's graph.)
+    J_out.copy_(Jc)
+    if torch.compiler.is_compiling():
+        r_out.copy_(f - hn.reshape(N, d))
+    else:
+        torch.sub(f, hn.reshape(N, d), out=r_out)
     if not measure:
-        return r, Jc.reshape(B, n, *Jc.shape[1:]), None, None
+        return None, None
+    r = r_out
     ra = r.abs()
-    # the rounding scale of the linearised step, per entry: |f| + |J| |h_prev|  [B, n, d]
-    scale = structure.matvec(Jc.abs(), hp.abs()).reshape(B, n, d).add_(f.abs()).clamp_min_(torch.finfo(ra.dtype).tiny)
-    err = ra.amax(dim=(1, 2))  # amax propagates NaN
-    q = ra.sub_(atol).clamp_min_(0).div_(scale).amax(dim=(1, 2))
-    return r, Jc.reshape(B, n, *Jc.shape[1:]), err, q
+    # the rounding scale of the linearised step, per entry: |f| + |J| |h_prev|  [N, d]
+    scale = structure.matvec(J_out.abs(), hp.abs()).add_(f.abs()).clamp_min_(torch.finfo(ra.dtype).tiny)
+    err = ra.amax(dim=-1).reshape(B, n).amax(dim=1)  # [B]; amax propagates NaN
+    q = ra.sub_(atol).clamp_min_(0).div_(scale).amax(dim=-1).reshape(B, n).amax(dim=1)
+    return err, q
 
 
-_COMPILED_PIECE = None
+_COMPILED = {}
 
 
-def compiled_piece():
-    """:func:`evaluate_piece` under ``torch.compile(dynamic=True)`` (inductor: one fused C++/OpenMP
-    loop on CPU, Triton on CUDA). Dynamic shapes, so T and B do not recompile; dynamo compiles
-    once per cell class, parameter shapes (parameters are static), structure, dtype and device
-    (and once more for B = 1, or for a chunk whose step count equals B, which it specialises),
-    not per call."""
-    global _COMPILED_PIECE
-    if _COMPILED_PIECE is None:
-        _COMPILED_PIECE = torch.compile(evaluate_piece, dynamic=True)
-    return _COMPILED_PIECE
+def compiled_piece(fn=None):
+    """``fn`` (:func:`evaluate_piece` by default, or :func:`step_piece`) under
+    ``torch.compile(dynamic=True)`` (inductor: one fused C++/OpenMP loop on CPU, Triton on CUDA).
+    Dynamic batch and time sizes, so T and B do not recompile (feature sizes are static, see
+    :func:`static_features`); dynamo compiles once per cell class, parameter shapes (parameters
+    are static), structure, dtype and device (and once more for B = 1, or for a piece whose step
+    count equals B, which it specialises), not per call."""
+    fn = evaluate_piece if fn is None else fn
+    if fn not in _COMPILED:
+        compiled = torch.compile(fn, dynamic=True)
+
+        def run(*args):
+            # Without duck shapes: the pieces are views at many storage offsets, and dynamo would
+            # otherwise guard on chance equalities between offsets and sizes (hn.storage_offset()
+            # == d), recompiling for new pieces until its limit and then running eagerly.
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                return compiled(*args)
+
+        _COMPILED[fn] = run
+    return _COMPILED[fn]
+
+
+def static_features(first: int, *tensors: torch.Tensor) -> None:
+    """Mark the feature dims (``first`` on) of these inputs static for dynamo; the batch and time
+    dims before them stay dynamic. Under ``dynamic=True`` a cell's ``u.chunk(3, -1)`` of a symbolic
+    width gave inductor loops of different symbolic lengths, which it would not fuse (7 passes
+    with temporaries for ParaGRU)."""
+    for t in tensors:
+        for dim in range(first, t.dim()):
+            torch._dynamo.mark_static(t, dim)
 
 
 def can_compile(t: torch.Tensor) -> bool:
@@ -379,8 +430,9 @@ class StepPolicy:
        quasi-Newton step that cannot amplify through products of J).
     """
 
-    def __init__(self, opts: SolverOptions, structure, atol: float):
+    def __init__(self, opts: SolverOptions, structure, atol: float, ws=None):
         self.safeguard, self.structure, self.atol = opts.safeguard, structure, atol
+        self.ws = _Fresh if ws is None else ws
         self.clip = opts.jacobian_clip
         self.H_prev = self.best = None
         self.level = None  # [B] int: 0 plain, 1 trust region, 2 trust region and clipped Jacobians
@@ -443,7 +495,7 @@ class StepPolicy:
     def before_update(self, H: torch.Tensor) -> None:
         if self.safeguard:
             if self.H_prev is None:
-                self.H_prev = torch.empty_like(H)
+                self.H_prev = self.ws.take("H_prev", H.shape, H.dtype, H.device)
             self.H_prev.copy_(H)
 
 
@@ -468,14 +520,29 @@ def initial_guess(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, 
     elif opts.init == "zeros" or (opts.init == "auto" and cell.__dict__.get("_pararnn_affine", False)):
         H.zero_()
     else:  # f(h0, u_t) for every t
-        for t0, t1 in time_chunks(B, T, d, opts.eval_chunk):
-            n = t1 - t0
-            h0x = h0.unsqueeze(1).expand(B, n, d).reshape(B * n, d)
-            H[:, t0:t1] = cell.step(h0x, _flat(u[:, t0:t1])).reshape(B, n, d)
+        compiled = opts.compile_cell and can_compile(H)
+        piece = compiled_piece(step_piece) if compiled else step_piece
+        for b0, b1, t0, t1 in contiguous_pieces(B, T, d, opts.eval_chunk):
+            out = H[b0:b1, t0:t1]  # H = S[:, 1:]: one row's piece is one run of memory, [N, d] rows
+            out = out.view((t1 - t0), d) if b1 - b0 == 1 else out
+            args = (h0[b0:b1].detach(), u[b0:b1, t0:t1].detach(), out.detach())  # detached: see evaluate
+            if compiled:
+                static_features(1, args[0])
+                static_features(out.dim() - 1, args[2])
+                static_features(2, args[1])
+            piece(cell, *args)
+
+
+def step_piece(cell, h0: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = f(h0, u_t)`` for every step of a piece: h0 ``[B, d]``, u ``[B, n, *]``, out
+    ``[B, n, d]`` or ``[B·n, d]`` (rows in (b, t) order)."""
+    B, n = u.shape[:2]
+    h = h0.unsqueeze(1).expand(B, n, h0.shape[-1]).reshape(B * n, h0.shape[-1])
+    out.copy_(cell.step(h, u.reshape(B * n, *u.shape[2:])).reshape(out.shape))
 
 
 def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, ctx: ParallelContext = LOCAL,
-                 mask: torch.Tensor | None = None, replay: int | None = None):
+                 mask: torch.Tensor | None = None, replay: int | None = None, ws=None, outputs_from_ws: bool = False):
     """Solve ``h_t = f(h_{t-1}, u_t)``, t = 1..T, by Newton with parallel linear scans.
 
     u: ``[B, T, *]`` (prepared inputs), h0: ``[B, d]``, mask: ``[B, T]`` bool or None (False =
@@ -491,17 +558,25 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
     ``replay=k`` repeats a solve known to have converged in k steps from the same inputs and
     ``opts`` (a chunked backward's recompute, see :func:`replay_steps`): exactly k steps, no
     convergence tests, so no residual measures are computed; the iterates are the same numbers.
+
+    ``ws``: a :class:`pararnn.workspace.Workspace` (held by the caller for this solve) for the
+    buffers that die with the solve, and for S and J too with ``outputs_from_ws`` (the caller is
+    done with them before it releases ``ws``). None: every buffer is new.
     """
     structure = cell.get_structure()
     B, T = u.shape[:2]
     d = cell.state_size
     rtol, atol = opts.tolerances(h0.dtype)
     # Buffers reused across iterations (fresh large tensors are page-faulted in on every
-    # allocation). S holds h0 and the iterate: S[:, 1:] = H, S[:, :-1] = (h0, h_1..h_{T-1}).
-    S = torch.empty(B, T + 1, d, dtype=h0.dtype, device=h0.device)  # [B, T+1, d]
-    r = torch.empty(B, T, d, dtype=h0.dtype, device=h0.device)  # residual [B, T, d]
-    delta = torch.empty_like(r)  # Newton update [B, T, d]
-    J = torch.empty(B, T, *structure.storage_shape(d), dtype=h0.dtype, device=h0.device)
+    # allocation), and across calls where ws keeps them. S holds h0 and the iterate:
+    # S[:, 1:] = H, S[:, :-1] = (h0, h_1..h_{T-1}).
+    ws = _Fresh if ws is None else ws
+    out_ws = ws if outputs_from_ws else _Fresh
+    dt, dev = h0.dtype, h0.device
+    S = out_ws.take("S", (B, T + 1, d), dt, dev)  # [B, T+1, d]
+    r = ws.take("r", (B, T, d), dt, dev)  # residual [B, T, d]
+    delta = ws.take("delta", (B, T, d), dt, dev)  # Newton update [B, T, d]
+    J = out_ws.take("J", (B, T, *structure.storage_shape(d)), dt, dev)  # [B, T, *jac]
     S[:, 0] = h0
     H = S[:, 1:]
     initial_guess(cell, u, h0, opts, H)
@@ -535,7 +610,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         policy.before_update(H)
         H.add_(delta)
 
-    policy = StepPolicy(opts, structure, atol)
+    policy = StepPolicy(opts, structure, atol, ws)
     if replay is not None:
         policy.safeguard = False  # a replay undoes nothing: no copies of the iterate
         evaluate_here(measure=False)

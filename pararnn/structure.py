@@ -257,9 +257,12 @@ def compose(later: torch.Tensor, earlier: torch.Tensor, structure: Structure) ->
 
 def run_transition(J: torch.Tensor, structure: Structure) -> torch.Tensor:
     """The transition of a whole run of steps, ``J_T ··· J_1`` for ``J [B, T, *jac]``, in storage
-    form ``[B, *jac]``: the product over T for a diagonal, else a tree of pairwise :func:`compose`."""
+    form ``[B, *jac]``: the product over T for a diagonal, else a tree of pairwise :func:`compose`.
+    Never a view of J (the solver may reuse J's buffer)."""
     if isinstance(structure, Diagonal):
         return J.prod(1)
+    if J.shape[1] == 1:
+        return J[:, 0].clone()
     while J.shape[1] > 1:
         n = J.shape[1] // 2 * 2
         pairs = compose(J[:, 1:n:2], J[:, 0:n:2], structure)  # [B, n/2, *jac]

@@ -114,10 +114,20 @@ def test_compiled_evaluation_matches_the_eager_twin_and_compiles_once_for_every_
     gc = torch.autograd.grad(yc.sum(), [x, *cell.parameters()])
     for a, b in zip(ge, gc):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    # Pieces of several whole rows, of one whole row (B = 1 is specialised), and of one row in time
+    # chunks (a row longer than eval_chunk): each kind compiles once, then no new B or T recompiles.
+    small = pararnn.RNN(cell, mode="parallel", compile_cell=True, eval_chunk=60)
+    with torch.no_grad():
+        comp(torch.randn(1, 40, 5))
+        for B2, T2 in [(2, 33), (1, 9)]:
+            small(torch.randn(B2, T2, 5))
+            assert torch.equal(small.last_info.converged, torch.ones(B2, dtype=torch.bool))
     graphs = counters["stats"]["unique_graphs"]
     with torch.no_grad():
-        for B2, T2 in [(2, 71), (4, 9), (3, 300)]:
+        for B2, T2 in [(2, 71), (4, 9), (3, 300), (1, 55)]:
             comp(torch.randn(B2, T2, 5))
+            xs = torch.randn(B2, T2, 5)
+            torch.testing.assert_close(small(xs)[0], eager(xs)[0], rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == graphs, "a new T or B recompiled the cell evaluation"
 
 

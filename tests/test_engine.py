@@ -324,8 +324,8 @@ def test_evaluation_pieces_are_sized_by_the_jacobian_too():
         return orig(h, u)
 
     cell.step_and_jacobian = spy
-    # per step: state 2·8 = 16 entries, Jacobian 2·64 = 128: pieces of 64 // 64 = 1 step (B = 2 rows);
-    # sized by the state alone they would hold 4 steps
+    # per step and row: state 8 entries, Jacobian 64: pieces of 64 // 32 = 2 steps of one row (N = 2);
+    # sized by the state alone they would hold 8 steps
     y_small = pararnn.RNN(cell, mode="parallel", eval_chunk=64, check_cell=False)(x)[0]
     assert rows and max(rows) == 2
     rows.clear()
@@ -355,3 +355,68 @@ def test_affine_cells_start_from_zeros_and_take_one_newton_step(name):
         loop = pararnn.RNN(cell, mode="sequential")(x)[0]
         assert info.iterations == 1, info.residuals
         assert rel_err(y.to(ref.dtype), ref) <= 2 * rel_err(loop.to(ref.dtype), ref) + 1e-7
+
+
+def test_pieces_are_contiguous_cover_everything_and_have_no_stub_tails():
+    from pararnn.newton import contiguous_pieces
+
+    for B, T, per_step, target in [(3, 40, 6, 60), (8, 4096, 256, 1 << 18), (5, 7, 2, 1000), (2, 71, 6, 60),
+                                   (1, 1, 64, 1), (4, 10, 3, 30)]:
+        pieces = contiguous_pieces(B, T, per_step, target)
+        seen = torch.zeros(B, T, dtype=torch.int64)
+        for b0, b1, t0, t1 in pieces:
+            seen[b0:b1, t0:t1] += 1
+            assert b1 - b0 == 1 or (t0, t1) == (0, T)  # one run of memory in a [B, T, ...] buffer
+            assert (b1 - b0) * (t1 - t0) * per_step <= max(target, per_step)
+        assert bool((seen == 1).all()), (B, T)
+        lengths = {t1 - t0 for _, _, t0, t1 in pieces}
+        assert max(lengths) - min(lengths) <= 1  # even spans: no stub of length 1 at the end
+
+
+def test_kept_buffers_never_leak_into_results_or_gradients():
+    """Without gradients the solver's buffers are kept for the next call (pararnn.workspace): the
+    returned states are copies, two calls in a row are both right, and with gradients two forwards
+    before one backward keep their own states and Jacobians."""
+    from pararnn import workspace
+
+    torch.manual_seed(0)
+    cell = ParaGRU(3, 8).double()
+    par, seq = pararnn.RNN(cell, mode="parallel"), pararnn.RNN(cell, mode="sequential")
+    x1, x2 = torch.randn(2, 50, 3, dtype=torch.float64), torch.randn(2, 50, 3, dtype=torch.float64)
+    workspace.clear()
+    with torch.no_grad():
+        y1 = par(x1)[0]
+        kept = workspace.kept_bytes()
+        y2 = par(x2)[0]
+        assert kept > 0 and workspace.kept_bytes() == kept  # the same buffers, not new ones
+        torch.testing.assert_close(y1, seq(x1)[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(y2, seq(x2)[0], rtol=1e-10, atol=1e-12)
+    x1.requires_grad_(True), x2.requires_grad_(True)
+    ya, yb = par(x1)[0], par(x2)[0]
+    g = torch.autograd.grad((ya * ya).sum() + yb.sum(), [x1, x2])
+    za, zb = seq(x1)[0], seq(x2)[0]
+    g_ref = torch.autograd.grad((za * za).sum() + zb.sum(), [x1, x2])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    workspace.clear()
+    assert workspace.kept_bytes() == 0
+
+
+def test_workspace_is_bounded_and_not_shared_by_nested_solves(monkeypatch):
+    from pararnn import workspace
+
+    workspace.clear()
+    monkeypatch.setattr(workspace, "WORKSPACE_BYTES", 1000)
+    with workspace.workspace(torch.device("cpu")) as ws:
+        a = ws.take("a", (100,), torch.float32, "cpu")  # 400 bytes: kept
+        assert ws.take("a", (100,), torch.float32, "cpu") is a
+        ws.take("b", (200,), torch.float32, "cpu")  # 800 more: "a" goes, least recently used
+        assert workspace.kept_bytes() == 800
+        ws.take("c", (1000,), torch.float32, "cpu")  # larger than the whole budget: never kept
+        assert workspace.kept_bytes() == 800
+        with workspace.workspace(torch.device("cpu")) as inner:  # a solve inside a solve
+            assert inner is not ws and inner.take("b", (200,), torch.float32, "cpu") is not None
+            assert workspace.kept_bytes() == 800
+    with workspace.workspace(torch.device("meta")) as other:  # not a CPU: always fresh buffers
+        assert other is not ws
+    workspace.clear()
