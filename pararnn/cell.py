@@ -83,7 +83,10 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
     f = lambda hh: step(hh, u)  # noqa: E731
     tangents = structure.probe_tangents(N, d, h.dtype, h.device)  # [P, N, d]
     compiling = torch.compiler.is_compiling()
-    if compiling:  # make_dual cannot trace views with symbolic storage offsets (torch.compile, dynamic)
+    # make_dual cannot trace views with symbolic storage offsets (torch.compile, dynamic); eagerly,
+    # on h sharing a larger storage (a piece of the solver's state buffer) it costs the whole
+    # storage (ParaGRU B=8, T=4096, d=256 pieces of 1024 rows: 19 ms a jvp against 2.6 ms on a copy)
+    if compiling or h.untyped_storage().nbytes() > h.numel() * h.element_size():
         h = h.clone()
     if tangents.shape[0] <= LOOP_PROBES:
         cols = []
