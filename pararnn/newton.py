@@ -84,8 +84,9 @@ class SolverOptions:
         eval_chunk: the cell is evaluated over T in pieces of about this many state elements, so
             temporaries stay small (a CPU speed knob; results do not depend on it).
         compile_cell: evaluate the cell in each Newton step through ``torch.compile`` (inductor,
-            dynamic shapes): ``step_and_jacobian``, the residual and the convergence reductions
-            fused into one pass per evaluation chunk (:func:`pararnn.newton.compiled_piece`).
+            dynamic batch and time sizes): ``step_and_jacobian``, the residual and the convergence
+            reductions fused into one loop per evaluation piece that stores r and J straight into
+            the solver's buffers (:func:`pararnn.newton.compiled_piece`); the initial guess too.
             Compiled once per cell class, parameter shapes, structure, dtype and device (a few
             seconds on CPU), not per call, B or T; real dtypes only (complex cells stay eager).
             Past torch._dynamo's recompile limit (8 variants) it runs eagerly, as dynamo does. Off by default; see the
