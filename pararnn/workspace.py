@@ -33,7 +33,8 @@ class Workspace:
 
     def take(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised ``shape`` buffer: a kept one when this name last had that shape, dtype and device."""
-        key = (name, tuple(shape), dtype, torch.device(device))
+        # inference tensors (made under torch.inference_mode) cannot be written outside it: their own buffers
+        key = (name, tuple(shape), dtype, torch.device(device), torch.is_inference_mode_enabled())
         buf = self.buffers.pop(key, None)
         if buf is None:
             buf = torch.empty(shape, dtype=dtype, device=device)

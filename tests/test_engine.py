@@ -391,6 +391,10 @@ def test_kept_buffers_never_leak_into_results_or_gradients():
         assert kept > 0 and workspace.kept_bytes() == kept  # the same buffers, not new ones
         torch.testing.assert_close(y1, seq(x1)[0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(y2, seq(x2)[0], rtol=1e-10, atol=1e-12)
+    workspace.clear()
+    with torch.inference_mode():  # buffers made here are inference tensors: never reused outside it
+        y3 = par(x1)[0]
+    torch.testing.assert_close(par(x1)[0], y3)
     x1.requires_grad_(True), x2.requires_grad_(True)
     ya, yb = par(x1)[0], par(x2)[0]
     g = torch.autograd.grad((ya * ya).sum() + yb.sum(), [x1, x2])
