@@ -264,7 +264,8 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     """Residual and Jacobian at the iterate, written into buffers, chunk by chunk over T.
 
     ``S [B, T+1, d]`` holds (h0, h_1..h_T); ``u [B, T, *]``. Fills ``r = f(h_{t-1}, u_t) - h_t``
-    ``[B, T, d]`` and ``J [B, T, *jac]`` (``mask [B, T]``: padded steps hold the state, see
+    ``[B, T, d]`` and ``J [B, T, *jac]`` (both contiguous: pieces are written through views of
+    them, see :func:`contiguous_pieces`; ``mask [B, T]``: padded steps hold the state, see
     :func:`hold_padded`). Returns per sequence ``[B]``: ``max|r|`` and
     ``q = max((|r_t| - atol)₊ / scale_t)``: the sequence passes ``|r| <= atol + rtol·scale``
     exactly when ``q <= rtol``. The per-entry scale ``|f_t| + |J_t| |h_{t-1}|`` (a matvec of
@@ -302,6 +303,7 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
         rc, Jc = r[b0:b1, t0:t1].view(N, d), J[b0:b1, t0:t1].view(N, *J.shape[2:])
         if not eager:  # detached: no view base for dynamo to guard on (the buffers' own B, 0/1-specialised)
             hp, hn, rc, Jc = hp.detach(), hn.detach(), rc.detach(), Jc.detach()
+            m = None if m is None else m.detach()
             static_features(2, hp, uc, hn)
             static_features(1, rc, Jc)
         e, qc = piece(cell, structure, hp, uc, hn, m, atol, rc, Jc, measure or not eager)
