@@ -11,7 +11,7 @@ import torch
 
 from .dispatch import check_backend
 from .parallel import LOCAL, ParallelContext
-from .workspace import _Fresh
+from .workspace import Fresh
 
 
 class ConvergenceError(RuntimeError):
@@ -375,8 +375,9 @@ def compiled_piece(fn=None):
     ``torch.compile(dynamic=True)`` (inductor: one fused C++/OpenMP loop on CPU, Triton on CUDA).
     Dynamic batch and time sizes, so T and B do not recompile (feature sizes are static, see
     :func:`static_features`); dynamo compiles once per cell class, parameter shapes (parameters
-    are static), structure, dtype and device (and once more for B = 1, or for a piece whose step
-    count equals B, which it specialises), not per call."""
+    are static), structure, dtype and device, and kind of piece (several whole rows, one whole
+    row, one row's span of steps: :func:`contiguous_pieces`; a size of 1 is specialised), not per
+    call, B or T."""
     fn = evaluate_piece if fn is None else fn
     if fn not in _COMPILED:
         compiled = torch.compile(fn, dynamic=True)
@@ -435,7 +436,7 @@ class StepPolicy:
 
     def __init__(self, opts: SolverOptions, structure, atol: float, ws=None):
         self.safeguard, self.structure, self.atol = opts.safeguard, structure, atol
-        self.ws = _Fresh if ws is None else ws
+        self.ws = Fresh if ws is None else ws
         self.clip = opts.jacobian_clip
         self.H_prev = self.best = None
         self.level = None  # [B] int: 0 plain, 1 trust region, 2 trust region and clipped Jacobians
@@ -573,8 +574,8 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
     # Buffers reused across iterations (fresh large tensors are page-faulted in on every
     # allocation), and across calls where ws keeps them. S holds h0 and the iterate:
     # S[:, 1:] = H, S[:, :-1] = (h0, h_1..h_{T-1}).
-    ws = _Fresh if ws is None else ws
-    out_ws = ws if outputs_from_ws else _Fresh
+    ws = Fresh if ws is None else ws
+    out_ws = ws if outputs_from_ws else Fresh
     dt, dev = h0.dtype, h0.device
     S = out_ws.take("S", (B, T + 1, d), dt, dev)  # [B, T+1, d]
     r = ws.take("r", (B, T, d), dt, dev)  # residual [B, T, d]

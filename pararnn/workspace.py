@@ -48,8 +48,9 @@ class Workspace:
         return buf
 
 
-class _Fresh:
-    """Stands in for a busy workspace or a non-CPU device: every buffer is new."""
+class Fresh:
+    """A workspace that keeps nothing (every buffer is new): for a busy workspace, a non-CPU device,
+    or a caller that passes none."""
 
     @staticmethod
     def take(name, shape, dtype, device):
@@ -64,7 +65,7 @@ def workspace(device: torch.device):
     if ws is None:
         ws = _local.ws = Workspace()
     if torch.device(device).type != "cpu" or ws.busy:
-        yield _Fresh
+        yield Fresh
         return
     ws.busy = True
     try:
