@@ -286,7 +286,7 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     structure = cell.get_structure() if structure is None else structure
     err = torch.zeros(B, dtype=r.real.dtype, device=r.device)
     q = torch.zeros_like(err)
-    piece = compiled_piece() if compiled and can_compile(S) else evaluate_piece
+    piece = compiled_piece(evaluate_piece) if compiled and can_compile(S) else evaluate_piece
     eager = piece is evaluate_piece
     # A piece holds about `chunk` state elements, and at most 2·chunk Jacobian entries: a dense d×d
     # Jacobian is d× its state, and pieces sized by the state alone made a dense GRU's (d = 176,
@@ -370,15 +370,14 @@ def evaluate_piece(cell, structure, hp: torch.Tensor, u: torch.Tensor, hn: torch
 _COMPILED = {}
 
 
-def compiled_piece(fn=None):
-    """``fn`` (:func:`evaluate_piece` by default, or :func:`step_piece`) under
+def compiled_piece(fn):
+    """``fn`` (:func:`evaluate_piece` or :func:`step_piece`) under
     ``torch.compile(dynamic=True)`` (inductor: one fused C++/OpenMP loop on CPU, Triton on CUDA).
     Dynamic batch and time sizes, so T and B do not recompile (feature sizes are static, see
     :func:`static_features`); dynamo compiles once per cell class, parameter shapes (parameters
     are static), structure, dtype and device, and kind of piece (several whole rows, one whole
     row, one row's span of steps: :func:`contiguous_pieces`; a size of 1 is specialised), not per
     call, B or T."""
-    fn = evaluate_piece if fn is None else fn
     if fn not in _COMPILED:
         compiled = torch.compile(fn, dynamic=True)
 

@@ -38,14 +38,14 @@ class Workspace:
         buf = self.buffers.pop(key, None)
         if buf is None:
             buf = torch.empty(shape, dtype=dtype, device=device)
-        nbytes = buf.numel() * buf.element_size()
-        if nbytes <= WORKSPACE_BYTES:
+        if buf.nbytes <= WORKSPACE_BYTES:
             self.buffers[key] = buf  # most recently used last
-            total = sum(b.numel() * b.element_size() for b in self.buffers.values())
-            while total > WORKSPACE_BYTES:
-                _, old = self.buffers.popitem(last=False)
-                total -= old.numel() * old.element_size()
+            while self.kept_bytes() > WORKSPACE_BYTES:
+                self.buffers.popitem(last=False)
         return buf
+
+    def kept_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
 
 
 class Fresh:
@@ -84,4 +84,4 @@ def clear() -> None:
 def kept_bytes() -> int:
     """Bytes of buffers this thread keeps between solves."""
     ws = getattr(_local, "ws", None)
-    return 0 if ws is None else sum(b.numel() * b.element_size() for b in ws.buffers.values())
+    return 0 if ws is None else ws.kept_bytes()
