@@ -86,7 +86,8 @@ class SolverOptions:
         compile_cell: evaluate the cell in each Newton step through ``torch.compile`` (inductor,
             dynamic batch and time sizes): ``step_and_jacobian``, the residual and the convergence
             reductions fused into one loop per evaluation piece that stores r and J straight into
-            the solver's buffers (:func:`pararnn.newton.compiled_piece`); the initial guess too.
+            the solver's buffers (:func:`pararnn.newton.compiled_piece`); the initial guess and the
+            graph-carrying evaluation at the solution (its forward and its vjp, for the backward) too.
             Compiled once per cell class, parameter shapes, structure, dtype and device (a few
             seconds on CPU), not per call, B or T; real dtypes only (complex cells stay eager).
             Past torch._dynamo's recompile limit (8 variants) it runs eagerly, as dynamo does. Off by default; see the
@@ -247,17 +248,6 @@ def hold_padded(f: torch.Tensor, J: torch.Tensor | None, hp: torch.Tensor, m: to
     return f, J
 
 
-def time_chunks(B: int, T: int, d: int, target: int):
-    """Split [0, T) into chunks of about ``target`` elements of ``[B, chunk, d]``.
-
-    Evaluating the cell chunk by chunk keeps every temporary small: on CPU that means it stays
-    in cache and is recycled by the allocator instead of being page-faulted in fresh (a fresh
-    32 MB temporary costs more than the arithmetic on it).
-    """
-    tc = max(1, min(T, target // max(1, B * d)))
-    return [(t0, min(T, t0 + tc)) for t0 in range(0, T, tc)]
-
-
 def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.Tensor,
              chunk: int, atol: float = 0.0, structure=None, mask: torch.Tensor | None = None,
              compiled: bool = False, measure: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,7 +361,7 @@ _COMPILED = {}
 
 
 def compiled_piece(fn):
-    """``fn`` (:func:`evaluate_piece` or :func:`step_piece`) under
+    """``fn`` (:func:`evaluate_piece`, :func:`step_piece` or :func:`graph_piece`) under
     ``torch.compile(dynamic=True)`` (inductor: one fused C++/OpenMP loop on CPU, Triton on CUDA).
     Dynamic batch and time sizes, so T and B do not recompile (feature sizes are static, see
     :func:`static_features`); dynamo compiles once per cell class, parameter shapes (parameters
@@ -534,6 +524,14 @@ def initial_guess(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, 
                 static_features(out.dim() - 1, args[2])
                 static_features(2, args[1])
             piece(cell, *args)
+
+
+def graph_piece(cell, hp: torch.Tensor, u: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """``f(h_{t-1}, u_t)`` over a piece, with autograd's graph (the evaluation at the solution that
+    carries the gradients, see :func:`pararnn.rnn.parallel_solve`): ``hp [N, d]`` previous states,
+    ``u [N, *]``, ``m [N]`` or None (padded steps hold the state). Returns ``[N, d]``. Compiled
+    (:func:`compiled_piece`), its forward and its vjp are one fused loop each."""
+    return hold_padded(cell.step(hp, u), None, hp, m, None)[0]
 
 
 def step_piece(cell, h0: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> None:

@@ -14,8 +14,9 @@ from torch.nn.utils import parametrize
 
 from .cell import Cell, is_affine, verify_cell
 from .dispatch import auto_backend
-from .newton import (ConvergenceError, SolverInfo, SolverOptions, auto_chunk_size, handle_failure, hold_padded,
-                     newton_solve, replay_steps, sequential_solve, time_chunks)
+from .newton import (ConvergenceError, SolverInfo, SolverOptions, auto_chunk_size, can_compile, compiled_piece,
+                     contiguous_pieces, graph_piece, handle_failure, newton_solve, replay_steps, sequential_solve,
+                     static_features)
 from .parallel import context_for
 from .scan import check_cu_seqlens
 from .structure import as_structure, compose, run_transition
@@ -27,18 +28,21 @@ MODES = ("parallel", "sequential", "auto")
 class _Adjoint(torch.autograd.Function):
     """Identity on the solution whose backward is the adjoint scan.
 
-    Inputs: the converged states ``H [B, T, d]`` (no grad), ``J [B, T, *jac]`` (df/dh at H) and
-    the chunks ``f_c [B, t1-t0, d]`` of one graph-carrying evaluation ``f(h_{t-1}, u_t)`` at the
-    solution. Output: H. Backward: the state cotangents solve ``λ_t = g_t + J_{t+1}^T λ_{t+1}``
-    (one reverse scan); λ, split by chunk, is the cotangent of each f_c, so autograd's ordinary
-    vjp of ``step`` delivers the gradients of u, h0 and anything else step depends on
-    (parameters, functional_call swaps, closures). Nothing from the Newton iterations is kept.
+    Inputs: the converged states ``H [B, T, d]`` (no grad), ``J [B, T, *jac]`` (df/dh at H), the
+    initial state ``h0 [B, d]`` (or None where this solve does not own it) and the pieces
+    ``f_p [N_p, d]`` of one graph-carrying evaluation ``f(h_{t-1}, u_t)`` at the solution, one per
+    ``(b0, b1, t0, t1)`` of ``pieces`` (rows in (b, t) order). Output: H. Backward: the state
+    cotangents solve ``λ_t = g_t + J_{t+1}^H λ_{t+1}`` (one reverse scan); λ, cut into the same
+    pieces, is the cotangent of each f_p, so autograd's ordinary vjp of ``step`` delivers the
+    gradients of u and of anything else step depends on (parameters, functional_call swaps,
+    closures), and h0's is ``J_1^H λ_1`` (its vjp through the first step). Nothing from the Newton
+    iterations is kept.
     """
 
     @staticmethod
-    def forward(ctx, H, J, structure, backend, pctx, bounds, *f_chunks):
+    def forward(ctx, H, J, h0, structure, backend, pctx, pieces, *f_pieces):
         ctx.save_for_backward(J)
-        ctx.structure, ctx.backend, ctx.pctx, ctx.bounds = structure, backend, pctx, bounds
+        ctx.structure, ctx.backend, ctx.pctx, ctx.pieces = structure, backend, pctx, pieces
         return H.clone()  # an ordinary tensor (H is a view of the solver's [B, T+1, d] buffer)
 
     @staticmethod
@@ -49,8 +53,11 @@ class _Adjoint(torch.autograd.Function):
                 "the Jacobians of the solve are not differentiable. Use mode='sequential' for "
                 "higher-order gradients.")
         (J,) = ctx.saved_tensors
-        lam = ctx.pctx.adjoint_scan(J, g.contiguous(), ctx.structure, backend=ctx.backend)  # [B, T, d]
-        return (None, None, None, None, None, None, *[lam[:, t0:t1] for t0, t1 in ctx.bounds])
+        st = ctx.structure
+        lam = ctx.pctx.adjoint_scan(J, g.contiguous(), st, backend=ctx.backend)  # [B, T, d]
+        gh0 = st.matvec(st.transpose(J[:, 0]), lam[:, 0]) if ctx.needs_input_grad[2] else None  # [B, d]
+        f_grads = split_pieces(lam, ctx.pieces) if ctx.pieces else []  # no pieces: only h0 wants a gradient
+        return (None, None, gh0, None, None, None, None, *f_grads)
 
 
 def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, warn=None,
@@ -58,9 +65,10 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     """Differentiable parallel solve: ``(H [B, T, d], SolverInfo)``.
 
     Newton runs without a graph, then the failure policy (``opts.on_fail``) is applied. If
-    gradients are wanted, one more evaluation of ``step`` at the solution (chunked over T) carries
-    the graph, and :class:`_Adjoint` turns the incoming state gradients into its cotangents with
-    one reverse-time scan. ``mask [B, T]`` (False = padded step) holds the state there.
+    gradients are wanted, one more evaluation of ``step`` at the solution (in pieces, see
+    :func:`pararnn.newton.contiguous_pieces`; compiled with ``compile_cell``) carries the graph,
+    and :class:`_Adjoint` turns the incoming state gradients into its cotangents with one
+    reverse-time scan. ``mask [B, T]`` (False = padded step) holds the state there.
     ``on_jacobians(J)``, if given, is called with ``J [B, T, *jac]`` at the solution (no grad; valid
     during the call only: without gradients J's buffer is kept for the next solve).
     ``replay=k``: repeat a solve that converged in k steps (see :func:`pararnn.newton.newton_solve`).
@@ -81,24 +89,31 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
             return S[:, 1:].clone(), info  # not a view of the solver's buffer: y.view(), y += 1 work
     H = S[:, 1:]
     B, T, d = H.shape
-    bounds = time_chunks(B, T, d, opts.eval_chunk)
-    f_chunks = []
-    # one split (its backward is one cat), not T/n slices (each slice's backward is full-size)
-    u_chunks = u.split([t1 - t0 for t0, t1 in bounds], dim=1)
-    owns_h0 = pctx.owns_h0()
-    for (t0, t1), u_c in zip(bounds, u_chunks):
-        hp = S[:, t0:t1]  # [B, n, d] previous states, no grad
-        if t0 == 0 and owns_h0:  # h_{-1} = h0 carries h0's gradient
-            hp = torch.cat([h0.unsqueeze(1), hp[:, 1:]], dim=1)
-        n = t1 - t0
-        hp = hp.reshape(B * n, d)
-        f = cell.step(hp, u_c.reshape(B * n, *u.shape[2:]))
-        if mask is not None:  # padded steps hold the state (no gradient to their inputs)
-            f = hold_padded(f, None, hp, mask[:, t0:t1].reshape(B * n), None)[0]
-        if t0 == 0 and not f.requires_grad:
-            return H.clone(), info  # nothing upstream wants a gradient
-        f_chunks.append(f.reshape(B, n, d))
-    return _Adjoint.apply(H, J, cell.get_structure(), opts.backend, pctx, bounds, *f_chunks), info
+    h0 = h0 if pctx.owns_h0() and h0.requires_grad else None  # h_{-1} = h0: its gradient is J_1^H λ_1
+    pieces = contiguous_pieces(B, T, d, opts.eval_chunk)
+    piece = compiled_piece(graph_piece) if opts.compile_cell and can_compile(H) else graph_piece
+    f_pieces = []
+    for (b0, b1, t0, t1), u_p in zip(pieces, split_pieces(u, pieces)):
+        N = (b1 - b0) * (t1 - t0)
+        hp = S[b0:b1, t0:t1].reshape(N, d)  # previous states, no grad (a copy for several rows)
+        m = None if mask is None else mask[b0:b1, t0:t1].reshape(N)  # padded steps hold the state
+        if piece is not graph_piece:
+            static_features(1, hp, u_p)
+        f = piece(cell, hp, u_p, m)  # [N, d]
+        if not f.requires_grad:
+            if h0 is None:
+                return H.clone(), info  # nothing upstream wants a gradient
+            f_pieces, pieces = [], []  # only h0 does
+            break
+        f_pieces.append(f)
+    return _Adjoint.apply(H, J, h0, cell.get_structure(), opts.backend, pctx, pieces, *f_pieces), info
+
+
+def split_pieces(x: torch.Tensor, pieces: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+    """``x [B, T, *]`` cut into the pieces ``[N_p, *]`` of :func:`pararnn.newton.contiguous_pieces`
+    (runs of memory, rows in (b, t) order) by one split of ``x`` flattened to ``[B·T, *]``, so that
+    autograd's backward is one cat (a slice's backward writes a full-size tensor per slice)."""
+    return list(x.reshape(-1, *x.shape[2:]).split([(b1 - b0) * (t1 - t0) for b0, b1, t0, t1 in pieces]))
 
 
 TORCH_FUNC_MSG = (

@@ -122,12 +122,29 @@ def test_compiled_evaluation_matches_the_eager_twin_and_compiles_once_for_every_
         for B2, T2 in [(2, 33), (1, 9)]:
             small(torch.randn(B2, T2, 5))
             assert torch.equal(small.last_info.converged, torch.ones(B2, dtype=torch.bool))
+    # the same with gradients: the graph-carrying evaluation at the solution (graph_piece) is compiled
+    # too, once per kind of piece, with and without a padding mask
+    def grads(rnn, x, **kw):
+        y, hT = rnn(x, **kw)
+        return torch.autograd.grad((y * torch.linspace(-1, 1, x.shape[1])[:, None]).sum() + hT.sum(),
+                                   [x, *cell.parameters()])
+
+    for B2, T2 in [(3, 40), (1, 40), (1, 9)]:
+        xs = torch.randn(B2, T2, 5, requires_grad=True)
+        for kw in ({}, {"lengths": torch.randint(1, T2 + 1, (B2,))}):
+            for rnn in (comp, small):
+                for a, b in zip(grads(eager, xs, **kw), grads(rnn, xs, **kw)):
+                    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     graphs = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         for B2, T2 in [(2, 71), (4, 9), (3, 300), (1, 55)]:
             comp(torch.randn(B2, T2, 5))
             xs = torch.randn(B2, T2, 5)
             torch.testing.assert_close(small(xs)[0], eager(xs)[0], rtol=1e-5, atol=1e-6)
+    for B2, T2 in [(2, 71), (4, 9), (1, 55)]:
+        xs = torch.randn(B2, T2, 5, requires_grad=True)
+        for kw in ({}, {"lengths": torch.randint(1, T2 + 1, (B2,))}):
+            grads(comp, xs, **kw), grads(small, xs, **kw)
     assert counters["stats"]["unique_graphs"] == graphs, "a new T or B recompiled the cell evaluation"
 
 

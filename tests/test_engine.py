@@ -56,6 +56,23 @@ def test_gradients_equal_sequential_autograd(kind, backend):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_gradient_of_h0_alone(kind):
+    """Only h0 wants a gradient (frozen cell, x without grad): the graph-carrying evaluation has no
+    graph, and h0's gradient comes from J_1^H λ_1 alone; with a padded last step too."""
+    cell = make_cell(kind).requires_grad_(False)
+    rnn = pararnn.RNN(cell)
+    x = torch.randn(3, 29, 3, dtype=torch.float64)
+    h0 = torch.randn(3, cell.state_size, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(3, 29, cell.state_size, dtype=torch.float64)
+    lengths = torch.tensor([29, 11, 1])
+    for kw in ({}, {"lengths": lengths}):
+        grads = [torch.autograd.grad((rnn(x, h0, mode=mode, **kw)[0] * gy).sum(), h0)[0]
+                 for mode in ("parallel", "sequential")]
+        assert grads[1].abs().max() > 0
+        assert rel_err(*grads) < 1e-9
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_gradcheck(kind):
     cell = make_cell(kind, d=4 if kind != "block3" else 6)
     rnn = pararnn.RNN(cell)
