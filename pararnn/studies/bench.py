@@ -22,7 +22,7 @@ from pararnn.models import CELLS, make_cell
 from pararnn.models.paragru import ParaGRU
 from pararnn.newton import sequential_solve
 from pararnn.structure import Diagonal
-from pararnn.utils.timing import copy_bandwidth, median_time
+from pararnn.utils.timing import copy_bandwidth, interleaved_medians, median_time
 
 from .common import ensure_writable, figure, markdown_table, require_packages, run_metadata, set_threads, write_json_atomic, write_text
 
@@ -52,7 +52,8 @@ def strong_loop(cell, x):
     return cell.output(sequential_solve(cell.step, u, h0), x)
 
 
-def measure(fn, x, params, repeats, backward):
+def timed_call(fn, x, params, backward):
+    """One call of ``fn(x)``: forward under no_grad, or forward and the gradients of ``params``."""
     def run():
         if backward:
             y = fn(x)
@@ -61,7 +62,7 @@ def measure(fn, x, params, repeats, backward):
             with torch.no_grad():
                 fn(x)
 
-    return median_time(run, repeats=repeats, warmup=1, max_seconds=20)
+    return run
 
 
 def solve_check(par, seq, x) -> dict:
@@ -73,18 +74,22 @@ def solve_check(par, seq, x) -> dict:
 
 
 def time_methods(methods, x, repeats, skip_backward=(), log=None) -> dict:
-    """``{name}_fwd_s`` and ``{name}_fwdbwd_s`` medians for every ``name: (fn, params)``.
+    """``{name}_fwd_s`` and ``{name}_fwdbwd_s`` medians for every ``name: (fn, params)``, all of them
+    run in turn, round by round (after one untimed round), so machine noise hits every method alike
+    and the ratios of one run compare like with like.
 
     Methods in ``skip_backward`` (the slicing loop, whose backward costs O(B T^2 d)) get None
     for fwd+bwd: skipped, not measured.
     """
-    out = {}
-    for name, (fn, params) in methods.items():
-        for bw in (False, True):
-            key = f"{name}_{'fwdbwd' if bw else 'fwd'}_s"
-            out[key] = None if bw and name in skip_backward else measure(fn, x, params, repeats, bw)
-            if log and out[key] is not None:
-                print(f"  {log} {key}: {out[key] * 1e3:.1f} ms", file=sys.stderr)
+    calls = {f"{name}_{'fwdbwd' if bw else 'fwd'}_s": timed_call(fn, x, params, bw)
+             for name, (fn, params) in methods.items() for bw in (False, True)
+             if not (bw and name in skip_backward)}
+    out = {f"{name}_fwdbwd_s": None for name in methods if name in skip_backward}
+    out.update(interleaved_medians(calls, repeats=repeats, warmup=1))
+    if log:
+        for key, t in out.items():
+            if t is not None:
+                print(f"  {log} {key}: {t * 1e3:.1f} ms", file=sys.stderr)
     return out
 
 
