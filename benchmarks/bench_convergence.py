@@ -1,14 +1,15 @@
-"""Newton convergence against the size of the recurrent weights: iterations, fallbacks, accuracy, time.
+"""Newton convergence against the size of the recurrent weights: iterations, sweeps, fallbacks, accuracy, time.
 
 The sweep of hard-but-predictable cells: a GRU-like diagonal cell (ParaGRU) whose recurrent
 vectors are drawn with standard deviation a_std, ParaLSTM (Block(2)) likewise, and a dense Elman
 cell whose recurrent matrix has spectral radius rho. For each: the largest Lyapunov exponent
-(`pararnn.diagnose`), the parallel solve with default options (Newton steps, safeguard,
-sequences that fell back to the sequential loop, error against a float64 sequential solve) and
-its wall time against `mode="sequential"` (medians, the two interleaved), in the latency regime
-(B = 1) and a wider batch; and, untimed, how many Newton steps the solve needs when it may take
-up to --uncapped steps (which sequences converge by then, and their error). Writes
-results/bench_convergence.json and .md.
+(`pararnn.diagnose`); the parallel solve with default options (Newton steps, multiple-shooting
+sweeps where Newton stalled, safeguard, sequences that fell back to the sequential loop, error
+against a float64 sequential solve); the same solve with Newton alone (shooting=None: its steps,
+fallbacks and time, and, untimed, the steps it needs when it may take up to --uncapped); and the
+wall times against `mode="sequential"` (medians, the three methods interleaved), in the latency
+regime (B = 1), a wider batch (B = 4) and, for ParaGRU, the bandwidth regime (B = 8, d = 256).
+Writes results/bench_convergence.json and .md.
 
 Usage: python benchmarks/bench_convergence.py [--quick] [--threads 1] [--bound 1.0] [--uncapped 200]
        [--out results/bench_convergence.json]
@@ -55,36 +56,44 @@ def one_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed:
         warnings.simplefilter("ignore")
         ref = pararnn.RNN(cell.double(), mode="sequential")(x.double())[0]
         cell.float()
-        par, seq = pararnn.RNN(cell), pararnn.RNN(cell, mode="sequential")
+        par, alone = pararnn.RNN(cell), pararnn.RNN(cell, shooting=None)
+        seq = pararnn.RNN(cell, mode="sequential")
         y, _, info = par(x, return_info=True)
+        ya, _, info_a = alone(x, return_info=True)
         ys = seq(x)[0]
-        yu, _, info_u = pararnn.RNN(cell, max_iters=uncapped, on_fail="warn")(x, return_info=True)
+        yu, _, info_u = pararnn.RNN(cell, max_iters=uncapped, on_fail="warn", shooting=None)(x, return_info=True)
         scale = ref.abs().amax().item()
-        t = interleaved_medians({"parallel": lambda: par(x), "sequential": lambda: seq(x)}, repeats)
+        t = interleaved_medians({"parallel": lambda: par(x), "alone": lambda: alone(x),
+                                 "sequential": lambda: seq(x)}, repeats)
+
+    def err(v):
+        return (v.double() - ref).abs().max().item() / scale
+
     return {"cell": kind, "size": size, "bound": bound, "B": B, "T": T, "d": d, "lyapunov": lam,
-            "newton_iterations": info.iterations, "safeguarded": info.safeguarded,
-            "fell_back": int(info.fell_back.sum()), "converged": int(info.converged.sum()),
-            "rel_err_parallel": (y.double() - ref).abs().max().item() / scale,
-            "rel_err_sequential_fp32": (ys.double() - ref).abs().max().item() / scale,
+            "newton_iterations": info.iterations, "sweeps": info.sweeps, "shooting_window": info.shooting_window,
+            "safeguarded": info.safeguarded, "fell_back": int(info.fell_back.sum()),
+            "converged": int(info.converged.sum()), "rel_err_parallel": err(y), "rel_err_sequential_fp32": err(ys),
+            "alone_iterations": info_a.iterations, "alone_fell_back": int(info_a.fell_back.sum()),
+            "rel_err_alone": err(ya),
             "uncapped_max_iters": uncapped, "uncapped_iterations": info_u.iterations,
-            "uncapped_converged": int(info_u.converged.sum()),
-            "rel_err_uncapped": (yu.double() - ref).abs().max().item() / scale,
-            "parallel_fwd_s": t["parallel"], "sequential_fwd_s": t["sequential"],
-            "speedup_fwd": t["sequential"] / t["parallel"]}
+            "uncapped_converged": int(info_u.converged.sum()), "rel_err_uncapped": err(yu),
+            "parallel_fwd_s": t["parallel"], "alone_fwd_s": t["alone"], "sequential_fwd_s": t["sequential"],
+            "speedup_fwd": t["sequential"] / t["parallel"], "speedup_alone_fwd": t["sequential"] / t["alone"]}
 
 
 def table(rows) -> str:
     from pararnn.studies.common import markdown_table
 
-    header = ["cell", "size", "B", "T", "d", "Lyapunov λ", "Newton steps", "safeguard", "fell back",
+    header = ["cell", "size", "B", "T", "d", "Lyapunov λ", "Newton steps", "sweeps", "safeguard", "fell back",
               "error (parallel)", "error (fp32 loop)", "parallel (ms)", "sequential (ms)", "speedup",
-              "steps, uncapped", "converged, uncapped", "error, uncapped"]
+              "Newton alone: steps", "fell back", "ms", "speedup", "steps, uncapped", "converged, uncapped"]
     return markdown_table(header, [
         [r["cell"], r["size"], r["B"], r["T"], r["d"], f"{r['lyapunov']:.3f}", r["newton_iterations"],
-         "yes" if r["safeguarded"] else "no", f"{r['fell_back']}/{r['B']}", f"{r['rel_err_parallel']:.1e}",
-         f"{r['rel_err_sequential_fp32']:.1e}", f"{r['parallel_fwd_s'] * 1e3:.0f}",
-         f"{r['sequential_fwd_s'] * 1e3:.0f}", f"{r['speedup_fwd']:.2f}×", r["uncapped_iterations"],
-         f"{r['uncapped_converged']}/{r['B']}", f"{r['rel_err_uncapped']:.1e}"] for r in rows])
+         r["sweeps"], "yes" if r["safeguarded"] else "no", f"{r['fell_back']}/{r['B']}",
+         f"{r['rel_err_parallel']:.1e}", f"{r['rel_err_sequential_fp32']:.1e}", f"{r['parallel_fwd_s'] * 1e3:.0f}",
+         f"{r['sequential_fwd_s'] * 1e3:.0f}", f"{r['speedup_fwd']:.2f}×", r["alone_iterations"],
+         f"{r['alone_fell_back']}/{r['B']}", f"{r['alone_fwd_s'] * 1e3:.0f}", f"{r['speedup_alone_fwd']:.2f}×",
+         r["uncapped_iterations"], f"{r['uncapped_converged']}/{r['B']}"] for r in rows])
 
 
 def main(argv=None) -> int:
@@ -95,7 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bound", type=float, default=None,
                     help="bound the recurrent weights (pararnn.models.bound_recurrent_weights) at this value")
     ap.add_argument("--uncapped", type=int, default=200,
-                    help="also solve once (untimed) with this max_iters: the steps Newton needs without the default cap")
+                    help="also solve once (untimed) by Newton alone with this max_iters: the steps it needs "
+                         "without the default cap")
     ap.add_argument("--out", default="results/bench_convergence.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -111,7 +121,9 @@ def main(argv=None) -> int:
     if args.quick:
         sweep = {k: v[:3] for k, v in sweep.items()}
     shapes = [(1, T, 64), (4, T, 64)]
-    cases = [(k, s, *shape) for k, sizes in sweep.items() for s in sizes for shape in shapes]
+    wide = (8, T, 256)  # the bandwidth regime, for the diagonal cell (dense Elman's J would be 8.6 GB here)
+    cases = [(k, s, *shape) for k, sizes in sweep.items() for s in sizes
+             for shape in shapes + ([wide] if k == "paragru" else [])]
     rows = [one_case(k, s, B, T_, d, args.repeats, bound=args.bound, uncapped=args.uncapped)
             for k, s, B, T_, d in tqdm(cases, desc="convergence", unit="case")]
     settings = {**vars(args), "T": T, "sweep": sweep, "shapes": shapes}

@@ -27,6 +27,8 @@ class Diagnosis:
         steps: time steps used.
         predictable: ``lyapunov < 0``.
         newton_iterations: Newton steps the parallel solve took on this input (None if not run).
+        sweeps: multiple-shooting sweeps it took where Newton stalled (None if not run; see
+            ``SolverOptions.shooting``).
         will_fall_back: whether that solve failed to converge, so that ``mode="parallel"`` falls
             back to the sequential loop on such inputs (None if not run).
         advice: what to expect from ``mode="parallel"``.
@@ -39,6 +41,7 @@ class Diagnosis:
     advice: str
     newton_iterations: int | None = None
     will_fall_back: bool | None = None
+    sweeps: int | None = None
 
 
 @torch.no_grad()
@@ -91,19 +94,21 @@ def diagnose(cell, x: torch.Tensor, h0: torch.Tensor | None = None, max_steps: i
     else:
         advice = (f"chaotic (λ = {lam_max:.3g} > 0): errors grow by e^λ per step; parallel Newton "
                   f"needs ~T iterations or fails: use mode='sequential'")
-    iters = fall_back = None
+    iters = fall_back = sweeps = None
     if solve:
         from .rnn import RNN
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             info = RNN(cell, **{**solver_options, "on_fail": "warn"})(x, h0, return_info=True)[2]
-        iters, fall_back = info.iterations, not info.all_converged
+        iters, fall_back, sweeps = info.iterations, not info.all_converged, info.sweeps
         if fall_back:
             advice += (f". The parallel solve of this input did not converge in {info.iterations} Newton steps: "
                        f"mode='parallel' will fall back to the sequential loop on such inputs (use "
                        f"mode='sequential', raise max_iters, or bound the recurrent weights)")
         else:
-            advice += (f". The parallel solve of this input took {info.iterations} Newton steps; expect about "
-                       f"as many on similar inputs")
-    return Diagnosis(lam_max, lam.float().cpu(), T, lam_max < 0, advice, iters, fall_back)
+            also = (f" and {info.sweeps} multiple-shooting sweeps of {info.shooting_window} steps (Newton "
+                      f"stalled)" if info.sweeps else "")
+            advice += (f". The parallel solve of this input took {info.iterations} Newton steps{also}; expect "
+                       f"about as many on similar inputs")
+    return Diagnosis(lam_max, lam.float().cpu(), T, lam_max < 0, advice, iters, fall_back, sweeps)

@@ -57,6 +57,17 @@ class SolverOptions:
         on_fail: ``"raise"`` (ConvergenceError), ``"warn"`` (return the last iterate with a
             ConvergenceWarning) or ``"fallback"`` (recompute the non-converged sequences
             sequentially, with a warning). Non-finite iterates count as non-converged.
+        shooting: window length (steps) of the multiple-shooting sweeps that take over where Newton
+            stalls: when a Newton step did not halve a sequence's max residual (or blew it up),
+            every window ``[cL, cL+L)`` of that sequence is re-run by the cell from the state
+            entering it, all windows at once (a sequential loop of L steps over B·T/L rows), before
+            the next Newton step. The windows are then exact from their starting states, and Newton
+            has only the junctions to correct; a sweep carries what the linearisation cannot (a
+            latch-like state that a remote input flips) L steps further each time (sweeps alone
+            would be exact after T/L of them whatever the cell; the Newton steps between them
+            settle the contractive directions at once). ``"auto"``: 256 steps (T/4 when T < 1024);
+            None: plain Newton. ``info.sweeps`` counts them. Sweeps are extra work, not Newton
+            steps: ``max_iters`` bounds the Newton steps (one per sweep at most).
         damping: step size in (0, 1]: ``H += damping * delta``. Below 1 it trades speed for
             robustness on non-contractive cells.
         jacobian_clip: bound every J_t (diagonal entries to [-c, c]; blocks/dense to infinity
@@ -106,6 +117,7 @@ class SolverOptions:
     atol: float | None = None
     init: str | torch.Tensor = "auto"
     on_fail: str = "fallback"
+    shooting: int | str | None = "auto"
     damping: float = 1.0
     jacobian_clip: float | None = None
     safeguard: bool = True
@@ -127,6 +139,9 @@ class SolverOptions:
             raise ValueError(f"damping must be in (0, 1], got {self.damping!r}")
         if isinstance(self.init, str) and self.init not in ("auto", "step", "zeros"):
             raise ValueError(f"init must be 'auto', 'step', 'zeros' or a tensor, got {self.init!r}")
+        if self.shooting is not None and self.shooting != "auto" and (
+                isinstance(self.shooting, bool) or not isinstance(self.shooting, int) or self.shooting < 1):
+            raise ValueError(f"shooting must be None, 'auto' or an int >= 1 (window length), got {self.shooting!r}")
         if not isinstance(self.eval_chunk, int) or self.eval_chunk < 1:
             raise ValueError(f"eval_chunk must be an int >= 1, got {self.eval_chunk!r}")
         if self.chunk_size is not None and self.chunk_size != "auto" and (
@@ -172,6 +187,9 @@ class SolverInfo:
         fell_back: ``[B]`` bool, which sequences were recomputed sequentially.
         rtol, atol: the tolerance applied (see :class:`SolverOptions`).
         safeguarded: whether the safeguard had to undo a step (see ``SolverOptions.safeguard``).
+        sweeps: multiple-shooting sweeps taken where Newton stalled (see ``SolverOptions.shooting``);
+            each is a sequential loop of ``shooting_window`` steps over all windows at once.
+        shooting_window: their window length (None: no sweeps were allowed).
         chunks: with ``chunk_size``, each time chunk's own info.
         boundary_passes: with ``chunk_size`` and ``process_group``, how many passes over its part
             each rank made until the states entering the ranks' parts settled (the last one is
@@ -186,6 +204,8 @@ class SolverInfo:
     rtol: float | None = None
     atol: float | None = None
     safeguarded: bool = False
+    sweeps: int = 0
+    shooting_window: int | None = None
     chunks: list["SolverInfo"] | None = None
     boundary_passes: int | None = None
 
@@ -204,7 +224,8 @@ class SolverInfo:
         conv = torch.stack([i.converged for i in infos]).all(0)
         fell = torch.stack([i.fell_back for i in infos]).any(0)
         return dataclasses.replace(worst, converged=conv, fell_back=fell,
-                                   safeguarded=any(i.safeguarded for i in infos), chunks=infos)
+                                   safeguarded=any(i.safeguarded for i in infos),
+                                   sweeps=max(i.sweeps for i in infos), chunks=infos)
 
 
 def auto_chunk_size(B: int, T: int, d: int, jac_numel: int, itemsize: int, budget: int) -> int | None:
@@ -232,6 +253,54 @@ def sequential_solve(step: Callable, u: torch.Tensor, h0: torch.Tensor,
         h = hold_padded(step(h, u_t), None, h, None if mask is None else mask[:, t], None)[0]
         out.append(h)
     return torch.stack(out, dim=1)
+
+
+def shooting_window(option: int | str | None, T: int) -> int | None:
+    """The window length of multiple-shooting sweeps for a solve of T steps (``SolverOptions.shooting``)."""
+    if option is None:
+        return None
+    if option == "auto":
+        return AUTO_SHOOTING_WINDOW if T >= 4 * AUTO_SHOOTING_WINDOW else max(1, T // 4)
+    return min(int(option), T)
+
+
+# "auto" window of the multiple-shooting sweeps. A sweep's cost is ~L sequential steps (over T/L rows
+# at once), and a state that only a sweep can settle moves L steps per sweep, each followed by a Newton
+# step: measured on the hard-cell sweep (ParaGRU a_std 1-2, ParaLSTM, T = 4096, B = 1), L = 256 took
+# the fewest Newton steps for a total sequential depth of about the cell's memory; 64 and 128 took
+# 2-3x more Newton steps for about the same depth.
+AUTO_SHOOTING_WINDOW = 256
+# A Newton step that leaves a sequence's max residual above this fraction of the one before it has
+# stalled there (quadratic convergence divides it by far more; a step that blows up and is undone
+# leaves it where it was), and a sweep goes first before its next step.
+SWEEP_STALL = 0.5
+
+
+def shooting_sweep(step: Callable, S: torch.Tensor, u: torch.Tensor, L: int,
+                   mask: torch.Tensor | None = None) -> None:
+    """One multiple-shooting sweep, in place: every window ``[cL, cL+L)`` of the iterate is re-run by
+    the cell from the state entering it, all windows of all sequences at once.
+
+    ``S [B, T+1, d]`` holds (h0, h_1..h_T) (window c starts from ``S[:, cL]``), ``u [B, T, *]``,
+    ``mask [B, T]`` or None (padded steps hold the state). A loop of L steps over ``[B·⌈T/L⌉, d]``
+    rows; afterwards the residual is zero inside every window (up to rounding) and only the
+    junctions ``t = cL`` (c ≥ 1) carry one: window c is exact once the state entering it is, so
+    sweeps alone are exact after ⌈T/L⌉ of them.
+    """
+    B, T = u.shape[:2]
+    d = S.shape[-1]
+    n = -(-T // L)
+    h = S[:, 0:T:L].reshape(B * n, d)  # [B·n, d]: the states entering the windows (a copy)
+    for k in range(L):
+        nk = -(-(T - k) // L)  # windows that still have a step k (only the last can be shorter)
+        if nk < n:
+            h, n = h.view(B, n, d)[:, :nk].reshape(B * nk, d), nk
+        uk = u[:, k::L][:, :n]  # [B, n, *]: step k of every window
+        hk = step(h, uk.reshape(B * n, *uk.shape[2:]))
+        if mask is not None:
+            hk = hold_padded(hk, None, h, mask[:, k::L][:, :n].reshape(B * n), None)[0]
+        S[:, 1 + k::L][:, :n] = hk.view(B, n, d)
+        h = hk
 
 
 def hold_padded(f: torch.Tensor, J: torch.Tensor | None, hp: torch.Tensor, m: torch.Tensor | None, structure):
@@ -601,6 +670,18 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
             return ok
         return ok | ((q <= ROUNDING_FLOOR * rtol) & (err > STALL_RATIO * prev))
 
+    def sweep(rows):
+        """A multiple-shooting sweep of the sequences ``rows [B]`` (bool), then r and J at the new iterate."""
+        L = min(T, window << max(0, info.sweeps - 1))  # L, L, 2L, 4L, ...: see AUTO_SHOOTING_WINDOW
+        if bool(rows.all()):
+            shooting_sweep(cell.step, S, u, L, mask)
+        else:
+            idx = rows.nonzero().flatten()
+            Sb = S[idx]
+            shooting_sweep(cell.step, Sb, u[idx], L, None if mask is None else mask[idx])
+            S[idx] = Sb
+        evaluate_here(measure=False)
+
     def advance():
         """One Newton step: H += damping · (the scan's solution of the linearised system)."""
         policy.before_scan(J)
@@ -612,6 +693,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         H.add_(delta)
 
     policy = StepPolicy(opts, structure, atol, ws)
+    window = info.shooting_window = shooting_window(opts.shooting, T)
     if replay is not None:
         policy.safeguard = False  # a replay undoes nothing: no copies of the iterate
         evaluate_here(measure=False)
@@ -628,6 +710,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         if policy.undo_blowups(err, H):
             err, q = check()
         converged = is_converged(err, q, prev)
+        stalled = None if prev is None else ~converged & ~(err <= SWEEP_STALL * prev)  # NaN: stalled
         prev = err
         policy.record(err, H)
         info.residuals.append(float(err.max()))
@@ -635,6 +718,9 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
             break
         if not bool((~converged & torch.isfinite(err)).any()):
             break  # every unconverged sequence is NaN/Inf: further steps cannot help
+        if window is not None and stalled is not None and bool(stalled.any()):
+            sweep(stalled)
+            info.sweeps += 1
         advance()
         info.iterations += 1
     if policy.clip is not None:  # the backward needs the exact Jacobians at the solution
@@ -648,8 +734,8 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
 def replay_steps(info: SolverInfo | None) -> int | None:
     """How many Newton steps reproduce the solve that gave ``info`` (with the same inputs and
     options), or None where it cannot be replayed: not a parallel solve, or one that did not converge,
-    fell back or undid a step for some sequence (those take the full solve again)."""
-    if info is None or info.mode != "parallel" or info.safeguarded or not info.all_converged:
+    fell back, undid a step or took a shooting sweep for some sequence (those take the full solve again)."""
+    if info is None or info.mode != "parallel" or info.safeguarded or info.sweeps or not info.all_converged:
         return None
     if info.fell_back is not None and bool(info.fell_back.any()):
         return None

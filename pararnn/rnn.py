@@ -152,6 +152,7 @@ class SolveStats:
     fell_back: int = 0
     not_converged: int = 0
     safeguarded: int = 0
+    sweeps: int = 0
 
     def record(self, info: SolverInfo) -> None:
         self.calls += 1
@@ -164,6 +165,7 @@ class SolveStats:
         self.fell_back += int(info.fell_back.sum())
         self.not_converged += int((~info.converged).sum())
         self.safeguarded += int(info.safeguarded)
+        self.sweeps += info.sweeps
 
     @property
     def mean_newton_steps(self) -> float:

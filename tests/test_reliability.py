@@ -62,10 +62,10 @@ def test_safeguard_trust_region_converges_where_clipped_jacobians_do_not():
     cell.double()
     x = torch.randn(2, 1024, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref, _ = pararnn.RNN(cell, mode="sequential")(x)
-    y, _, info = run(cell, x, None, max_iters=60)
-    assert info.all_converged and info.safeguarded and info.iterations <= 20
+    y, _, info = run(cell, x, None, max_iters=60, shooting=None)  # Newton alone: no shooting sweeps
+    assert info.all_converged and info.safeguarded and info.iterations <= 20 and info.sweeps == 0
     assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-10
-    _, _, clipped = run(cell, x, None, max_iters=60, jacobian_clip=0.9, safeguard=False)
+    _, _, clipped = run(cell, x, None, max_iters=60, jacobian_clip=0.9, safeguard=False, shooting=None)
     assert not clipped.all_converged
 
 
@@ -88,16 +88,23 @@ def test_trust_region_bounds_the_update_and_cuts_overflow():
 
 
 def test_chaotic_cell_is_never_labelled_converged_when_wrong():
+    """Newton alone cannot solve the chaotic logistic map: it must say so. With shooting sweeps (the
+    default; T/L = 4 windows here) the sweeps carry the exact trajectory window by window, and it
+    converges, to the loop's answer; with fewer steps allowed than windows it cannot."""
     cell = Logistic(4, 3.9)
     x, h0 = inputs(3, 1000, 4)
     ref, _ = pararnn.RNN(cell, mode="sequential")(x, h0)
-    for kw in (dict(max_iters=50), dict(max_iters=50, jacobian_clip=1.0, safeguard=False),
-               dict(max_iters=50, safeguard=False)):
+    for kw in (dict(max_iters=50), dict(max_iters=50, shooting=None),
+               dict(max_iters=50, jacobian_clip=1.0, safeguard=False, shooting=None),
+               dict(max_iters=50, safeguard=False, shooting=None), dict(max_iters=3)):
         y, _, info = run(cell, x, h0, **kw)
         for b in range(3):
             if info.converged[b]:
                 assert (y[b] - ref[b]).abs().max() < 1e-6, kw
-        assert not info.all_converged, kw
+        if kw.get("shooting", "auto") is None or kw["max_iters"] < 1000 // 250:
+            assert not info.all_converged, kw
+        else:
+            assert info.all_converged and info.sweeps > 0, kw
 
 
 def test_jacobian_clip_is_a_convergent_quasi_newton():
@@ -289,8 +296,10 @@ def test_million_steps_forward_and_backward():
     assert (head - y[:, :2000]).abs().max() < 1e-5 and (tail - y[:, -2000:]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("a_std, max_iters", [(0.5, 30), (1.5, 30), (3.0, 30), (3.0, 5)])
-def test_diagnose_predicts_what_the_parallel_solve_does(a_std, max_iters):
+@pytest.mark.parametrize("a_std, max_iters, shooting, falls_back",
+                         [(0.5, 30, "auto", False), (1.5, 30, "auto", False), (3.0, 30, "auto", False),
+                          (3.0, 30, None, True), (3.0, 2, "auto", True)])
+def test_diagnose_predicts_what_the_parallel_solve_does(a_std, max_iters, shooting, falls_back):
     from pararnn.models import ParaGRU
 
     torch.manual_seed(0)
@@ -298,13 +307,13 @@ def test_diagnose_predicts_what_the_parallel_solve_does(a_std, max_iters):
     with torch.no_grad():
         cell.a.normal_(0, a_std)
     x = torch.randn(2, 512, 16)
-    est = pararnn.diagnose(cell, x, max_iters=max_iters)
+    est = pararnn.diagnose(cell, x, max_iters=max_iters, shooting=shooting)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, _, info = pararnn.RNN(cell, max_iters=max_iters)(x, return_info=True)
-    assert est.will_fall_back == bool(info.fell_back.any())
-    assert est.will_fall_back == (a_std == 3.0)  # both branches are exercised
+        _, _, info = pararnn.RNN(cell, max_iters=max_iters, shooting=shooting)(x, return_info=True)
+    assert est.will_fall_back == bool(info.fell_back.any()) == falls_back  # both branches are exercised
     if not est.will_fall_back:
         assert est.newton_iterations == info.iterations and f"took {info.iterations} Newton steps" in est.advice
+        assert est.sweeps == info.sweeps and (f"{info.sweeps} multiple-shooting sweeps" in est.advice) == (info.sweeps > 0)
     else:
         assert "will fall back" in est.advice
