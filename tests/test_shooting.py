@@ -7,7 +7,13 @@ import torch
 from helpers import rel_err
 
 import pararnn
-from pararnn.newton import SolverOptions, replay_steps, sequential_solve, shooting_sweep, shooting_window
+from pararnn.newton import (
+    SolverOptions,
+    replay_steps,
+    sequential_solve,
+    shooting_sweep,
+    shooting_window,
+)
 
 
 def hard_gru(a_std: float = 2.0, d: int = 16, seed: int = 0):
@@ -98,7 +104,7 @@ def test_hard_cell_with_lengths_and_chunks():
     xs = x.clone().requires_grad_()
     ref, ref_h = pararnn.RNN(cell, mode="sequential")(xs, lengths=lengths)
     ref_g = torch.autograd.grad(ref.sum() + ref_h.sum(), xs)[0]
-    for kw in (dict(), dict(chunk_size=512)):
+    for kw in ({}, {"chunk_size": 512}):
         xp = x.clone().requires_grad_()
         y, hT, info = pararnn.RNN(cell, **kw)(xp, lengths=lengths, return_info=True)
         assert info.all_converged and not info.fell_back.any(), kw
