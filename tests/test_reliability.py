@@ -104,7 +104,8 @@ def test_chaotic_cell_is_never_labelled_converged_when_wrong():
         if kw.get("shooting", "auto") is None or kw["max_iters"] < 1000 // 250:
             assert not info.all_converged, kw
         else:
-            assert info.all_converged and info.sweeps > 0, kw
+            # windows 250, 250, 500, 1000: the fourth sweep at the latest is the loop itself
+            assert info.all_converged and 0 < info.sweeps <= 4, kw
 
 
 def test_jacobian_clip_is_a_convergent_quasi_newton():
