@@ -226,7 +226,9 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
             pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_worker_init, initargs=(os.getpid(),))
             try:
-                for fut in as_completed([pool.submit(_job, j) for j in todo]):
+                with _ctrl_c_deferred():  # workers start (in submit) with Ctrl-C blocked: the parent handles it
+                    futures = [pool.submit(_job, j) for j in todo]
+                for fut in as_completed(futures):
                     results.append(fut.result())
                     bar.update()
             except BaseException:  # Ctrl-C (or a failed run): stop the workers now, not after their runs
@@ -237,9 +239,27 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
     return results
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """SIGINT blocked while this block starts worker processes, which inherit the blocked mask from
+    birth: a Ctrl-C during a spawned worker's start-up (importing torch, before its initializer
+    ignores SIGINT) raised KeyboardInterrupt in it, with a traceback. Here it stays pending and is
+    raised when the block ends (SIG_IGN instead would have dropped it: the study ran on)."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover (not POSIX)
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _worker_init(parent_pid: int) -> None:
     """In each worker: leave Ctrl-C to the parent, and exit as soon as the parent is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # also discards a Ctrl-C pending since start-up
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked from birth, see _ctrl_c_deferred
 
     def watch():
         while os.getppid() == parent_pid:
