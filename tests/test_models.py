@@ -366,3 +366,17 @@ def test_deltaproduct_heads_are_independent_cells():
     assert rel_err(gp, gs) < 1e-10
     pararnn.cell.verify_cell(cell, torch.randn(4, cell.state_size, dtype=torch.float64),
                              cell.prepare(torch.randn(4, 1, 5, dtype=torch.float64))[:, 0])
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_diagnose_states_what_the_solve_does_for_every_cell(name):
+    """diagnose's advice on the zoo: the Newton steps (and sweeps) the parallel solve takes on the
+    input, equal to what RNN then does; linear cells take one step; none falls back."""
+    cell, x = cell_and_input(name, torch.float32, T=300)
+    est = pararnn.diagnose(cell, x)
+    _, _, info = pararnn.RNN(cell)(x, return_info=True)
+    assert est.will_fall_back is False and not info.fell_back.any()
+    assert est.newton_iterations == info.iterations and est.sweeps == info.sweeps
+    assert f"took {info.iterations} Newton steps" in est.advice
+    if name in LINEAR:
+        assert info.iterations == 1
