@@ -13,6 +13,7 @@ Writes results/bench_convergence.json and .md.
 
 Usage: python benchmarks/bench_convergence.py [--quick] [--threads 1] [--bound 1.0] [--uncapped 200]
        [--out results/bench_convergence.json]
+       python benchmarks/bench_convergence.py --seeds 1,2,3   (untimed counts for other draws)
 ("size" is a_std for ParaGRU/ParaLSTM and the spectral radius rho for Elman.)
 """
 from __future__ import annotations
@@ -81,6 +82,19 @@ def one_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed:
             "speedup_fwd": t["sequential"] / t["parallel"], "speedup_alone_fwd": t["sequential"] / t["alone"]}
 
 
+def seed_case(kind: str, size: float, seed: int, B: int = 4, T: int = 4096, d: int = 64) -> dict:
+    """Untimed: Newton steps, sweeps and fallbacks of the default solve for another draw of weights and input."""
+    import pararnn
+
+    cell = _cell(kind, size, d, seed)
+    x = torch.randn(B, T, d, generator=torch.Generator().manual_seed(seed + 10))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = pararnn.RNN(cell)(x, return_info=True)[2]
+    return {"cell": kind, "size": size, "seed": seed, "B": B, "T": T, "d": d, "newton_iterations": info.iterations,
+            "sweeps": info.sweeps, "fell_back": int(info.fell_back.sum())}
+
+
 def table(rows) -> str:
     from pararnn.studies.common import markdown_table
 
@@ -106,15 +120,34 @@ def main(argv=None) -> int:
     ap.add_argument("--uncapped", type=int, default=200,
                     help="also solve once (untimed) by Newton alone with this max_iters: the steps it needs "
                          "without the default cap")
-    ap.add_argument("--out", default="results/bench_convergence.json")
+    ap.add_argument("--seeds", default=None,
+                    help="instead: only the Newton steps, sweeps and fallbacks (untimed, B = 4) for these "
+                         "comma-separated seeds, ParaGRU a_std 0.5-2.0 and ParaLSTM 1.5-2.0 "
+                         "(writes results/bench_convergence_seeds.json by default)")
+    ap.add_argument("--out", default=None, help="default results/bench_convergence.json (or _seeds.json)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = "results/bench_convergence_seeds.json" if args.seeds else "results/bench_convergence.json"
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from tqdm import tqdm
 
-    from pararnn.studies.common import ensure_writable, run_metadata, set_threads, write_json_atomic, write_text
+    from pararnn.studies.common import (ensure_writable, markdown_table, run_metadata, set_threads, write_json_atomic,
+                                        write_text)
 
     ensure_writable(args.out, "--out")
     set_threads(args.threads)
+    if args.seeds:
+        seeds = [int(v) for v in args.seeds.split(",")]
+        cases = [(k, a, sd) for k, sizes in (("paragru", [0.5, 1.0, 1.5, 2.0]), ("paralstm", [1.5, 2.0]))
+                 for a in sizes for sd in seeds]
+        rows = [seed_case(k, a, sd, T=1024 if args.quick else 4096) for k, a, sd in tqdm(cases, desc="seeds", unit="case")]
+        write_json_atomic(args.out, {**run_metadata(vars(args)), "rows": rows})
+        md = markdown_table(["cell", "a_std", "seed", "B", "T", "Newton steps", "sweeps", "fell back"],
+                            [[r["cell"], r["size"], r["seed"], r["B"], r["T"], r["newton_iterations"], r["sweeps"],
+                              f"{r['fell_back']}/{r['B']}"] for r in rows])
+        write_text(os.path.splitext(args.out)[0] + ".md", md)
+        print(md)
+        return 0
     T = 1024 if args.quick else 4096
     sweep = {"paragru": [0.5, 1.0, 1.5, 2.0, 3.0], "paralstm": [0.5, 1.0, 1.5, 2.0],
              "elman": [0.5, 0.9, 1.2, 1.5]}
