@@ -241,18 +241,29 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
 
 @contextlib.contextmanager
 def _ctrl_c_deferred():
-    """SIGINT blocked while this block starts worker processes, which inherit the blocked mask from
-    birth: a Ctrl-C during a spawned worker's start-up (importing torch, before its initializer
-    ignores SIGINT) raised KeyboardInterrupt in it, with a traceback. Here it stays pending and is
-    raised when the block ends (SIG_IGN instead would have dropped it: the study ran on)."""
-    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover (not POSIX)
+    """Ctrl-C held back while this block starts worker processes, and raised (KeyboardInterrupt) after it.
+
+    SIGINT is blocked in this thread, so the workers it spawns inherit the blocked mask from birth: a
+    Ctrl-C while a worker still imported torch, before its initializer ignores SIGINT, raised
+    KeyboardInterrupt in it, with a traceback. A handler that only records the signal covers this
+    process's other threads (torch's, tqdm's), through which SIGINT can still arrive: raised in the
+    middle of a worker's start, it cut the data the worker was reading (EOFError in the worker).
+    Ignoring SIGINT instead dropped a Ctrl-C, and the study ran on."""
+    caught = []
+    try:
+        old_handler = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    except ValueError:  # not the main thread: signals are not ours to change
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if old_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a pending Ctrl-C reaches the recorder
+        signal.signal(signal.SIGINT, old_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _worker_init(parent_pid: int) -> None:
