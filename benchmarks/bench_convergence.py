@@ -14,6 +14,7 @@ Writes results/bench_convergence.json and .md.
 Usage: python benchmarks/bench_convergence.py [--quick] [--threads 1] [--bound 1.0] [--uncapped 200]
        [--out results/bench_convergence.json]
        python benchmarks/bench_convergence.py --seeds 1,2,3   (untimed counts for other draws)
+       python benchmarks/bench_convergence.py --train         (forward + backward against the loop)
 ("size" is a_std for ParaGRU/ParaLSTM and the spectral radius rho for Elman.)
 """
 from __future__ import annotations
@@ -95,6 +96,31 @@ def seed_case(kind: str, size: float, seed: int, B: int = 4, T: int = 4096, d: i
             "sweeps": info.sweeps, "fell_back": int(info.fell_back.sum())}
 
 
+def train_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, seed: int = 0) -> dict:
+    """A training step's solve: forward and backward (sum of the outputs), parallel (default options)
+    against the sequential loop, medians interleaved."""
+    import pararnn
+    from pararnn.utils.timing import interleaved_medians
+
+    cell = _cell(kind, size, d, seed)
+    x = torch.randn(B, T, d, generator=torch.Generator().manual_seed(seed + 1), requires_grad=True)
+    par, seq = pararnn.RNN(cell), pararnn.RNN(cell, mode="sequential")
+
+    def step(rnn):
+        def run():
+            y, _ = rnn(x)
+            y.sum().backward()
+        return run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = par(x.detach(), return_info=True)[2]
+        t = interleaved_medians({"parallel": step(par), "sequential": step(seq)}, repeats, warmup=1)
+    return {"cell": kind, "size": size, "B": B, "T": T, "d": d, "newton_iterations": info.iterations,
+            "sweeps": info.sweeps, "fell_back": int(info.fell_back.sum()), "parallel_fwdbwd_s": t["parallel"],
+            "sequential_fwdbwd_s": t["sequential"], "speedup_fwdbwd": t["sequential"] / t["parallel"]}
+
+
 def table(rows) -> str:
     from pararnn.studies.common import markdown_table
 
@@ -124,10 +150,14 @@ def main(argv=None) -> int:
                     help="instead: only the Newton steps, sweeps and fallbacks (untimed, B = 4) for these "
                          "comma-separated seeds, ParaGRU a_std 0.5-2.0 and ParaLSTM 1.5-2.0 "
                          "(writes results/bench_convergence_seeds.json by default)")
-    ap.add_argument("--out", default=None, help="default results/bench_convergence.json (or _seeds.json)")
+    ap.add_argument("--train", action="store_true",
+                    help="instead: a training step's solve (forward + backward), parallel against the loop, for "
+                         "ParaGRU a_std 0.5-2.0 (B = 1, d = 64 and B = 8, d = 256) and ParaLSTM 1.5-2.0 (B = 1) "
+                         "(writes results/bench_convergence_train.json by default)")
+    ap.add_argument("--out", default=None, help="default results/bench_convergence.json (or _seeds, _train)")
     args = ap.parse_args(argv)
     if args.out is None:
-        args.out = "results/bench_convergence_seeds.json" if args.seeds else "results/bench_convergence.json"
+        args.out = "results/bench_convergence" + ("_seeds" if args.seeds else "_train" if args.train else "") + ".json"
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from tqdm import tqdm
 
@@ -136,6 +166,21 @@ def main(argv=None) -> int:
 
     ensure_writable(args.out, "--out")
     set_threads(args.threads)
+    if args.train:
+        T = 1024 if args.quick else 4096
+        cases = [("paragru", a, B, T, d) for a in (0.5, 1.0, 1.5, 2.0) for B, d in ((1, 64), (8, 256))] + \
+                [("paralstm", a, 1, T, 64) for a in (1.5, 2.0)]
+        rows = [train_case(*c, repeats=args.repeats) for c in tqdm(cases, desc="fwd+bwd", unit="case")]
+        write_json_atomic(args.out, {**run_metadata(vars(args)), "units": "seconds (median), forward + backward",
+                                     "rows": rows})
+        md = markdown_table(["cell", "a_std", "B", "T", "d", "Newton steps", "sweeps", "fell back",
+                             "parallel fwd+bwd (ms)", "sequential fwd+bwd (ms)", "speedup"],
+                            [[r["cell"], r["size"], r["B"], r["T"], r["d"], r["newton_iterations"], r["sweeps"],
+                              f"{r['fell_back']}/{r['B']}", f"{r['parallel_fwdbwd_s'] * 1e3:.0f}",
+                              f"{r['sequential_fwdbwd_s'] * 1e3:.0f}", f"{r['speedup_fwdbwd']:.2f}×"] for r in rows])
+        write_text(os.path.splitext(args.out)[0] + ".md", md)
+        print(md)
+        return 0
     if args.seeds:
         seeds = [int(v) for v in args.seeds.split(",")]
         cases = [(k, a, sd) for k, sizes in (("paragru", [0.5, 1.0, 1.5, 2.0]), ("paralstm", [1.5, 2.0]))
