@@ -279,29 +279,33 @@ SWEEP_STALL = 0.5
 
 
 def shooting_sweep(step: Callable, S: torch.Tensor, u: torch.Tensor, L: int,
-                   mask: torch.Tensor | None = None) -> None:
+                   mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
     """One multiple-shooting sweep, in place: every window ``[cL, cL+L)`` of the iterate is re-run by
-    the cell from the state entering it, all windows of all sequences at once.
+    the cell from the state entering it, all windows of all (or the chosen) sequences at once.
 
     ``S [B, T+1, d]`` holds (h0, h_1..h_T) (window c starts from ``S[:, cL]``), ``u [B, T, *]``,
-    ``mask [B, T]`` or None (padded steps hold the state). A loop of L steps over ``[B·⌈T/L⌉, d]``
-    rows; afterwards the residual is zero inside every window (up to rounding) and only the
-    junctions ``t = cL`` (c ≥ 1) carry one: window c is exact once the state entering it is, so
-    sweeps alone are exact after ⌈T/L⌉ of them.
+    ``mask [B, T]`` or None (padded steps hold the state), ``rows`` a 1-D index of the sequences to
+    sweep (None: all; only their steps are gathered, never whole rows of u or S). A loop of L steps
+    over ``[R·⌈T/L⌉, d]`` rows (R sequences); afterwards the residual is zero inside every window (up
+    to rounding) and only the junctions ``t = cL`` (c ≥ 1) carry one: window c is exact once the
+    state entering it is, so sweeps alone are exact after ⌈T/L⌉ of them.
     """
-    B, T = u.shape[:2]
+    T = u.shape[1]
     d = S.shape[-1]
     n = -(-T // L)
-    h = S[:, 0:T:L].reshape(B * n, d)  # [B·n, d]: the states entering the windows (a copy)
+    sel = slice(None) if rows is None else rows  # basic slicing first, then the rows: small gathers
+    h = S[:, 0:T:L][sel]  # [R, n, d]: the states entering the windows (a copy)
+    R = h.shape[0]
+    h = h.reshape(R * n, d)
     for k in range(L):
         nk = -(-(T - k) // L)  # windows that still have a step k (only the last can be shorter)
         if nk < n:
-            h, n = h.view(B, n, d)[:, :nk].reshape(B * nk, d), nk
-        uk = u[:, k::L][:, :n]  # [B, n, *]: step k of every window
-        hk = step(h, uk.reshape(B * n, *uk.shape[2:]))
+            h, n = h.view(R, n, d)[:, :nk].reshape(R * nk, d), nk
+        uk = u[:, k::L][sel, :n]  # [R, n, *]: step k of every window
+        hk = step(h, uk.reshape(R * n, *uk.shape[2:]))
         if mask is not None:
-            hk = hold_padded(hk, None, h, mask[:, k::L][:, :n].reshape(B * n), None)[0]
-        S[:, 1 + k::L][:, :n] = hk.view(B, n, d)
+            hk = hold_padded(hk, None, h, mask[:, k::L][sel, :n].reshape(R * n), None)[0]
+        S[:, 1 + k::L][sel, :n] = hk.view(R, n, d)
         h = hk
 
 
@@ -552,9 +556,17 @@ class StepPolicy:
             Hn = H[new]
             size = torch.maximum(Hn.abs(), (Hn + r[new]).abs()).amax(1, keepdim=True)
             self.radius[new] = (TRUST_RADIUS * size).clamp_min(torch.finfo(size.dtype).tiny)
-        db = torch.nan_to_num(delta[idx], nan=0.0)  # an overflowing scan: NaN -> 0, Inf -> the dtype's max
+        tiny = torch.finfo(delta.real.dtype).tiny
+        if idx.numel() == delta.shape[0]:  # every sequence: in place, one reused temporary
+            delta.nan_to_num_(nan=0.0)  # an overflowing scan: NaN -> 0, Inf -> the dtype's max
+            scale = self.ws.take("trust_scale", delta.shape, delta.real.dtype, delta.device)
+            torch.abs(delta, out=scale)
+            torch.div(self.radius, scale.clamp_min_(tiny), out=scale)
+            delta.mul_(scale.clamp_(max=1.0))
+            return
+        db = torch.nan_to_num(delta[idx], nan=0.0)
         mag = db.abs()
-        delta[idx] = db * torch.clamp(self.radius[idx] / mag.clamp_min(torch.finfo(mag.dtype).tiny), max=1.0)
+        delta[idx] = db * torch.clamp(self.radius[idx] / mag.clamp_min(tiny), max=1.0)
 
     def before_update(self, H: torch.Tensor) -> None:
         if self.safeguard:
@@ -675,13 +687,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
     def sweep(rows):
         """A multiple-shooting sweep of the sequences ``rows [B]`` (bool), then r and J at the new iterate."""
         L = min(T, window << max(0, info.sweeps - 1))  # L, L, 2L, 4L, ...: see AUTO_SHOOTING_WINDOW
-        if bool(rows.all()):
-            shooting_sweep(cell.step, S, u, L, mask)
-        else:
-            idx = rows.nonzero().flatten()
-            Sb = S[idx]
-            shooting_sweep(cell.step, Sb, u[idx], L, None if mask is None else mask[idx])
-            S[idx] = Sb
+        shooting_sweep(cell.step, S, u, L, mask, None if bool(rows.all()) else rows.nonzero().flatten())
         evaluate_here(measure=False)
 
     def advance():

@@ -85,6 +85,15 @@ def test_trust_region_bounds_the_update_and_cuts_overflow():
     expect = TRUST_RADIUS * torch.tensor([[1.0, 3.0], [0.0, -0.1]])
     torch.testing.assert_close(delta[0], expect)
     assert torch.equal(delta[1], torch.full((2, 2), 5.0))  # the other sequence is untouched
+    # every sequence in the trust region: the in-place path gives the same bounded update
+    pol1 = StepPolicy(SolverOptions(), st, atol=0.0)
+    H1 = H[:1].clone()
+    pol1.before_update(H1)
+    pol1.record(torch.ones(1), H1)
+    assert pol1.undo_blowups(torch.tensor([float("nan")]), H1)
+    delta1 = torch.tensor([[[10.0, float("inf")], [float("nan"), -0.1]]])
+    pol1.limit(delta1, H1, r[:1])
+    torch.testing.assert_close(delta1[0], expect)
 
 
 def test_chaotic_cell_is_never_labelled_converged_when_wrong():

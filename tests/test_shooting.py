@@ -111,3 +111,18 @@ def test_hard_cell_with_lengths_and_chunks():
         assert max(i.sweeps for i in (info.chunks or [info])) > 0, kw
         assert rel_err(y, ref) < 1e-10 and rel_err(hT, ref_h) < 1e-10, kw
         assert rel_err(torch.autograd.grad(y.sum() + hT.sum(), xp)[0], ref_g) < 1e-8, kw
+
+
+def test_a_sweep_of_some_sequences_leaves_the_others():
+    cell = hard_gru(d=8)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 50, 8, dtype=torch.float64, generator=g)
+    mask = torch.arange(50)[None, :] < torch.tensor([50, 20, 35])[:, None]
+    with torch.no_grad():
+        u = cell.prepare(x)
+        S = torch.randn(3, 51, 8, dtype=torch.float64, generator=g)
+        full, part = S.clone(), S.clone()
+        shooting_sweep(cell.step, full, u, 16, mask)
+        shooting_sweep(cell.step, part, u, 16, mask, rows=torch.tensor([0, 2]))
+    assert torch.equal(part[1], S[1])  # untouched
+    assert rel_err(part[[0, 2]], full[[0, 2]]) < 1e-14
