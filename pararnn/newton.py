@@ -556,17 +556,15 @@ class StepPolicy:
             Hn = H[new]
             size = torch.maximum(Hn.abs(), (Hn + r[new]).abs()).amax(1, keepdim=True)
             self.radius[new] = (TRUST_RADIUS * size).clamp_min(torch.finfo(size.dtype).tiny)
-        tiny = torch.finfo(delta.real.dtype).tiny
-        if idx.numel() == delta.shape[0]:  # every sequence: in place, one reused temporary
-            delta.nan_to_num_(nan=0.0)  # an overflowing scan: NaN -> 0, Inf -> the dtype's max
-            scale = self.ws.take("trust_scale", delta.shape, delta.real.dtype, delta.device)
-            torch.abs(delta, out=scale)
-            torch.div(self.radius, scale.clamp_min_(tiny), out=scale)
-            delta.mul_(scale.clamp_(max=1.0))
-            return
-        db = torch.nan_to_num(delta[idx], nan=0.0)
-        mag = db.abs()
-        delta[idx] = db * torch.clamp(self.radius[idx] / mag.clamp_min(tiny), max=1.0)
+        every = idx.numel() == delta.shape[0]  # then in place on delta itself, no gathered copy
+        db = delta if every else delta[idx]
+        db.nan_to_num_(nan=0.0)  # an overflowing scan: NaN -> 0, Inf -> the dtype's max
+        scale = self.ws.take("trust_scale", db.shape, db.real.dtype, db.device)  # one reused temporary
+        torch.abs(db, out=scale)
+        torch.div(self.radius if every else self.radius[idx], scale.clamp_min_(torch.finfo(scale.dtype).tiny), out=scale)
+        db.mul_(scale.clamp_(max=1.0))
+        if not every:
+            delta[idx] = db
 
     def before_update(self, H: torch.Tensor) -> None:
         if self.safeguard:
