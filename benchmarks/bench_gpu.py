@@ -52,7 +52,7 @@ class Deadline:
         return False
 
 
-def _scan_cases(smoke: bool):
+def _scan_cases():
     """(name, structure, dtype) of the scans measured: every Triton kernel family."""
     from pararnn.structure import Block
 
@@ -79,7 +79,7 @@ def part_compile(dev, smoke: bool, deadline: Deadline) -> list[dict]:
     from pararnn.utils.timing import median_time, sync
 
     rows = []
-    for name, structure, dtype in _scan_cases(smoke):
+    for name, structure, dtype in _scan_cases():
         if deadline.over(name):
             continue
         A, b, st, B, d = _scan_inputs(structure, dtype, 1024, 1 << (16 if smoke else 24), dev)
@@ -103,7 +103,7 @@ def part_scans(dev, smoke: bool, deadline: Deadline) -> list[dict]:
     Ts = [256, 1024] if smoke else [1 << 10, 1 << 12, 1 << 14, 1 << 16]
     rows = []
     for T in Ts:
-        for name, structure, dtype in _scan_cases(smoke):
+        for name, structure, dtype in _scan_cases():
             if deadline.over(f"{name} T={T}"):
                 continue
             A, b, st, B, d = _scan_inputs(structure, dtype, T, 1 << (16 if smoke else 28), dev)
@@ -121,19 +121,37 @@ def part_scans(dev, smoke: bool, deadline: Deadline) -> list[dict]:
     return rows
 
 
-def _fwd_and_fwdbwd(rnn, x, dev, max_seconds: float) -> tuple[float, float]:
+def _time_fwd(rnn, x, dev, max_seconds: float) -> float:
     from pararnn.utils.timing import median_time
 
     def fwd():
         with torch.no_grad():
             rnn(x)
 
-    def fwdbwd():
-        y, _ = rnn(x)
-        y.sum().backward()
+    return median_time(fwd, repeats=5, warmup=1, device=dev, max_seconds=max_seconds)
 
-    return (median_time(fwd, repeats=5, warmup=1, device=dev, max_seconds=max_seconds),
-            median_time(fwdbwd, repeats=5, warmup=1, device=dev, max_seconds=max_seconds))
+
+def _time_fwdbwd(step, x, dev, max_seconds: float) -> float:
+    """Median seconds of a forward (``step(x)`` returns the outputs) and the backward of their sum."""
+    from pararnn.utils.timing import median_time
+
+    def fwdbwd():
+        step(x).sum().backward()
+
+    return median_time(fwdbwd, repeats=5, warmup=1, device=dev, max_seconds=max_seconds)
+
+
+def _cell_cases(cells, shapes, dev, deadline: "Deadline"):
+    """``(name, cell, x, row)`` for every cell class and ``(B, T, d)`` shape (cell ``d → d``, seeded, on
+    ``dev``; ``x [B, T, d]`` wants grad), skipping (and naming) what comes past the part's budget."""
+    for name, make in cells:
+        for B, T, d in shapes:
+            if deadline.over(f"{name} B={B} T={T} d={d}"):
+                continue
+            torch.manual_seed(0)
+            cell = make(d, d).to(dev)
+            x = torch.randn(B, T, d, device=dev, requires_grad=True)
+            yield name, cell, x, {"cell": name, "B": B, "T": T, "d": d}
 
 
 def part_newton(dev, smoke: bool, deadline: Deadline) -> list[dict]:
@@ -145,26 +163,21 @@ def part_newton(dev, smoke: bool, deadline: Deadline) -> list[dict]:
     shapes = [(1, 256, 16), (2, 256, 16)] if smoke else \
         [(1, 4096, 64), (1, 16384, 64), (8, 1024, 256), (8, 4096, 256)]
     rows = []
-    for name, make in (("ParaGRU", ParaGRU), ("ParaLSTM", ParaLSTM)):
-        for B, T, d in shapes:
-            if deadline.over(f"{name} B={B} T={T} d={d}"):
-                continue
-            torch.manual_seed(0)
-            cell = make(d, d).to(dev)
-            x = torch.randn(B, T, d, device=dev, requires_grad=True)
-            r = {"cell": name, "B": B, "T": T, "d": d}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                _, _, info = pararnn.RNN(cell)(x.detach(), return_info=True)
-                r["newton_iterations"], r["sweeps"] = info.iterations, info.sweeps
-                for mode in ("parallel", "sequential"):
-                    f, fb = _fwd_and_fwdbwd(pararnn.RNN(cell, mode=mode), x, dev, 30)
-                    r[f"{mode}_fwd_s"], r[f"{mode}_fwdbwd_s"] = f, fb
-            r["speedup_fwd"] = r["sequential_fwd_s"] / r["parallel_fwd_s"]
-            r["speedup_fwdbwd"] = r["sequential_fwdbwd_s"] / r["parallel_fwdbwd_s"]
-            rows.append(r)
-            print(f"{name} B={B} T={T} d={d}: {r['newton_iterations']} Newton steps; parallel/sequential "
-                  f"fwd {r['speedup_fwd']:.1f}×, fwd+bwd {r['speedup_fwdbwd']:.1f}×", flush=True)
+    for name, cell, x, r in _cell_cases((("ParaGRU", ParaGRU), ("ParaLSTM", ParaLSTM)), shapes, dev, deadline):
+        B, T, d = r["B"], r["T"], r["d"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, _, info = pararnn.RNN(cell)(x.detach(), return_info=True)
+            r["newton_iterations"], r["sweeps"] = info.iterations, info.sweeps
+            for mode in ("parallel", "sequential"):
+                rnn = pararnn.RNN(cell, mode=mode)
+                r[f"{mode}_fwd_s"] = _time_fwd(rnn, x, dev, 30)
+                r[f"{mode}_fwdbwd_s"] = _time_fwdbwd(lambda v, rnn=rnn: rnn(v)[0], x, dev, 30)
+        r["speedup_fwd"] = r["sequential_fwd_s"] / r["parallel_fwd_s"]
+        r["speedup_fwdbwd"] = r["sequential_fwdbwd_s"] / r["parallel_fwdbwd_s"]
+        rows.append(r)
+        print(f"{name} B={B} T={T} d={d}: {r['newton_iterations']} Newton steps; parallel/sequential "
+              f"fwd {r['speedup_fwd']:.1f}×, fwd+bwd {r['speedup_fwdbwd']:.1f}×", flush=True)
     return rows
 
 
@@ -173,34 +186,22 @@ def part_cudnn(dev, smoke: bool, deadline: Deadline) -> list[dict]:
 
     import pararnn
     from pararnn.models import GRU, LSTM
-    from pararnn.utils.timing import median_time
 
     shapes = [(2, 128, 16)] if smoke else [(8, 1024, 64), (8, 4096, 64), (1, 16384, 64)]
     rows = []
-    for name, make in (("GRU", GRU), ("LSTM", LSTM)):
-        for B, T, d in shapes:
-            if deadline.over(f"{name} B={B} T={T} d={d}"):
-                continue
-            torch.manual_seed(0)
-            cell = make(d, d).to(dev)
-            ref = cell.to_torch().to(dev)
-            x = torch.randn(B, T, d, device=dev, requires_grad=True)
-            r = {"cell": name, "B": B, "T": T, "d": d}
-
-            def torch_step():
-                y = ref(x)[0]
-                y.sum().backward()
-
-            r["torch_fwdbwd_s"] = median_time(torch_step, repeats=5, warmup=1, device=dev, max_seconds=30)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rnn = pararnn.RNN(cell, mode="parallel")
-                _, r["pararnn_fwdbwd_s"] = _fwd_and_fwdbwd(rnn, x, dev, 30)
-                r["newton_iterations"] = rnn.last_info.iterations
-            r["pararnn_over_torch"] = r["pararnn_fwdbwd_s"] / r["torch_fwdbwd_s"]
-            rows.append(r)
-            print(f"{name} B={B} T={T} d={d}: pararnn parallel {r['pararnn_fwdbwd_s'] * 1e3:.1f} ms, "
-                  f"torch.nn {r['torch_fwdbwd_s'] * 1e3:.1f} ms", flush=True)
+    for name, cell, x, r in _cell_cases((("GRU", GRU), ("LSTM", LSTM)), shapes, dev, deadline):
+        B, T, d = r["B"], r["T"], r["d"]
+        ref = cell.to_torch().to(dev)
+        r["torch_fwdbwd_s"] = _time_fwdbwd(lambda v: ref(v)[0], x, dev, 30)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rnn = pararnn.RNN(cell, mode="parallel")
+            r["pararnn_fwdbwd_s"] = _time_fwdbwd(lambda v: rnn(v)[0], x, dev, 30)
+            r["newton_iterations"] = rnn.last_info.iterations
+        r["pararnn_over_torch"] = r["pararnn_fwdbwd_s"] / r["torch_fwdbwd_s"]
+        rows.append(r)
+        print(f"{name} B={B} T={T} d={d}: pararnn parallel {r['pararnn_fwdbwd_s'] * 1e3:.1f} ms, "
+              f"torch.nn {r['torch_fwdbwd_s'] * 1e3:.1f} ms", flush=True)
     return rows
 
 
@@ -215,8 +216,9 @@ def part_tests(timeout: int) -> dict:
     except subprocess.TimeoutExpired as e:
         log, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", log.splitlines()[-1] if log else "")}
-    print(f"tests: {counts or rc} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return {"command": " ".join(cmd[1:]), "returncode": rc, "counts": counts, "seconds": time.perf_counter() - t0,
+    seconds = time.perf_counter() - t0
+    print(f"tests: {counts or rc} in {seconds:.0f} s", flush=True)
+    return {"command": " ".join(cmd[1:]), "returncode": rc, "counts": counts, "seconds": seconds,
             "log_tail": log[-4000:]}
 
 
