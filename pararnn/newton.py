@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from . import fastmath
 from .dispatch import check_backend
 from .parallel import LOCAL, ParallelContext
 from .workspace import Fresh
@@ -100,7 +101,8 @@ class SolverOptions:
             reductions fused into one loop per evaluation piece that stores r and J straight into
             the solver's buffers (:func:`pararnn.newton.compiled_piece`); the initial guess and the
             graph-carrying evaluation at the solution (its forward and its vjp, for the backward) too.
-            Compiled once per cell class, parameter shapes, structure, dtype and device (a few
+            Its ``torch.tanh`` is :func:`pararnn.fastmath.tanh` (2.4× faster on CPU, within 2 ulp;
+            the eager path keeps torch's). Compiled once per cell class, parameter shapes, structure, dtype and device (a few
             seconds on CPU), not per call, B or T; real dtypes only (complex cells stay eager).
             Past torch._dynamo's recompile limit (8 variants) it runs eagerly, as dynamo does. Off by default; see the
             README's benchmark for where it wins.
@@ -442,9 +444,9 @@ def compiled_piece(fn):
     :func:`static_features`); dynamo compiles once per cell class, parameter shapes (parameters
     are static), structure, dtype and device, and kind of piece (several whole rows, one whole
     row, one row's span of steps: :func:`contiguous_pieces`; a size of 1 is specialised), not per
-    call, B or T."""
+    call, B or T. The backend (:func:`pararnn.fastmath.compile_backend`) swaps tanh for the fast one."""
     if fn not in _COMPILED:
-        compiled = torch.compile(fn, dynamic=True)
+        compiled = torch.compile(fn, dynamic=True, backend=fastmath.compile_backend)
 
         def run(*args):
             # Without duck shapes: the pieces are views at many storage offsets, and dynamo would

@@ -1,0 +1,88 @@
+"""pararnn.fastmath: the fast tanh of the compiled pieces against float64 tanh, and its rewrite."""
+import math
+
+import pytest
+import torch
+
+from pararnn import fastmath
+from pararnn.newton import compiled_piece
+
+EPS = torch.finfo(torch.float32).eps  # 2^-23
+
+
+def _grid():
+    """Every decade from the smallest subnormal to 20 (tanh = 1 in fp32 beyond ~9), both signs,
+    the split point's neighbours and the specials."""
+    pos = torch.logspace(-45, math.log10(20), 400_000, dtype=torch.float64).float()
+    split = torch.tensor(fastmath.SPLIT)
+    edge = torch.stack([torch.nextafter(split, torch.tensor(0.0)), split, torch.nextafter(split, torch.tensor(1.0))])
+    return torch.cat([pos, -pos, edge, -edge])
+
+
+def _max_rel_err(y: torch.Tensor, x: torch.Tensor) -> float:
+    ref = torch.tanh(x.double())
+    ok = ref != 0
+    return float(((y.double() - ref).abs() / ref.abs())[ok].max())
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fast_tanh_is_within_two_ulp_of_float64_tanh(compiled):
+    x = _grid()
+    fn = torch.compile(fastmath.tanh_formula, backend="inductor") if compiled else fastmath.tanh_formula
+    err = _max_rel_err(fn(x), x)
+    assert err <= 2 * EPS, f"max relative error {err:.3g} > 2 eps"
+    # SLEEF's tanh, for scale: the fast one is at most a few times its error
+    assert err <= 4 * max(_max_rel_err(torch.tanh(x), x), EPS / 2)
+
+
+def test_fast_tanh_specials():
+    x = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e30, -1e30, 1e-45, -1e-45])
+    y = fastmath.tanh(x)
+    assert y[:2].tolist() == [0.0, 0.0] and not torch.signbit(y[0]) and torch.signbit(y[1])
+    assert y[2:4].tolist() == [1.0, -1.0] and torch.isnan(y[4]) and y[5:7].tolist() == [1.0, -1.0]
+    assert torch.equal(y[7:], x[7:])  # tanh(x) = x at the subnormals
+    assert fastmath.tanh(torch.tensor([3.0], dtype=torch.float64)).dtype == torch.float64
+
+
+def test_fast_tanh_gradient_is_tanh_derivative():
+    """The derivative is 1 - y² from the output (not the approximation's), also under torch.compile,
+    and no NaN where the unused branch would overflow (|x| = 1e30)."""
+    x = torch.cat([torch.randn(1000) * 3, torch.tensor([1e30, -1e30, 0.0])]).requires_grad_()
+    (g,) = torch.autograd.grad(fastmath.tanh(x).sum(), x)
+    (ref,) = torch.autograd.grad(torch.tanh(x.double()).sum(), x)
+    torch.testing.assert_close(g, ref, rtol=4 * EPS, atol=4 * EPS)
+    comp = torch.compile(lambda v: fastmath.tanh(v * 2).sum(), backend="inductor")
+    (gc,) = torch.autograd.grad(comp(x), x)
+    (ref2,) = torch.autograd.grad(torch.tanh(x.double() * 2).sum(), x)
+    torch.testing.assert_close(gc, ref2, rtol=8 * EPS, atol=8 * EPS)
+
+
+def test_rewrite_replaces_every_tanh_spelling():
+    def f(x):
+        return torch.tanh(x) + x.tanh() + torch.nn.functional.tanh(x) + torch.nn.Tanh()(x) + torch.sigmoid(x)
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(fastmath.rewrite_tanh(gm))
+        assert not any(n.target in ("tanh", torch.tanh, torch.nn.functional.tanh) for n in gm.graph.nodes)
+        return gm
+
+    x = torch.randn(64) * 2
+    torch.testing.assert_close(torch.compile(f, backend=backend)(x), f(x), rtol=2 * EPS, atol=4 * EPS)
+    assert seen == [4]
+
+
+def test_compiled_pieces_use_the_fast_tanh(monkeypatch):
+    """compiled_piece compiles through fastmath.compile_backend (the rewrite runs on its graph)."""
+    calls = []
+    rewrite = fastmath.rewrite_tanh
+    monkeypatch.setattr(fastmath, "rewrite_tanh", lambda gm: calls.append(rewrite(gm)) or calls[-1])
+
+    def piece(x):
+        return torch.tanh(x) * 2
+
+    x = torch.randn(100, 3)
+    y = compiled_piece(piece)(x)
+    assert calls == [1]
+    torch.testing.assert_close(y, 2 * fastmath.tanh_formula(x), rtol=2 * EPS, atol=0)
