@@ -119,7 +119,7 @@ def test_compiled_evaluation_matches_the_eager_twin_and_compiles_once_for_every_
     small = pararnn.RNN(cell, mode="parallel", compile_cell=True, eval_chunk=60)
     with torch.no_grad():
         comp(torch.randn(1, 40, 5))
-        for B2, T2 in [(2, 33), (1, 9)]:
+        for B2, T2 in [(2, 33), (1, 9), (2, 50)]:  # (2, 50): rows longer than a compiled piece (4 × 60)
             small(torch.randn(B2, T2, 5))
             assert torch.equal(small.last_info.converged, torch.ones(B2, dtype=torch.bool))
     # the same with gradients: the graph-carrying evaluation at the solution (graph_piece) is compiled
@@ -129,7 +129,7 @@ def test_compiled_evaluation_matches_the_eager_twin_and_compiles_once_for_every_
         return torch.autograd.grad((y * torch.linspace(-1, 1, x.shape[1])[:, None]).sum() + hT.sum(),
                                    [x, *cell.parameters()])
 
-    for B2, T2 in [(3, 40), (1, 40), (1, 9)]:
+    for B2, T2 in [(3, 40), (1, 40), (1, 9), (2, 50)]:
         xs = torch.randn(B2, T2, 5, requires_grad=True)
         for kw in ({}, {"lengths": torch.randint(1, T2 + 1, (B2,))}):
             for rnn in (comp, small):
