@@ -50,18 +50,30 @@ def tanh_formula(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Tanh(torch.autograd.Function):
-    """:func:`tanh_formula` with tanh's exact derivative ``1 - y²``."""
+    """:func:`tanh_formula` with tanh's exact derivative ``1 - y²`` in reverse and forward mode
+    (torch.func.jvp: cells whose Jacobian comes from :func:`pararnn.cell.autodiff_step_and_jacobian`)
+    and a generated vmap rule."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x):
-        y = tanh_formula(x)
-        ctx.save_for_backward(y)
-        return y
+    def forward(x):
+        return tanh_formula(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         return g * (1.0 - y * y)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (y,) = ctx.saved_tensors
+        return t * (1.0 - y * y)
 
 
 def tanh(x: torch.Tensor) -> torch.Tensor:

@@ -86,3 +86,31 @@ def test_compiled_pieces_use_the_fast_tanh(monkeypatch):
     y = compiled_piece(piece)(x)
     assert calls == [1]
     torch.testing.assert_close(y, 2 * fastmath.tanh_formula(x), rtol=2 * EPS, atol=0)
+
+
+def test_fast_tanh_under_torch_func():
+    """jvp (cells whose Jacobian is a torch.func.jvp), vmap and grad give tanh's derivative."""
+    x, t = torch.randn(64) * 2, torch.randn(64)
+    y, jt = torch.func.jvp(fastmath.tanh, (x,), (t,))
+    d = 1 - torch.tanh(x.double()) ** 2
+    torch.testing.assert_close(jt.double(), t.double() * d, rtol=4 * EPS, atol=4 * EPS)
+    torch.testing.assert_close(torch.func.vmap(fastmath.tanh)(x.view(8, 8)), torch.tanh(x.view(8, 8)),
+                               rtol=2 * EPS, atol=0)
+    g = torch.func.grad(lambda v: fastmath.tanh(v).sum())(x)
+    torch.testing.assert_close(g.double(), d, rtol=4 * EPS, atol=4 * EPS)
+
+
+def test_compiled_jvp_cell_matches_eager():
+    """A cell whose Jacobian is torch.func.jvp (ParaLSTM) solved with compile_cell equals the eager solve."""
+    import pararnn
+    from pararnn.models import ParaLSTM
+
+    torch.manual_seed(0)
+    cell = ParaLSTM(4, 3)
+    x = torch.randn(2, 30, 4, requires_grad=True)
+    ye, _ = pararnn.RNN(cell, mode="parallel")(x)
+    yc, _ = pararnn.RNN(cell, mode="parallel", compile_cell=True)(x)
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(ye.sum(), [x, *cell.parameters()]),
+                    torch.autograd.grad(yc.sum(), [x, *cell.parameters()])):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,103 @@
+"""Calibration of `mode="auto"` on CPU: parallel (eager and compile_cell) against the strong loop over the work per step.
+
+`pararnn.choose_mode` compares the work per time step, ``B·d·max(k, 8)`` (k: the Jacobian's
+block width, d for dense cells), with one limit for training and one for inference, and another
+pair when ``compile_cell`` is on. This script measures where the parallel solve stops winning:
+for each case (a cell, B, T, d) the strong loop (a loop over ``u.unbind(1)``), the eager parallel
+solve and the compiled one (``compile_cell=True``), forward and forward+backward (gradients of the
+parameters), every method of a case timed in turn, round by round (medians), and prints what
+``choose_mode`` picks for each. Cases: ParaGRU (diagonal) at d = 64 and d = 256 over a range of
+batch sizes, ParaLSTM (Block(2)) and the dense GRU.
+
+Usage: python benchmarks/bench_auto.py [--threads 1] [--T 2048] [--repeats 5] [--quick]
+       [--out results/bench_auto_1thread.json]
+Writes the JSON (version, commit, machine, settings) and a markdown table beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+CASES = ([("paragru", B, 64) for B in (1, 4, 8, 16, 32, 64)] + [("paragru", B, 256) for B in (2, 4, 8, 16)]
+         + [("paralstm", B, 64) for B in (1, 4, 16)] + [("gru", B, 32) for B in (1, 4)] + [("gru", 1, 64)])
+QUICK = [("paragru", 1, 64), ("paragru", 16, 64), ("paralstm", 4, 64), ("gru", 1, 32)]
+
+
+def case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
+    """One row: medians (s) of the loop, eager and compiled parallel, fwd and fwd+bwd, and auto's picks."""
+    import pararnn
+    from pararnn.models import make_cell
+    from pararnn.studies.bench import strong_loop, time_methods
+
+    torch.manual_seed(0)
+    cell = make_cell(name, d)  # input size d; state size cell.state_size
+    x = torch.randn(B, T, d)
+    ds = cell.state_size
+    eager = pararnn.RNN(cell, mode="parallel")
+    comp = pararnn.RNN(cell, mode="parallel", compile_cell=True)
+    params = list(cell.parameters())
+    methods = {"loop": (lambda x: strong_loop(cell, x), params), "parallel": (lambda x: eager(x)[0], params),
+               "compile_cell": (lambda x: comp(x)[0], params)}
+    with torch.no_grad():
+        comp(x)  # compile outside the timing
+    row = {"cell": name, "B": B, "T": T, "d": ds, "structure": str(cell.get_structure()),
+           "work": B * ds * max(cell.get_structure().width(ds), pararnn.rnn.AUTO_MIN_WIDTH),
+           **time_methods(methods, x, repeats)}
+    for training in (True, False):
+        key = "train" if training else "infer"
+        for cc in (False, True):
+            row[f"auto_{key}{'_compile_cell' if cc else ''}"] = pararnn.choose_mode(
+                B, T, ds, x.device, cell.get_structure(), training, compile_cell=cc)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    from pararnn.studies.common import markdown_table
+
+    def ratio(r, m, bw):
+        return r[f"loop_{bw}_s"] / r[f"{m}_{bw}_s"]
+
+    return markdown_table(
+        ["cell", "B", "d", "work B·d·max(k,8)", "loop fwd / fwd+bwd (ms)", "parallel: speedup fwd / fwd+bwd",
+         "compile_cell: speedup fwd / fwd+bwd", "auto picks (train / infer)", "with compile_cell"],
+        [[r["cell"], r["B"], r["d"], r["work"], f"{r['loop_fwd_s'] * 1e3:.0f} / {r['loop_fwdbwd_s'] * 1e3:.0f}",
+          f"{ratio(r, 'parallel', 'fwd'):.2f}× / {ratio(r, 'parallel', 'fwdbwd'):.2f}×",
+          f"{ratio(r, 'compile_cell', 'fwd'):.2f}× / {ratio(r, 'compile_cell', 'fwdbwd'):.2f}×",
+          f"{r['auto_train']} / {r['auto_infer']}", f"{r['auto_train_compile_cell']} / {r['auto_infer_compile_cell']}"]
+         for r in rows])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--T", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="four cases at T = 256 (seconds)")
+    ap.add_argument("--out", default=None, help="default results/bench_auto_{N}thread(s).json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.T = 256
+    if args.out is None:
+        args.out = f"results/bench_auto_{args.threads}thread{'s' if args.threads > 1 else ''}.json"
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from tqdm import tqdm
+
+    from pararnn.studies.common import ensure_writable, run_metadata, set_threads, write_json_atomic, write_text
+
+    ensure_writable(args.out, "--out")
+    set_threads(args.threads)
+    rows = []
+    for c in tqdm(QUICK if args.quick else CASES, desc="cases", unit="case"):
+        rows.append(case(*c[:2], args.T, c[2], args.repeats))
+        write_json_atomic(args.out, {**run_metadata(vars(args)), "units": "seconds (median)", "rows": rows})
+    md = table(rows)
+    write_text(os.path.splitext(args.out)[0] + ".md", md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
