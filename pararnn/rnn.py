@@ -350,7 +350,8 @@ def _check_prepare_is_per_step(cell, x: torch.Tensor, n: int = 6) -> None:
 
 
 def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagonal",
-                training: bool = True, dtype: torch.dtype = torch.float32, backend: str = "auto") -> str:
+                training: bool = True, dtype: torch.dtype = torch.float32, backend: str = "auto",
+                compile_cell: bool = False) -> str:
     """The ``mode="auto"`` rule (measurements behind it: README, "Choosing a mode").
 
     - Never a parallel solve whose scan would be the PyTorch loop over T (once per Newton step):
@@ -363,8 +364,20 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
       width (block size, or d for dense; counted as at least 8 for diagonal cells, whose
       evaluation is a dozen elementwise ops per entry). Parallel wins when the work per step,
       ``B·d·max(k, 8)``, is small: up to 8192 when training (the parallel backward is one scan,
-      the sequential one another T-step loop) and up to 1024 for inference. T < 64 stays
-      sequential.
+      the sequential one another T-step loop) and up to 1024 for inference. With
+      ``compile_cell=True`` (the fused evaluation, 1.5-2.5× cheaper) and k <= 8 the limits are
+      16384 and 2048 (dense cells keep the eager limits: their cost is the d×d Jacobians and
+      scan, not the elementwise evaluation). T < 64 stays sequential.
+
+    Calibration (benchmarks/bench_auto.py, T = 2048, AMD EPYC VM, results/bench_auto_*): the
+    eager training step beats the loop up to work 16384 for ParaGRU (1.03-1.09× there at 1
+    thread) but ParaLSTM (jvp Jacobian) loses there (0.50×), hence 8192; the eager forward wins at
+    2048 (ParaGRU 1.22×) and loses at 4096 (0.80×), hence 1024. Compiled, the training step wins at
+    16384 for ParaGRU (1.71-1.83× at 1 thread, 2.31-3.16× at 2) and ParaLSTM at 2 threads (1.09×),
+    not at 1 (0.67×); the forward wins at 2048 (ParaGRU 2.66×, 3.74× at 2 threads) and at 4096
+    only for ParaGRU (ParaLSTM 0.48×, the dense GRU 0.80-0.86× at 1 thread). The rule does not
+    see the thread count: at 2 threads it leaves wins on the table (compiled ParaGRU forward up to
+    16384: 1.08×).
     """
     structure = as_structure(structure, d)
     if backend == "auto" and auto_backend(device, dtype, structure, d) == "reference":
@@ -372,7 +385,10 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
     if device.type == "cuda":
         return "parallel"
     k = structure.width(d)
-    limit = AUTO_WORK_TRAINING if training else AUTO_WORK_INFERENCE
+    if compile_cell and k <= AUTO_MIN_WIDTH:  # the fused evaluation cheapens elementwise work, not d×d Jacobians
+        limit = AUTO_WORK_TRAINING_COMPILED if training else AUTO_WORK_INFERENCE_COMPILED
+    else:
+        limit = AUTO_WORK_TRAINING if training else AUTO_WORK_INFERENCE
     return "parallel" if (T >= AUTO_MIN_T and B * d * max(k, AUTO_MIN_WIDTH) <= limit) else "sequential"
 
 
@@ -382,6 +398,8 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
 # evaluation costs about 8 elementwise ops per entry, so it counts as k = 8.
 AUTO_WORK_TRAINING = 8192
 AUTO_WORK_INFERENCE = 1024
+AUTO_WORK_TRAINING_COMPILED = 16384  # with compile_cell: see choose_mode's calibration
+AUTO_WORK_INFERENCE_COMPILED = 2048
 AUTO_MIN_T = 64
 AUTO_MIN_WIDTH = 8
 
@@ -575,7 +593,7 @@ class RNN(nn.Module):
             training = torch.is_grad_enabled() and (
                 u.requires_grad or h0.requires_grad or any(p.requires_grad for p in self.cell.parameters()))
             mode = choose_mode(B, T, self.cell.state_size, u.device, self.cell.get_structure(), training,
-                               h0.dtype, opts.backend)
+                               h0.dtype, opts.backend, compile_cell=opts.compile_cell and can_compile(h0))
         y, hT, info = self._solve(x, None if chunked else u, h0, user_h0, mode, opts, lengths)
         return (y, hT, info) if return_info else (y, hT)
 

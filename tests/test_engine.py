@@ -231,6 +231,20 @@ def test_choose_mode():
     assert pararnn.choose_mode(1, 4096, 64, cpu, "dense", training=False) == "sequential"
     assert pararnn.choose_mode(1, 4096, 128, cpu, "dense", training=True) == "sequential"  # LSTM
     assert pararnn.choose_mode(1, 4096, 128, cpu, pararnn.Block(2), training=False) == "parallel"
+    # compile_cell: twice the work per step (ParaGRU B = 8, d = 256 trains in parallel; B = 2, d = 128 infers so)
+    assert pararnn.choose_mode(8, 4096, 256, cpu, training=True, compile_cell=True) == "parallel"
+    assert pararnn.choose_mode(8, 4096, 256, cpu, training=False, compile_cell=True) == "sequential"
+    assert pararnn.choose_mode(2, 4096, 128, cpu, training=False) == "sequential"
+    assert pararnn.choose_mode(2, 4096, 128, cpu, training=False, compile_cell=True) == "parallel"
+    assert pararnn.choose_mode(1, 4096, 128, cpu, "dense", training=True, compile_cell=True) == "sequential"  # LSTM
+    assert pararnn.choose_mode(1, 4096, 64, cpu, "dense", training=False, compile_cell=True) == "sequential"
+    # RNN(mode="auto") passes compile_cell to the rule
+    x = torch.randn(2, 64, 4)
+    with torch.no_grad():
+        for cc, mode in ((False, "sequential"), (True, "parallel")):
+            rnn = pararnn.RNN(ParaGRU(4, 128), mode="auto", compile_cell=cc)
+            rnn(x)
+            assert rnn.last_info.mode == mode
     # CUDA (the rule needs no device): parallel only where a Triton kernel exists, never the loop
     cuda = torch.device("cuda")
     from pararnn.dispatch import triton_module
