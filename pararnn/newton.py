@@ -456,12 +456,14 @@ def compiled_piece(fn):
     call, B or T. The backend (:func:`pararnn.fastmath.compile_backend`) swaps tanh for the fast one."""
     if fn not in _COMPILED:
         compiled = torch.compile(fn, dynamic=True, backend=fastmath.compile_backend)
+        # Without duck shapes: the pieces are views at many storage offsets, and dynamo would
+        # otherwise guard on chance equalities between offsets and sizes (hn.storage_offset()
+        # == d), recompiling for new pieces until its limit and then running eagerly. One patch
+        # object, re-entered on every call (each patch() call builds a class: ~20 µs).
+        no_duck_shapes = torch.fx.experimental._config.patch(use_duck_shape=False)
 
         def run(*args):
-            # Without duck shapes: the pieces are views at many storage offsets, and dynamo would
-            # otherwise guard on chance equalities between offsets and sizes (hn.storage_offset()
-            # == d), recompiling for new pieces until its limit and then running eagerly.
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
+            with no_duck_shapes:
                 return compiled(*args)
 
         _COMPILED[fn] = run
