@@ -103,10 +103,12 @@ class SolverOptions:
             the solver's buffers (:func:`pararnn.newton.compiled_piece`); the initial guess and the
             graph-carrying evaluation at the solution (its forward and its vjp, for the backward) too.
             Its ``torch.tanh`` is :func:`pararnn.fastmath.tanh` (2.4× faster on CPU, within 2 ulp;
-            the eager path keeps torch's). Compiled once per cell class, parameter shapes, structure, dtype and device (a few
-            seconds on CPU), not per call, B or T; real dtypes only (complex cells stay eager).
-            Past torch._dynamo's recompile limit (8 variants) it runs eagerly, as dynamo does. Off by default; see the
-            README's benchmark for where it wins.
+            the eager path keeps torch's). Compiled once per cell class, parameter shapes,
+            structure, dtype and device (a few seconds on CPU), not per call, B or T; real dtypes
+            only (complex cells stay eager). Past torch._dynamo's recompile limit (8 variants) it
+            runs eagerly, as dynamo does. Off by default (the compile time); ``mode="auto"`` takes
+            it into account (:func:`pararnn.choose_mode`); see the README's benchmark for where it
+            wins.
         check_cell: on the first parallel call per cell, dtype and device, probe ``step`` at a
             few positions (:func:`pararnn.cell.verify_cell`: determinism, no coupling of batch
             rows, the declared structure, holomorphy of complex cells) and raise a clear error
