@@ -112,8 +112,13 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
 def split_pieces(x: torch.Tensor, pieces: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
     """``x [B, T, *]`` cut into the pieces ``[N_p, *]`` of :func:`pararnn.newton.contiguous_pieces`
     (runs of memory, rows in (b, t) order) by one split of ``x`` flattened to ``[B·T, *]``, so that
-    autograd's backward is one cat (a slice's backward writes a full-size tensor per slice)."""
-    return list(x.reshape(-1, *x.shape[2:]).split([(b1 - b0) * (t1 - t0) for b0, b1, t0, t1 in pieces]))
+    autograd's backward is one cat (a slice's backward writes a full-size tensor per slice). One
+    piece is the flattened view itself, whose backward is a view too (a split into one piece cost
+    a copy in the backward: 0.5 ms of a 3.5 ms backward at B = 1, T = 4096, d = 64)."""
+    flat = x.reshape(-1, *x.shape[2:])
+    if len(pieces) == 1:
+        return [flat]
+    return list(flat.split([(b1 - b0) * (t1 - t0) for b0, b1, t0, t1 in pieces]))
 
 
 TORCH_FUNC_MSG = (
