@@ -41,8 +41,6 @@ def case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
     params = list(cell.parameters())
     methods = {"loop": (lambda x: strong_loop(cell, x), params), "parallel": (lambda x: eager(x)[0], params),
                "compile_cell": (lambda x: comp(x)[0], params)}
-    with torch.no_grad():
-        comp(x)  # compile outside the timing
     row = {"cell": name, "B": B, "T": T, "d": ds, "structure": str(cell.get_structure()),
            "work": B * ds * max(cell.get_structure().width(ds), pararnn.rnn.AUTO_MIN_WIDTH),
            **time_methods(methods, x, repeats)}

@@ -358,7 +358,7 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     q = torch.zeros_like(err)
     piece = compiled_piece(evaluate_piece) if compiled and can_compile(S) else evaluate_piece
     eager = piece is evaluate_piece
-    chunk = chunk if eager else chunk * COMPILED_CHUNK_FACTOR
+    chunk = piece_target(chunk, not eager)
     # A piece holds about `chunk` state elements, and at most 2·chunk Jacobian entries: a dense d×d
     # Jacobian is d× its state, and pieces sized by the state alone made a dense GRU's (d = 176,
     # B = 16) temporaries 184 MB each, page-faulted afresh on every operation (4.2× slower training
@@ -446,6 +446,12 @@ _COMPILED = {}
 # d = 64: 3.61 / 3.07 / 3.10 ms (1 thread), 3.03 / 2.25 / 2.37 ms (2 threads); B = 8, T = 4096,
 # d = 256: 26.8 / 24.0 / 29.3 ms and 15.6 / 12.4 / 24.9 ms (larger pieces fall out of cache).
 COMPILED_CHUNK_FACTOR = 4
+
+
+def piece_target(eval_chunk: int, compiled: bool) -> int:
+    """State elements per piece of an evaluation or initial guess: ``eval_chunk``, or
+    :data:`COMPILED_CHUNK_FACTOR` times it for a compiled piece."""
+    return eval_chunk * COMPILED_CHUNK_FACTOR if compiled else eval_chunk
 
 
 def compiled_piece(fn):
@@ -611,7 +617,7 @@ def initial_guess(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, 
     else:  # f(h0, u_t) for every t
         compiled = opts.compile_cell and can_compile(H)
         piece = compiled_piece(step_piece) if compiled else step_piece
-        for b0, b1, t0, t1 in contiguous_pieces(B, T, d, opts.eval_chunk * (COMPILED_CHUNK_FACTOR if compiled else 1)):
+        for b0, b1, t0, t1 in contiguous_pieces(B, T, d, piece_target(opts.eval_chunk, compiled)):
             out = H[b0:b1, t0:t1]  # H = S[:, 1:]: one row's piece is one run of memory, [N, d] rows
             out = out.view((t1 - t0), d) if b1 - b0 == 1 else out
             args = (h0[b0:b1].detach(), u[b0:b1, t0:t1].detach(), out.detach())  # detached: see evaluate

@@ -171,6 +171,12 @@ def _lanes(rows: int, width: int, min_chunk: int) -> int:
     return max(min(min_chunk, width), -(-width // want))
 
 
+def _kernel_for(parallel, serial, rows: int, width: int, chunk: int):
+    """The kernel to launch for ``rows × ⌈width / chunk⌉`` lanes: the serial twin where there is one
+    lane or one numba thread (see ``_serial``), else the parallel one."""
+    return serial if rows * -(-width // chunk) == 1 or numba.get_num_threads() == 1 else parallel
+
+
 def available(A: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the compiled path can take these tensors (CPU, supported dtype, numba present)."""
     return HAVE_NUMBA and b.device.type == "cpu" and A.device.type == "cpu"
@@ -198,16 +204,15 @@ def scan_cpu(A, b, h0, structure, reverse=False, adjoint=False, out=None):
         res = out
     has_h0 = h0 is not None
     h0n = _np(h0) if has_h0 else _np(b.new_zeros(1, 1))
-    one_thread = numba.get_num_threads() == 1
     if isinstance(structure, Diagonal):
         chunk = _lanes(B, d, LANE_ELEMENTS)
-        kernel = _diag_kernel_serial if one_thread or B * -(-d // chunk) == 1 else _diag_kernel
+        kernel = _kernel_for(_diag_kernel, _diag_kernel_serial, B, d, chunk)
         kernel(_np(A), _np(b), h0n, has_h0, res.numpy(), reverse, adjoint, chunk)
     else:  # every other structure as [B, T, m, k, k] blocks (dense: one block; shared: a stride-0 view)
         An = structure.as_blocks(A.detach().resolve_conj().contiguous(), d).numpy()
         m, k = An.shape[2], An.shape[3]
         chunk = _lanes(B, m, max(1, LANE_ELEMENTS // k))
-        kernel = _block_kernel_serial if one_thread or B * -(-m // chunk) == 1 else _block_kernel
+        kernel = _kernel_for(_block_kernel, _block_kernel_serial, B, m, chunk)
         kernel(An, _np(b), h0n, has_h0, res.numpy(), reverse, adjoint, chunk)
     if out is not None and res is not out:
         out.copy_(res)
