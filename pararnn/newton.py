@@ -106,7 +106,8 @@ class SolverOptions:
             the eager path keeps torch's). Compiled once per cell class, parameter shapes,
             structure, dtype and device (a few seconds on CPU), not per call, B or T; real dtypes
             only (complex cells stay eager). Past torch._dynamo's recompile limit (8 variants) it
-            runs eagerly, as dynamo does. Off by default (the compile time); ``mode="auto"`` takes
+            runs eagerly, as dynamo does. Cells without a hand-written ``step_and_jacobian``
+            (torch.func.jvp) compile again for every new (B, T) (:func:`warn_jvp_recompiles`). Off by default (the compile time); ``mode="auto"`` takes
             it into account (:func:`pararnn.choose_mode`); see the README's benchmark for where it
             wins.
         check_cell: on the first parallel call per cell, dtype and device, probe ``step`` at a
@@ -358,6 +359,8 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     q = torch.zeros_like(err)
     piece = compiled_piece(evaluate_piece) if compiled and can_compile(S) else evaluate_piece
     eager = piece is evaluate_piece
+    if not eager:
+        warn_jvp_recompiles(cell)
     chunk = piece_target(chunk, not eager)
     # A piece holds about `chunk` state elements, and at most 2·chunk Jacobian entries: a dense d×d
     # Jacobian is d× its state, and pieces sized by the state alone made a dense GRU's (d = 176,
@@ -486,6 +489,29 @@ def static_features(first: int, *tensors: torch.Tensor) -> None:
     for t in tensors:
         for dim in range(first, t.dim()):
             torch._dynamo.mark_static(t, dim)
+
+
+def warn_jvp_recompiles(cell) -> None:
+    """Warn once per cell class that a compiled evaluation of a cell whose Jacobian comes from
+    :func:`pararnn.cell.autodiff_step_and_jacobian` (the default ``Cell.step_and_jacobian``)
+    compiles again for every new piece size: under torch.compile, torch 2.13's forward-mode AD
+    specialises the number of rows (even ``jvp`` of ``sigmoid(2 h)`` guards on it; dynamic and
+    unbacked sizes alike), so dynamic shapes cannot hold there."""
+    from .cell import Cell
+
+    kind = type(cell)
+    if getattr(kind, "step_and_jacobian", None) is not Cell.step_and_jacobian or kind in _WARNED_JVP:
+        return
+    _WARNED_JVP.add(kind)
+    warnings.warn(JVP_RECOMPILE_MSG.format(name=kind.__name__), UserWarning, stacklevel=3)
+
+
+_WARNED_JVP: set = set()
+JVP_RECOMPILE_MSG = (
+    "pararnn: compile_cell with {name}, whose Jacobian comes from torch.func.jvp (no hand-written "
+    "step_and_jacobian): torch.compile specialises forward-mode AD on the number of rows, so each new "
+    "(B, T) compiles the evaluation again (seconds each; past torch._dynamo's recompile limit it runs "
+    "eagerly). Keep (B, T) fixed, write step_and_jacobian by hand, or leave compile_cell off.")
 
 
 def can_compile(t: torch.Tensor) -> bool:

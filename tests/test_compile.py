@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -107,7 +108,10 @@ def test_compiled_evaluation_matches_the_eager_twin_and_compiles_once_for_every_
     x = torch.randn(B, T, 5, requires_grad=True)
     eager = pararnn.RNN(cell, mode="parallel")
     comp = pararnn.RNN(cell, mode="parallel", compile_cell=True)
-    (ye, he), (yc, hc) = eager(x), comp(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (ye, he), (yc, hc) = eager(x), comp(x)
+    assert not [w for w in caught if "torch.func.jvp" in str(w.message)]  # a hand-written Jacobian: no warning
     torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-6)
     assert comp.last_info.iterations == eager.last_info.iterations
     ge = torch.autograd.grad(ye.sum(), [x, *cell.parameters()])
@@ -151,3 +155,21 @@ def test_compiled_evaluation_matches_the_eager_twin_and_compiles_once_for_every_
 def test_compile_cell_is_validated():
     with pytest.raises(TypeError, match="compile_cell"):
         pararnn.SolverOptions(compile_cell=1)
+
+
+def test_forward_mode_ad_under_compile_still_specialises_rows():
+    """The premise of newton.warn_jvp_recompiles: dynamo specialises the row count of a
+    torch.func.jvp even under dynamic=True, so a jvp-Jacobian cell's compiled evaluation compiles per
+    shape. If a torch release lifts this, this test fails: then drop the warning (and the README note)."""
+    from torch._dynamo.utils import counters
+
+    def f(h, e):
+        return torch.func.jvp(lambda x: torch.sigmoid(2.0 * x), (h,), (e,))
+
+    compiled = torch.compile(f, dynamic=True, backend="eager")
+    before = counters["stats"]["unique_graphs"]
+    for n in (20, 33, 47):
+        h = torch.randn(n, 4)
+        out = compiled(h, torch.ones_like(h))
+        torch.testing.assert_close(out[1], torch.sigmoid(2 * h) * (1 - torch.sigmoid(2 * h)) * 2)
+    assert counters["stats"]["unique_graphs"] - before == 3
