@@ -107,9 +107,9 @@ class SolverOptions:
             structure, dtype and device (a few seconds on CPU), not per call, B or T; real dtypes
             only (complex cells stay eager). Past torch._dynamo's recompile limit (8 variants) it
             runs eagerly, as dynamo does. Cells without a hand-written ``step_and_jacobian``
-            (torch.func.jvp) compile again for every new (B, T) (:func:`warn_jvp_recompiles`). Off by default (the compile time); ``mode="auto"`` takes
-            it into account (:func:`pararnn.choose_mode`); see the README's benchmark for where it
-            wins.
+            (torch.func.jvp) compile again for every new (B, T) (:func:`warn_jvp_recompiles`).
+            Off by default (the compile time); ``mode="auto"`` takes it into account
+            (:func:`pararnn.choose_mode`); see the README's benchmark for where it wins.
         check_cell: on the first parallel call per cell, dtype and device, probe ``step`` at a
             few positions (:func:`pararnn.cell.verify_cell`: determinism, no coupling of batch
             rows, the declared structure, holomorphy of complex cells) and raise a clear error
