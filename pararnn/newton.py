@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from . import fastmath
+from .cell import Cell
 from .dispatch import check_backend
 from .parallel import LOCAL, ParallelContext
 from .workspace import Fresh
@@ -359,8 +360,6 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     q = torch.zeros_like(err)
     piece = compiled_piece(evaluate_piece) if compiled and can_compile(S) else evaluate_piece
     eager = piece is evaluate_piece
-    if not eager:
-        warn_jvp_recompiles(cell)
     chunk = piece_target(chunk, not eager)
     # A piece holds about `chunk` state elements, and at most 2·chunk Jacobian entries: a dense d×d
     # Jacobian is d× its state, and pieces sized by the state alone made a dense GRU's (d = 176,
@@ -492,13 +491,12 @@ def static_features(first: int, *tensors: torch.Tensor) -> None:
 
 
 def warn_jvp_recompiles(cell) -> None:
-    """Warn once per cell class that a compiled evaluation of a cell whose Jacobian comes from
-    :func:`pararnn.cell.autodiff_step_and_jacobian` (the default ``Cell.step_and_jacobian``)
-    compiles again for every new piece size: under torch.compile, torch 2.13's forward-mode AD
-    specialises the number of rows (even ``jvp`` of ``sigmoid(2 h)`` guards on it; dynamic and
-    unbacked sizes alike), so dynamic shapes cannot hold there."""
-    from .cell import Cell
-
+    """Warn (called once per compiled solve) that the compiled evaluation of a cell whose Jacobian
+    comes from :func:`pararnn.cell.autodiff_step_and_jacobian` (the default
+    ``Cell.step_and_jacobian``) compiles again for every new piece size: under torch.compile,
+    torch 2.13's forward-mode AD specialises the number of rows (even ``jvp`` of ``sigmoid(2 h)``
+    guards on it; dynamic and unbacked sizes alike), so dynamic shapes cannot hold there. Once
+    per cell class: Python's registry alone would repeat it, as dynamo's compiles reset it."""
     kind = type(cell)
     if getattr(kind, "step_and_jacobian", None) is not Cell.step_and_jacobian or kind in _WARNED_JVP:
         return
@@ -708,6 +706,8 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
     J = out_ws.take("J", (B, T, *structure.storage_shape(d)), dt, dev)  # [B, T, *jac]
     S[:, 0] = h0
     H = S[:, 1:]
+    if opts.compile_cell and can_compile(h0):
+        warn_jvp_recompiles(cell)
     initial_guess(cell, u, h0, opts, H)
     info = SolverInfo(mode="parallel", rtol=rtol, atol=atol)
 
