@@ -433,6 +433,20 @@ def test_kept_buffers_never_leak_into_results_or_gradients():
     g_ref = torch.autograd.grad((za * za).sum() + zb.sum(), [x1, x2])
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # One sequence (its graph reads the previous states as a view of S, no copy) and an odd number
+    # of Newton steps (the solution lands in the safeguard's second, kept, iterate buffer): the
+    # returned S must still be the solve's own.
+    cell32 = ParaGRU(3, 8)
+    par32, seq32 = pararnn.RNN(cell32, mode="parallel"), pararnn.RNN(cell32, mode="sequential")
+    x1, x2 = torch.randn(1, 50, 3, requires_grad=True), torch.randn(1, 50, 3, requires_grad=True)
+    ya = par32(x1)[0]
+    assert par32.last_info.iterations % 2 == 1
+    yb = par32(x2)[0]
+    g = torch.autograd.grad((ya * ya).sum() + yb.sum(), [x1, x2])
+    za, zb = seq32(x1)[0], seq32(x2)[0]
+    g_ref = torch.autograd.grad((za * za).sum() + zb.sum(), [x1, x2])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     workspace.clear()
     assert workspace.kept_bytes() == 0
 

@@ -76,7 +76,7 @@ def test_trust_region_bounds_the_update_and_cuts_overflow():
     pol = StepPolicy(SolverOptions(), st, atol=0.0)
     H = torch.tensor([[[0.5, -2.0], [0.1, 1.0]], [[0.3, 0.3], [0.3, 0.3]]])  # [B=2, T=2, d=2]
     r = torch.tensor([[[0.5, 0.0], [0.0, -4.0]], [[0.0, 0.0], [0.0, 0.0]]])  # f = H + r
-    pol.before_update(H)
+    pol.keep_previous(H.clone())
     pol.record(torch.ones(2), H)
     assert pol.undo_blowups(torch.tensor([float("nan"), 1.0]), H)  # sequence 0 blew up
     delta = torch.tensor([[[10.0, float("inf")], [float("nan"), -0.1]], [[5.0, 5.0], [5.0, 5.0]]])
@@ -88,7 +88,7 @@ def test_trust_region_bounds_the_update_and_cuts_overflow():
     # every sequence in the trust region: the in-place path gives the same bounded update
     pol1 = StepPolicy(SolverOptions(), st, atol=0.0)
     H1 = H[:1].clone()
-    pol1.before_update(H1)
+    pol1.keep_previous(H1.clone())
     pol1.record(torch.ones(1), H1)
     assert pol1.undo_blowups(torch.tensor([float("nan")]), H1)
     delta1 = torch.tensor([[[10.0, float("inf")], [float("nan"), -0.1]]])
