@@ -198,6 +198,58 @@ def test_replay_repeats_the_solve_exactly(opts):
     assert not torch.equal(S, S3)  # one step fewer is another iterate: the test can tell
 
 
+@pytest.mark.parametrize("B,T,eval_chunk", [(1, 200, 1 << 18), (3, 90, 64)])
+@torch.no_grad()
+def test_compiled_replay_repeats_the_solve_exactly(B, T, eval_chunk):
+    """With compile_cell a replay gives the states and Jacobians of its solve, bit for bit, with one
+    piece and several per evaluation. (It runs, evaluation by evaluation, the compiled variant its
+    solve ran: the first check without the q measure. On this cell the variants happen to round
+    r and J alike, so running the other variant would pass here too: the test checks the replay.)"""
+    from pararnn.models import ParaGRU
+    from pararnn.newton import SolverOptions, newton_solve, replay_steps
+
+    torch.manual_seed(4)
+    cell = ParaGRU(3, 8)
+    u = cell.prepare(torch.randn(B, T, 3) * 2)
+    h0 = torch.randn(B, 8)
+    o = SolverOptions(compile_cell=True, eval_chunk=eval_chunk)
+    S, J, info = newton_solve(cell, u, h0, o)
+    k = replay_steps(info)
+    assert k == info.iterations and k >= 2
+    S2, J2, _ = newton_solve(cell, u, h0, o, replay=k)
+    assert torch.equal(S, S2) and torch.equal(J, J2)
+    assert not torch.equal(S, newton_solve(cell, u, h0, o, replay=k - 1)[0])  # the test can tell
+
+
+def test_first_check_from_f_h0_u_skips_q_only(monkeypatch):
+    """From the initial guess f(h0, u_t) the first check measures max|r| but not q (T > 1); a warm
+    start, zeros or T = 1 measure both, so an exact first iterate still converges in 0 steps."""
+    from pararnn import newton
+    from pararnn.models import ParaGRU
+
+    calls = []
+    orig = newton.evaluate
+
+    def spy(*a, **k):
+        calls.append(a[10])
+        return orig(*a, **k)
+
+    monkeypatch.setattr(newton, "evaluate", spy)
+    torch.manual_seed(5)
+    cell = ParaGRU(3, 8)
+    rnn = pararnn.RNN(cell, mode="parallel")
+    x = torch.randn(2, 40, 3)
+    with torch.no_grad():
+        y, _, info = rnn(x, return_info=True)
+        assert calls[0] == "err" and all(c is True for c in calls[1:]) and len(calls) == info.iterations + 1
+        calls.clear()
+        y2, _, info2 = rnn(x, init=y.detach(), return_info=True)  # a warm start at the solution
+        assert calls == [True] and info2.iterations == 0
+        calls.clear()
+        _, _, info3 = rnn(x[:, :1], return_info=True)  # T = 1: f(h0, u_1) is the solution
+        assert calls == [True] and info3.iterations == 0
+
+
 def test_chunked_backward_replays_without_measures(monkeypatch):
     """The recompute of a checkpointed chunk evaluates the cell without the convergence measures
     (measure=False) and as many times as its forward did; a chunk that fell back takes the full
