@@ -5,8 +5,10 @@ tangent), a ``jax.lax.while_loop`` of Newton steps whose linear recurrence is
 ``jax.lax.associative_scan``, stopping when max|r| over the batch is at most 1e-6 (pararnn's
 test is per entry and relative, see ``SolverOptions``; the step counts are reported), and a
 ``jax.custom_vjp`` whose backward is one reverse associative scan (the adjoint) and a vjp of the
-step at the solution, as pararnn's. Both sides run in one process, interleaved (medians), pinned
-to the same cores: ``os.sched_setaffinity`` restricts the process to --threads cores, torch and
+step at the solution, as pararnn's. Both sides run in one process, interleaved (medians of
+per-call means over turns of about ``TURN_S`` seconds, see
+:func:`pararnn.utils.timing.interleaved_medians`: XLA leaves work running after a call returns,
+which one call per turn charged to the next method), pinned to the same cores: ``os.sched_setaffinity`` restricts the process to --threads cores, torch and
 numba get --threads threads, and XLA runs with ``--xla_cpu_multi_thread_eigen=false
 intra_op_parallelism_threads=N`` (XLA_FLAGS, set before jax is imported), so neither side can use
 more cores than the other. Skips cleanly (exit 0, a message) when jax is not installed.
@@ -21,6 +23,7 @@ import os
 import sys
 
 SHAPES = [(1, 4096, 64), (1, 16384, 64), (8, 4096, 256)]  # (B, T, d)
+TURN_S = 0.1  # each method's turn in a round repeats it for about this long (at least once)
 
 
 def jax_solver(jax, jnp, n_iters_max: int, tol: float):
@@ -157,13 +160,13 @@ def main(argv=None) -> int:
         for name, r in rnns.items():
             methods[f"{name}_fwd"] = functools.partial(_nograd, r, x)
             methods[f"{name}_fwdbwd"] = functools.partial(_fwdbwd, r, x, ps)
-        t = interleaved_medians(methods, args.repeats)
+        t = interleaved_medians(methods, args.repeats, min_turn_s=TURN_S)
         row = {"B": B, "T": T, "d": d, "pararnn_iterations": iters, "jax_iterations": jax_iters,
                "max_abs_diff_y": float(np.abs(yj - y_ref.numpy()).max()),
                "grad_a_rel_diff": float(np.abs(gj - gt).max() / np.abs(gt).max()), **{f"{k}_s": v for k, v in t.items()}}
         rows.append(row)
     write_json_atomic(out, {**run_metadata({**vars(args), "shapes": SHAPES, "jax": jax.__version__,
-                                            "XLA_FLAGS": os.environ["XLA_FLAGS"]}), "rows": rows})
+                                            "XLA_FLAGS": os.environ["XLA_FLAGS"], "turn_s": TURN_S}), "rows": rows})
     names = ["pararnn"] + (["pararnn_compile_cell"] if args.compile_cell else [])
     header = ["B", "T", "d", "Newton steps pararnn / JAX", "JAX fwd / fwd+bwd (ms)"]
     header += [f"{m} fwd / fwd+bwd (ms)" for m in names] + [f"JAX time / {m} time, fwd / fwd+bwd" for m in names]

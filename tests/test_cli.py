@@ -137,3 +137,28 @@ def test_bench_jax_skips_cleanly_without_jax(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "skipped" in out.stdout
     assert not (tmp_path / "j.json").exists()
+
+
+def test_interleaved_medians_runs_whole_turns_and_reports_per_call():
+    """min_turn_s: each turn repeats its callable k times (k from a first call) and records the
+    mean per call; without it, one call per turn."""
+    import time
+
+    from pararnn.utils.timing import interleaved_medians
+
+    calls = {"slow": 0, "fast": 0}
+
+    def make(name, seconds):
+        def fn():
+            calls[name] += 1
+            time.sleep(seconds)
+        return fn
+
+    fns = {"slow": make("slow", 0.02), "fast": make("fast", 0.002)}
+    t = interleaved_medians(fns, repeats=3)
+    assert calls == {"slow": 3, "fast": 3}
+    calls.update(slow=0, fast=0)
+    t = interleaved_medians(fns, repeats=3, min_turn_s=0.01)
+    assert calls["slow"] == 1 + 3  # the sizing call, then one per turn
+    assert 1 + 3 * 2 <= calls["fast"] <= 1 + 3 * 5  # turns of several calls (sleep overshoots on a busy machine)
+    assert 0.002 <= t["fast"] < 0.01 and 0.02 <= t["slow"] < 0.1  # seconds per call, not per turn
