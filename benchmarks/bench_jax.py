@@ -8,10 +8,11 @@ test is per entry and relative, see ``SolverOptions``; the step counts are repor
 step at the solution, as pararnn's. Both sides run in one process, interleaved (medians of
 per-call means over turns of about ``TURN_S`` seconds, see
 :func:`pararnn.utils.timing.interleaved_medians`: XLA leaves work running after a call returns,
-which one call per turn charged to the next method), pinned to the same cores: ``os.sched_setaffinity`` restricts the process to --threads cores, torch and
-numba get --threads threads, and XLA runs with ``--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=N`` (XLA_FLAGS, set before jax is imported), so neither side can use
-more cores than the other. Skips cleanly (exit 0, a message) when jax is not installed.
+which one call per turn charged to the next method), pinned to the same cores:
+``os.sched_setaffinity`` restricts the process to --threads cores, torch and numba get
+--threads threads, and XLA runs with ``--xla_cpu_multi_thread_eigen=false
+intra_op_parallelism_threads=N`` (XLA_FLAGS, set before jax is imported), so neither side can
+use more cores than the other. Skips cleanly (exit 0, a message) when jax is not installed.
 
 Usage: python benchmarks/bench_jax.py [--threads 1] [--repeats 5] [--compile-cell] [--out results/bench_jax_1thread.json]
 """
