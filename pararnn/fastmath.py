@@ -2,9 +2,10 @@
 
 Why: inductor's CPU code calls ATen's vectorised ``tanh`` (SLEEF, 1 ulp), which costs 3× an exp
 (measured on the benchmark machine, AMD EPYC with AVX-512, 1 thread, 2^20 fp32 elements, each
-compiled alone: tanh 1.21-1.39 ms, exp 0.45 ms, sigmoid 0.53 ms; this tanh 0.50 ms). A ParaGRU evaluation has one tanh,
-so it was a third of every Newton step's cell evaluation. XLA's CPU backend, which we compare
-against (benchmarks/bench_jax.py), uses its own rational approximation for the same reason.
+compiled alone: tanh 1.21-1.39 ms, exp 0.45 ms, sigmoid 0.53 ms; this tanh 0.50 ms). A ParaGRU
+evaluation has one tanh, so it was a third of every Newton step's cell evaluation. XLA's CPU
+backend, which we compare against (benchmarks/bench_jax.py), uses its own rational approximation
+for the same reason.
 
 The formula (odd in x, so only |x| is approximated):
 
@@ -17,8 +18,8 @@ The formula (odd in x, so only |x| is approximated):
 Relative error against float64 tanh, on 800 000 points of a log grid from 1e-45 to 20 (both
 signs) and around the split: at most 1.5e-7 measured, below 2·eps = 2.4e-7 (the bound that
 tests/test_fastmath.py checks, eagerly and compiled; SLEEF's: 6e-8); tanh(x) = x exactly at the
-subnormals; NaN stays NaN, ±inf gives ±1, -0.0 stays -0.0. The derivative is tanh's own, ``1 - y²`` from the
-output (a custom autograd.Function), not the derivative of the approximation.
+subnormals; NaN stays NaN, ±inf gives ±1, -0.0 stays -0.0. The derivative is tanh's own,
+``1 - y²`` from the output (a custom autograd.Function), not the derivative of the approximation.
 
 :func:`compile_backend` is the torch.compile backend of the compiled pieces: it rewrites every
 ``torch.tanh`` / ``Tensor.tanh`` / ``F.tanh`` of the captured graph into :func:`tanh` and hands

@@ -198,6 +198,21 @@ def test_replay_repeats_the_solve_exactly(opts):
     assert not torch.equal(S, S3)  # one step fewer is another iterate: the test can tell
 
 
+def _evaluate_measures(monkeypatch) -> list:
+    """The ``measure`` argument of every later call of pararnn.newton.evaluate, in order."""
+    from pararnn import newton
+
+    calls = []
+    orig = newton.evaluate
+
+    def spy(*a, **k):
+        calls.append(a[10] if len(a) > 10 else k.get("measure", True))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(newton, "evaluate", spy)
+    return calls
+
+
 @pytest.mark.parametrize("B,T,eval_chunk", [(1, 200, 1 << 18), (3, 90, 64)])
 @torch.no_grad()
 def test_compiled_replay_repeats_the_solve_exactly(B, T, eval_chunk):
@@ -224,17 +239,9 @@ def test_compiled_replay_repeats_the_solve_exactly(B, T, eval_chunk):
 def test_first_check_from_f_h0_u_skips_q_only(monkeypatch):
     """From the initial guess f(h0, u_t) the first check measures max|r| but not q (T > 1); a warm
     start, zeros or T = 1 measure both, so an exact first iterate still converges in 0 steps."""
-    from pararnn import newton
     from pararnn.models import ParaGRU
 
-    calls = []
-    orig = newton.evaluate
-
-    def spy(*a, **k):
-        calls.append(a[10])
-        return orig(*a, **k)
-
-    monkeypatch.setattr(newton, "evaluate", spy)
+    calls = _evaluate_measures(monkeypatch)
     torch.manual_seed(5)
     cell = ParaGRU(3, 8)
     rnn = pararnn.RNN(cell, mode="parallel")
@@ -254,16 +261,7 @@ def test_chunked_backward_replays_without_measures(monkeypatch):
     """The recompute of a checkpointed chunk evaluates the cell without the convergence measures
     (measure=False) and as many times as its forward did; a chunk that fell back takes the full
     solve again."""
-    from pararnn import newton
-
-    calls = []
-    orig = newton.evaluate
-
-    def spy(*a, **k):
-        calls.append(a[10] if len(a) > 10 else k.get("measure", True))
-        return orig(*a, **k)
-
-    monkeypatch.setattr(newton, "evaluate", spy)
+    calls = _evaluate_measures(monkeypatch)
     torch.manual_seed(3)
     cell = DeltaNet(3, 4, 5)
     x = torch.randn(2, 24, 3, requires_grad=True)
