@@ -154,8 +154,9 @@ def main(argv=None) -> int:
         grad(params, xj)["a"].block_until_ready()  # compile once, outside the timings
         gj = np.asarray(grad(params, xj)["a"])
         gt = torch.autograd.grad(rnns["pararnn"](x)[0].sum(), [cell.a])[0].numpy()
-        for r in rnns.values():  # compile / warm up outside the timings
+        for r in rnns.values():  # compile / warm up outside the timings, with and without grad
             torch.autograd.grad(r(x)[0].sum(), ps)
+            _nograd(r, x)
         methods = {"jax_fwd": functools.partial(_block, fwd, params, xj),
                    "jax_fwdbwd": functools.partial(_block, grad, params, xj)}
         for name, r in rnns.items():
