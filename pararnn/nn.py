@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import models
+from .linear import linear
 from .rnn import RNN as _Solver
 
 __all__ = ["GRU", "LSTM", "RNN"]
@@ -56,7 +57,7 @@ class _LSTMCell(_Bound, models.LSTM):
 
 class _ElmanCell(_Bound, models.Elman):
     def prepare(self, x):
-        u = F.linear(x, self.weight_ih, self.bias_ih)  # [B, T, H]
+        u = linear(x, self.weight_ih, self.bias_ih)  # [B, T, H]
         return u if self.bias_hh is None else u + self.bias_hh  # torch.nn.RNN's two biases, folded
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..cell import Cell
+from ..linear import Linear
 from ..structure import Block
 
 
@@ -35,10 +35,10 @@ class DeltaProduct(Cell):
         self.state_size = n_heads * d_k * d_v
         self.structure = Block(d_k, shared=True) if n_heads == 1 else Block(d_k)
         m = n_heads * n_h  # Householder steps per token over all heads, head-major
-        self.k_proj = nn.Linear(input_size, m * d_k)
-        self.v_proj = nn.Linear(input_size, m * d_v)
-        self.b_proj = nn.Linear(input_size, m)
-        self.q_proj = nn.Linear(input_size, n_heads * d_k)
+        self.k_proj = Linear(input_size, m * d_k)
+        self.v_proj = Linear(input_size, m * d_v)
+        self.b_proj = Linear(input_size, m)
+        self.q_proj = Linear(input_size, n_heads * d_k)
 
     def betas_keys_values(self, x):
         """``β [B, T, m]``, unit keys ``k [B, T, m, d_k]`` (L2-normalised silu of a projection, as in

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..cell import Cell
+from ..linear import linear
 from ._common import head_mask, head_structure, recurrent_weight
 
 
@@ -30,7 +31,7 @@ class Elman(Cell):
         self.register_buffer("mask", head_mask(hidden_size, heads), persistent=False)
 
     def prepare(self, x):
-        return x @ self.weight_ih.T + self.bias  # [B, T, H]
+        return linear(x, self.weight_ih, self.bias)  # [B, T, H]
 
     def step(self, h, u):
         return self.act(u + h @ recurrent_weight(self).T)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cell import Cell
+from ..linear import linear
 from ._common import head_mask, head_structure, recurrent_weight
 
 
@@ -29,7 +30,7 @@ class GRU(Cell):
         return self.state_size
 
     def prepare(self, x):
-        return F.linear(x, self.weight_ih, self.bias_ih)  # [B, T, 3H]
+        return linear(x, self.weight_ih, self.bias_ih)  # [B, T, 3H]
 
     def _gates(self, h, u):
         """``r, z, n [N, H]`` and ``W_hn h + b_hn [N, H]`` at ``h [N, H]``, ``u [N, 3H]``."""

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cell import Cell
+from ..linear import linear
 from ._common import head_structure, recurrent_weight
 from .gru import _from_torch, _to_torch, _torch_layout_parameters
 
@@ -40,7 +41,7 @@ class LSTM(Cell):
         return torch.cat([hh, cc], -2).flatten(-3)
 
     def prepare(self, x):
-        return F.linear(x, self.weight_ih, self.bias_ih)  # [B, T, 4H]
+        return linear(x, self.weight_ih, self.bias_ih)  # [B, T, 4H]
 
     def _gates(self, s, u):
         """``h, c [N, H]`` from the state ``s [N, 2H]`` and the activated gates ``i, f, g, o [N, H]``."""

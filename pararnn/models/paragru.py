@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..cell import Cell
+from ..linear import Linear
 
 
 class ParaGRU(Cell):
@@ -21,7 +22,7 @@ class ParaGRU(Cell):
     def __init__(self, input_size: int, state_size: int, a_scale: float = 0.5):
         super().__init__()
         self.input_size, self.state_size = input_size, state_size
-        self.proj = nn.Linear(input_size, 3 * state_size)
+        self.proj = Linear(input_size, 3 * state_size)
         self.a = nn.Parameter(torch.empty(3, state_size).uniform_(-a_scale, a_scale))  # [3, d]
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..cell import Cell
+from ..linear import Linear
 from ..structure import Block
 
 
@@ -24,7 +25,7 @@ class ParaLSTM(Cell):
     def __init__(self, input_size: int, hidden_size: int, a_scale: float = 0.5):
         super().__init__()
         self.input_size, self.hidden_size, self.state_size = input_size, hidden_size, 2 * hidden_size
-        self.proj = nn.Linear(input_size, 3 * hidden_size)
+        self.proj = Linear(input_size, 3 * hidden_size)
         self.a = nn.Parameter(torch.empty(3, hidden_size).uniform_(-a_scale, a_scale))  # a_f, a_g, a_o
         self.p = nn.Parameter(torch.empty(2, hidden_size).uniform_(-a_scale, a_scale))  # p_f, p_o
 

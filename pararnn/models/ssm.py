@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cell import Cell
+from ..linear import Linear
 
 RANGES = ("[0,1]", "[-1,1]")
 
@@ -37,8 +38,8 @@ class SelectiveSSM(DiagonalLinear):
         if eigenvalue_range not in RANGES:
             raise ValueError(f"eigenvalue_range must be one of {RANGES}, got {eigenvalue_range!r}")
         self.input_size, self.state_size, self.eigenvalue_range = input_size, state_size, eigenvalue_range
-        self.dt = nn.Linear(input_size, state_size)
-        self.inp = nn.Linear(input_size, state_size)
+        self.dt = Linear(input_size, state_size)
+        self.inp = Linear(input_size, state_size)
         self.w = nn.Parameter(torch.log(torch.linspace(0.5, 4.0, state_size)))
 
     def transitions(self, x):
@@ -65,9 +66,9 @@ class ComplexSSM(DiagonalLinear):
     def __init__(self, input_size: int, state_size: int):
         super().__init__()
         self.input_size, self.state_size = input_size, state_size
-        self.dt = nn.Linear(input_size, state_size)
-        self.theta = nn.Linear(input_size, state_size)
-        self.inp = nn.Linear(input_size, 2 * state_size)
+        self.dt = Linear(input_size, state_size)
+        self.theta = Linear(input_size, state_size)
+        self.inp = Linear(input_size, 2 * state_size)
         self.w = nn.Parameter(torch.log(torch.linspace(0.5, 4.0, state_size)))
 
     @property

@@ -1,0 +1,93 @@
+"""``linear(x, weight, bias)``: F.linear, through oneDNN for large fp32 CPU products (the cells' input projections).
+
+A cell's ``prepare`` projects all T inputs at once (``x [B, T, D_in] -> u [B, T, k·d]``): one GEMM
+that is a fixed share of every solve, parallel or sequential. torch's CPU ``F.linear`` calls MKL's
+sgemm, which on the AMD EPYC (Zen 5, AVX-512) machine we measure on ran at less than half the
+speed of oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, in torch's x86 builds),
+1 thread, ms, MKL / oneDNN::
+
+    [4096, 64] -> 192     forward 1.14 / 0.45   dL/dx 1.03 / 0.44   dL/dW 1.05 / 0.98
+    [32768, 256] -> 768   forward 162 / 97      dL/dx 149 / 72      dL/dW 134 / 156
+
+``linear`` takes oneDNN for the forward and ``dL/dx`` and keeps MKL's mm for ``dL/dW``, only for
+fp32 CPU tensors with at least :data:`ONEDNN_MIN_MACS` multiply-adds (oneDNN pays ~14 µs per call:
+3.0 against 13.8 µs for one row of 64 -> 192; the two meet near 1.5M multiply-adds), outside
+autocast and torch.func transforms. Everything else, and any build without oneDNN, is
+``F.linear`` itself, which is also the reference twin the tests compare with.
+
+The oneDNN path is the custom op ``pararnn::linear`` (a fake implementation for torch.compile, a
+registered autograd whose backward is differentiable again).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+ONEDNN_MIN_MACS = 1 << 21  # rows · D_in · D_out below this stay on F.linear
+
+_onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+@torch.library.custom_op("pararnn::linear", mutates_args=())
+def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x [..., D_in] @ weight[D_out, D_in]ᵀ + bias [D_out]`` by oneDNN's inner product."""
+    return _onednn(x, weight, bias, "none", [], "")
+
+
+@_linear_onednn.register_fake
+def _linear_fake(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight)
+
+
+def _linear_backward(ctx, g):
+    x, weight = ctx.saved_tensors
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = linear(g, weight.t())  # [..., D_in]
+    g2 = g.reshape(-1, g.shape[-1])  # [N, D_out]
+    if ctx.needs_input_grad[1]:
+        gw = g2.t() @ x.reshape(-1, x.shape[-1])  # [D_out, D_in]: MKL, faster than oneDNN for this shape
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = g2.sum(0)  # [D_out]
+    return gx, gw, gb
+
+
+_linear_onednn.register_autograd(_linear_backward, setup_context=_setup_context)
+
+
+def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
+    """Whether :func:`linear` takes oneDNN for these arguments (see the module docstring)."""
+    if _onednn is None or x.device.type != "cpu" or weight.dim() != 2 or x.dim() < 1:
+        return False
+    if any(t.dtype != torch.float32 for t in (x, weight) + (() if bias is None else (bias,))):
+        return False
+    if torch.is_autocast_enabled("cpu") or torch._C._are_functorch_transforms_active():
+        return False
+    d_out, d_in = weight.shape
+    return d_in > 0 and x.numel() * d_out >= ONEDNN_MIN_MACS
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: ``x [..., D_in]``, ``weight [D_out, D_in]``, ``bias [D_out]``
+    or None -> ``[..., D_out]``; oneDNN where :func:`uses_onednn` says so."""
+    if uses_onednn(x, weight, bias):
+        return _linear_onednn(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(torch.nn.Linear):
+    """``torch.nn.Linear`` (same parameters, initialisation and state dict) whose forward is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+__all__ = ["Linear", "ONEDNN_MIN_MACS", "linear", "uses_onednn"]
