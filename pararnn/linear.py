@@ -2,9 +2,9 @@
 
 A cell's ``prepare`` projects all T inputs at once (``x [B, T, D_in] -> u [B, T, k·d]``): one GEMM
 that is a fixed share of every solve, parallel or sequential. torch's CPU ``F.linear`` calls MKL's
-sgemm, which on the AMD EPYC (Zen 5, AVX-512) machine we measure on ran at less than half the
-speed of oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, in torch's x86 builds),
-1 thread, ms, MKL / oneDNN::
+sgemm, which on the AMD EPYC (Zen 5, AVX-512) machine we measure on took 1.7-2.5× as long as
+oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, in torch's x86 builds), 1 thread,
+ms, MKL / oneDNN::
 
     [4096, 64] -> 192     forward 1.14 / 0.45   dL/dx 1.03 / 0.44   dL/dW 1.05 / 0.98
     [32768, 256] -> 768   forward 162 / 97      dL/dx 149 / 72      dL/dW 134 / 156
