@@ -6,9 +6,8 @@ tangent), a ``jax.lax.while_loop`` of Newton steps whose linear recurrence is
 test is per entry and relative, see ``SolverOptions``; the step counts are reported), and a
 ``jax.custom_vjp`` whose backward is one reverse associative scan (the adjoint) and a vjp of the
 step at the solution, as pararnn's. Both sides run in one process, interleaved (medians of
-per-call means over turns of about ``TURN_S`` seconds, see
-:func:`pararnn.utils.timing.interleaved_medians`: XLA leaves work running after a call returns,
-which one call per turn charged to the next method), pinned to the same cores:
+per-call means over turns of about ``TURN_S`` seconds, each method warmed up with and without
+gradients first, see :func:`pararnn.utils.timing.interleaved_medians`), pinned to the same cores:
 ``os.sched_setaffinity`` restricts the process to --threads cores, torch and numba get
 --threads threads, and XLA runs with ``--xla_cpu_multi_thread_eigen=false
 intra_op_parallelism_threads=N`` (XLA_FLAGS, set before jax is imported), so neither side can

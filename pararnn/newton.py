@@ -460,10 +460,11 @@ _COMPILED = {}
 # and J in place, with no temporaries of the piece's size (a piece of several sequences compiles
 # into three passes with temporaries: without duck shapes each input has its own symbolic sizes;
 # telling dynamo they are equal fused it, but the fused loop ran slower, see the README), so its
-# pieces are this many times eval_chunk: fewer calls, each paying ~0.05-0.15 ms of dynamo guards and wrappers. Measured (ParaGRU, compiled evaluate alone, medians
-# of 15 interleaved, AMD EPYC VM), pieces of 2^18 / 2^20 / 2^21 state elements: B = 1, T = 16384,
-# d = 64: 3.61 / 3.07 / 3.10 ms (1 thread), 3.03 / 2.25 / 2.37 ms (2 threads); B = 8, T = 4096,
-# d = 256: 26.8 / 24.0 / 29.3 ms and 15.6 / 12.4 / 24.9 ms (larger pieces fall out of cache).
+# pieces are this many times eval_chunk: fewer calls, each paying ~0.05-0.15 ms of dynamo guards
+# and wrappers. Measured (ParaGRU, compiled evaluate alone, medians of 15 interleaved, AMD EPYC
+# VM), pieces of 2^18 / 2^20 / 2^21 state elements: B = 1, T = 16384, d = 64: 3.61 / 3.07 /
+# 3.10 ms (1 thread), 3.03 / 2.25 / 2.37 ms (2 threads); B = 8, T = 4096, d = 256: 26.8 / 24.0 /
+# 29.3 ms and 15.6 / 12.4 / 24.9 ms (larger pieces fall out of cache).
 COMPILED_CHUNK_FACTOR = 4
 
 

@@ -46,10 +46,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 3, 
     ``min_turn_s``: each turn runs its callable ``k`` times in a row and records the mean; ``k``
     comes from the faster of two sizing calls, so that a turn takes about that long (a first call
     that compiles must not size its turns: with ``k`` = 1, a 1-thread compiled-cell forward after
-    JAX's turn measured 8 ms against 5.5 ms in turns of 20). Work a runtime leaves running after
-    it returns (XLA's threads) is then charged to its own turn, not to the next callable's: with
-    one call per turn, a 1-thread JAX/pararnn comparison charged pararnn's forward 9.9 ms where
-    turns of 5 calls measured 8.4 ms (and JAX's 7.3 against 6.9 ms).
+    JAX's turn measured 8 ms against 5.5 ms in turns of 20). Longer turns also amortise whatever
+    one callable leaves behind for the next (caches, a runtime's threads; the cause was not
+    isolated): with one call per turn, a 1-thread JAX/pararnn comparison measured pararnn's
+    forward at 9.9 ms where turns of 5 calls measured 8.4 ms (and JAX's 7.3 against 6.9 ms).
     """
     for _ in range(warmup):
         for fn in fns.values():
