@@ -97,7 +97,9 @@ class SolverOptions:
         memory_budget: bytes for one chunk's solver buffers under ``chunk_size="auto"`` (1 GiB).
         eval_chunk: the cell is evaluated over T in pieces of about this many state elements, so
             temporaries stay small (a CPU speed knob; results do not depend on it). Compiled
-            evaluations (``compile_cell``) use pieces 4× larger (``COMPILED_CHUNK_FACTOR``).
+            evaluations (``compile_cell``) use pieces up to 4× larger (``COMPILED_CHUNK_FACTOR``),
+            one sequence each where a sequence holds ``eval_chunk / 2`` elements or more
+            (:func:`pararnn.newton.pieces_for`).
         compile_cell: evaluate the cell in each Newton step through ``torch.compile`` (inductor,
             dynamic batch and time sizes): ``step_and_jacobian``, the residual and the convergence
             reductions fused into one loop per evaluation piece that stores r and J straight into
@@ -365,13 +367,12 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
         variant = measure
     elif variant is None:
         variant = measure if measure else True
-    chunk = piece_target(chunk, not eager)
     # A piece holds about `chunk` state elements, and at most 2·chunk Jacobian entries: a dense d×d
     # Jacobian is d× its state, and pieces sized by the state alone made a dense GRU's (d = 176,
     # B = 16) temporaries 184 MB each, page-faulted afresh on every operation (4.2× slower training
     # steps). Block(2) pieces (Jacobian 2× the state) measured faster at 2·chunk than at chunk.
     per_step = max(d, math.prod(structure.storage_shape(d)) // 2)
-    pieces = contiguous_pieces(B, T, per_step, chunk)
+    pieces = pieces_for(B, T, per_step, chunk, not eager)
     err = q = None
     if measure and len(pieces) > 1:
         err = torch.zeros(B, dtype=r.real.dtype, device=r.device)
@@ -468,10 +469,26 @@ _COMPILED = {}
 COMPILED_CHUNK_FACTOR = 4
 
 
-def piece_target(eval_chunk: int, compiled: bool) -> int:
-    """State elements per piece of an evaluation or initial guess: ``eval_chunk``, or
-    :data:`COMPILED_CHUNK_FACTOR` times it for a compiled piece."""
-    return eval_chunk * COMPILED_CHUNK_FACTOR if compiled else eval_chunk
+# ... and a sequence of at least eval_chunk / ONE_ROW_DIVISOR state elements is a compiled piece of
+# its own (one fused loop and a call more) rather than a row of a several-sequence piece (three
+# passes). Measured (ParaGRU forward, compile_cell, d = 256, 1 thread, medians of 15 interleaved,
+# AMD EPYC VM), several rows per piece against one: rows of 2^18 elements (B = 8, T = 1024) 77.1 /
+# 71.7 ms against 70.1 / 66.0 (two runs; 46.3 against 41.4 at 2 threads), rows of 2^17 (B = 16,
+# T = 512) 69.9 against 66.9, rows of 2^16 (B = 32, T = 256) 70.1 against 74.2 (the calls cost more
+# there than the fusion saves).
+ONE_ROW_DIVISOR = 2
+
+
+def pieces_for(B: int, T: int, per_step: int, eval_chunk: int, compiled: bool) -> list[tuple[int, int, int, int]]:
+    """The pieces (:func:`contiguous_pieces`) of an evaluation or initial guess: about ``eval_chunk``
+    state elements, or :data:`COMPILED_CHUNK_FACTOR` times that for a compiled piece, which holds one
+    sequence whenever a sequence has ``eval_chunk / ONE_ROW_DIVISOR`` elements or more."""
+    if not compiled:
+        return contiguous_pieces(B, T, per_step, eval_chunk)
+    target = eval_chunk * COMPILED_CHUNK_FACTOR
+    if T * per_step * ONE_ROW_DIVISOR >= eval_chunk:
+        target = min(target, T * per_step)
+    return contiguous_pieces(B, T, per_step, target)
 
 
 def compiled_piece(fn):
@@ -662,7 +679,7 @@ def initial_guess(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, 
     else:  # f(h0, u_t) for every t
         compiled = opts.compile_cell and can_compile(H)
         piece = compiled_piece(step_piece) if compiled else step_piece
-        for b0, b1, t0, t1 in contiguous_pieces(B, T, d, piece_target(opts.eval_chunk, compiled)):
+        for b0, b1, t0, t1 in pieces_for(B, T, d, opts.eval_chunk, compiled):
             out = H[b0:b1, t0:t1]  # H = S[:, 1:]: one row's piece is one run of memory, [N, d] rows
             out = out.view((t1 - t0), d) if b1 - b0 == 1 else out
             args = (h0[b0:b1].detach(), u[b0:b1, t0:t1].detach(), out.detach())  # detached: see evaluate

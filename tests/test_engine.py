@@ -404,6 +404,22 @@ def test_pieces_are_contiguous_cover_everything_and_have_no_stub_tails():
         assert max(lengths) - min(lengths) <= 1  # even spans: no stub of length 1 at the end
 
 
+def test_compiled_pieces_hold_one_sequence_where_a_sequence_is_long_enough():
+    """A compiled piece of several sequences is three passes with temporaries, of one sequence one
+    fused loop: sequences of at least eval_chunk / 2 elements get pieces of their own."""
+    from pararnn.newton import COMPILED_CHUNK_FACTOR, ONE_ROW_DIVISOR, pieces_for
+
+    chunk = 1 << 10
+    row = chunk // ONE_ROW_DIVISOR  # d = 16, T = row / 16: the smallest sequence that gets its own piece
+    assert pieces_for(8, row // 16, 16, chunk, compiled=True) == [(b, b + 1, 0, row // 16) for b in range(8)]
+    several = pieces_for(8, row // 32, 16, chunk, compiled=True)  # half as long: several in a piece
+    assert several == [(0, 8, 0, row // 32)]  # 8 · 256 elements, within one compiled piece of 4 · 1024
+    assert pieces_for(8, row // 16, 16, chunk, compiled=False) == [(2 * i, 2 * i + 2, 0, row // 16) for i in range(4)]
+    # longer than a compiled piece: one sequence in time spans, as before
+    spans = pieces_for(2, 16 * chunk // 16, 16, chunk, compiled=True)
+    assert len(spans) == 2 * 16 // COMPILED_CHUNK_FACTOR and all(b1 - b0 == 1 for b0, b1, _, _ in spans)
+
+
 def test_kept_buffers_never_leak_into_results_or_gradients():
     """Without gradients the solver's buffers are kept for the next call (pararnn.workspace): the
     returned states are copies, two calls in a row are both right, and with gradients two forwards
