@@ -59,14 +59,21 @@ def auto_backend(device: torch.device, dtype: torch.dtype, structure: Structure,
     return "cpu" if device.type == "cpu" and _cpu.HAVE_NUMBA else "reference"
 
 
-def scan(A, b, h0, structure: Structure, reverse=False, adjoint=False, backend="auto", out=None):
+def scan(A, b, h0, structure: Structure, reverse=False, adjoint=False, backend="auto", out=None, base=None):
     """Unchecked fast entry (inputs already validated, structure an object). Returns ``[B, T, d]``.
 
-    Semantics: :func:`pararnn.kernels.reference.scan_reference`.
+    Semantics: :func:`pararnn.kernels.reference.scan_reference`. ``base [B, T, d]`` (forward scans):
+    returns ``base + h`` instead, into ``out`` if given (which may be ``base`` itself); the CPU
+    kernels add it as they store h (one pass, no h buffer), the others afterwards.
     """
     name = resolve_backend(backend, A, b, structure)
     if name == "cpu":
-        return _cpu.scan_cpu(A, b, h0, structure, reverse, adjoint, out=out)
+        return _cpu.scan_cpu(A, b, h0, structure, reverse, adjoint, out=out, base=base)
+    if base is not None:
+        if adjoint:
+            raise ValueError("base (out = base + h) is for forward scans, not adjoint ones")
+        h = scan(A, b, h0, structure, reverse, adjoint, backend=name)
+        return torch.add(base, h, out=out) if out is not None else base + h
     if name == "triton":
         tri = triton_module()
         pieces = time_pieces(b.shape[0], b.shape[1], b.shape[-1], b.device)

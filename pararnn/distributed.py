@@ -150,8 +150,10 @@ class SequenceParallel(ParallelContext):
     def __init__(self, group):
         self.group = group
 
-    def scan(self, A, b, h0, structure, reverse=False, backend="auto", out=None):
+    def scan(self, A, b, h0, structure, reverse=False, backend="auto", out=None, base=None):
         h, h_in = sp_scan(A, b, h0, structure, reverse, self.group, backend)
+        if base is not None:
+            h = h.add_(base)  # sp_scan's own result
         return (h if out is None else out.copy_(h)), h_in
 
     def adjoint_scan(self, A, g, structure, reverse=False, backend="auto", out=None):

@@ -621,6 +621,11 @@ class StepPolicy:
             self.structure.clip(Jb, SAFEGUARD_CLIP)
             J[idx] = Jb
 
+    def keeps_updates(self) -> bool:
+        """Whether :meth:`limit` would leave every Newton update as it is (no sequence in its trust
+        region), so the update can go straight into the next iterate."""
+        return self.level is None or not bool((self.level == 1).any())
+
     def limit(self, delta: torch.Tensor, H: torch.Tensor, r: torch.Tensor) -> None:
         """In place: hold the update ``delta [B, T, d]`` of safeguarded sequences in their trust region;
         ``H``, ``r`` are the iterate and its residual (the radius is set at the first call after a blow-up)."""
@@ -787,14 +792,19 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         """One Newton step: H += damping · (the scan's solution of the linearised system)."""
         nonlocal S, S_alt, H
         policy.before_scan(J)
-        ctx.scan(J, r, None, structure, backend=opts.backend, out=delta)
-        policy.limit(delta, H, r)
-        if opts.damping != 1.0:
-            delta.mul_(opts.damping)
+        H_next = H if S_alt is None else S_alt[:, 1:]
+        if opts.damping == 1.0 and policy.keeps_updates():
+            # H + δ in the scan's own pass (no δ buffer written and read back): ParaGRU, B = 8,
+            # T = 1024, d = 256, 1 thread, numba: 0.62-0.69 against 0.98-1.09 ms a step
+            ctx.scan(J, r, None, structure, backend=opts.backend, out=H_next, base=H)
+        else:
+            ctx.scan(J, r, None, structure, backend=opts.backend, out=delta)
+            policy.limit(delta, H, r)
+            if opts.damping != 1.0:
+                delta.mul_(opts.damping)
+            torch.add(H, delta, out=H_next)
         if S_alt is None:
-            H.add_(delta)
             return
-        torch.add(H, delta, out=S_alt[:, 1:])
         policy.keep_previous(H)
         S, S_alt = S_alt, S
         H = S[:, 1:]

@@ -25,10 +25,11 @@ class ParallelContext:
     #: whether a non-converged sequence may be recomputed sequentially on its own
     supports_fallback: bool = True
 
-    def scan(self, A, b, h0, structure, reverse=False, backend="auto", out=None):
+    def scan(self, A, b, h0, structure, reverse=False, backend="auto", out=None, base=None):
         """``h_t = A_t h_{t∓1} + b_t`` over this chunk. Returns ``(h [B, T, d], h_in [B, d] | None)``:
-        h_in is the state entering the chunk (None: zeros)."""
-        return dispatch.scan(A, b, h0, structure, reverse=reverse, backend=backend, out=out), h0
+        h_in is the state entering the chunk (None: zeros). With ``base [B, T, d]``, ``base + h``
+        in place of h (:func:`pararnn.dispatch.scan`)."""
+        return dispatch.scan(A, b, h0, structure, reverse=reverse, backend=backend, out=out, base=base), h0
 
     def adjoint_scan(self, A, g, structure, reverse=False, backend="auto", out=None):
         """Cotangents ``λ [B, T, d]`` of the outputs of a scan of direction ``reverse`` with transitions

@@ -485,3 +485,31 @@ def test_workspace_is_bounded_and_not_shared_by_nested_solves(monkeypatch):
     with workspace.workspace(torch.device("meta")) as other:  # not a CPU: always fresh buffers
         assert other is not ws
     workspace.clear()
+
+
+@pytest.mark.parametrize("safeguard", [True, False])
+def test_newton_update_inside_the_scan_is_bit_identical(monkeypatch, safeguard):
+    """Each Newton step writes ``H + δ`` from the scan's own pass (``base=H``); the same solve with
+    the scan and the add apart gives the same bits, and the fused path is the one taken."""
+    from pararnn import dispatch, newton
+
+    torch.manual_seed(0)
+    cell = ParaGRU(3, 8)
+    x = torch.randn(2, 300, 3)
+    bases = []
+    real_scan = dispatch.scan
+
+    def spy(*args, base=None, **kw):
+        bases.append(base is not None)
+        return real_scan(*args, base=base, **kw)
+
+    monkeypatch.setattr(dispatch, "scan", spy)
+    rnn = pararnn.RNN(cell, mode="parallel", safeguard=safeguard)
+    with torch.no_grad():
+        fused, _, info = rnn(x, return_info=True)
+        assert info.iterations >= 2 and bases == [True] * info.iterations
+        monkeypatch.setattr(newton.StepPolicy, "keeps_updates", lambda self: False)
+        bases.clear()
+        apart, _ = rnn(x)
+        assert bases == [False] * info.iterations
+    assert torch.equal(fused, apart)

@@ -228,8 +228,60 @@ def test_cpu_serial_and_parallel_kernels_agree(structure, dtype):
                 outs = []
                 for kernel in pairs:
                     out = torch.empty_like(b)
-                    kernel(An, b.numpy(), h0.numpy(), has_h0, out.numpy(), reverse, adjoint, 2 if diag else 1)
+                    kernel(An, b.numpy(), h0.numpy(), has_h0, out.numpy(), 0, out.numpy(), False, reverse, adjoint,
+                           2 if diag else 1)
                     outs.append(out)
                 assert torch.equal(outs[0], outs[1])
                 want = scan_reference(A, b, h0 if has_h0 and not adjoint else None, st, reverse, adjoint)
                 assert rel_err(outs[1], want) < tol(dtype)
+
+
+@pytest.mark.parametrize("structure", ["diagonal", Block(2), "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
+def test_cpu_scan_adds_base_as_it_stores(structure, dtype):
+    """``scan_cpu(..., base=H)`` is ``H + scan`` bit for bit (the Newton update applied in the scan's
+    pass), into a time slice of a contiguous buffer (the solver's ``S[:, 1:]``), in place, and from
+    a base in another layout; forward and reverse, with and without h0."""
+    from pararnn.kernels import cpu
+
+    if not cpu.HAVE_NUMBA:
+        pytest.skip("numba missing")
+    st = as_structure(structure, 6)
+    A, b, h0 = make(st, 3, 33, 6, dtype)
+    g = torch.Generator().manual_seed(5)
+    S = torch.randn(3, 34, 6, generator=g).to(dtype)  # [B, T+1, d]: S[:, 1:] is the iterate
+    for reverse in (False, True):
+        for init in (None, h0):
+            plain = cpu.scan_cpu(A, b, init, st, reverse)
+            want = S[:, 1:] + plain
+            assert torch.equal(cpu.scan_cpu(A, b, init, st, reverse, base=S[:, 1:]), want)
+            out = torch.zeros_like(S)
+            cpu.scan_cpu(A, b, init, st, reverse, out=out[:, 1:], base=S[:, 1:])
+            assert torch.equal(out[:, 1:], want) and bool((out[:, 0] == 0).all())  # row 0 untouched
+            inplace = S.clone()
+            cpu.scan_cpu(A, b, init, st, reverse, out=inplace[:, 1:], base=inplace[:, 1:])
+            assert torch.equal(inplace[:, 1:], want) and torch.equal(inplace[:, 0], S[:, 0])
+            other = S[:, 1:].contiguous()  # base at shift 0, out at shift 1: out goes through a buffer
+            out.zero_()
+            cpu.scan_cpu(A, b, init, st, reverse, out=out[:, 1:], base=other)
+            assert torch.equal(out[:, 1:], want) and bool((out[:, 0] == 0).all())
+            strided = S.transpose(0, 1).contiguous().transpose(0, 1)[:, 1:]  # no contiguous parent: copied
+            assert torch.equal(cpu.scan_cpu(A, b, init, st, reverse, out=torch.empty_like(plain), base=strided), want)
+    with pytest.raises(ValueError, match="forward scans"):
+        cpu.scan_cpu(A, b, None, st, adjoint=True, base=S[:, 1:])
+
+
+@pytest.mark.parametrize("backend", ["reference", "assoc", "cpu"])
+def test_dispatch_scan_with_base_matches_across_backends(backend):
+    """Every backend's ``base + h`` is the reference scan plus base."""
+    from pararnn.dispatch import scan as scan_fast
+
+    st = as_structure("diagonal", 5)
+    A, b, h0 = make(st, 2, 17, 5, torch.float64)
+    base = torch.randn(2, 17, 5, dtype=torch.float64)
+    want = base + scan_reference(A, b, h0, st)
+    out = torch.empty_like(base)
+    got = scan_fast(A, b, h0, st, backend=backend, out=out, base=base)
+    assert got is out
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scan_fast(A, b, h0, st, backend=backend, base=base), want, rtol=1e-12, atol=1e-12)
