@@ -335,7 +335,7 @@ def hold_padded(f: torch.Tensor, J: torch.Tensor | None, hp: torch.Tensor, m: to
 def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.Tensor,
              chunk: int, atol: float = 0.0, structure=None, mask: torch.Tensor | None = None,
              compiled: bool = False, measure: bool | str = True,
-             variant: bool | str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+             variant: bool | str | None = None, plans: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Residual and Jacobian at the iterate, written into buffers, chunk by chunk over T.
 
     ``S [B, T+1, d]`` holds (h0, h_1..h_T); ``u [B, T, *]``. Fills ``r = f(h_{t-1}, u_t) - h_t``
@@ -357,6 +357,9 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     value) computes r and J; by default ``measure``, or True where ``measure`` is False. Variants
     are separate fused loops that could round r and J differently, so a replay
     (:func:`newton_solve`) passes the variant of each evaluation of the solve it repeats.
+    ``plans``: a dict that one solve passes to each of its evaluations (the same u, r, J and mask,
+    S one of its iterate buffers): the pieces' argument views are built once per S, not per call
+    (~20 µs a piece).
     """
     B, T = u.shape[:2]
     d = S.shape[-1]
@@ -367,17 +370,42 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
         variant = measure
     elif variant is None:
         variant = measure if measure else True
+    plan = None if plans is None else plans.get(id(S))
+    if plan is None:
+        plan = piece_plan(S, u, r, J, mask, structure, chunk, eager)
+        if plans is not None:
+            plans[id(S)] = plan
+    es, qs = [], []
+    for args in plan:
+        e, qc = piece(cell, structure, *args[:4], atol, *args[4:], variant)
+        es.append(e)
+        qs.append(qc)
+    if not measure:
+        return None, None
+    if len(es) == 1:  # one piece: its own measures (no cat: small ops cost µs each)
+        return es[0], (qs[0] if measure is True else None)
+    # Pieces are in (b, t) order: whole rows give [B] at once, a row's time spans its span maxima
+    # (NaN propagates: amax does).
+    err = torch.cat(es)
+    err = err if err.shape[0] == B else err.view(B, -1).amax(1)
+    if measure is not True:
+        return err, None
+    q = torch.cat(qs)
+    return err, (q if q.shape[0] == B else q.view(B, -1).amax(1))
+
+
+def piece_plan(S, u, r, J, mask, structure, chunk: int, eager: bool) -> list[tuple]:
+    """The arguments of :func:`evaluate`'s pieces, in (b, t) order: ``(hp, u, hn, m, r_out, J_out)``
+    views per piece (detached, feature sizes marked static for a compiled piece)."""
+    B, T = u.shape[:2]
+    d = S.shape[-1]
     # A piece holds about `chunk` state elements, and at most 2·chunk Jacobian entries: a dense d×d
     # Jacobian is d× its state, and pieces sized by the state alone made a dense GRU's (d = 176,
     # B = 16) temporaries 184 MB each, page-faulted afresh on every operation (4.2× slower training
     # steps). Block(2) pieces (Jacobian 2× the state) measured faster at 2·chunk than at chunk.
     per_step = max(d, math.prod(structure.storage_shape(d)) // 2)
-    pieces = pieces_for(B, T, per_step, chunk, not eager)
-    err = q = None
-    if measure and len(pieces) > 1:
-        err = torch.zeros(B, dtype=r.real.dtype, device=r.device)
-        q = torch.zeros_like(err) if measure is True else None
-    for b0, b1, t0, t1 in pieces:
+    plan = []
+    for b0, b1, t0, t1 in pieces_for(B, T, per_step, chunk, not eager):
         m = None if mask is None else mask[b0:b1, t0:t1]
         # detach: u may require grad (training) and is read here without a graph; one compiled graph then
         # serves training and inference
@@ -390,16 +418,8 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
             m = None if m is None else m.detach()
             static_features(2, hp, uc, hn)
             static_features(1, rc, Jc)
-        e, qc = piece(cell, structure, hp, uc, hn, m, atol, rc, Jc, variant)
-        if not measure:
-            continue
-        if err is None:  # one piece: its own measures (no zeros and maxima: small ops cost µs each)
-            return e, (qc if measure is True else None)
-        # NaN must propagate: maximum does (fmax would drop it).
-        torch.maximum(err[b0:b1], e, out=err[b0:b1])
-        if q is not None:
-            torch.maximum(q[b0:b1], qc, out=q[b0:b1])
-    return err, q
+        plan.append((hp, uc, hn, m, rc, Jc))
+    return plan
 
 
 def contiguous_pieces(B: int, T: int, per_step: int, target: int) -> list[tuple[int, int, int, int]]:
@@ -762,11 +782,13 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
     # 0.70 against 0.47 ms). Such a sequence then takes one Newton step (J = 0 there: exact) more.
     first_variant = "err" if initial_guess(cell, u, h0, opts, H) and T > 1 else True
     info = SolverInfo(mode="parallel", rtol=rtol, atol=atol)
+    plans = {}  # the evaluation pieces' views, per iterate buffer (see evaluate)
 
     def evaluate_here(measure=True, variant=None):
         """r and J at the iterate (and, measuring, per-sequence max|r| and q, [B] each)."""
         S[:, 0] = ctx.boundary_state(H, h0)  # a later chunk's first step reads the previous chunk's last state
-        return evaluate(cell, S, u, r, J, opts.eval_chunk, atol, structure, mask, opts.compile_cell, measure, variant)
+        return evaluate(cell, S, u, r, J, opts.eval_chunk, atol, structure, mask, opts.compile_cell, measure, variant,
+                        plans)
 
     def check(measure=True):
         """Evaluate at the iterate; per-sequence (max residual, converged), global over the context."""

@@ -513,3 +513,29 @@ def test_newton_update_inside_the_scan_is_bit_identical(monkeypatch, safeguard):
         apart, _ = rnn(x)
         assert bases == [False] * info.iterations
     assert torch.equal(fused, apart)
+
+
+@pytest.mark.parametrize("eval_chunk", [16, 250, 1 << 12])  # a row's time spans, rows 1 + 2, one piece
+@torch.no_grad()  # as in the solver
+def test_evaluate_measures_do_not_depend_on_the_pieces(eval_chunk):
+    """max|r| and q per sequence are the same whatever the pieces (time spans of one row, whole
+    rows, one piece), and a NaN in one span of one sequence reaches that sequence's measures only;
+    the plans a solve keeps give the same measures again."""
+    from pararnn.newton import evaluate
+
+    torch.manual_seed(0)
+    cell = ParaGRU(3, 4).double()
+    B, T, d = 3, 30, 4
+    u = cell.prepare(torch.randn(B, T, 3, dtype=torch.float64))
+    S = torch.randn(B, T + 1, d, dtype=torch.float64)
+    S[1, 17, 2] = float("nan")
+    r, J = torch.empty(B, T, d, dtype=torch.float64), torch.empty(B, T, d, dtype=torch.float64)
+    want = evaluate(cell, S, u, r, J, 1 << 20, 1e-300)
+    plans = {}
+    for _ in range(2):
+        got = evaluate(cell, S, u, r, J, eval_chunk, 1e-300, plans=plans)
+        for g, w in zip(got, want):
+            assert g.shape == (B,)
+            torch.testing.assert_close(g, w, equal_nan=True)
+    assert bool(want[0][1].isnan()) and not bool(want[0][[0, 2]].isnan().any())
+    assert torch.equal(evaluate(cell, S, u, r, J, eval_chunk, 1e-300, measure="err")[0].isnan(), want[0].isnan())
