@@ -361,8 +361,7 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     S one of its iterate buffers): the pieces' argument views are built once per S, not per call
     (~20 µs a piece).
     """
-    B, T = u.shape[:2]
-    d = S.shape[-1]
+    B = u.shape[0]
     structure = cell.get_structure() if structure is None else structure
     piece = compiled_piece(evaluate_piece) if compiled and can_compile(S) else evaluate_piece
     eager = piece is evaluate_piece

@@ -375,14 +375,14 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
       scan, not the elementwise evaluation). T < 64 stays sequential.
 
     Calibration (benchmarks/bench_auto.py, T = 2048, AMD EPYC VM, results/bench_auto_*): the
-    eager training step beats the loop up to work 16384 for ParaGRU (1.03-1.09× there at 1
-    thread) but ParaLSTM (jvp Jacobian) loses there (0.50×), hence 8192; the eager forward wins at
-    2048 (ParaGRU 1.22×) and loses at 4096 (0.80×), hence 1024. Compiled, the training step wins at
-    16384 for ParaGRU (1.71-1.83× at 1 thread, 2.31-3.16× at 2) and ParaLSTM at 2 threads (1.09×),
-    not at 1 (0.67×); the forward wins at 2048 (ParaGRU 2.66×, 3.74× at 2 threads) and at 4096
-    only for ParaGRU (ParaLSTM 0.48×, the dense GRU 0.80-0.86× at 1 thread). The rule does not
-    see the thread count: at 2 threads it leaves wins on the table (compiled ParaGRU forward up to
-    16384: 1.08×).
+    eager training step beats the loop up to work 16384 for ParaGRU (1.07-1.14× there at 1
+    thread) but ParaLSTM (jvp Jacobian) loses there (0.54×), hence 8192; the eager forward wins at
+    2048 (ParaGRU 1.32×) and loses at 4096 (0.80-0.81×), hence 1024. Compiled, the training step
+    wins at 16384 for ParaGRU (1.66-1.92× at 1 thread, 2.56-2.82× at 2) and ParaLSTM at 2 threads
+    (1.46×), not at 1 (0.79×); the forward wins at 2048 (ParaGRU 2.88×, 5.04× at 2 threads) and at
+    4096-8192 only for ParaGRU (1.22-1.86×; ParaLSTM 0.57× at 4096, 1 thread). The rule sees
+    neither the thread count nor whether the Jacobian is hand-written: it leaves wins on the table
+    (compiled ParaGRU forward at 4096-8192, and up to 16384 at 2 threads: 1.08-1.26×).
     """
     structure = as_structure(structure, d)
     if backend == "auto" and auto_backend(device, dtype, structure, d) == "reference":
