@@ -19,6 +19,8 @@ class Cell(nn.Module):
     - :meth:`step_and_jacobian` returns ``f`` and ``df/dh`` in storage form; the default derives
       the Jacobian from :meth:`step` with torch.func. Override it with a hand-written Jacobian only
       when that is measurably faster, and test it against :func:`autodiff_step_and_jacobian`.
+    - :meth:`step_jacobian_and_scale` adds f's rounding scale, for cells whose f sums terms that
+      can cancel (a gated lerp): the Newton test then sees what rounds, and stops a step earlier.
     - ``input_size``: if set, inputs are checked against it.
     - :meth:`output` reads ``y`` from the states (default: the states).
 
@@ -43,6 +45,21 @@ class Cell(nn.Module):
         """``(f, J)``: ``f = step(h, u)`` ``[N, d]`` and ``J = df/dh`` in storage form
         (``[N, d]`` diagonal, ``[N, d/k, k, k]`` block, ``[N, d, d]`` dense)."""
         return autodiff_step_and_jacobian(self.step, h, u, self.get_structure())
+
+    def step_jacobian_and_scale(self, h: torch.Tensor, u: torch.Tensor):
+        """``(f, J, s)``: :meth:`step_and_jacobian` and ``s [N, d]`` (>= 0), the size of the terms
+        that are added to form f, per entry, or None (the default).
+
+        The Newton test passes an entry when ``|r| <= atol + rtol·(|J| |h| + max(|f|, s))``
+        (:class:`pararnn.SolverOptions`): the rounding scale of evaluating f. Without s it reads
+        ``|f|``, which misses terms that cancel: where ``f = (1-z) h + z c`` is near 0 from two
+        large terms, f still rounds at ``eps·((1-z)|h| + z|c|)``, and the test would ask for a
+        residual below what f's own rounding allows (one more Newton step that changes nothing
+        measurable). Give the triangle bound of f's last sum, e.g. ``(1-z)·|h| + z·|c|``: an s
+        larger than what really rounds would let an inaccurate iterate pass.
+        """
+        f, J = self.step_and_jacobian(h, u)
+        return f, J, None
 
     @property
     def output_size(self) -> int:
@@ -262,6 +279,28 @@ def verify_cell(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> None:
     msg = _holomorphic_error(cell.step, h, u, rtol)
     if msg:
         raise CellCheckError(f"{name}: {msg}.")
+    if type(cell).step_jacobian_and_scale is not Cell.step_jacobian_and_scale:
+        _check_scale(cell, h, u, f_j, J, rtol)
+
+
+def _check_scale(cell: Cell, h, u, f, J, rtol) -> None:
+    """A cell's own rounding scale (:meth:`Cell.step_jacobian_and_scale`): f and J as
+    step_and_jacobian's, s None or real ``[n, d]``, and at least |f| (it bounds f's terms)."""
+    name = type(cell).__name__
+    f_s, J_s, s = cell.step_jacobian_and_scale(h, u)
+    if not (torch.allclose(f_s, f, rtol=rtol, atol=0, equal_nan=True)
+            and torch.allclose(J_s, J, rtol=rtol, atol=0, equal_nan=True)):
+        raise CellCheckError(f"{name}.step_jacobian_and_scale returns an f or J other than step_and_jacobian's.")
+    if s is None:
+        return
+    if not isinstance(s, torch.Tensor) or s.shape != f.shape or s.is_complex():
+        raise CellCheckError(f"{name}.step_jacobian_and_scale: s must be a real tensor of f's shape "
+                             f"{list(f.shape)}, got {getattr(s, 'shape', type(s).__name__)}")
+    low = (f.abs() * (1 - rtol) - s).amax().item()  # NaN where f is: not flagged here
+    if low > 0 or bool((s < 0).any()):
+        raise CellCheckError(
+            f"{name}.step_jacobian_and_scale: s must be >= |f| (the sum of the absolute values of f's "
+            f"terms), but it is below |f| by up to {low:.3g} or negative somewhere.")
 
 
 __all__ = ["Block", "Cell", "CellCheckError", "verify_cell", "is_affine", "Dense", "Diagonal", "autodiff_step_and_jacobian", "check_structure", "dense_jacobian"]

@@ -43,9 +43,10 @@ class SolverOptions:
     Attributes:
         max_iters: most Newton steps (linear scans). Newton needs at most T; typical cells 2-10.
         rtol, atol: a sequence is converged when every entry i of every residual satisfies
-            ``|r_t,i| <= atol + rtol·(|f_i| + Σ_j |J_t,ij| |h_{t-1},j|)``, with
-            ``r_t = f(h_{t-1}, u_t) - h_t`` and J = df/dh: the rounding scale of the linearised
-            step, per entry, so states of any size (1e-12 or 1e6, or both in one state) are
+            ``|r_t,i| <= atol + rtol·(max(|f_i|, s_i) + Σ_j |J_t,ij| |h_{t-1},j|)``, with
+            ``r_t = f(h_{t-1}, u_t) - h_t``, J = df/dh and s the size of the terms summed into f
+            where the cell gives it (:meth:`pararnn.Cell.step_jacobian_and_scale`; else 0): the
+            rounding scale of the linearised step, per entry, so states of any size (1e-12 or 1e6, or both in one state) are
             solved to the same relative accuracy. ``None`` = defaults: rtol per dtype (fp64
             1e-12, fp32 2e-6, fp16 2e-3, bf16 1e-2); atol = the dtype's smallest normal number
             (so no state is small enough to pass unsolved).
@@ -343,9 +344,10 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     them, see :func:`contiguous_pieces`; ``mask [B, T]``: padded steps hold the state, see
     :func:`hold_padded`). Returns per sequence ``[B]``: ``max|r|`` and
     ``q = max((|r_t| - atol)₊ / scale_t)``: the sequence passes ``|r| <= atol + rtol·scale``
-    exactly when ``q <= rtol``. The per-entry scale ``|f_t| + |J_t| |h_{t-1}|`` (a matvec of
-    absolute values) is the size of what rounds when f is evaluated, including terms of the
-    linear part that cancel (a h + b can be ~0 from large terms). Per entry and per position, so
+    exactly when ``q <= rtol``. The per-entry scale ``max(|f_t|, s_t) + |J_t| |h_{t-1}|`` (a
+    matvec of absolute values; s from :meth:`pararnn.Cell.step_jacobian_and_scale`, None: |f|
+    alone) is the size of what rounds when f is evaluated, including terms of the linear part that
+    cancel (a h + b can be ~0 from large terms) and, with s, terms of f that cancel. Per entry and per position, so
     neither a large entry of the same state, nor a blown-up iterate elsewhere (|h| ~ 1e250), can
     make a residual pass that is garbage at the small entries; a scale that multiplies J also
     keeps a saturated blown-up entry (J ≈ 0) from inflating it. NaN residuals give q = NaN.
@@ -453,8 +455,14 @@ def evaluate_piece(cell, structure, hp: torch.Tensor, u: torch.Tensor, hn: torch
     B, n, d = hp.shape
     N = B * n
     hp = hp.reshape(N, d)  # [N, d]
-    f, Jc = cell.step_and_jacobian(hp, u.reshape(N, *u.shape[2:]))
-    f, Jc = hold_padded(f, Jc, hp, None if m is None else m.reshape(N), structure)
+    u = u.reshape(N, *u.shape[2:])
+    s = None
+    if measure is True:  # the test reads the cell's rounding scale s [N, d] too (or None)
+        f, Jc, s = cell.step_jacobian_and_scale(hp, u)
+    else:
+        f, Jc = cell.step_and_jacobian(hp, u)
+    m = None if m is None else m.reshape(N)
+    f, Jc = hold_padded(f, Jc, hp, m, structure)
     # Everything runs over the same [N, d] rows as the outputs, reduced per row and then per
     # sequence: one iteration space, which inductor fuses into one loop nest, stores included.
     # (out= would break dynamo's graph.)
@@ -469,8 +477,11 @@ def evaluate_piece(cell, structure, hp: torch.Tensor, u: torch.Tensor, hn: torch
     err = ra.amax(dim=-1).reshape(B, n).amax(dim=1)  # [B]; amax propagates NaN
     if measure == "err":
         return err, None
-    # the rounding scale of the linearised step, per entry: |f| + |J| |h_prev|  [N, d]
-    scale = structure.matvec(J_out.abs(), hp.abs()).add_(f.abs()).clamp_min_(torch.finfo(ra.dtype).tiny)
+    # the rounding scale of the linearised step, per entry: |J| |h_prev| + max(|f|, s)  [N, d]
+    size = f.abs()
+    if s is not None:  # padded steps (f = h_prev, J = I) keep the plain scale
+        size = torch.maximum(size, s if m is None else torch.where(m[:, None], s, 0))
+    scale = structure.matvec(J_out.abs(), hp.abs()).add_(size).clamp_min_(torch.finfo(ra.dtype).tiny)
     q = ra.sub_(atol).clamp_min_(0).div_(scale).amax(dim=-1).reshape(B, n).amax(dim=1)
     return err, q
 

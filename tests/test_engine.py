@@ -539,3 +539,80 @@ def test_evaluate_measures_do_not_depend_on_the_pieces(eval_chunk):
             torch.testing.assert_close(g, w, equal_nan=True)
     assert bool(want[0][1].isnan()) and not bool(want[0][[0, 2]].isnan().any())
     assert torch.equal(evaluate(cell, S, u, r, J, eval_chunk, 1e-300, measure="err")[0].isnan(), want[0].isnan())
+
+
+class _ParaGRUWithoutScale(ParaGRU):
+    """ParaGRU without its rounding scale: the test reads |f| + |J||h| alone."""
+
+    def step_jacobian_and_scale(self, h, u):
+        return (*self.step_and_jacobian(h, u), None)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_cells_rounding_scale_saves_a_newton_step_and_no_accuracy(seed):
+    """ParaGRU's f = (1-z) h + z c cancels near 0, which |f| + |J||h| does not see: without the
+    cell's scale ((1-z)|h| + z|c|) the test asks for a fourth Newton step that changes nothing
+    measurable. With it the solve stops after three, as close to float64 as the fp32 loop."""
+    torch.manual_seed(seed)
+    cell = ParaGRU(16, 256)
+    plain = _ParaGRUWithoutScale(16, 256)
+    plain.load_state_dict(cell.state_dict())
+    x = torch.randn(4, 256, 16)
+    ref = pararnn.RNN(ParaGRU(16, 256).double(), mode="sequential")
+    ref.cell.load_state_dict(cell.state_dict())
+    want = ref(x.double())[0]
+    err = lambda y: float((y.double() - want).abs().max() / want.abs().max())  # noqa: E731
+    loop = err(pararnn.RNN(cell, mode="sequential")(x)[0])
+    steps = {}
+    for name, c in (("scale", cell), ("plain", plain)):
+        rnn = pararnn.RNN(c)
+        y = rnn(x)[0]
+        steps[name] = rnn.last_info.iterations
+        assert err(y) <= 2 * loop, (name, err(y), loop)
+    assert steps["scale"] < steps["plain"], steps
+
+
+@torch.no_grad()
+def test_padded_steps_ignore_the_cells_rounding_scale():
+    """Where the mask pads a step (f = h_prev, J = I), q reads the plain scale, whatever s says."""
+    from pararnn.newton import evaluate
+
+    class Loose(ParaGRU):
+        def step_jacobian_and_scale(self, h, u):
+            f, J = self.step_and_jacobian(h, u)
+            return f, J, torch.full_like(f, 1e30)
+
+    torch.manual_seed(0)
+    loose, plain = Loose(3, 4), _ParaGRUWithoutScale(3, 4)
+    plain.load_state_dict(loose.state_dict())
+    B, T, d = 2, 20, 4
+    u = loose.prepare(torch.randn(B, T, 3))
+    S = torch.randn(B, T + 1, d)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1] = False  # sequence 1 entirely padded
+    r, J = torch.empty(B, T, d), torch.empty(B, T, d)
+    q_loose = evaluate(loose, S, u, r, J, 1 << 20, 0.0, None, mask)[1]
+    q_plain = evaluate(plain, S, u, r, J, 1 << 20, 0.0, None, mask)[1]
+    assert q_loose[0] < 1e-20 < q_plain[0]  # the scale enters where steps are real
+    assert q_loose[1] == q_plain[1] > 0
+
+
+@pytest.mark.parametrize("bad", ["below_f", "shape", "other_f"])
+def test_the_cell_check_rejects_a_wrong_rounding_scale(bad):
+    """check_cell probes step_jacobian_and_scale: s must be at least |f| (it bounds f's terms), of
+    f's shape, and come with step_and_jacobian's f and J."""
+
+    class Wrong(ParaGRU):
+        def step_jacobian_and_scale(self, h, u):
+            f, J = self.step_and_jacobian(h, u)
+            if bad == "below_f":
+                return f, J, 0.5 * f.abs()
+            if bad == "shape":
+                return f, J, f.abs()[:, :1]
+            return f + 1, J, f.abs()
+
+    torch.manual_seed(0)
+    with pytest.raises(pararnn.cell.CellCheckError, match="step_jacobian_and_scale"):
+        pararnn.RNN(Wrong(3, 4))(torch.randn(2, 10, 3))
+    pararnn.RNN(ParaGRU(3, 4))(torch.randn(2, 10, 3))  # the zoo's own passes

@@ -43,6 +43,16 @@ class ParaGRU(Cell):
 
     def step_and_jacobian(self, h, u):
         """``(f [N, d], diag df/dh [N, d])`` in closed form."""
+        return self._closed_form(h, u)[:2]
+
+    def step_jacobian_and_scale(self, h, u):
+        """``(f, J, s)``, each ``[N, d]``; ``s = (1-z)|h| + z|c|``, the size of the lerp's two terms,
+        which cancel where f ≈ 0 (see :meth:`pararnn.Cell.step_jacobian_and_scale`)."""
+        f, J, z, c = self._closed_form(h, u)
+        return f, J, torch.lerp(h.abs(), c.abs(), z)
+
+    def _closed_form(self, h, u):
+        """``f``, ``diag df/dh`` and the gates z, c, each ``[N, d]``."""
         z, r, c = self._gates(h, u)
         az, ar, ac = self.a
         dz = z * (1 - z) * az
@@ -50,4 +60,4 @@ class ParaGRU(Cell):
         dc = (1 - c * c) * ac * (r + h * dr)
         f = torch.lerp(h, c, z)
         J = (1 - z) + (c - h) * dz + z * dc
-        return f, J
+        return f, J, z, c
