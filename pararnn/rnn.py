@@ -375,14 +375,14 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
       scan, not the elementwise evaluation). T < 64 stays sequential.
 
     Calibration (benchmarks/bench_auto.py, T = 2048, AMD EPYC VM, results/bench_auto_*): the
-    eager training step beats the loop up to work 16384 for ParaGRU (1.07-1.14× there at 1
-    thread) but ParaLSTM (jvp Jacobian) loses there (0.54×), hence 8192; the eager forward wins at
-    2048 (ParaGRU 1.32×) and loses at 4096 (0.80-0.81×), hence 1024. Compiled, the training step
-    wins at 16384 for ParaGRU (1.66-1.92× at 1 thread, 2.56-2.82× at 2) and ParaLSTM at 2 threads
-    (1.46×), not at 1 (0.79×); the forward wins at 2048 (ParaGRU 2.88×, 5.04× at 2 threads) and at
-    4096-8192 only for ParaGRU (1.22-1.86×; ParaLSTM 0.57× at 4096, 1 thread). The rule sees
+    eager training step beats the loop up to work 16384 for ParaGRU (1.03-1.14× there at 1
+    thread) but ParaLSTM (jvp Jacobian) loses there (0.51×), hence 8192; the eager forward wins at
+    2048 (ParaGRU 1.59×) and loses at 4096 (0.95-0.99×), hence 1024. Compiled, the training step
+    wins at 16384 for ParaGRU (1.69-1.92× at 1 thread, 2.43-2.92× at 2) and ParaLSTM at 2 threads
+    (1.39×), not at 1 (0.74×); the forward wins at 2048 (ParaGRU 3.41×, 5.69× at 2 threads) and at
+    4096-8192 only for ParaGRU (1.23-2.06×; ParaLSTM 0.56× at 4096, 1 thread). The rule sees
     neither the thread count nor whether the Jacobian is hand-written: it leaves wins on the table
-    (compiled ParaGRU forward at 4096-8192, and up to 16384 at 2 threads: 1.08-1.26×).
+    (compiled ParaGRU forward at 4096-8192, and at 16384 at 2 threads: 1.12-1.19×).
     """
     structure = as_structure(structure, d)
     if backend == "auto" and auto_backend(device, dtype, structure, d) == "reference":
