@@ -279,8 +279,13 @@ def verify_cell(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> None:
     msg = _holomorphic_error(cell.step, h, u, rtol)
     if msg:
         raise CellCheckError(f"{name}: {msg}.")
-    if type(cell).step_jacobian_and_scale is not Cell.step_jacobian_and_scale:
+    if gives_scale(cell):
         _check_scale(cell, h, u, f_j, J, rtol)
+
+
+def gives_scale(cell: Cell) -> bool:
+    """Whether the cell overrides :meth:`Cell.step_jacobian_and_scale` (gives f's rounding scale)."""
+    return type(cell).step_jacobian_and_scale is not Cell.step_jacobian_and_scale
 
 
 def _check_scale(cell: Cell, h, u, f, J, rtol) -> None:

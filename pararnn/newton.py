@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from . import fastmath
-from .cell import Cell
+from .cell import Cell, gives_scale
 from .dispatch import check_backend
 from .parallel import LOCAL, ParallelContext
 from .workspace import Fresh
@@ -854,7 +854,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         size = ctx.max(H.abs().amax(dim=(1, 2)))
         return big <= atol + rtol * size  # NaN: False
 
-    checks_correction = type(cell).step_jacobian_and_scale is not Cell.step_jacobian_and_scale
+    checks_correction = gives_scale(cell)
     policy = StepPolicy(opts, structure, atol, ws)
     window = info.shooting_window = shooting_window(opts.shooting, T)
     if replay is not None:

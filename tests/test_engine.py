@@ -542,6 +542,14 @@ def test_evaluate_measures_do_not_depend_on_the_pieces(eval_chunk):
     assert torch.equal(evaluate(cell, S, u, r, J, eval_chunk, 1e-300, measure="err")[0].isnan(), want[0].isnan())
 
 
+def _float64_and_loop(cell, x):
+    """The float64 loop's states for ``cell`` on ``x`` and the fp32 loop's relative error to them."""
+    ref = pararnn.RNN(type(cell)(cell.input_size, cell.state_size).double(), mode="sequential")
+    ref.cell.load_state_dict(cell.state_dict())
+    want = ref(x.double())[0]
+    return want, rel_err(pararnn.RNN(cell, mode="sequential")(x)[0], want)
+
+
 class _ParaGRUWithoutScale(ParaGRU):
     """ParaGRU without its rounding scale: the test reads |f| + |J||h| alone."""
 
@@ -560,17 +568,13 @@ def test_a_cells_rounding_scale_saves_a_newton_step_and_no_accuracy(seed):
     plain = _ParaGRUWithoutScale(16, 256)
     plain.load_state_dict(cell.state_dict())
     x = torch.randn(4, 256, 16)
-    ref = pararnn.RNN(ParaGRU(16, 256).double(), mode="sequential")
-    ref.cell.load_state_dict(cell.state_dict())
-    want = ref(x.double())[0]
-    err = lambda y: float((y.double() - want).abs().max() / want.abs().max())  # noqa: E731
-    loop = err(pararnn.RNN(cell, mode="sequential")(x)[0])
+    want, loop = _float64_and_loop(cell, x)
     steps = {}
     for name, c in (("scale", cell), ("plain", plain)):
         rnn = pararnn.RNN(c)
-        y = rnn(x)[0]
+        err = rel_err(rnn(x)[0], want)
         steps[name] = rnn.last_info.iterations
-        assert err(y) <= 2 * loop, (name, err(y), loop)
+        assert err <= 2 * loop, (name, err, loop)
     assert steps["scale"] < steps["plain"], steps
 
 
@@ -630,9 +634,5 @@ def test_a_cells_rounding_scale_does_not_let_an_amplifying_cell_stop_early():
     cell.a.normal_(0, 1.0)
     torch.manual_seed(1)
     x = torch.randn(1, 4096, 64)
-    ref = pararnn.RNN(ParaGRU(64, 64).double(), mode="sequential")
-    ref.cell.load_state_dict(cell.state_dict())
-    want = ref(x.double())[0]
-    err = lambda y: float((y.double() - want).abs().max() / want.abs().max())  # noqa: E731
-    loop = err(pararnn.RNN(cell, mode="sequential")(x)[0])
-    assert err(pararnn.RNN(cell)(x)[0]) <= 1.5 * loop
+    want, loop = _float64_and_loop(cell, x)
+    assert rel_err(pararnn.RNN(cell)(x)[0], want) <= 1.5 * loop
