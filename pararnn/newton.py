@@ -700,6 +700,17 @@ TRUST_RADIUS = 1.0
 SAFEGUARD_CLIP = 0.9
 
 
+def max_abs(t: torch.Tensor) -> torch.Tensor:
+    """``max |t|`` per sequence: ``t [B, ...] -> [B]`` (NaN propagates). For a real t, the larger of
+    ``max t`` and ``-min t``: no temporary of t's size, whose fresh pages cost more than the
+    reductions (``t.abs().amax()`` of a [8, 4096, 256] fp32 tensor: 16 ms, against 1.8 ms for the
+    two reductions, one core of the benchmark machine)."""
+    dims = tuple(range(1, t.dim()))  # reduced in place: t may be a strided view (H = S[:, 1:])
+    if t.is_complex():
+        return t.abs().amax(dim=dims)
+    return torch.maximum(t.amax(dim=dims), t.amin(dim=dims).neg())
+
+
 def initial_guess(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, H: torch.Tensor) -> bool:
     """Fill the iterate ``H [B, T, d]`` from ``opts.init``: a warm start, zeros or ``f(h0, u_t)``.
     Returns whether it was ``f(h0, u_t)``."""
@@ -850,9 +861,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         a larger error (ParaGRU a_std 1.0, T = 4096: 8.9e-6 against the fp32 loop's 3.3e-6 before
         this check; 3.3e-6 with it). One scan, no evaluation; a sequence that fails takes the step."""
         ctx.scan(J, r, None, structure, backend=opts.backend, out=delta)
-        big = ctx.max(delta.abs().amax(dim=(1, 2)))
-        size = ctx.max(H.abs().amax(dim=(1, 2)))
-        return big <= atol + rtol * size  # NaN: False
+        return ctx.max(max_abs(delta)) <= atol + rtol * ctx.max(max_abs(H))  # NaN: False
 
     checks_correction = gives_scale(cell)
     policy = StepPolicy(opts, structure, atol, ws)

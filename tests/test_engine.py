@@ -636,3 +636,21 @@ def test_a_cells_rounding_scale_does_not_let_an_amplifying_cell_stop_early():
     x = torch.randn(1, 4096, 64)
     want, loop = _float64_and_loop(cell, x)
     assert rel_err(pararnn.RNN(cell)(x)[0], want) <= 1.5 * loop
+
+
+def test_max_abs_matches_abs_amax_per_sequence():
+    """The correction check's per-sequence max|t| (no temporary of t's size) equals
+    ``t.abs().amax`` over all but the batch dim: on a strided view (H = S[:, 1:]), with the
+    largest entry negative, with NaN (propagates) and for complex t."""
+    from pararnn.newton import max_abs
+
+    torch.manual_seed(0)
+    S = torch.randn(3, 6, 4)
+    S[1, 3, 2] = -50.0  # sequence 1's largest entry is negative
+    S[2, 4, 0] = float("nan")
+    H = S[:, 1:]
+    got = max_abs(H)
+    torch.testing.assert_close(got, H.abs().amax(dim=(1, 2)), equal_nan=True)
+    assert got[1] == 50.0 and torch.isnan(got[2])
+    z = torch.randn(2, 5, 3, dtype=torch.complex64)
+    torch.testing.assert_close(max_abs(z), z.abs().amax(dim=(1, 2)))
