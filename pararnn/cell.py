@@ -283,6 +283,12 @@ def verify_cell(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> None:
         _check_scale(cell, h, u, f_j, J, rtol)
 
 
+def uses_jvp(cell: Cell | None) -> bool:
+    """Whether the cell's Jacobian comes from torch.func.jvp (it keeps the default
+    :meth:`Cell.step_and_jacobian`; None: False)."""
+    return cell is not None and type(cell).step_and_jacobian is Cell.step_and_jacobian
+
+
 def gives_scale(cell: Cell) -> bool:
     """Whether the cell overrides :meth:`Cell.step_jacobian_and_scale` (gives f's rounding scale)."""
     return type(cell).step_jacobian_and_scale is not Cell.step_jacobian_and_scale

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -10,7 +11,7 @@ from typing import Callable
 import torch
 
 from . import fastmath
-from .cell import Cell, gives_scale
+from .cell import gives_scale, uses_jvp
 from .dispatch import check_backend
 from .parallel import LOCAL, ParallelContext
 from .workspace import Fresh
@@ -365,7 +366,7 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     """
     B = u.shape[0]
     structure = cell.get_structure() if structure is None else structure
-    piece = compiled_piece(evaluate_piece) if compiled and can_compile(S) else evaluate_piece
+    piece = compiled_piece(evaluate_piece, cell) if compiled and can_compile(S) else evaluate_piece
     eager = piece is evaluate_piece
     if eager:
         variant = measure
@@ -521,28 +522,49 @@ def pieces_for(B: int, T: int, per_step: int, eval_chunk: int, compiled: bool) -
     return contiguous_pieces(B, T, per_step, target)
 
 
-def compiled_piece(fn):
+def compiled_piece(fn, cell=None):
     """``fn`` (:func:`evaluate_piece`, :func:`step_piece` or :func:`graph_piece`) under
     ``torch.compile(dynamic=True)`` (inductor: one fused C++/OpenMP loop on CPU, Triton on CUDA).
     Dynamic batch and time sizes, so T and B do not recompile (feature sizes are static, see
     :func:`static_features`); dynamo compiles once per cell class, parameter shapes (parameters
     are static), structure, dtype and device, and kind of piece (several whole rows, one whole
     row, one row's span of steps: :func:`contiguous_pieces`; a size of 1 is specialised), not per
-    call, B or T. The backend (:func:`pararnn.fastmath.compile_backend`) swaps tanh for the fast one."""
-    if fn not in _COMPILED:
-        compiled = torch.compile(fn, dynamic=True, backend=fastmath.compile_backend)
+    call, B or T. The backend (:func:`pararnn.fastmath.compile_backend`) swaps tanh for the fast one.
+
+    Each cell class (``type(cell)``) gets its own copy of ``fn``'s code, and so its own dynamo
+    cache and recompile budget: :data:`RECOMPILE_LIMIT` graphs, or dynamo's own limit for a cell
+    whose Jacobian comes from torch.func.jvp (which compiles again per (B, T), seconds each, see
+    :func:`warn_jvp_recompiles`). With one shared budget (dynamo's 8 per code object), a few
+    cells, layer sizes or dtypes used it up and every later evaluation ran eagerly, with only
+    dynamo's log line to say so (``benchmarks/bench_auto.py``: the dense GRU, timed after ParaGRU
+    and ParaLSTM, ran its compile_cell solve eagerly)."""
+    kind = None if cell is None else type(cell)
+    if (fn, kind) not in _COMPILED:
+        own = fn if kind is None else types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                                           fn.__defaults__, fn.__closure__)
+        compiled = torch.compile(own, dynamic=True, backend=fastmath.compile_backend)
         # Without duck shapes: the pieces are views at many storage offsets, and dynamo would
         # otherwise guard on chance equalities between offsets and sizes (hn.storage_offset()
-        # == d), recompiling for new pieces until its limit and then running eagerly. One patch
-        # object, re-entered on every call (each patch() call builds a class: ~20 µs).
+        # == d), recompiling for new pieces until its limit and then running eagerly. Patch
+        # objects made once, re-entered on every call (each patch() call builds a class: ~20 µs).
         no_duck_shapes = torch.fx.experimental._config.patch(use_duck_shape=False)
+        limit = torch._dynamo.config.recompile_limit if uses_jvp(cell) else max(
+            RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+        budget = torch._dynamo.config.patch(recompile_limit=limit)
 
         def run(*args):
-            with no_duck_shapes:
+            with no_duck_shapes, budget:
                 return compiled(*args)
 
-        _COMPILED[fn] = run
-    return _COMPILED[fn]
+        _COMPILED[(fn, kind)] = run
+    return _COMPILED[(fn, kind)]
+
+
+# Graphs one compiled piece function may hold per cell class (dynamo's default is 8 per code
+# object): its variants (3 measures), kinds of piece (3, with and without a padding mask), dtypes
+# and parameter shapes (one per layer size) multiply. ParaGRU at two state sizes, with and
+# without gradients, held 6 evaluation graphs.
+RECOMPILE_LIMIT = 64
 
 
 def static_features(first: int, *tensors: torch.Tensor) -> None:
@@ -563,7 +585,7 @@ def warn_jvp_recompiles(cell) -> None:
     guards on it; dynamic and unbacked sizes alike), so dynamic shapes cannot hold there. Once
     per cell class: Python's registry alone would repeat it, as dynamo's compiles reset it."""
     kind = type(cell)
-    if getattr(kind, "step_and_jacobian", None) is not Cell.step_and_jacobian or kind in _WARNED_JVP:
+    if not uses_jvp(cell) or kind in _WARNED_JVP:
         return
     _WARNED_JVP.add(kind)
     warnings.warn(JVP_RECOMPILE_MSG.format(name=kind.__name__), UserWarning, stacklevel=3)
@@ -725,7 +747,7 @@ def initial_guess(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, 
         return False
     else:  # f(h0, u_t) for every t
         compiled = opts.compile_cell and can_compile(H)
-        piece = compiled_piece(step_piece) if compiled else step_piece
+        piece = compiled_piece(step_piece, cell) if compiled else step_piece
         for b0, b1, t0, t1 in pieces_for(B, T, d, opts.eval_chunk, compiled):
             out = H[b0:b1, t0:t1]  # H = S[:, 1:]: one row's piece is one run of memory, [N, d] rows
             out = out.view((t1 - t0), d) if b1 - b0 == 1 else out

@@ -91,7 +91,7 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     B, T, d = H.shape
     h0 = h0 if pctx.owns_h0() and h0.requires_grad else None  # h_{-1} = h0: its gradient is J_1^H λ_1
     pieces = contiguous_pieces(B, T, d, opts.eval_chunk)
-    piece = compiled_piece(graph_piece) if opts.compile_cell and can_compile(H) else graph_piece
+    piece = compiled_piece(graph_piece, cell) if opts.compile_cell and can_compile(H) else graph_piece
     f_pieces = []
     for (b0, b1, t0, t1), u_p in zip(pieces, split_pieces(u, pieces)):
         N = (b1 - b0) * (t1 - t0)

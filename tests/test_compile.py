@@ -175,3 +175,38 @@ def test_forward_mode_ad_under_compile_still_specialises_rows():
         out = compiled(h, torch.ones_like(h))
         torch.testing.assert_close(out[1], torch.sigmoid(2 * h) * (1 - torch.sigmoid(2 * h)) * 2)
     assert counters["stats"]["unique_graphs"] - before == 3
+
+
+def test_each_cell_class_has_its_own_recompile_budget(monkeypatch):
+    """A cell whose variants used up the recompile budget must not push the next cell class's
+    compiled evaluation into eager mode (dynamo's budget is per code object, and every cell's
+    evaluation used to share evaluate_piece's). Budget 3 here: cell A at two state sizes needs 4
+    evaluation graphs (its first-check and full variants) and runs past it; cell B, evaluated
+    after it, needs 2 and must trace both under torch.compile."""
+    from pararnn import newton
+    from pararnn.models import ParaGRU
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+    monkeypatch.setattr(newton, "RECOMPILE_LIMIT", 3)
+
+    class Counting(ParaGRU):
+        eager_calls: int  # evaluations that ran eagerly (under torch.compile the branch is traced away)
+
+        def step_jacobian_and_scale(self, h, u):
+            if not torch.compiler.is_compiling():
+                type(self).eager_calls += 1
+            return super().step_jacobian_and_scale(h, u)
+
+    class A(Counting):
+        eager_calls = 0
+
+    class B(Counting):
+        eager_calls = 0
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for d in (4, 6):  # check_cell off: its probes call the cell eagerly
+            pararnn.RNN(A(3, d), compile_cell=True, check_cell=False)(torch.randn(2, 12, 3))
+        pararnn.RNN(B(3, 5), compile_cell=True, check_cell=False)(torch.randn(2, 12, 3))
+    assert A.eager_calls > 0  # A did run past its budget (else this test shows nothing)
+    assert B.eager_calls == 0
