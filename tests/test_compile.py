@@ -186,8 +186,8 @@ def test_each_cell_class_has_its_own_recompile_budget(monkeypatch):
     from pararnn import newton
     from pararnn.models import ParaGRU
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
-    monkeypatch.setattr(newton, "RECOMPILE_LIMIT", 3)
+    monkeypatch.setattr(newton, "RECOMPILE_LIMIT", 3)  # (not monkeypatch for dynamo's config: its undo
+    # deletes attributes missing from the module's __dict__, which hides a torch config entry)
 
     class Counting(ParaGRU):
         eager_calls: int  # evaluations that ran eagerly (under torch.compile the branch is traced away)
@@ -204,7 +204,7 @@ def test_each_cell_class_has_its_own_recompile_budget(monkeypatch):
         eager_calls = 0
 
     torch.manual_seed(0)
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=3):
         for d in (4, 6):  # check_cell off: its probes call the cell eagerly
             pararnn.RNN(A(3, d), compile_cell=True, check_cell=False)(torch.randn(2, 12, 3))
         pararnn.RNN(B(3, 5), compile_cell=True, check_cell=False)(torch.randn(2, 12, 3))
