@@ -375,14 +375,14 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
       scan, not the elementwise evaluation). T < 64 stays sequential.
 
     Calibration (benchmarks/bench_auto.py, T = 2048, AMD EPYC VM, results/bench_auto_*): the
-    eager training step beats the loop up to work 16384 for ParaGRU (1.03-1.14× there at 1
+    eager training step beats the loop up to work 16384 for ParaGRU (1.08-1.09× there at 1
     thread) but ParaLSTM (jvp Jacobian) loses there (0.51×), hence 8192; the eager forward wins at
-    2048 (ParaGRU 1.59×) and loses at 4096 (0.95-0.99×), hence 1024. Compiled, the training step
-    wins at 16384 for ParaGRU (1.69-1.92× at 1 thread, 2.43-2.92× at 2) and ParaLSTM at 2 threads
-    (1.39×), not at 1 (0.74×); the forward wins at 2048 (ParaGRU 3.41×, 5.69× at 2 threads) and at
-    4096-8192 only for ParaGRU (1.23-2.06×; ParaLSTM 0.56× at 4096, 1 thread). The rule sees
+    2048 (ParaGRU 1.57×) and loses at 4096 (0.95-0.98×), hence 1024. Compiled, the training step
+    wins at 16384 for ParaGRU (1.59-2.11× at 1 thread, 2.47-3.10× at 2) and ParaLSTM at 2 threads
+    (1.51×), not at 1 (0.75×); the forward wins at 2048 (ParaGRU 3.36×, 4.43× at 2 threads) and at
+    4096-8192 only for ParaGRU (1.13-2.04×; ParaLSTM 0.56× at 4096, 1 thread). The rule sees
     neither the thread count nor whether the Jacobian is hand-written: it leaves wins on the table
-    (compiled ParaGRU forward at 4096-8192, and at 16384 at 2 threads: 1.12-1.19×).
+    (compiled ParaGRU forward at 4096-8192; at 16384 it ties at 2 threads, 0.99-1.08×).
     """
     structure = as_structure(structure, d)
     if backend == "auto" and auto_backend(device, dtype, structure, d) == "reference":

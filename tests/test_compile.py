@@ -115,6 +115,7 @@ def test_compiled_evaluation_matches_the_eager_twin_and_compiles_once_for_every_
         (ye, he), (yc, hc) = eager(x), comp(x)
     assert not [w for w in caught if "torch.func.jvp" in str(w.message)]  # a hand-written Jacobian: no warning
     torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hc, he, rtol=1e-5, atol=1e-6)
     assert comp.last_info.iterations == eager.last_info.iterations
     ge = torch.autograd.grad(ye.sum(), [x, *cell.parameters()])
     gc = torch.autograd.grad(yc.sum(), [x, *cell.parameters()])
