@@ -875,15 +875,26 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         S, S_alt = S_alt, S
         H = S[:, 1:]
 
-    def correction_small():
+    def correction_small(prev):
         """Per sequence ``[B]``: the Newton correction at the iterate, ``δ = scan(J, r)`` (its error,
         carried along T), is within ``atol + rtol·max|h|`` of the sequence. A cell's rounding scale
         (:meth:`pararnn.Cell.step_jacobian_and_scale`) lets residuals that sit on f's rounding floor
         pass, but a cell that amplifies along T can also carry residuals just under that test into
         a larger error (ParaGRU a_std 1.0, T = 4096: 8.9e-6 against the fp32 loop's 3.3e-6 before
-        this check; 3.3e-6 with it). One scan, no evaluation; a sequence that fails takes the step."""
+        this check; 3.3e-6 with it). One scan, no evaluation; a sequence that fails takes the step.
+
+        ``prev [B]``: the corrections measured right before the last step (None: none). A sequence
+        whose correction that step did not shrink below ``STALL_RATIO`` of it passes too: its
+        residuals sit on the rounding floor and the cell carries them along T into a correction
+        that no step removes (ParaGRU a_std 2.0, a latch with |J| up to 2.8: the correction stayed
+        above the test from the 5th to the 30th step, max_iters, at the fp32 loop's own error).
+        Returns ``(passes [B], correction [B])``."""
         ctx.scan(J, r, None, structure, backend=opts.backend, out=delta)
-        return ctx.max(max_abs(delta)) <= atol + rtol * ctx.max(max_abs(H))  # NaN: False
+        big = ctx.max(max_abs(delta))
+        ok = big <= atol + rtol * ctx.max(max_abs(H))  # NaN: False
+        if prev is not None:
+            ok = ok | (big > STALL_RATIO * prev)  # NaN: False
+        return ok, big
 
     checks_correction = gives_scale(cell)
     policy = StepPolicy(opts, structure, atol, ws)
@@ -899,6 +910,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         info.fell_back = torch.zeros_like(info.converged)
         return S, J, info
     prev = None  # per-sequence max residual before the last step
+    correction, corrected_at = None, None  # the last correction check's [B] corrections, and at which step
     while True:
         err, q = check(first_variant if prev is None else True)
         if policy.undo_blowups(err, H):
@@ -909,7 +921,9 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         policy.record(err, H)
         info.residuals.append(float(err.max()))
         if checks_correction and info.iterations > 0 and bool(converged.all()) and info.iterations < opts.max_iters:
-            converged = converged & correction_small()
+            ok, correction = correction_small(correction if corrected_at == info.iterations - 1 else None)
+            corrected_at = info.iterations
+            converged = converged & ok
         if bool(converged.all()) or info.iterations >= opts.max_iters:
             break
         if not bool((~converged & torch.isfinite(err)).any()):

@@ -638,6 +638,24 @@ def test_a_cells_rounding_scale_does_not_let_an_amplifying_cell_stop_early():
     assert rel_err(pararnn.RNN(cell)(x)[0], want) <= 1.5 * loop
 
 
+
+@torch.no_grad()
+def test_the_correction_check_stops_where_steps_stop_shrinking_it():
+    """ParaGRU a_std 2.0 (a latch: |J| up to 2.8) reaches the rounding floor after 5 Newton steps,
+    but the cell carries those residuals along T into a correction above ``rtol·max|h|`` that no
+    step removes: the check took every step up to max_iters (30). A correction the last step did
+    not shrink passes, so the solve ends at the next step, as close to float64 as the fp32 loop."""
+    torch.manual_seed(1)
+    cell = ParaGRU(64, 64)
+    cell.a.normal_(0, 2.0)
+    x = torch.randn(4, 4096, 64, generator=torch.Generator().manual_seed(11))
+    rnn = pararnn.RNN(cell)
+    y = rnn(x)[0]
+    assert rnn.last_info.iterations <= 8, rnn.last_info.residuals
+    assert bool(rnn.last_info.converged.all()) and not bool(rnn.last_info.fell_back.any())
+    want, loop = _float64_and_loop(cell, x)
+    assert rel_err(y, want) <= 1.5 * loop
+
 def test_max_abs_matches_abs_amax_per_sequence():
     """The correction check's per-sequence max|t| (no temporary of t's size) equals
     ``t.abs().amax`` over all but the batch dim: on a strided view (H = S[:, 1:]), with the
