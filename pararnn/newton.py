@@ -910,7 +910,7 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         info.fell_back = torch.zeros_like(info.converged)
         return S, J, info
     prev = None  # per-sequence max residual before the last step
-    correction, corrected_at = None, None  # the last correction check's [B] corrections, and at which step
+    correction = None  # [B]: the correction check's corrections at the last step, if it ran there
     while True:
         err, q = check(first_variant if prev is None else True)
         if policy.undo_blowups(err, H):
@@ -921,9 +921,10 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
         policy.record(err, H)
         info.residuals.append(float(err.max()))
         if checks_correction and info.iterations > 0 and bool(converged.all()) and info.iterations < opts.max_iters:
-            ok, correction = correction_small(correction if corrected_at == info.iterations - 1 else None)
-            corrected_at = info.iterations
+            ok, correction = correction_small(correction)
             converged = converged & ok
+        else:
+            correction = None
         if bool(converged.all()) or info.iterations >= opts.max_iters:
             break
         if not bool((~converged & torch.isfinite(err)).any()):
