@@ -33,6 +33,16 @@ class Cell(nn.Module):
     state_size: int
     input_size: int | None = None
 
+    def __getstate__(self):
+        # pickles and deep copies leave the probes' facts behind (they name this object's tensors)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_pararnn_facts"}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # new weights: what the solver's probes found about the old ones no longer holds
+        self.__dict__.pop("_pararnn_facts", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [B, T, D_in] -> u: [B, T, *]``. Default: identity."""
         return x
@@ -237,8 +247,9 @@ def verify_cell(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> None:
 
     - determinism: two evaluations of ``step`` agree (Newton re-evaluates every position at
       every iteration, so dropout or other randomness in ``step`` gives wrong gradients);
-    - no row coupling: a tangent on one row moves no other row's output (a normalisation over
-      the batch inside ``step`` breaks the per-sequence solve and its gradients);
+    - no row coupling: a tangent on one row, or a change of its value, moves no other row's output
+      (a normalisation over the batch inside ``step``, even through a detached statistic, breaks
+      the per-sequence solve and its gradients);
     - the declared structure: the jvp of ``step`` along a random tangent equals the declared
       Jacobian of ``step_and_jacobian`` applied to it (a too-narrow declaration gives wrong
       gradients even where Newton still converges);
@@ -267,6 +278,17 @@ def verify_cell(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> None:
             f"{name}.step couples batch rows (a change of row 0's state moves other rows' outputs by "
             f"{moved:.3g}; e.g. a normalisation over the batch inside step). Each row of h must be "
             "updated from its own row only: normalise over features, or in prepare()/output().")
+    if h.shape[0] > 1:  # the same by value: a detached batch statistic hides from the jvp
+        h_other = h.clone()
+        h_other[0] = h[0] + (1 + h[0].abs()) * v[0].sgn()
+        with torch.no_grad():
+            moved = (f(h_other)[1:] - f1[1:]).abs().amax().item()
+        if moved > rtol * (1 + f1[1:].abs().amax().item()):
+            raise CellCheckError(
+                f"{name}.step couples batch rows (changing row 0's state moves other rows' outputs by "
+                f"{moved:.3g}, through a value autograd does not see, e.g. h - h.mean(0).detach()). Each "
+                "row of h must be updated from its own row only: the parallel solve treats every sequence "
+                "on its own. Normalise over features, or in prepare()/output().")
     f_j, J = cell.step_and_jacobian(h, u)
     jv = jvp(f, (h,), (v,))[1]
     scale = structure.matvec(J.abs(), v.abs()) + jv.abs()

@@ -638,26 +638,31 @@ class StepPolicy:
         self.H_prev = self.best = None
         self.level = None  # [B] int: 0 plain, 1 trust region, 2 trust region and clipped Jacobians
         self.radius = None  # [B, 1, d]: trust radius per state row (Inf: none yet)
+        self.any_trusted = self.any_clipped = False  # whether some sequence is at level 1 / 2
         self.safeguarded = False
 
-    def undo_blowups(self, err: torch.Tensor, H: torch.Tensor) -> bool:
-        """After a step: restore the previous iterate of blown-up sequences (the best one so far for a
-        sequence that blew up in the trust region). True if any was restored."""
+    def blown(self, err: torch.Tensor) -> torch.Tensor | None:
+        """After a step: ``[B]`` bool, the sequences it blew up (NaN/Inf, or a residual far above
+        their best so far), on the device (no synchronisation); None where nothing can be undone."""
         if not self.safeguard or self.H_prev is None:
-            return False
+            return None
         factor = torch.full_like(err, BLOWUP_FACTOR)
         if self.level is not None:  # in the trust region, a residual that grows steadily is divergence too
-            factor[self.level == 1] = TRUSTED_BLOWUP_FACTOR
-        blown = ~torch.isfinite(err) | (err > factor * self.best.clamp_min(self.atol))
-        if not bool(blown.any()):
-            return False
+            factor = torch.where(self.level == 1, TRUSTED_BLOWUP_FACTOR, factor)
+        return ~torch.isfinite(err) | (err > factor * self.best.clamp_min(self.atol))
+
+    def restore(self, blown: torch.Tensor, H: torch.Tensor) -> None:
+        """Restore the previous iterate of the ``blown [B]`` sequences (the best one so far for a
+        sequence that blew up in the trust region), and take them a level more carefully."""
         if self.level is None:
             self.level = torch.zeros_like(blown, dtype=torch.int8)
             self.H_best = self.H_prev.clone()  # from now on the best iterate of each sequence is kept
         H[blown] = torch.where((self.level[blown] == 1).reshape(-1, 1, 1), self.H_best[blown], self.H_prev[blown])
         self.level[blown] = (self.level[blown] + 1).clamp_max(2)
+        # host copies: the steps read them without a synchronisation each
+        self.any_trusted, self.any_clipped = (bool(v) for v in torch.stack([(self.level == 1).any(),
+                                                                             (self.level == 2).any()]).tolist())
         self.safeguarded = True
-        return True
 
     def record(self, err: torch.Tensor, H: torch.Tensor) -> None:
         if self.level is not None:
@@ -668,7 +673,7 @@ class StepPolicy:
     def before_scan(self, J: torch.Tensor) -> None:
         if self.clip is not None:
             self.structure.clip(J, self.clip)
-        if self.level is not None and bool((self.level == 2).any()):
+        if self.any_clipped:
             idx = (self.level == 2).nonzero().flatten()
             Jb = J[idx]
             self.structure.clip(Jb, SAFEGUARD_CLIP)
@@ -677,12 +682,12 @@ class StepPolicy:
     def keeps_updates(self) -> bool:
         """Whether :meth:`limit` would leave every Newton update as it is (no sequence in its trust
         region), so the update can go straight into the next iterate."""
-        return self.level is None or not bool((self.level == 1).any())
+        return not self.any_trusted
 
     def limit(self, delta: torch.Tensor, H: torch.Tensor, r: torch.Tensor) -> None:
         """In place: hold the update ``delta [B, T, d]`` of safeguarded sequences in their trust region;
         ``H``, ``r`` are the iterate and its residual (the radius is set at the first call after a blow-up)."""
-        if self.level is None:
+        if not self.any_trusted:
             return
         idx = (self.level == 1).nonzero().flatten()
         if idx.numel() == 0:
@@ -706,7 +711,7 @@ class StepPolicy:
 
     def keep_previous(self, H_prev: torch.Tensor) -> None:
         """After a step: the iterate before it, ``H_prev [B, T, d]``, which the solver leaves
-        untouched until its next step (the other of its two iterate buffers), for :meth:`undo_blowups`."""
+        untouched until its next step (the other of its two iterate buffers), for :meth:`restore`."""
         if self.safeguard:
             self.H_prev = H_prev
 
@@ -742,7 +747,7 @@ def initial_guess(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, 
             raise ValueError(f"init (warm start) must be [B, T, d] = {[B, T, d]}, got {list(opts.init.shape)}")
         H.copy_(opts.init)
         return False
-    elif opts.init == "zeros" or (opts.init == "auto" and cell.__dict__.get("_pararnn_affine", False)):
+    elif opts.init == "zeros" or (opts.init == "auto" and getattr(cell.__dict__.get("_pararnn_facts"), "affine", False)):
         H.zero_()
         return False
     else:  # f(h0, u_t) for every t
@@ -798,150 +803,225 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
     buffers that die with the solve, and for S and J too with ``outputs_from_ws`` (the caller is
     done with them before it releases ``ws``). None: every buffer is new.
     """
-    structure = cell.get_structure()
-    B, T = u.shape[:2]
-    d = cell.state_size
-    rtol, atol = opts.tolerances(h0.dtype)
-    # Buffers reused across iterations (fresh large tensors are page-faulted in on every
-    # allocation), and across calls where ws keeps them. S holds h0 and the iterate:
-    # S[:, 1:] = H, S[:, :-1] = (h0, h_1..h_{T-1}).
-    ws = Fresh if ws is None else ws
-    out_ws = ws if outputs_from_ws else Fresh
-    dt, dev = h0.dtype, h0.device
-    S = S_out = out_ws.take("S", (B, T + 1, d), dt, dev)  # [B, T+1, d]
-    # With the safeguard, a second iterate buffer: each step writes H + delta there and the two swap,
-    # so the previous iterate stays at hand to undo a step without copying it every step (forward
-    # about 2% faster: ParaGRU, compile_cell, 1 thread, B = 8, T = 1024, d = 256 and B = 1, T = 4096).
-    S_alt = ws.take("S_alt", (B, T + 1, d), dt, dev) if opts.safeguard and replay is None else None
-    r = ws.take("r", (B, T, d), dt, dev)  # residual [B, T, d]
-    delta = ws.take("delta", (B, T, d), dt, dev)  # Newton update [B, T, d]
-    J = out_ws.take("J", (B, T, *structure.storage_shape(d)), dt, dev)  # [B, T, *jac]
-    S[:, 0] = h0
-    H = S[:, 1:]
-    if opts.compile_cell and can_compile(h0):
-        warn_jvp_recompiles(cell)
-    # From f(h0, u_t), the first iterate is exact only where f ignores its state (or T = 1): its
-    # check measures max|r| (for the safeguard and the stall test) but not q, whose pass over the
-    # rounding scale is a third of a compiled evaluation (ParaGRU, B = 1, T = 4096, d = 64, 1 thread:
-    # 0.70 against 0.47 ms). Such a sequence then takes one Newton step (J = 0 there: exact) more.
-    first_variant = "err" if initial_guess(cell, u, h0, opts, H) and T > 1 else True
-    info = SolverInfo(mode="parallel", rtol=rtol, atol=atol)
-    plans = {}  # the evaluation pieces' views, per iterate buffer (see evaluate)
+    solver = NewtonSolver(cell, u, h0, opts, ctx, mask, ws, outputs_from_ws, replaying=replay is not None)
+    return solver.replay(replay) if replay is not None else solver.run()
 
-    def evaluate_here(measure=True, variant=None):
+
+@dataclasses.dataclass
+class Decision:
+    """What :meth:`NewtonSolver.decide` concluded after a check: ``converged [B]``, ``stalled [B]``
+    (or None: no step to compare with yet), whether to stop and why."""
+
+    converged: torch.Tensor
+    stalled: torch.Tensor | None
+    stop: bool
+    reason: str  # "converged", "max_iters", "non_finite" or "" (go on)
+
+
+class NewtonSolver:
+    """One parallel solve (see :func:`newton_solve`): its buffers, and one method per part of a
+    Newton iteration: :meth:`evaluate` (r and J at the iterate), :meth:`check` (and the measures),
+    :meth:`decide` (every stopping rule, and the one host synchronisation of the iteration),
+    :meth:`correction_check`, :meth:`sweep` and :meth:`step`.
+
+    Buffers are reused across iterations (fresh large tensors are page-faulted in on every
+    allocation), and across calls where ``ws`` keeps them. ``S [B, T+1, d]`` holds h0 and the
+    iterate: ``H = S[:, 1:]``, ``S[:, :-1] = (h0, h_1..h_{T-1})``. With the safeguard a second
+    iterate buffer ``S_alt``: each step writes ``H + δ`` there and the two swap, so the previous
+    iterate stays at hand to undo a step without copying it every step.
+    """
+
+    def __init__(self, cell, u, h0, opts: SolverOptions, ctx: ParallelContext = LOCAL, mask=None, ws=None,
+                 outputs_from_ws: bool = False, replaying: bool = False):
+        self.cell, self.u, self.h0, self.opts, self.ctx, self.mask = cell, u, h0, opts, ctx, mask
+        self.structure = structure = cell.get_structure()
+        B, T = u.shape[:2]
+        d = cell.state_size
+        self.T = T
+        self.rtol, self.atol = opts.tolerances(h0.dtype)
+        self.ws = Fresh if ws is None else ws
+        self.out_ws = self.ws if outputs_from_ws else Fresh
+        dt, dev = h0.dtype, h0.device
+        self.S = self.S_out = self.out_ws.take("S", (B, T + 1, d), dt, dev)  # [B, T+1, d]
+        self.S_alt = self.ws.take("S_alt", (B, T + 1, d), dt, dev) if opts.safeguard and not replaying else None
+        self.r = self.ws.take("r", (B, T, d), dt, dev)  # residual [B, T, d]
+        self.delta = self.ws.take("delta", (B, T, d), dt, dev)  # Newton update [B, T, d]
+        self.J = self.out_ws.take("J", (B, T, *structure.storage_shape(d)), dt, dev)  # [B, T, *jac]
+        self.S[:, 0] = h0
+        self.H = self.S[:, 1:]
+        if opts.compile_cell and can_compile(h0):
+            warn_jvp_recompiles(cell)
+        # From f(h0, u_t), the first iterate is exact only where f ignores its state (or T = 1): its
+        # check measures max|r| (for the safeguard and the stall test) but not q, whose pass over the
+        # rounding scale is a third of a compiled evaluation. Such a sequence takes one step more.
+        self.first_variant = "err" if initial_guess(cell, u, h0, opts, self.H) and T > 1 else True
+        self.info = SolverInfo(mode="parallel", rtol=self.rtol, atol=self.atol)
+        self.plans = {}  # the evaluation pieces' views, per iterate buffer (see evaluate)
+        self.policy = StepPolicy(opts, structure, self.atol, self.ws)
+        self.window = self.info.shooting_window = shooting_window(opts.shooting, T)
+        self.checks_correction = gives_scale(cell)
+
+    # ------------------------------------------------------------------ the parts of an iteration
+    def evaluate(self, measure=True, variant=None):
         """r and J at the iterate (and, measuring, per-sequence max|r| and q, [B] each)."""
-        S[:, 0] = ctx.boundary_state(H, h0)  # a later chunk's first step reads the previous chunk's last state
-        return evaluate(cell, S, u, r, J, opts.eval_chunk, atol, structure, mask, opts.compile_cell, measure, variant,
-                        plans)
+        self.S[:, 0] = self.ctx.boundary_state(self.H, self.h0)  # a later chunk's first step reads the previous chunk's last state
+        o = self.opts
+        return evaluate(self.cell, self.S, self.u, self.r, self.J, o.eval_chunk, self.atol, self.structure, self.mask,
+                        o.compile_cell, measure, variant, self.plans)
 
-    def check(measure=True):
-        """Evaluate at the iterate; per-sequence (max residual, converged), global over the context."""
-        err, q = evaluate_here(measure)
+    def check(self, measure=True):
+        """Evaluate at the iterate; per-sequence (max residual, q), global over the context."""
+        err, q = self.evaluate(measure)
         inf = float("inf")  # NaN counts as the worst: never converged
         q = torch.full_like(err, inf) if q is None else torch.nan_to_num(q, nan=inf)
-        return ctx.max(torch.nan_to_num(err, nan=inf)), ctx.max(q)
+        return self.ctx.max(torch.nan_to_num(err, nan=inf)), self.ctx.max(q)
 
-    def is_converged(err, q, prev):
-        """Passes the test, or sits at the rounding floor: within it, and the last step stalled."""
-        ok = q <= rtol
-        if prev is None:
-            return ok
-        return ok | ((q <= ROUNDING_FLOOR * rtol) & (err > STALL_RATIO * prev))
+    def decide(self, err, q, prev, undo: bool = True) -> tuple[Decision | None, torch.Tensor | None]:
+        """Every stopping rule, with one host synchronisation (one small tensor fetched):
 
-    def sweep(rows):
-        """A multiple-shooting sweep of the sequences ``rows [B]`` (bool), then r and J at the new iterate."""
-        L = min(T, window << max(0, info.sweeps - 1))  # L, L, 2L, 4L, ...: see AUTO_SHOOTING_WINDOW
-        shooting_sweep(cell.step, S, u, L, mask, None if bool(rows.all()) else rows.nonzero().flatten())
-        evaluate_here(measure=False)
+        - a sequence converges when its residual passes ``|r| <= atol + rtol·scale`` (q <= rtol),
+          or sits at the rounding floor: within ``ROUNDING_FLOOR·rtol`` and the last step could not
+          shrink it by ``STALL_RATIO``;
+        - it has stalled (a shooting sweep goes first) when it has not converged and the last step
+          did not shrink its residual by ``SWEEP_STALL``;
+        - the solve stops when every sequence converged (then :meth:`correction_check` may still
+          send some on), at ``max_iters``, or when every unconverged sequence is NaN/Inf.
 
-    def advance():
-        """One Newton step: H += damping · (the scan's solution of the linearised system)."""
-        nonlocal S, S_alt, H
-        policy.before_scan(J)
-        H_next = H if S_alt is None else S_alt[:, 1:]
-        if opts.damping == 1.0 and policy.keeps_updates():
-            # H + δ in the scan's own pass (no δ buffer written and read back): ParaGRU, B = 8,
-            # T = 1024, d = 256, 1 thread, numba: 0.62-0.69 against 0.98-1.09 ms a step
-            ctx.scan(J, r, None, structure, backend=opts.backend, out=H_next, base=H)
-        else:
-            ctx.scan(J, r, None, structure, backend=opts.backend, out=delta)
-            policy.limit(delta, H, r)
-            if opts.damping != 1.0:
-                delta.mul_(opts.damping)
-            torch.add(H, delta, out=H_next)
-        if S_alt is None:
-            return
-        policy.keep_previous(H)
-        S, S_alt = S_alt, S
-        H = S[:, 1:]
+        ``prev [B]``: the residuals before the last step (None: none yet). Also returns the
+        sequences whose last step blew them up (``[B]`` bool, with no decision: undo them and check
+        again, then decide with ``undo=False``; None: none)."""
+        ok = q <= self.rtol
+        if prev is not None:
+            ok = ok | ((q <= ROUNDING_FLOOR * self.rtol) & (err > STALL_RATIO * prev))
+        stalled = None if prev is None else ~ok & ~(err <= SWEEP_STALL * prev)  # NaN: stalled
+        blown = self.policy.blown(err) if undo else None
+        flags = torch.stack([err.max().to(torch.float64), ok.all(), (~ok & torch.isfinite(err)).any(),
+                             torch.zeros((), dtype=torch.bool, device=err.device) if stalled is None else stalled.any(),
+                             torch.zeros((), dtype=torch.bool, device=err.device) if blown is None else blown.any(),
+                             ]).tolist()  # the iteration's one host synchronisation
+        worst, all_ok, any_finite_left, any_stalled, any_blown = flags
+        self.info.residuals.append(worst)
+        if any_blown:
+            return None, blown
+        stalled = stalled if any_stalled else None
+        if all_ok:
+            return Decision(ok, stalled, True, "converged"), None
+        if self.info.iterations >= self.opts.max_iters:
+            return Decision(ok, stalled, True, "max_iters"), None
+        if not any_finite_left:  # further steps cannot help
+            return Decision(ok, stalled, True, "non_finite"), None
+        return Decision(ok, stalled, False, ""), None
 
-    def correction_small(prev):
+    def correction_check(self, prev):
         """Per sequence ``[B]``: the Newton correction at the iterate, ``δ = scan(J, r)`` (its error,
         carried along T), is within ``atol + rtol·max|h|`` of the sequence. A cell's rounding scale
         (:meth:`pararnn.Cell.step_jacobian_and_scale`) lets residuals that sit on f's rounding floor
         pass, but a cell that amplifies along T can also carry residuals just under that test into
-        a larger error (ParaGRU a_std 1.0, T = 4096: 8.9e-6 against the fp32 loop's 3.3e-6 before
-        this check; 3.3e-6 with it). One scan, no evaluation; a sequence that fails takes the step.
+        a larger error. One scan, no evaluation; a sequence that fails takes the step.
 
-        ``prev [B]``: the corrections measured right before the last step (None: none). A sequence
-        whose correction that step did not shrink below ``STALL_RATIO`` of it passes too: its
-        residuals sit on the rounding floor and the cell carries them along T into a correction
-        that no step removes (ParaGRU a_std 2.0, a latch with |J| up to 2.8: the correction stayed
-        above the test from the 5th to the 30th step, max_iters, at the fp32 loop's own error).
-        Returns ``(passes [B], correction [B])``."""
-        ctx.scan(J, r, None, structure, backend=opts.backend, out=delta)
-        big = ctx.max(max_abs(delta))
-        ok = big <= atol + rtol * ctx.max(max_abs(H))  # NaN: False
-        if prev is not None:
-            ok = ok | (big > STALL_RATIO * prev)  # NaN: False
-        return ok, big
+        ``prev``: ``(last, least)``, the corrections measured right before the last step and the
+        smallest measured so far, ``[B]`` each (None: none yet). A sequence whose correction is at
+        its rounding floor passes too (:func:`correction_at_floor`). Returns
+        ``(passes [B], (correction, least) [B])``."""
+        o = self.opts
+        self.ctx.scan(self.J, self.r, None, self.structure, backend=o.backend, out=self.delta)
+        big = self.ctx.max(max_abs(self.delta))
+        ok = big <= self.atol + self.rtol * self.ctx.max(max_abs(self.H))  # NaN: False
+        if prev is None:
+            return ok, (big, big)
+        last, least = prev
+        return ok | correction_at_floor(big, last, least), (big, torch.minimum(big, least))
 
-    checks_correction = gives_scale(cell)
-    policy = StepPolicy(opts, structure, atol, ws)
-    window = info.shooting_window = shooting_window(opts.shooting, T)
-    if replay is not None:
-        policy.safeguard = False  # a replay undoes nothing: no copies of the iterate
-        evaluate_here(measure=False, variant=first_variant)  # the variant the solve's first check ran
-        for _ in range(replay):
-            advance()
-            evaluate_here(measure=False)
-        info.iterations = replay
-        info.converged = torch.ones(B, dtype=torch.bool, device=h0.device)
-        info.fell_back = torch.zeros_like(info.converged)
-        return S, J, info
-    prev = None  # per-sequence max residual before the last step
-    correction = None  # [B]: the correction check's corrections at the last step, if it ran there
-    while True:
-        err, q = check(first_variant if prev is None else True)
-        if policy.undo_blowups(err, H):
-            err, q = check()
-        converged = is_converged(err, q, prev)
-        stalled = None if prev is None else ~converged & ~(err <= SWEEP_STALL * prev)  # NaN: stalled
-        prev = err
-        policy.record(err, H)
-        info.residuals.append(float(err.max()))
-        if checks_correction and info.iterations > 0 and bool(converged.all()) and info.iterations < opts.max_iters:
-            ok, correction = correction_small(correction)
-            converged = converged & ok
+    def sweep(self, rows):
+        """A multiple-shooting sweep of the sequences ``rows [B]`` (bool), then r and J at the new iterate."""
+        L = min(self.T, self.window << max(0, self.info.sweeps - 1))  # L, L, 2L, 4L, ...: see AUTO_SHOOTING_WINDOW
+        shooting_sweep(self.cell.step, self.S, self.u, L, self.mask,
+                       None if bool(rows.all()) else rows.nonzero().flatten())
+        self.evaluate(measure=False)
+
+    def step(self):
+        """One Newton step: H += damping · (the scan's solution of the linearised system)."""
+        o, policy, H = self.opts, self.policy, self.H
+        policy.before_scan(self.J)
+        H_next = H if self.S_alt is None else self.S_alt[:, 1:]
+        if o.damping == 1.0 and policy.keeps_updates():
+            # H + δ in the scan's own pass (no δ buffer written and read back)
+            self.ctx.scan(self.J, self.r, None, self.structure, backend=o.backend, out=H_next, base=H)
         else:
-            correction = None
-        if bool(converged.all()) or info.iterations >= opts.max_iters:
-            break
-        if not bool((~converged & torch.isfinite(err)).any()):
-            break  # every unconverged sequence is NaN/Inf: further steps cannot help
-        if window is not None and stalled is not None and bool(stalled.any()):
-            sweep(stalled)
-            info.sweeps += 1
-        advance()
-        info.iterations += 1
-    if policy.clip is not None:  # the backward needs the exact Jacobians at the solution
-        check()
-    if S is not S_out and out_ws is Fresh:  # the caller keeps S: the solve's own buffer, not the workspace's
-        S = S_out.copy_(S)
-    info.safeguarded = policy.safeguarded
-    info.converged = converged
-    info.fell_back = torch.zeros_like(converged)
-    return S, J, info
+            self.ctx.scan(self.J, self.r, None, self.structure, backend=o.backend, out=self.delta)
+            policy.limit(self.delta, H, self.r)
+            if o.damping != 1.0:
+                self.delta.mul_(o.damping)
+            torch.add(H, self.delta, out=H_next)
+        if self.S_alt is None:
+            return
+        policy.keep_previous(H)
+        self.S, self.S_alt = self.S_alt, self.S
+        self.H = self.S[:, 1:]
+
+    # ------------------------------------------------------------------ the loop
+    def run(self):
+        """Newton until :meth:`decide` stops: ``(S, J, info)`` (see :func:`newton_solve`)."""
+        info, policy = self.info, self.policy
+        prev = None  # per-sequence max residual before the last step
+        correction = None  # (last, least) [B] each: the correction check's corrections, while it runs every step
+        while True:
+            err, q = self.check(self.first_variant if prev is None else True)
+            decision, blown = self.decide(err, q, prev)
+            if decision is None:  # the last step blew some sequences up: undo it for them, check again
+                info.residuals.pop()
+                policy.restore(blown, self.H)
+                err, q = self.check()
+                decision, _ = self.decide(err, q, prev, undo=False)
+            prev = err
+            policy.record(err, self.H)
+            converged = decision.converged
+            if decision.reason == "converged" and self.checks_correction and info.iterations > 0 \
+                    and info.iterations < self.opts.max_iters:
+                passes, correction = self.correction_check(correction)
+                converged = converged & passes
+                if not bool(passes.all()):  # (a second synchronisation, in the last iteration or two)
+                    decision = Decision(converged, decision.stalled, False, "")
+            else:
+                correction = None
+            if decision.stop:
+                break
+            if self.window is not None and decision.stalled is not None:
+                self.sweep(decision.stalled)
+                info.sweeps += 1
+            self.step()
+            info.iterations += 1
+        if policy.clip is not None:  # the backward needs the exact Jacobians at the solution
+            self.check()
+        return self._result(converged)
+
+    def replay(self, k: int):
+        """Exactly k steps with no convergence tests (see :func:`newton_solve`)."""
+        self.policy.safeguard = False  # a replay undoes nothing: no copies of the iterate
+        self.evaluate(measure=False, variant=self.first_variant)  # the variant the solve's first check ran
+        for _ in range(k):
+            self.step()
+            self.evaluate(measure=False)
+        self.info.iterations = k
+        return self._result(torch.ones(self.u.shape[0], dtype=torch.bool, device=self.h0.device))
+
+    def _result(self, converged):
+        S, info = self.S, self.info
+        if S is not self.S_out and self.out_ws is Fresh:  # the caller keeps S: the solve's own buffer
+            S = self.S_out.copy_(S)
+        info.safeguarded = self.policy.safeguarded
+        info.converged = converged
+        info.fell_back = torch.zeros_like(converged)
+        return S, self.J, info
+
+
+def correction_at_floor(big: torch.Tensor, last: torch.Tensor, least: torch.Tensor) -> torch.Tensor:
+    """Per sequence ``[B]``: a Newton correction ``big`` that sits at its rounding floor, where more
+    steps cannot shrink it. The last step did not shrink it below ``STALL_RATIO`` of ``last`` (the
+    correction before that step), and it is within ``1 / STALL_RATIO`` of ``least``, the smallest
+    correction of this solve: the floor that steps reached. A correction that grows beyond that
+    is not rounding that no step removes: it does not pass, and the solve steps on (NaN: False)."""
+    return (big > STALL_RATIO * last) & (big * STALL_RATIO <= least)
 
 
 def replay_steps(info: SolverInfo | None) -> int | None:

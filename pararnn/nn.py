@@ -71,9 +71,16 @@ class _RNNBase(nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, mode: str = "auto", **solver_options):
         super().__init__()
+        # torch.nn.RNNBase's checks and exception types: a wrong type is a TypeError (a string
+        # "False" would otherwise read as True), a wrong value a ValueError
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be greater than zero, got {value}")
+        for name, value in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
         if proj_size:
@@ -101,6 +108,11 @@ class _RNNBase(nn.Module):
                 rnns.append(_Solver(cell, mode=mode, **solver_options))
         self.__dict__["_rnns"] = rnns  # not submodules: the parameters live here, under torch's names
         self.reset_parameters()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        for rnn in self._rnns:  # the cells read these weights: their probes' facts are stale
+            rnn.cell.__dict__.pop("_pararnn_facts", None)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _make_cell(self, input_size: int, hidden_size: int):
         return self._cell(input_size, hidden_size)
@@ -180,6 +192,10 @@ class _RNNBase(nn.Module):
                 hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
         if x.shape[-1] != self.input_size:
             raise ValueError(f"input must have input_size = {self.input_size} features, got {x.shape[-1]}")
+        w = self.weight_ih_l0
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({w.dtype}): convert the "
+                             f"input (input.to({w.dtype})) or the model (model.to({x.dtype}))")
         B = x.shape[0]
         states = self._state_from_hx(hx, B)  # [L·D, B, state] or None
         dirs = 2 if self.bidirectional else 1

@@ -194,17 +194,53 @@ def _autocast_dtype(device: torch.device):
     return torch.get_autocast_dtype(kind)
 
 
+class CellFacts:
+    """What the one-off probes found about a cell (kept in ``cell.__dict__``): which (dtype, device,
+    structure) passed :func:`pararnn.cell.verify_cell`, whether ``prepare`` is per step, and whether
+    ``step`` is affine in h (``init="auto"`` reads it).
+
+    The facts belong to the cell's current parameters. They are forgotten when a parameter or
+    buffer is replaced, moved or cast (its identity changes) and on ``load_state_dict``
+    (:meth:`Cell._load_from_state_dict`); in-place updates (training) renew them on the 1st, 2nd,
+    4th, 8th, ... update seen, so a run of n optimiser steps re-probes about log2(n) times (the probe
+    costs 7-23 ms at d = 64-256, a few percent of a training step)."""
+
+    def __init__(self, ident):
+        self.ident, self.version, self.updates, self.next_check = ident, None, 0, 1
+        self.verified: set = set()
+        self.affine = False
+
+    @staticmethod
+    def of(cell) -> "CellFacts":
+        """The cell's facts, renewed first if its parameters changed (see the class docstring)."""
+        tensors = [*cell.parameters(), *cell.buffers()]
+        ident = tuple((id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in tensors)
+        version = sum(t._version for t in tensors)
+        facts = cell.__dict__.get("_pararnn_facts")
+        if facts is None or facts.ident != ident:
+            facts = cell.__dict__["_pararnn_facts"] = CellFacts(ident)
+        elif facts.version is not None and version != facts.version:
+            facts.updates += 1
+            if facts.updates >= facts.next_check:
+                facts.verified.clear()
+                facts.affine = False
+                facts.next_check *= 2
+        facts.version = version
+        return facts
+
+
 def _verify_key(cell, h0: torch.Tensor):
     """What :func:`_verify_once` verifies once: the cell at this dtype, device and structure."""
     return h0.dtype, h0.device, str(cell.get_structure())
 
 
 def _verified(cell, h0: torch.Tensor) -> bool:
-    return _verify_key(cell, h0) in cell.__dict__.get("_pararnn_verified", ())
+    return _verify_key(cell, h0) in CellFacts.of(cell).verified
 
 
 def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
-    """Run :func:`pararnn.cell.verify_cell` once per cell, dtype and device, at n sampled positions."""
+    """Run :func:`pararnn.cell.verify_cell` once per cell, dtype and device, at n sampled positions
+    (again after the cell's parameters change: :class:`CellFacts`)."""
     if _verified(cell, h0):
         return
     B, T = u.shape[:2]
@@ -215,8 +251,10 @@ def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
         h_s = cell.step(h0[b].detach(), u_s)  # a state at the scale the solve will see, [n, d]
     with torch.enable_grad(), torch.autocast(u.device.type, enabled=False):  # the cell's math, in full precision
         verify_cell(cell, h_s, u_s)
-        cell.__dict__["_pararnn_affine"] = is_affine(cell, h_s, u_s)  # init="auto" reads it
-    cell.__dict__.setdefault("_pararnn_verified", set()).add(_verify_key(cell, h0))
+        affine = is_affine(cell, h_s, u_s)
+    facts = CellFacts.of(cell)
+    facts.affine = affine  # init="auto" reads it
+    facts.verified.add(_verify_key(cell, h0))
 
 
 class _Place(torch.autograd.Function):
@@ -268,54 +306,55 @@ def _release_freed_memory(device: torch.device, budget: int) -> None:
         libc[0](0)
 
 
-class _GradSlots:
-    """The input gradient of a chunked solve, assembled in one buffer: each chunk's backward writes
-    its slice as soon as it is computed, so the chunk gradients and their join are never held at
-    once (a split's backward keeps every chunk's gradient until it cats them into a new tensor)."""
+class _Bind(nn.Module):
+    """Calls ``fn(*args)`` with ``root`` as a submodule, so :func:`torch.func.functional_call` can
+    bind root's parameters and buffers around any function, not only ``root.forward``."""
 
-    def __init__(self, shape, pending: int):
-        self.shape, self.pending, self.buf = shape, pending, None
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self.root = root
+
+    def forward(self, fn, *args):
+        return fn(*args)
 
 
-class _Take(torch.autograd.Function):
-    """``x[:, t0:t0+n]`` (a view) whose backward writes the chunk's gradient into ``slots``' buffer.
-    The first chunk to run its backward returns the (zero-initialised) buffer as x's gradient and
-    the others return None; autograd consumes it only after every chunk's backward has run (they
-    are all inputs of the same node), and the last one drops the slots' reference so that the buffer
-    is handed on without a copy. Under ``create_graph`` each chunk returns a differentiable
-    full-size gradient instead."""
+class _ForwardState:
+    """``fn(*args)`` (a chunk's solve, activation-checkpointed) run with the parameters and buffers
+    the cell had when the forward ran, so the backward's recompute evaluates the same function:
+    under ``torch.func.functional_call`` the module's own tensors are back in place by the time the
+    backward runs. A tensor changed in place since the forward (its version counter moved) raises,
+    as autograd does for the tensors it saves. Parameters bound from an owner (``pararnn.nn``) are
+    the owner's."""
 
-    @staticmethod
-    def forward(ctx, x, slots: _GradSlots, t0: int, n: int):
-        ctx.slots, ctx.t0, ctx.n = slots, t0, n
-        return x[:, t0:t0 + n]
+    def __init__(self, cell, fn):
+        root = cell.__dict__.get("_owner", cell)
+        self.bind, self.fn = _Bind(root), fn
+        self.state = {f"root.{k}": t for k, t in [*root.named_parameters(remove_duplicate=False),
+                                                   *root.named_buffers(remove_duplicate=False)]}
+        self.versions = {k: t._version for k, t in self.state.items()}
 
-    @staticmethod
-    def backward(ctx, g):
-        s, t0, t1 = ctx.slots, ctx.t0, ctx.t0 + ctx.n
-        if g.requires_grad:  # double backward: a graph-carrying gradient, full size
-            return g.new_zeros(s.shape).slice_scatter(g, dim=1, start=t0, end=t1), None, None, None
-        first = s.buf is None
-        if first:
-            s.buf = g.new_zeros(s.shape)
-        s.buf[:, t0:t1].copy_(g)
-        out = s.buf if first else None
-        s.pending -= 1
-        if s.pending == 0:
-            s.buf = None
-        return out, None, None, None
+    def __call__(self, *args):
+        for k, t in self.state.items():
+            if t._version != self.versions[k]:
+                raise RuntimeError(
+                    f"pararnn: {k.removeprefix('root.')} was modified in place between the forward and the "
+                    "backward of a chunked solve (chunk_size), whose backward recomputes each chunk with "
+                    "it; call backward before changing it (e.g. before optimizer.step()).")
+        return torch.func.functional_call(self.bind, self.state, (self.fn, *args), tie_weights=False)
 
 
 class _LinkRanks(torch.autograd.Function):
-    """Identity on this rank's ``(y, h_last)`` whose backward adds the cotangent ``μ`` of h_last
-    from the later ranks (see :meth:`RNN._solve_across_ranks`). ``s_in`` is this rank's entering
+    """Identity on this rank's ``(y, h_last)`` (returned as copies) whose backward adds the cotangent
+    ``μ`` of h_last from the later ranks (see :meth:`RNN._solve_across_ranks`). ``s_in`` is this rank's entering
     state (a leaf; None on the first rank, which needs no ``g``)."""
 
     @staticmethod
     def forward(ctx, pctx, structure, P, s_in, y, h):
         ctx.pctx, ctx.structure, ctx.P, ctx.s_in = pctx, structure, P, s_in
         ctx.save_for_backward(y, h)
-        return y.view_as(y), h.view_as(h)
+        # copies, not views: a custom Function's view output cannot be modified in place (y += skip),
+        # and marking y dirty instead would route the backward's own grad of (y, h) back into this node
+        return y.clone(), h.clone()
 
     @staticmethod
     def backward(ctx, gy, gh):
@@ -341,7 +380,7 @@ def _renamed(options: dict) -> dict:
 def _check_prepare_is_per_step(cell, x: torch.Tensor, n: int = 6) -> None:
     """``chunk_size`` prepares each chunk on its own, which is right only if ``prepare`` acts on each
     time step independently: checked once per cell on the first ``n`` steps of one sequence."""
-    done = cell.__dict__.setdefault("_pararnn_verified", set())
+    done = CellFacts.of(cell).verified
     if "prepare_per_step" in done or x.shape[1] < 3:
         return
     xs = x[:1, :n].detach()
@@ -575,13 +614,18 @@ class RNN(nn.Module):
                 raise RuntimeError(TORCH_FUNC_MSG)
             mode = "sequential"  # (activation checkpoints do not run under torch.func either)
             opts = dataclasses.replace(opts, check_finite=False, chunk_size=None)
+        mask = self._padding_mask(lengths, x, opts)  # [B, T] or None
+        if mask is not None:  # padding is padding: whatever it holds reaches no product, output or gradient
+            x = x.masked_fill(~mask[..., None], 0)
         # with chunk_size every chunk prepares its own inputs: here one step, for dtypes and shapes
         chunked = opts.chunk_size is not None
         xp = x[:, :1] if chunked else x
         u = self._prepare(xp)  # [B, T, *]
         low = _autocast_dtype(u.device)
-        if low is not None and opts.rtol is None:  # step's matmuls run in `low`: converge to its precision
-            tol = max(opts.tolerances(low)[0], opts.tolerances(u.real.dtype if u.is_complex() else u.dtype)[0])
+        real = u.real.dtype if u.is_complex() else u.dtype
+        # step's matmuls run in `low`: converge to its precision (autocast leaves float64 alone)
+        if low is not None and opts.rtol is None and real != torch.float64:
+            tol = max(opts.tolerances(low)[0], opts.tolerances(real)[0])
             opts = dataclasses.replace(opts, rtol=tol)
         if u.shape[:2] != xp.shape[:2]:
             raise ValueError(f"{type(self.cell).__name__}.prepare must keep [B, T] leading dims: "
@@ -599,7 +643,7 @@ class RNN(nn.Module):
                 u.requires_grad or h0.requires_grad or any(p.requires_grad for p in self.cell.parameters()))
             mode = choose_mode(B, T, self.cell.state_size, u.device, self.cell.get_structure(), training,
                                h0.dtype, opts.backend, compile_cell=opts.compile_cell and can_compile(h0))
-        y, hT, info = self._solve(x, None if chunked else u, h0, user_h0, mode, opts, lengths)
+        y, hT, info = self._solve(x, None if chunked else u, h0, user_h0, mode, opts, mask)
         return (y, hT, info) if return_info else (y, hT)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -613,15 +657,14 @@ class RNN(nn.Module):
         return u
 
     @torch.compiler.disable
-    def _solve(self, x, u, h0, user_h0, mode, opts, lengths):
+    def _solve(self, x, u, h0, user_h0, mode, opts, mask):
         """The solve and the readout: ``(y [B, T, out], h_T [B, state], info)``. Under torch.compile
         it runs eagerly, as one graph break per call: its checks and Newton's convergence tests
         read values, and the sequential loop would be unrolled over T. Autograd records it as usual."""
-        if opts.check_finite and not all_finite(x):
-            raise ValueError("x contains NaN or Inf (pass check_finite=False to skip this check)")
+        if opts.check_finite and not all_finite(x):  # (padded steps are zero by now)
+            raise ValueError("x contains NaN or Inf at a valid step (pass check_finite=False to skip this check)")
         if opts.check_finite and user_h0 and not all_finite(h0):
             raise ValueError("h0 contains NaN or Inf (pass check_finite=False to skip this check)")
-        mask = self._padding_mask(lengths, x, opts)  # [B, T] or None
         C = self._chunk_size(x, h0, opts)
         if C is None:
             y, hT, info = self._solve_chunk(mode, opts, u, x, h0, mask, {}, 0)
@@ -652,12 +695,15 @@ class RNN(nn.Module):
         and its readout: ``(y, h_last, info)``. ``infos[i]`` keeps the first info of chunk i (a
         backward recompute does not replace it); ``transitions[i]``, if asked for, the chunk's
         transition ``dh_last/dh0 [B, *jac]`` (computed once, not again in a recompute). ``warm["init"]``,
-        once set, is this chunk's solution from the forward: the backward's recompute evaluates the
-        Jacobians there instead of solving again. Otherwise a recompute (``infos[i]`` set) replays the
+        once set, is this chunk's solution from the forward (a view of the output buffer, with
+        ``warm["version"]`` its version after the forward): the backward's recompute evaluates the
+        Jacobians there instead of solving again, unless the buffer was written since. Otherwise a recompute (``infos[i]`` set) replays the
         forward's Newton steps without their convergence tests (:func:`pararnn.newton.replay_steps`):
         the same iterates, without the residual measures."""
         replay = replay_steps(infos.get(i))
-        if warm and mode != "sequential":
+        # the forward's solution is read from the output buffer the user holds: only while its
+        # version counter shows no write since the forward (y += skip, relu_(y), ... change it)
+        if warm and mode != "sequential" and warm["init"]._version == warm.get("version"):
             opts = dataclasses.replace(opts, init=warm["init"])
             replay = 0  # the forward's solution itself (the forward's last evaluation was there too)
         if chunked:  # one of many chunks (this also runs in the backward's recompute of the chunk)
@@ -701,10 +747,10 @@ class RNN(nn.Module):
 
         infos: dict[int, SolverInfo] = {}
         y, h, P = None, h0, None
-        # chunk views whose gradients go into one buffer (not slices: a slice's backward is full size)
+        # one split node: autograd sums every gradient x receives (a skip connection, another
+        # consumer) and hands the split's backward all chunks' gradients at once, which it joins
         T = x.shape[1]
-        slots = _GradSlots(x.shape, -(-T // C))
-        x_chunks = [_Take.apply(x, slots, t0, min(C, T - t0)) for t0 in range(0, T, C)]
+        x_chunks = x.split(C, dim=1)
         mask_chunks = (None,) * len(x_chunks) if mask is None else mask.split(C, dim=1)
         structure = self.cell.get_structure()
         # where the output is the state itself (and no step is padded), the output buffer holds each
@@ -713,15 +759,18 @@ class RNN(nn.Module):
         if mode != "sequential" and opts.check_cell and not _verified(self.cell, h0):  # the one-off cell check,
             with torch.no_grad():  # outside the checkpoints: inside one it would save tensors its recompute does not
                 _verify_once(self.cell, self._prepare(x[:, :min(T, 64)]), h0)
+        warms = []
+        solve = _ForwardState(self.cell, self._solve_chunk)  # the recompute sees the forward's parameters
         for i, (x_c, m_c) in enumerate(zip(x_chunks, mask_chunks)):
             o = opts if not isinstance(opts.init, torch.Tensor) else \
                 dataclasses.replace(opts, init=opts.init[:, i * C:(i + 1) * C])
             warm = {} if warm_start else None
+            warms.append(warm)
             args = (mode, o, None, x_c, h, m_c, infos, i, transitions, True, warm)
             # the last chunk is not checkpointed: the backward starts with it, so its recompute would
             # be immediate and its graph costs what the recompute's would
             if torch.is_grad_enabled() and i < len(x_chunks) - 1:
-                y_c, h, _ = checkpoint(self._solve_chunk, *args, use_reentrant=False)
+                y_c, h, _ = checkpoint(solve, *args, use_reentrant=False)
             else:
                 y_c, h, _ = self._solve_chunk(*args)
             if transitions is not None:  # later chunk after earlier ones
@@ -733,6 +782,9 @@ class RNN(nn.Module):
             if warm is not None and y_c.dtype == h.dtype:
                 warm["init"] = y.detach()[:, i * C:i * C + y_c.shape[1]]  # a view: nothing is copied
             del y_c
+        for warm in warms:  # the buffer's version once every chunk is in: any later write invalidates
+            if warm is not None and "init" in warm:
+                warm["version"] = warm["init"]._version
         return y, h, infos, P
 
     def _solve_across_ranks(self, mode, opts, x, h0, mask, C: int):

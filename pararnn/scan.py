@@ -52,6 +52,15 @@ class _LinearScanFn(torch.autograd.Function):
         return gA, lam, gh0, None, None, None, None
 
 
+def _check_h0(h0: torch.Tensor, shape: tuple, b: torch.Tensor, what: str) -> None:
+    """One check of ``h0`` for both layouts (padded and packed): shape, then b's dtype and device."""
+    _check_tensor("h0", h0)
+    if tuple(h0.shape) != shape:
+        raise ValueError(f"{what} = {list(shape)}, got {list(h0.shape)}")
+    if h0.dtype != b.dtype or h0.device != b.device:
+        raise TypeError(f"h0 must match b's dtype and device ({b.dtype}, {b.device}), got ({h0.dtype}, {h0.device})")
+
+
 def check_cu_seqlens(cu_seqlens, B: int, T: int) -> torch.Tensor:
     """Validate fla-style cumulative offsets ``[N+1]`` for a packed ``[1, total, ...]`` batch; on CPU."""
     if B != 1:
@@ -132,25 +141,16 @@ def linear_scan(
             raise ValueError("cu_seqlens cannot be combined with process_group")
         cu = check_cu_seqlens(cu_seqlens, B, T)
         if h0 is not None:
-            _check_tensor("h0", h0)
-            if tuple(h0.shape) != (len(cu) - 1, d):
-                raise ValueError(f"with cu_seqlens, h0 must be [N, d] = {[len(cu) - 1, d]}, got {list(h0.shape)}")
+            _check_h0(h0, (len(cu) - 1, d), b, "with cu_seqlens, h0 must be [N, d]")
         # a sequence's first visited step reads its own h0: zero transition, A h0 folded into b
         first = ((cu[1:] - 1) if reverse else cu[:-1]).to(A.device)  # [N]
         A0 = A[0, first]
         A = A.index_put((torch.zeros_like(first), first), torch.zeros_like(A0))
         if h0 is not None:
-            b = b.index_put((torch.zeros_like(first), first), b[0, first] + structure.matvec(A0, h0.to(b.dtype)))
+            b = b.index_put((torch.zeros_like(first), first), b[0, first] + structure.matvec(A0, h0))
         h0 = None
     if h0 is not None:
-        _check_tensor("h0", h0)
-        if tuple(h0.shape) != (B, d):
-            raise ValueError(f"h0 must be [B, d] = {[B, d]}, got {list(h0.shape)}")
-        if h0.dtype != b.dtype or h0.device != b.device:
-            raise TypeError(
-                f"h0 must match b's dtype and device ({b.dtype}, {b.device}), "
-                f"got ({h0.dtype}, {h0.device})"
-            )
+        _check_h0(h0, (B, d), b, "h0 must be [B, d]")
     check_backend(backend)
     pctx = context_for(process_group)
     spec = ops.op_structure(structure)

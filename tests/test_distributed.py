@@ -189,7 +189,56 @@ def _shooting_case(rank, world):
     assert rel_err(xl.grad, ref_g[:, sl]) < 1e-8
 
 
-CASES = {"shooting": _shooting_case, "scan": _scan_case, "newton": _newton_case, "chunked": _chunked_case, "ddp": _ddp_case,
+def _contexts_case(rank, world):
+    """The gradient-context matrix (test_grad_contexts.py) under sequence parallelism: a skip
+    connection, the input used twice, in-place ops on the output and a second backward, with and
+    without chunk_size, against a plain autograd loop over the whole sequence (fp64)."""
+    from helpers import DiagGRU
+    from test_grad_contexts import loop
+
+    T = T_FULL * 3
+    sl = _bounds(T, world, rank)
+    torch.manual_seed(3)
+    cell = DiagGRU(4, 4).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, T, 4, dtype=torch.float64, generator=g)
+    h0 = 0.5 * torch.randn(2, 4, dtype=torch.float64, generator=g)
+    gy = torch.randn(2, T, 4, dtype=torch.float64, generator=g)
+    gh = torch.randn(2, 4, dtype=torch.float64, generator=g)
+
+    def graph(y, hT, xs, gys, context, last: bool):
+        if context == "skip":
+            y = y + xs
+        elif context == "inplace":
+            y.mul_(1.5)
+            y += xs
+            torch.relu_(y)
+        loss = (y * gys).sum() + ((hT * gh).sum() if last else 0.0)
+        return loss + (xs.sin().sum() if context == "input_twice" else 0.0)
+
+    for chunk_size in (None, 4):
+        for context in ("skip", "input_twice", "inplace", "retain"):
+            xf, h0f = x.clone().requires_grad_(), h0.clone().requires_grad_()
+            ref, ref_h = loop(cell, xf, h0f)
+            ref_grads = torch.autograd.grad(graph(ref, ref_h, xf, gy, context, True), [xf, h0f, *cell.parameters()])
+            xl, h0l = x[:, sl].clone().requires_grad_(), h0.clone().requires_grad_()
+            rnn = pararnn.RNN(cell, process_group=dist.group.WORLD, chunk_size=chunk_size)
+            y, hT = rnn(xl, h0l)
+            loss = graph(y, hT, xl, gy[:, sl], context, rank == world - 1)
+            leaves = [xl, h0l, *cell.parameters()]
+            rounds = 2 if context == "retain" else 1
+            for r in range(rounds):
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True, retain_graph=r + 1 < rounds)
+                grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(leaves, grads)]
+                for gr in grads[1:]:  # h0 and the parameters: summed over the ranks
+                    dist.all_reduce(gr)
+                what = (chunk_size, context, rank)
+                assert rel_err(grads[0], ref_grads[0][:, sl]) < 1e-9, what
+                for a, b in zip(grads[1:], ref_grads[1:]):
+                    assert rel_err(a, b) < 1e-9, what
+
+
+CASES = {"contexts": _contexts_case, "shooting": _shooting_case, "scan": _scan_case, "newton": _newton_case, "chunked": _chunked_case, "ddp": _ddp_case,
          "track": _track_case}
 
 
@@ -233,6 +282,10 @@ def test_sequence_parallel_with_chunk_size(world, tmp_path):
 
 def test_sequence_parallel_shooting_sweeps(tmp_path):
     _spawn("shooting", 2, tmp_path)
+
+
+def test_sequence_parallel_in_graph_contexts(tmp_path):
+    _spawn("contexts", 2, tmp_path)
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):

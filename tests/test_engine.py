@@ -380,7 +380,7 @@ def test_affine_cells_start_from_zeros_and_take_one_newton_step(name):
     x = torch.randn(2, 2048, 16)
     y, _, info = pararnn.RNN(cell, mode="parallel")(x, return_info=True)
     affine = name not in ("paragru", "gru", "paralstm")
-    assert cell.__dict__["_pararnn_affine"] is affine
+    assert cell.__dict__["_pararnn_facts"].affine is affine
     if affine:
         ref = pararnn.RNN(copy.deepcopy(cell).double(), mode="sequential")(x.double())[0]
         loop = pararnn.RNN(cell, mode="sequential")(x)[0]

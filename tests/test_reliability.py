@@ -78,7 +78,9 @@ def test_trust_region_bounds_the_update_and_cuts_overflow():
     r = torch.tensor([[[0.5, 0.0], [0.0, -4.0]], [[0.0, 0.0], [0.0, 0.0]]])  # f = H + r
     pol.keep_previous(H.clone())
     pol.record(torch.ones(2), H)
-    assert pol.undo_blowups(torch.tensor([float("nan"), 1.0]), H)  # sequence 0 blew up
+    blown = pol.blown(torch.tensor([float("nan"), 1.0]))
+    assert blown.tolist() == [True, False]  # sequence 0 blew up
+    pol.restore(blown, H)
     delta = torch.tensor([[[10.0, float("inf")], [float("nan"), -0.1]], [[5.0, 5.0], [5.0, 5.0]]])
     pol.limit(delta, H, r)
     # sequence 0's rows have size max_t max(|h|, |f|) = (1.0, 3.0): updates cut to that, NaN -> 0
@@ -90,7 +92,7 @@ def test_trust_region_bounds_the_update_and_cuts_overflow():
     H1 = H[:1].clone()
     pol1.keep_previous(H1.clone())
     pol1.record(torch.ones(1), H1)
-    assert pol1.undo_blowups(torch.tensor([float("nan")]), H1)
+    pol1.restore(pol1.blown(torch.tensor([float("nan")])), H1)
     delta1 = torch.tensor([[[10.0, float("inf")], [float("nan"), -0.1]]])
     pol1.limit(delta1, H1, r[:1])
     torch.testing.assert_close(delta1[0], expect)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Callable
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from ..cell import Cell
-from ..rnn import RNN
+from ..rnn import MODES, RNN
 
 
 def _cells() -> dict[str, Callable[..., Cell]]:
@@ -115,8 +116,47 @@ class SequenceModelConfig:
     solver_options: dict = dataclasses.field(default_factory=dict)
     cell_kwargs: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        """Each field's type and range, named (a hand-edited config.json fails here, not deep in torch)."""
+        for name in ("n_in", "n_out", "d_model", "n_layers", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"config field {name} must be an int, got {value!r} ({type(value).__name__})")
+            if value < 1:
+                raise ValueError(f"config field {name} must be >= 1, got {value}")
+        if not isinstance(self.cell, (str, Cell)):
+            raise TypeError(f"config field cell must be a name from pararnn.models.CELLS or a Cell, got {self.cell!r}")
+        if isinstance(self.cell, str) and self.cell.lower() not in CELLS:
+            raise ValueError(f"config field cell must be one of {list(CELLS)}, got {self.cell!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"config field mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.regression, bool):
+            raise TypeError(f"config field regression must be a bool, got {self.regression!r}")
+        for name in ("solver_options", "cell_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"config field {name} must be a dict, got {getattr(self, name)!r}")
+
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: str, write) -> None:
+    """``write(tmp)`` then an atomic rename onto ``path``; the temporary file is removed on failure."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class SequenceModel(nn.Module):
@@ -155,24 +195,34 @@ class SequenceModel(nn.Module):
         return cls(**{k: v for k, v in c.items() if k != "cell_kwargs"}, **c["cell_kwargs"])
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` (the config, the parameter dtype and the pararnn version) and
-        ``model.pt`` (the state_dict: tensors only, loaded back with ``weights_only=True``, so no
-        code is pickled) into ``directory`` (created if needed)."""
+        """Write ``config.json`` (the config, the parameter dtype, the pararnn version and the
+        SHA-256 of the weights file) and ``model.pt`` (the state_dict: tensors only, loaded back
+        with ``weights_only=True``, so no code is pickled) into ``directory`` (created if needed).
+
+        Each file is written to a temporary name and renamed into place, weights first: an
+        interrupted save leaves either the old pair, or new weights beside the old config, which
+        :meth:`from_pretrained` refuses (the checksum differs), never a silent mixture."""
         if not isinstance(self.config.cell, str):
             raise ValueError("save_pretrained needs a cell given by name (one of pararnn.models.CELLS); "
                              "a model built from a Cell instance can be saved with torch.save(model.state_dict())")
         from .. import __version__
         config = dataclasses.asdict(self.config)
+        dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+        meta = {**config, "dtype": dtype, "pararnn_version": __version__}
         try:
-            dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
-            text = json.dumps({**config, "dtype": dtype, "pararnn_version": __version__}, indent=2)
+            json.dumps(meta)
         except TypeError as e:
             raise ValueError(f"the config must be JSON serialisable to be saved (solver_options, cell_kwargs): {e}") \
                 from None
         os.makedirs(directory, exist_ok=True)
-        torch.save(self.state_dict(), os.path.join(directory, WEIGHTS_FILE))
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            f.write(text + "\n")
+        weights = os.path.join(directory, WEIGHTS_FILE)
+
+        def write_config(path):
+            with open(path, "w") as f:
+                f.write(json.dumps({**meta, "weights_sha256": _sha256(weights)}, indent=2) + "\n")
+
+        _write_atomically(weights, lambda path: torch.save(self.state_dict(), path))
+        _write_atomically(os.path.join(directory, CONFIG_FILE), write_config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location=None) -> "SequenceModel":
@@ -182,14 +232,30 @@ class SequenceModel(nn.Module):
             raise FileNotFoundError(f"no {CONFIG_FILE} in {os.fspath(directory)!r} (written by save_pretrained)")
         with open(path) as f:
             raw = json.load(f)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
         raw.pop("pararnn_version", None)
-        dtype = getattr(torch, raw.pop("dtype", "float32"))
+        digest = raw.pop("weights_sha256", None)  # absent in saves before 0.2
+        name = raw.pop("dtype", "float32")
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{path}: config field dtype must name a torch dtype (e.g. 'float32'), got {name!r}")
         fields = {f.name for f in dataclasses.fields(SequenceModelConfig)}
         unknown = sorted(set(raw) - fields)
         if unknown:
             raise ValueError(f"{path} has unknown config fields {unknown}")
-        model = cls.from_config(SequenceModelConfig(**raw)).to(dtype)
-        state = torch.load(os.path.join(directory, WEIGHTS_FILE), map_location=map_location, weights_only=True)
+        try:
+            config = SequenceModelConfig(**raw)
+        except TypeError as e:
+            raise TypeError(f"{path}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        weights = os.path.join(directory, WEIGHTS_FILE)
+        if digest is not None and _sha256(weights) != digest:
+            raise ValueError(f"{weights} does not match {path} (its SHA-256 differs from the one the config "
+                             "records): the save that wrote them was interrupted; save the model again")
+        model = cls.from_config(config).to(dtype)
+        state = torch.load(weights, map_location=map_location, weights_only=True)
         model.load_state_dict(state)
         return model
 
@@ -264,7 +330,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
     """One token per row of ``logits [B, V]``."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("generate: the model's logits contain NaN or Inf")
+    # relative to each row's largest logit, so a tiny temperature scales to -inf, never to +inf and NaN
+    logits = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, -1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1,0 +1,221 @@
+"""No silent wrong answer: saves that cannot half-succeed, convergence rules that cannot accept a
+growing correction, probes that see detached couplings and follow the weights, and errors that
+name the argument. (Gradients in graph contexts: test_grad_contexts.py.)"""
+import json
+import os
+
+import pytest
+import torch
+from helpers import DiagGRU
+
+import pararnn
+from pararnn.cell import CellCheckError
+from pararnn.models import ParaGRU, SequenceModel
+from pararnn.newton import STALL_RATIO, correction_at_floor
+
+
+# ---------------------------------------------------------------- save_pretrained is atomic
+def test_an_interrupted_save_fails_to_load_loudly(tmp_path, monkeypatch):
+    """New weights written, then the config write fails (a full disk): the folder must not load as
+    a mixture of new weights and the old config."""
+    old = SequenceModel(11, 11, d_model=8, n_layers=1)
+    old.save_pretrained(tmp_path)
+    new = SequenceModel(11, 11, d_model=8, n_layers=1)
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if dst.endswith("config.json"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError):
+        new.save_pretrained(tmp_path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.pt"]  # no temporary left behind
+    with pytest.raises(ValueError, match="interrupted"):
+        SequenceModel.from_pretrained(tmp_path)
+    new.save_pretrained(tmp_path)  # a complete save loads again
+    loaded = SequenceModel.from_pretrained(tmp_path)
+    for a, b in zip(loaded.state_dict().values(), new.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("field, value, err", [
+    ("n_layers", "2", TypeError), ("d_model", 8.0, TypeError), ("n_in", True, TypeError),
+    ("n_out", 0, ValueError), ("cell", "gruu", ValueError), ("mode", "fast", ValueError),
+    ("regression", "no", TypeError), ("solver_options", [], TypeError), ("dtype", "nn", ValueError),
+    ("dtype", 3, ValueError),
+])
+def test_a_hand_edited_config_names_the_field(tmp_path, field, value, err):
+    SequenceModel(11, 11, d_model=8, n_layers=1).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    raw[field] = value
+    path.write_text(json.dumps(raw))
+    with pytest.raises(err, match=field):
+        SequenceModel.from_pretrained(tmp_path)
+
+
+def test_generate_with_a_tiny_temperature_is_greedy():
+    torch.manual_seed(0)
+    model = SequenceModel(13, 13, d_model=8, n_layers=1)
+    prompt = torch.randint(0, 13, (3, 5))
+    tiny = model.generate(prompt, 6, temperature=1e-45, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(tiny, model.generate(prompt, 6, temperature=0))
+
+
+# ---------------------------------------------------------------- the correction's stall rule
+def test_a_grown_correction_is_not_at_the_rounding_floor():
+    """A correction the last step did not shrink passes only near the smallest one the solve
+    reached; one that grew beyond it does not, however it compares with the last."""
+    least = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    last = torch.tensor([1.0, 1.0, 1.0, 10.0])
+    big = torch.tensor([1.1, 0.4, 5.0, 9.0])  # stalled; shrank; grew 5x; stalled far above the floor
+    assert correction_at_floor(big, last, least).tolist() == [True, False, False, False]
+    assert not bool(correction_at_floor(torch.tensor([float("nan")]), last[:1], least[:1]))
+    assert bool(correction_at_floor(least / STALL_RATIO, last, least)[0])
+
+
+# ---------------------------------------------------------------- the cell probe
+def test_a_detached_batch_statistic_is_found():
+    """h - h.mean(0).detach() couples the rows through a value autograd does not see: the parallel
+    solve would converge to a wrong answer, so the probe refuses the cell."""
+
+    class Centred(DiagGRU):
+        def step(self, h, u):
+            return super().step(h - h.mean(0).detach(), u)
+
+    torch.manual_seed(0)
+    with pytest.raises(CellCheckError, match="couples batch rows"):
+        pararnn.RNN(Centred(3, 4))(torch.randn(3, 20, 3))
+    pararnn.RNN(DiagGRU(3, 4))(torch.randn(3, 20, 3))  # an honest cell passes
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "replace", "train"])
+def test_the_probes_follow_the_weights(change):
+    """What the probe found (verified, affine) belongs to the weights it saw: a load, a replaced
+    parameter or training renews it. A linear cell (affine: init from zeros) becomes nonlinear."""
+
+    class MaybeLinear(DiagGRU):
+        def step(self, h, u):  # affine in h while a is zero
+            return torch.tanh(self.a[0] * h) + u[..., :self.state_size]
+
+    torch.manual_seed(0)
+    cell = MaybeLinear(3, 4)
+    with torch.no_grad():
+        cell.a.zero_()
+    rnn, x = pararnn.RNN(cell), torch.randn(2, 20, 3)
+    rnn(x)
+    assert cell.__dict__["_pararnn_facts"].affine
+    if change == "load_state_dict":
+        cell.load_state_dict({**cell.state_dict(), "a": torch.ones(3, 4)})
+    elif change == "replace":
+        cell.a = torch.nn.Parameter(torch.ones(3, 4))
+    else:
+        opt = torch.optim.SGD(cell.parameters(), lr=1.0)
+        cell.a.grad = -torch.ones(3, 4)
+        opt.step()
+    rnn(x)
+    assert not cell.__dict__["_pararnn_facts"].affine
+
+
+def test_training_renews_the_probe_on_a_doubling_schedule():
+    """In-place updates re-run the probe at the 1st, 2nd, 4th, 8th, ... update seen."""
+    torch.manual_seed(0)
+    cell = DiagGRU(3, 4)
+    rnn, x = pararnn.RNN(cell), torch.randn(2, 20, 3)
+    calls = []
+    real = pararnn.rnn.verify_cell
+    pararnn.rnn.verify_cell = lambda *a: (calls.append(1), real(*a))[1]
+    try:
+        for step in range(1, 11):
+            rnn(x)
+            with torch.no_grad():
+                cell.a.mul_(0.99)
+    finally:
+        pararnn.rnn.verify_cell = real
+    assert len(calls) == 5  # first call, then after updates 1, 2, 4, 8
+
+
+# ---------------------------------------------------------------- errors name the argument
+@pytest.mark.parametrize("kw, err, match", [
+    ({"batch_first": "False"}, TypeError, "batch_first"), ({"bias": "False"}, TypeError, "bias"),
+    ({"bidirectional": "no"}, TypeError, "bidirectional"), ({"hidden_size": 4.0}, TypeError, "hidden_size"),
+    ({"num_layers": 1.0}, TypeError, "num_layers"), ({"num_layers": 0}, ValueError, "num_layers"),
+])
+def test_nn_arguments_raise_what_torch_raises(kw, err, match):
+    """The exception type torch.nn.GRU raises (at construction or at the first call), and a
+    message that names the argument."""
+    args = {"input_size": 3, "hidden_size": 4, **kw}
+    with pytest.raises(err):
+        torch.nn.GRU(**args)(torch.randn(5, 2, 3))
+    with pytest.raises(err, match=match):
+        pararnn.nn.GRU(**args)
+
+
+def test_nn_input_of_another_dtype_is_a_value_error_as_in_torch():
+    with pytest.raises(ValueError, match="dtype"):
+        pararnn.nn.GRU(3, 4)(torch.randn(5, 2, 3, dtype=torch.float64))
+
+
+def test_linear_scan_h0_dtype_is_checked_with_and_without_cu_seqlens():
+    A, b = torch.rand(1, 6, 4), torch.randn(1, 6, 4)
+    h0 = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="h0 must match"):
+        pararnn.linear_scan(A, b, h0, cu_seqlens=torch.tensor([0, 2, 6]))
+    with pytest.raises(TypeError, match="h0 must match"):
+        pararnn.linear_scan(A[:, :3].expand(2, 3, 4), b[:, :3].expand(2, 3, 4), h0)
+
+
+def test_padding_is_padding_in_the_default_check():
+    """NaN in the padding of a lengths= batch is not an error (the check reads valid steps only);
+    NaN at a valid step still is."""
+    torch.manual_seed(0)
+    rnn, x = pararnn.RNN(ParaGRU(3, 4)), torch.randn(2, 10, 3)
+    x[1, 6:] = float("nan")
+    y, _ = rnn(x, lengths=torch.tensor([10, 6]))
+    assert bool(torch.isfinite(y).all())
+    with pytest.raises(ValueError, match="valid step"):
+        rnn(x, lengths=torch.tensor([10, 7]))
+
+
+# ---------------------------------------------------------------- host synchronisations
+class _CountSyncs:
+    """Counts the tensor-to-host reads (``bool``, ``float``, ``int``, ``item``, ``tolist``) made
+    while active: each is a device synchronisation on CUDA (on GPU, torch.cuda.set_sync_debug_mode
+    sees the same)."""
+
+    NAMES = ("__bool__", "__float__", "__int__", "item", "tolist")
+
+    def __enter__(self):
+        self.count, self.saved = 0, {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for name, real in self.saved.items():
+            def counted(t, *a, _real=real, **k):
+                self.count += 1
+                return _real(t, *a, **k)
+            setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, real in self.saved.items():
+            setattr(torch.Tensor, name, real)
+
+
+@pytest.mark.parametrize("make, extra", [(lambda: DiagGRU(8, 16), 0), (lambda: ParaGRU(8, 16), 1)])
+def test_one_host_synchronisation_per_newton_iteration(make, extra):
+    """The convergence decision is the iteration's one read of a device value; a cell with a rounding
+    scale adds the correction check's read in the iterations where every sequence passed."""
+    from pararnn.newton import SolverOptions, newton_solve
+
+    torch.manual_seed(0)
+    cell = make()
+    x = torch.randn(4, 300, 8)
+    with torch.no_grad():
+        u = cell.prepare(x)
+        h0 = torch.zeros(4, 16)
+        newton_solve(cell, u, h0, SolverOptions())  # warm-up (compiles numba, fills caches)
+        with _CountSyncs() as c:
+            _, _, info = newton_solve(cell, u, h0, SolverOptions())
+    assert info.all_converged and info.iterations >= 2
+    assert c.count <= info.iterations + 1 + 2 * extra, (c.count, info.iterations)
