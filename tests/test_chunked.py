@@ -80,9 +80,10 @@ def test_chunked_with_lengths_packing_warm_start_and_layers(mode):
 def test_chunked_with_the_triton_backend():
     pytest.importorskip("triton")
     torch.manual_seed(2)
-    cell = BlockTanh(3, 8, 2)  # fp32: the Triton kernels' dtypes
-    x = torch.randn(1, 13, 3, requires_grad=True)
-    h0 = torch.randn(1, 8, requires_grad=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
+    cell = BlockTanh(3, 8, 2).to(dev)  # fp32: the Triton kernels' dtypes
+    x = torch.randn(1, 13, 3, device=dev, requires_grad=True)
+    h0 = torch.randn(1, 8, device=dev, requires_grad=True)
     ref = _run(pararnn.RNN(cell, backend="reference"), x, h0)
     got = _run(pararnn.RNN(cell, backend="triton", chunk_size=5), x, h0)
     for a, b in zip([*got[:2], *got[2]], [*ref[:2], *ref[2]]):

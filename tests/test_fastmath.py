@@ -116,3 +116,14 @@ def test_compiled_jvp_cell_matches_eager():
     for a, b in zip(torch.autograd.grad(ye.sum(), [x, *cell.parameters()]),
                     torch.autograd.grad(yc.sum(), [x, *cell.parameters()])):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_float64_keeps_torch_tanh():
+    """The polynomial is a float32 one (1e-9 off in float64): float64 inputs take torch.tanh,
+    eagerly and in a compiled graph."""
+    from pararnn import fastmath
+
+    x = torch.linspace(-5, 5, 10001, dtype=torch.float64)
+    assert torch.equal(fastmath.tanh(x), torch.tanh(x))
+    f = torch.compile(lambda t: torch.tanh(t) * 2, backend=fastmath.compile_backend)
+    torch.testing.assert_close(f(x), torch.tanh(x) * 2, rtol=1e-14, atol=0)  # the polynomial: 1e-9

@@ -11,6 +11,10 @@ STRUCTS = ["diagonal", Block(2), Block(3), Block(3, shared=True), "dense"]
 DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 
 
+# Triton tests run on CUDA where there is one; elsewhere under the interpreter (tests/conftest.py)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def make(structure, B, T, d, dtype, scale=0.6):
     structure = as_structure(structure, d)
     A = torch.randn(B, T, *structure.storage_shape(d), dtype=dtype)
@@ -172,12 +176,39 @@ def test_time_split_with_the_triton_kernels(structure):
     from pararnn.kernels.triton_scan import scan_triton
     from pararnn.kernels.tsplit import split_scan
 
-    A, b, h0 = make(structure, 1, 37, 4, torch.float32)
+    A, b, h0 = (t.to(TRITON_DEVICE) for t in make(structure, 2, 37, 4, torch.float32))
     st = as_structure(structure, 4)
     for reverse in ((False, True) if structure == "diagonal" else (False,)):  # blocks: slow to interpret
         want = scan_reference(A, b, h0, st, reverse)
-        assert rel_err(split_scan(scan_triton, A, b, h0, st, 4, reverse), want) < 1e-5
+        got = split_scan(scan_triton, A, b, h0, st, 4, reverse)
+        assert got.is_contiguous()  # T = 37 pads the last piece: the cut must not be a strided view
+        assert rel_err(got, want) < 1e-5
     assert pararnn.dispatch.time_pieces(1, 16384, 64, torch.device("cpu")) == 1  # CPU: never split
+
+
+def test_time_split_complex_adjoint_with_the_triton_kernels():
+    """The backward of a complex reverse scan through the split: Diagonal.transpose conjugates
+    lazily, and at a T the pieces divide (no padding) the conj bit reached the kernel wrapper."""
+    pytest.importorskip("triton")
+    from pararnn.kernels.triton_scan import scan_triton
+    from pararnn.kernels.tsplit import split_scan
+
+    A, b, _ = (t.to(TRITON_DEVICE) for t in make("diagonal", 2, 36, 4, torch.complex64))
+    st = as_structure("diagonal", 4)
+    for reverse in (False, True):
+        want = scan_reference(A, b, None, st, reverse, adjoint=True)
+        assert rel_err(split_scan(scan_triton, A, b, None, st, 4, reverse, adjoint=True), want) < 1e-5
+
+
+def test_time_split_under_torch_compile(monkeypatch):
+    """The split's result under torch.compile: the custom op's fake promises a contiguous
+    [B, T, d], which a strided cut of the padded pieces broke (inductor asserted on the stride)."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(pararnn.dispatch, "time_pieces", lambda B, T, d, device: 4)
+    A, b, h0 = (t.to(TRITON_DEVICE) for t in make("diagonal", 3, 37, 4, torch.float32))
+    want = scan_reference(A, b, h0, as_structure("diagonal", 4))
+    f = torch.compile(lambda A, b, h0: pararnn.linear_scan(A, b, h0, backend="triton") * 2, backend="inductor")
+    assert rel_err(f(A, b, h0), 2 * want) < 1e-5
 
 
 @pytest.mark.parametrize("adjoint", [False, True])

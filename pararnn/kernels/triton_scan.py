@@ -9,6 +9,8 @@ adjoint's shifted, transposed transitions are done by addressing (no flipped cop
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 import torch
@@ -147,6 +149,8 @@ def _autotuned(kernel, lane_block: str, key: str, name: str):
         configs = [triton.Config({"BLOCK_T": 32, lane_block: 16})]
     else:  # pragma: no cover - needs a GPU
         configs = [triton.Config({"BLOCK_T": bt, lane_block: bl}, num_warps=w) for bt, bl, w in gpu_configs(name)]
+        if os.environ.get("PARARNN_TRITON_CONFIGS") == "first":  # one compile per variant (device checks)
+            configs = configs[:1]
     return triton.autotune(configs=configs, key=[key])(kernel)
 
 
@@ -170,22 +174,27 @@ def scan_triton(A, b, h0, structure, reverse=False, adjoint=False, out=None):
         )
     if b.device.type != "cuda" and not interpreting():
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for testing)")
-    A, b = A.contiguous(), b.contiguous()
+    if adjoint and h0 is not None:
+        raise ValueError("adjoint scans start from b; h0 must be None")
+    # materialised: a lazily conjugated tensor (Diagonal.transpose of a complex A) cannot be viewed as real
+    A, b = A.resolve_conj().contiguous(), b.resolve_conj().contiguous()
     res = out if out is not None and out.is_contiguous() else torch.empty_like(b)
-    h0c = h0.contiguous() if h0 is not None else b  # dummy pointer when HAS_H0 is False
-    flags = dict(HAS_H0=h0 is not None and not adjoint, REVERSE=bool(reverse), ADJOINT=bool(adjoint))
-    if isinstance(structure, Diagonal):
-        grid = lambda meta: (B * triton.cdiv(d, meta["BLOCK_D"]),)  # noqa: E731
-        if b.is_complex():
-            _diag_complex[grid](torch.view_as_real(A), torch.view_as_real(b), torch.view_as_real(h0c),
-                                torch.view_as_real(res), T, d, **flags)
+    h0c = h0.resolve_conj().contiguous() if h0 is not None else b  # dummy pointer when HAS_H0 is False
+    flags = dict(HAS_H0=h0 is not None, REVERSE=bool(reverse), ADJOINT=bool(adjoint))
+    # launches go to the tensors' device, not the current one (tensors on cuda:1)
+    with torch.cuda.device(b.device) if b.device.type == "cuda" else contextlib.nullcontext():
+        if isinstance(structure, Diagonal):
+            grid = lambda meta: (B * triton.cdiv(d, meta["BLOCK_D"]),)  # noqa: E731
+            if b.is_complex():
+                _diag_complex[grid](torch.view_as_real(A), torch.view_as_real(b), torch.view_as_real(h0c),
+                                    torch.view_as_real(res), T, d, **flags)
+            else:
+                _diag_real[grid](A, b, h0c, res, T, d, **flags)
         else:
-            _diag_real[grid](A, b, h0c, res, T, d, **flags)
-    else:
-        Ab = structure.as_blocks(A, d)  # [B, T, M, k, k]
-        M, k = Ab.shape[2], Ab.shape[3]
-        grid = lambda meta: (B * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-        _blocks[k][grid](Ab, b, h0c, res, T, M, **flags)
+            Ab = structure.as_blocks(A, d)  # [B, T, M, k, k]
+            M, k = Ab.shape[2], Ab.shape[3]
+            grid = lambda meta: (B * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+            _blocks[k][grid](Ab, b, h0c, res, T, M, **flags)
     if out is not None and res is not out:
         out.copy_(res)
         return out
