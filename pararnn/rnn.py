@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import collections
-import ctypes
 import dataclasses
-import functools
 import math
 import warnings
 
@@ -18,6 +16,7 @@ from .newton import (ConvergenceError, SolverInfo, SolverOptions, auto_chunk_siz
                      contiguous_pieces, graph_piece, handle_failure, newton_solve, replay_steps, sequential_solve,
                      static_features)
 from .parallel import context_for
+from .runtime import release_freed_memory
 from .scan import check_cu_seqlens
 from .structure import as_structure, compose, run_transition
 from .workspace import workspace
@@ -273,37 +272,6 @@ class _Place(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g, g[:, ctx.t0:ctx.t0 + ctx.n], None
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-@functools.cache
-def _glibc():
-    """glibc's ``(malloc_trim, mallinfo2)``, or None (another C library or OS, glibc < 2.33)."""
-    try:
-        libc = ctypes.CDLL(None)
-        trim, info = libc.malloc_trim, libc.mallinfo2
-    except (OSError, AttributeError):
-        return None
-    info.restype = _MallInfo2
-    return trim, info
-
-
-def _release_freed_memory(device: torch.device, budget: int) -> None:
-    """Between the chunks of a CPU solve: when glibc's heap holds more than ``budget`` bytes of
-    freed memory, give its free pages back to the OS. glibc keeps freed buffers of up to 32 MB in
-    its heap and reuses them poorly when the chunks' same-sized temporaries interleave with
-    longer-lived allocations, so RSS grows chunk after chunk. Trimming every chunk costs the
-    page faults of re-touching the chunk's temporaries (ParaGRU d = 16, T = 10⁶, C = 65536: fwd+bwd
-    3.9 s against 3.0 s), hence the threshold (``memory_budget``). Measured with it (AMD EPYC VM,
-    1 thread): d = 16 at the same speed as without (2.9-3.0 s); d = 64, T = 2·10⁶: peak RSS
-    1.7 GB against 3.1 GB without, 34 s either way."""
-    libc = _glibc() if device.type == "cpu" else None
-    if libc is not None and libc[1]().fordblks > budget:
-        libc[0](0)
 
 
 class _Bind(nn.Module):
@@ -707,7 +675,7 @@ class RNN(nn.Module):
             opts = dataclasses.replace(opts, init=warm["init"])
             replay = 0  # the forward's solution itself (the forward's last evaluation was there too)
         if chunked:  # one of many chunks (this also runs in the backward's recompute of the chunk)
-            _release_freed_memory(x.device, opts.memory_budget)
+            release_freed_memory(x.device, opts.memory_budget)
         if u is None:
             u = self._prepare(x)
         if mode == "sequential":

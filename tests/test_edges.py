@@ -209,8 +209,9 @@ def test_sequential_mode_with_a_process_group_is_refused():
 # ------------------------------------------------------------------ 10: fork after use
 def test_fork_pool_after_a_parallel_solve_returns():
     code = textwrap.dedent("""
-        import multiprocessing as mp, torch, pararnn
+        import multiprocessing as mp, torch, pararnn, pararnn.runtime
         from pararnn.models import ParaGRU
+        pararnn.runtime.fork_safe_workers()  # the documented opt-in for fork after a solve
         torch.manual_seed(0)
         cell, x = ParaGRU(4, 64), torch.randn(2, 300, 4)
         def work(i):
@@ -220,6 +221,30 @@ def test_fork_pool_after_a_parallel_solve_returns():
         with mp.get_context("fork").Pool(2) as pool:
             out = pool.map(work, range(4))
         assert all(abs(o - ref) < 1e-4 for o in out), (out, ref)
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_importing_pararnn_changes_no_process_wide_state():
+    """A forked child after `import pararnn` (and after a solve) has the parent's torch threads and
+    numba's threading layer as the user left it; no fork handler is registered by the import."""
+    code = textwrap.dedent("""
+        import os, torch, numba
+        torch.set_num_threads(2)
+        before = (numba.config.THREADING_LAYER, torch.get_num_threads())
+        import pararnn, pararnn.models, pararnn.nn, pararnn.kernels.cpu
+        pararnn.RNN(pararnn.models.ParaGRU(2, 8))(torch.randn(1, 100, 2))  # the CPU scans ran
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, repr((numba.config.THREADING_LAYER, torch.get_num_threads())).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        child = eval(os.read(r, 200).decode())
+        assert child == before, (child, before)
+        assert (numba.config.THREADING_LAYER, torch.get_num_threads()) == before
         print("ok")
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -19,24 +19,10 @@ try:  # numba is optional: without it the plain PyTorch loop serves
     from numba import njit, prange
 
     HAVE_NUMBA = os.environ.get("PARARNN_DISABLE_NUMBA", "0") != "1"
-    # Fork safety: GNU OpenMP (numba's usual pick) hangs a forked child (multiprocessing's default
-    # start method, DataLoader workers) once the parent has used its pool. "forksafe" makes numba
-    # take TBB or a non-GNU OpenMP where installed, else its own workqueue layer. Set before the
-    # first parallel call; a user's NUMBA_THREADING_LAYER wins.
-    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "forksafe"
+    # numba's threading layer is the user's: pararnn.runtime.fork_safe_workers() picks a fork-safe
+    # one for programs that fork after a solve
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
-
-
-def _one_thread_in_forked_child() -> None:
-    # torch's own GNU OpenMP/MKL pool hangs a forked child too, once the parent ran a parallel op
-    # (measured here with a plain nn.Linear): a forked child computes with one torch thread, as
-    # DataLoader workers do. A child that wants more calls torch.set_num_threads itself.
-    torch.set_num_threads(1)
-
-
-os.register_at_fork(after_in_child=_one_thread_in_forked_child)
 
 _SUPPORTED = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
