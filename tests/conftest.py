@@ -9,6 +9,9 @@ except Exception:  # pragma: no cover
     _cuda = False
 if not _cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton_interp  # noqa: E402
+
+    triton_interp.fix_index_for_numpy_2_4()  # Triton 3.6's interpreter with numpy >= 2.4
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

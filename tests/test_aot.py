@@ -31,9 +31,10 @@ def test_every_kernel_and_dtype_compiles_without_spills(tmp_path):
 
 
 def test_the_check_can_fail():
-    """A config known to spill (block3, 32 steps x 16 lanes, 2 warps: 12 B on sm_80) is reported."""
+    """A config known to spill (block4, 32 steps x 16 lanes, 2 warps: 224 B on sm_80 with triton
+    3.9.0, 304 B with 3.6.0) is reported."""
     r = _run("from pararnn.kernels.aot import compile_stats; "
-             "st = compile_stats('block3', 'fp32', 80, 32, 16, 2); print('OK' if st.ok else 'SPILL', st.spill_bytes)")
+             "st = compile_stats('block4', 'fp32', 80, 32, 16, 2); print('OK' if st.ok else 'SPILL', st.spill_bytes)")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("SPILL") and int(r.stdout.split()[1]) > 0
 

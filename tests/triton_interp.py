@@ -43,12 +43,33 @@ def _tree_scan(self, input):
     return [self.to_tensor(d, input[i].dtype) for i, d in enumerate(data)]
 
 
+def fix_index_for_numpy_2_4(interpreter=None) -> None:
+    """Triton 3.6's interpreter turns a scalar tensor into an index with ``int(ndarray)``, which
+    numpy 2.4 refuses for arrays of one element and one dimension: ``.item()`` works on both."""
+    if interpreter is None:
+        try:
+            from triton.runtime import interpreter
+        except Exception:
+            return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_pararnn_index", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched._pararnn_index = True
+    interpreter._patch_lang_tensor = patched
+
+
 def install() -> bool:
     """Patch the interpreter's generic scan; returns False if this Triton has no such hook."""
     try:
         from triton.runtime import interpreter
     except Exception:
         return False
+    fix_index_for_numpy_2_4(interpreter)
     ops = getattr(interpreter, "ScanOps", None)
     if ops is None or not hasattr(ops, "generic_scan"):
         return False
