@@ -76,7 +76,8 @@ def scan(A, b, h0, structure: Structure, reverse=False, adjoint=False, backend="
         return torch.add(base, h, out=out) if out is not None else base + h
     if name == "triton":
         tri = triton_module()
-        pieces = time_pieces(b.shape[0], b.shape[1], b.shape[-1], b.device)
+        pieces = time_pieces(b.shape[0], b.shape[1], b.shape[-1], b.device,
+                             lanes=tri.lanes_per_program(structure, b.shape[-1]))
         if pieces == 1:
             return tri.scan_triton(A, b, h0, structure, reverse, adjoint, out=out)
         # few rows for the device: split T across programs too (three passes)
@@ -88,15 +89,17 @@ def scan(A, b, h0, structure: Structure, reverse=False, adjoint=False, backend="
     return res if out is None else out.copy_(res)
 
 
-def time_pieces(B: int, T: int, d: int, device: torch.device) -> int:
+def time_pieces(B: int, T: int, d: int, device: torch.device, lanes: int = 32) -> int:
     """How many pieces to split T into for a Triton scan (1: no split). One program walks all of T
-    for a batch row and a lane tile (up to 64 lanes), so with ``B·⌈d/64⌉`` rows below the SM count
-    most of a GPU idles: split long sequences (T ≥ 2048) into pieces of at least 512 steps until
-    there are about two rows per SM. A first rule, not yet calibrated on a GPU."""
+    for a batch row and a tile of ``lanes`` state entries (the kernel's widest autotune tile:
+    :func:`pararnn.kernels.triton_scan.lanes_per_program`), so with ``B·⌈d/lanes⌉`` programs below
+    the SM count most of a GPU idles: split long sequences (T ≥ 2048) into pieces of at least 512
+    steps until there are about two programs per SM. A first rule, not yet calibrated on a GPU
+    (benchmarks/device_check.py times split against unsplit scans)."""
     if device.type != "cuda" or T < 2048:
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    rows = B * -(-d // 64)
+    rows = B * -(-d // lanes)
     if rows >= sms:
         return 1
     return max(1, min(T // 512, (2 * sms) // rows))

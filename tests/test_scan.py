@@ -316,3 +316,20 @@ def test_dispatch_scan_with_base_matches_across_backends(backend):
     assert got is out
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(scan_fast(A, b, h0, st, backend=backend, base=base), want, rtol=1e-12, atol=1e-12)
+
+
+def test_time_split_rule_counts_programs_by_the_kernels_tiles(monkeypatch):
+    """Programs are B·⌈d/lanes⌉ with the kernel's widest tile (32 lanes diagonal, BLOCK_M·k for
+    blocks), not a fixed 64; T splits until about two programs per SM, pieces >= 512 steps."""
+    pytest.importorskip("triton")
+    from pararnn.kernels.triton_scan import lanes_per_program
+
+    assert lanes_per_program(as_structure("diagonal", 64), 64) == 32
+    assert lanes_per_program(as_structure(Block(2), 64), 64) == 2 * 32
+    assert lanes_per_program(as_structure(Block(4), 64), 64) == 4 * 16
+    monkeypatch.setattr(pararnn.dispatch, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert pararnn.dispatch.time_pieces(3, 5000, 64, cuda, lanes=32) == 5000 // 512  # 6 programs
+    assert pararnn.dispatch.time_pieces(3, 1 << 16, 64, cuda, lanes=32) == 2 * 132 // 6
+    assert pararnn.dispatch.time_pieces(64, 1 << 16, 256, cuda, lanes=32) == 1  # 512 programs: enough
+    assert pararnn.dispatch.time_pieces(3, 1024, 64, cuda, lanes=32) == 1  # short: never split

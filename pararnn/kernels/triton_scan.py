@@ -141,6 +141,15 @@ def gpu_configs(name: str) -> list[tuple[int, int, int]]:
     return GPU_CONFIGS.get(name, FULL_GRID)
 
 
+def lanes_per_program(structure, d: int) -> int:
+    """State entries one program of the kernel for ``structure`` covers with its widest autotune
+    tile (diagonal: BLOCK_D lanes; k×k blocks: BLOCK_M blocks of k entries), for the T-split rule."""
+    if isinstance(structure, Diagonal):
+        return max(bl for _, bl, _ in GPU_CONFIGS["diag_real"])
+    k = structure.width(d)
+    return k * max(bl for _, bl, _ in gpu_configs(f"block{k}"))
+
+
 def _autotuned(kernel, lane_block: str, key: str, name: str):
     """Autotune over tile sizes keyed on the feature size only (never on T, which varies).
 
