@@ -22,8 +22,6 @@ from . import models
 from .linear import linear
 from .rnn import RNN as _Solver
 
-__all__ = ["GRU", "LSTM", "RNN"]
-
 _WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
@@ -61,58 +59,54 @@ class _ElmanCell(_Bound, models.Elman):
         return u if self.bias_hh is None else u + self.bias_hh  # torch.nn.RNN's two biases, folded
 
 
-class _RNNBase(nn.Module):
-    """torch.nn.RNNBase's interface over pararnn solves. Subclasses set ``_gates`` and ``_cell``."""
+_SOLVER_MODES = ("auto", "parallel", "sequential")
+
+
+class _RNNBase:
+    """pararnn's solve behind a :class:`torch.nn.RNNBase` subclass (mixed in before it): torch's
+    constructor makes the parameters, attributes, ``mode`` and argument checks; this adds one
+    :class:`pararnn.RNN` per layer and direction, bound to those parameters, and replaces the
+    forward. Subclasses set ``_gates`` and ``_cell``."""
 
     _gates = 1
     _cell = None
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None, mode: str = "auto", **solver_options):
-        super().__init__()
-        # torch.nn.RNNBase's checks and exception types: a wrong type is a TypeError (a string
-        # "False" would otherwise read as True), a wrong value a ValueError
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be greater than zero, got {value}")
-        for name, value in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
-        if proj_size:
-            raise NotImplementedError("proj_size is not supported by pararnn.nn.LSTM (use proj_size=0)")
-        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional, self.proj_size = bidirectional, 0
-        self.mode = mode
-        dirs = 2 if bidirectional else 1
-        factory = {"device": device, "dtype": dtype}
+    def _init_solvers(self, solver_mode: str, solver_options: dict) -> None:
+        if solver_mode not in _SOLVER_MODES:
+            raise ValueError(f"solver_mode must be one of {_SOLVER_MODES}, got {solver_mode!r}")
+        if not isinstance(self.bidirectional, bool):  # torch's own forward refuses it too, later
+            raise TypeError(f"bidirectional should be of type bool, got: {type(self.bidirectional).__name__}")
+        self.solver_mode = solver_mode
+        dirs = 2 if self.bidirectional else 1
         rnns = []
-        for layer in range(num_layers):
-            layer_in = input_size if layer == 0 else hidden_size * dirs
+        for layer in range(self.num_layers):
+            layer_in = self.input_size if layer == 0 else self.hidden_size * dirs
             for direction in range(dirs):
                 sfx = f"_l{layer}" + ("_reverse" if direction else "")
-                g = self._gates * hidden_size
-                self.register_parameter("weight_ih" + sfx, nn.Parameter(torch.empty(g, layer_in, **factory)))
-                self.register_parameter("weight_hh" + sfx, nn.Parameter(torch.empty(g, hidden_size, **factory)))
-                if bias:
-                    self.register_parameter("bias_ih" + sfx, nn.Parameter(torch.empty(g, **factory)))
-                    self.register_parameter("bias_hh" + sfx, nn.Parameter(torch.empty(g, **factory)))
                 with torch.random.fork_rng(devices=[]):  # the cell's own (discarded) init must not
-                    cell = self._make_cell(layer_in, hidden_size)  # shift the RNG: torch.nn's seeds give torch.nn's weights
+                    cell = self._make_cell(layer_in, self.hidden_size)  # shift the RNG: torch.nn's seeds give torch.nn's weights
                 cell._bind(self, sfx)
-                rnns.append(_Solver(cell, mode=mode, **solver_options))
+                rnns.append(_Solver(cell, mode=solver_mode, **solver_options))
         self.__dict__["_rnns"] = rnns  # not submodules: the parameters live here, under torch's names
-        self.reset_parameters()
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        for rnn in self._rnns:  # the cells read these weights: their probes' facts are stale
-            rnn.cell.__dict__.pop("_pararnn_facts", None)
-        super()._load_from_state_dict(*args, **kwargs)
+    @staticmethod
+    def _split_options(args: tuple, kwargs: dict) -> tuple[str, dict]:
+        """``(solver_mode, solver options)`` taken out of the constructor's keyword arguments (the
+        rest are torch.nn's). ``mode=`` with a solver mode is the old name of ``solver_mode``."""
+        import dataclasses
+
+        from .newton import SolverOptions
+
+        for i, name in enumerate(("input_size", "hidden_size", "num_layers")):  # torch's TypeError, named
+            value = kwargs.get(name, args[i] if i < len(args) else 1)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        fields = {f.name for f in dataclasses.fields(SolverOptions)}
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+        solver_mode = kwargs.pop("solver_mode", "auto")
+        if kwargs.get("mode") in _SOLVER_MODES:
+            solver_mode = kwargs.pop("mode")
+        return solver_mode, options
 
     def _make_cell(self, input_size: int, hidden_size: int):
         return self._cell(input_size, hidden_size)
@@ -123,24 +117,18 @@ class _RNNBase(nn.Module):
         their ``last_info``, ``stats`` and ``register_solve_hook`` report each solve."""
         return tuple(self._rnns)
 
-    def reset_parameters(self) -> None:
-        """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
-        k = 1.0 / math.sqrt(self.hidden_size)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.uniform_(-k, k)
-
-    def flatten_parameters(self) -> None:
-        """No-op (kept so scripts written for cuDNN modules run unchanged)."""
+    def _load_from_state_dict(self, *args, **kwargs):
+        for rnn in self._rnns:  # the cells read these weights: their probes' facts are stale
+            rnn.cell.__dict__.pop("_pararnn_facts", None)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}"
-        if self.num_layers != 1:
-            s += f", num_layers={self.num_layers}"
-        for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False)):
-            if getattr(self, name) != default:
-                s += f", {name}={getattr(self, name)}"
-        return s + f", mode={self.mode!r}"
+        return super().extra_repr() + f", solver_mode={self.solver_mode!r}"
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(f"pararnn.nn.{type(self).__name__} cannot be scripted (torch.jit.script): its solve runs "
+                           "numba/Triton scans and a Newton loop outside TorchScript. Use torch.compile, or "
+                           "torch.nn." + type(self).__name__ + " with the same state_dict for TorchScript.")
 
     # ------------------------------------------------------------------ state layout
     def _state_from_hx(self, hx, B: int) -> torch.Tensor | None:
@@ -170,6 +158,11 @@ class _RNNBase(nn.Module):
         input; zero at padded positions), ``h_n`` like ``hx`` (LSTM: ``(h_n, c_n)``), each
         sequence's state at its own last step.
         """
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            raise RuntimeError(f"pararnn.nn.{type(self).__name__} cannot be traced by torch.jit.trace or "
+                               "torch.export: its solve reads values (Newton's convergence tests) and runs numba/Triton "
+                               "scans. Use torch.compile (the solve runs eagerly inside it), or export torch.nn."
+                               f"{type(self).__name__} with the same state_dict.")
         with parametrize.cached():  # parametrized weights: computed once, in the caller's grad mode
             for name in getattr(self, "parametrizations", {}):
                 getattr(self, name)
@@ -233,45 +226,60 @@ def _reverse_within(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tens
     return x.gather(1, idx[..., None].expand_as(x))
 
 
-class GRU(_RNNBase):
-    """Drop-in for :class:`torch.nn.GRU` (same constructor, forward, shapes and parameter names),
-    solved by pararnn. Extra keyword arguments: ``mode`` (``"auto"``, ``"parallel"``,
-    ``"sequential"``) and :class:`pararnn.SolverOptions` fields."""
+class GRU(_RNNBase, nn.GRU):
+    """:class:`torch.nn.GRU` (a subclass: same constructor, checks, parameters, attributes and
+    ``mode``), its forward solved by pararnn. Extra keyword arguments: ``solver_mode``
+    (``"auto"``, ``"parallel"``, ``"sequential"``; ``mode=`` with one of these is accepted too) and
+    :class:`pararnn.SolverOptions` fields.
+
+    Example::
+
+        rnn = pararnn.nn.GRU(16, 32, num_layers=2, batch_first=True)   # was torch.nn.GRU(...)
+        y, h_n = rnn(torch.randn(4, 1000, 16))                         # y [4, 1000, 32], h_n [2, 4, 32]
+    """
 
     _gates, _cell = 3, _GRUCell
 
+    def __init__(self, *args, **kwargs):
+        solver_mode, options = self._split_options(args, kwargs)
+        nn.GRU.__init__(self, *args, **kwargs)
+        self._init_solvers(solver_mode, options)
 
-class RNN(_RNNBase):
-    """Drop-in for :class:`torch.nn.RNN` (``nonlinearity="tanh"`` or ``"relu"``), solved by pararnn."""
+
+class RNN(_RNNBase, nn.RNN):
+    """:class:`torch.nn.RNN` (``nonlinearity="tanh"`` or ``"relu"``), its forward solved by pararnn;
+    see :class:`GRU` for the extra arguments."""
 
     _gates = 1
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
-                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, mode: str = "auto", **solver_options):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         device=device, dtype=dtype, mode=mode, **solver_options)
+    def __init__(self, *args, **kwargs):
+        solver_mode, options = self._split_options(args, kwargs)
+        nn.RNN.__init__(self, *args, **kwargs)
+        self._init_solvers(solver_mode, options)
 
     def _make_cell(self, input_size, hidden_size):
         return _ElmanCell(input_size, hidden_size, nonlinearity=self.nonlinearity)
 
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity!r}"
 
-
-class LSTM(_RNNBase):
-    """Drop-in for :class:`torch.nn.LSTM` (``hx = (h0, c0)``, returns ``(output, (h_n, c_n))``),
-    solved by pararnn. ``proj_size`` raises NotImplementedError."""
+class LSTM(_RNNBase, nn.LSTM):
+    """:class:`torch.nn.LSTM` (``hx = (h0, c0)``, returns ``(output, (h_n, c_n))``), its forward
+    solved by pararnn; see :class:`GRU` for the extra arguments. ``proj_size`` raises
+    NotImplementedError."""
 
     _gates, _cell = 4, _LSTMCell
+
+    def __init__(self, *args, **kwargs):
+        solver_mode, options = self._split_options(args, kwargs)
+        if kwargs.get("proj_size", 0) or (len(args) > 7 and args[7]):
+            raise NotImplementedError("proj_size is not supported by pararnn.nn.LSTM (use proj_size=0)")
+        nn.LSTM.__init__(self, *args, **kwargs)
+        self._init_solvers(solver_mode, options)
 
     def _state_from_hx(self, hx, B):
         if hx is None:
             return None
+        if isinstance(hx, list):
+            hx = tuple(hx)
         if not isinstance(hx, tuple) or len(hx) != 2:
             raise TypeError("hx must be a tuple (h0, c0) for an LSTM")
         self._check_hx(hx[0], "h0", B)
@@ -281,3 +289,22 @@ class LSTM(_RNNBase):
     def _hx_from_state(self, hn):
         return hn[..., :self.hidden_size], hn[..., self.hidden_size:]
 
+
+def safe_globals() -> list:
+    """What ``torch.load(..., weights_only=True)`` must allow to load a whole pickled module that
+    holds pararnn.nn layers (``torch.save(model)``)::
+
+        with torch.serialization.safe_globals(pararnn.nn.safe_globals()):
+            model = torch.load(path, weights_only=True)
+    """
+    import collections
+
+    from . import cell, newton, rnn, structure
+
+    return [GRU, LSTM, RNN, _GRUCell, _LSTMCell, _ElmanCell, _Solver, newton.SolverOptions, newton.SolverInfo,
+            rnn.SolveStats,
+            structure.Diagonal, structure.Dense, structure.Block, cell.Cell, collections.OrderedDict, set,
+            torch.nn.modules.container.ModuleList, torch.nn.modules.linear.Identity]
+
+
+__all__ = ["GRU", "LSTM", "RNN", "safe_globals"]
