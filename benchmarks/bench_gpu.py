@@ -30,26 +30,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # the scripts put the checkout on sys.path themselves, in main
+    from pararnn.utils.timing import Deadline
 
 PARTS = ("compile", "scans", "newton", "cudnn", "tests")
 # Seconds per part: a part stops starting new cases past its budget (and lists them as skipped), so
 # the whole command stays near 10 minutes; a case already started runs to its end.
 BUDGET = {"compile": 90, "scans": 90, "newton": 120, "cudnn": 60, "tests": 240}
-
-
-class Deadline:
-    """Past the part's budget, cases are skipped and named in ``skipped``."""
-
-    def __init__(self, seconds: float):
-        self.end, self.skipped = time.perf_counter() + seconds, []
-
-    def over(self, case: str) -> bool:
-        if time.perf_counter() > self.end:
-            self.skipped.append(case)
-            return True
-        return False
 
 
 def _scan_cases():
@@ -278,7 +269,13 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     if "compile" in parts and not args.smoke_cpu:  # a cold cache, so the first calls compile
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pararnn_triton_cache_")
-    from pararnn.studies.common import ensure_writable, run_metadata, write_json_atomic, write_text
+    from pararnn.studies.common import (
+        ensure_writable,
+        run_metadata,
+        write_json_atomic,
+        write_text,
+    )
+    from pararnn.utils.timing import Deadline
 
     dev = torch.device("cpu" if args.smoke_cpu else "cuda")
     device = "cpu-smoke" if args.smoke_cpu else torch.cuda.get_device_name(0)
@@ -292,7 +289,7 @@ def main(argv=None) -> int:
                 continue  # the suite runs on CPU in CI already
             out["tests"] = part_tests(args.tests_timeout)
         else:
-            deadline = Deadline(BUDGET[part])
+            deadline = Deadline(BUDGET[part])  # pararnn.utils.timing.Deadline
             out[part] = {"compile": part_compile, "scans": part_scans, "newton": part_newton,
                          "cudnn": part_cudnn}[part](dev, args.smoke_cpu, deadline)
             if deadline.skipped:

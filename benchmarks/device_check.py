@@ -37,28 +37,16 @@ import subprocess
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the scripts put the checkout on sys.path themselves, in main
+    from pararnn.utils.timing import Deadline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seconds per part. A part starts no new case past its budget (and names what it skipped); the sum
 # is the command's own bound, 8 minutes, checked by tests/test_device_check.py.
 BUDGET = {"env": 15, "kernels": 150, "paths": 60, "suite": 150, "timings": 100}
 TOTAL_BUDGET = 480
-
-
-class Deadline:
-    """A part's budget: past it, ``over(case)`` is True and the case is named in ``skipped``."""
-
-    def __init__(self, seconds: float):
-        self.end, self.skipped = time.perf_counter() + seconds, []
-
-    def over(self, case: str) -> bool:
-        if time.perf_counter() > self.end:
-            self.skipped.append(case)
-            return True
-        return False
-
-    def left(self) -> float:
-        return max(0.0, self.end - time.perf_counter())
 
 
 def _device(dry: bool):
@@ -227,7 +215,7 @@ def part_paths(dry: bool, deadline: Deadline) -> dict:
     def split():
         real = dispatch.time_pieces
         if dry:  # the CPU never splits: force it, as the GPU does for few rows
-            dispatch.time_pieces = lambda *a: 4
+            dispatch.time_pieces = lambda *a, **k: 4
         try:
             pieces = dispatch.time_pieces(B, T, d, dev)
             got = dispatch.scan(Ad, bd, h0d, st, backend="triton")
@@ -354,15 +342,16 @@ def autotune_winners() -> dict:
 def part_timings(dry: bool, deadline: Deadline) -> dict:
     import torch
 
+    from pararnn.utils.timing import Deadline, copy_bandwidth
+
     dev = _device(dry)
     bench = _bench_gpu()
     out = {"checked_outputs": _checked_scans(dev, dry)}
-    from pararnn.utils.timing import copy_bandwidth
 
     out["copy_GBps"] = copy_bandwidth(1 << (20 if dry else 28), device=dev) / 1e9
     share = deadline.left() / 3
     for name, fn in (("scans", bench.part_scans), ("newton", bench.part_newton), ("cudnn", bench.part_cudnn)):
-        d = bench.Deadline(min(share, deadline.left()))
+        d = Deadline(min(share, deadline.left()))
         out[name] = fn(dev, dry, d)
         out[f"{name}_skipped_for_time"] = d.skipped
     if not dry:
@@ -402,6 +391,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     sys.path.insert(0, ROOT)
     import torch
+
+    from pararnn.utils.timing import Deadline
 
     if not args.dry_run and not torch.cuda.is_available():
         print("device_check: no CUDA device (use --dry-run on a CPU)", flush=True)

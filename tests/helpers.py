@@ -1,4 +1,7 @@
 """User-style cells written the way a user would, for the engine tests."""
+import importlib.util
+import os
+
 import torch
 from torch import nn
 
@@ -104,3 +107,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """
     a = a.to(b.dtype)
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def load_script(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, e.g. ``load_script("bench_gpu")``."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+

@@ -1,20 +1,14 @@
 """benchmarks/bench_gpu.py, the one GPU command: it exits cleanly without CUDA, and every part but
 the device test run works end to end (on the CPU, tiny sizes, --smoke-cpu)."""
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
-
-PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_gpu.py")
+from helpers import load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_gpu", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_gpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")

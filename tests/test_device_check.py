@@ -1,19 +1,14 @@
 """benchmarks/device_check.py, the first GPU run: its own budget stays under 8 minutes, and its dry
 run (CPU, tiny sizes, Triton's interpreter) writes every part's results and a summary."""
-import importlib.util
 import json
 import os
 
 import pytest
-
-PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "device_check.py")
+from helpers import load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("device_check", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("device_check")
 
 
 def test_budget_is_at_most_eight_minutes():

@@ -204,7 +204,7 @@ def test_time_split_under_torch_compile(monkeypatch):
     """The split's result under torch.compile: the custom op's fake promises a contiguous
     [B, T, d], which a strided cut of the padded pieces broke (inductor asserted on the stride)."""
     pytest.importorskip("triton")
-    monkeypatch.setattr(pararnn.dispatch, "time_pieces", lambda B, T, d, device: 4)
+    monkeypatch.setattr(pararnn.dispatch, "time_pieces", lambda B, T, d, device, lanes=32: 4)
     A, b, h0 = (t.to(TRITON_DEVICE) for t in make("diagonal", 3, 37, 4, torch.float32))
     want = scan_reference(A, b, h0, as_structure("diagonal", 4))
     f = torch.compile(lambda A, b, h0: pararnn.linear_scan(A, b, h0, backend="triton") * 2, backend="inductor")

@@ -119,3 +119,21 @@ def machine_info() -> dict:
         except Exception:
             info[mod] = None
     return info
+
+
+class Deadline:
+    """A time budget for a benchmark part: past it, ``over(case)`` is True and the case is named in
+    ``skipped`` (a case already started runs to its end); ``left()`` is the seconds remaining."""
+
+    def __init__(self, seconds: float):
+        self.end, self.skipped = time.perf_counter() + seconds, []
+
+    def over(self, case: str) -> bool:
+        if time.perf_counter() > self.end:
+            self.skipped.append(case)
+            return True
+        return False
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.perf_counter())
+
