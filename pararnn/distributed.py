@@ -20,7 +20,7 @@ import torch.distributed as dist
 from .dispatch import scan_dispatch
 from .kernels.tsplit import composite_transition
 from .parallel import ParallelContext, register_group_context
-from .scan import shifted_adjoint_transitions as local_shifted_adjoint_transitions
+from .structure import shifted_adjoint_transitions as local_shifted_adjoint_transitions
 from .structure import as_structure
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from .structure import Structure, from_str
+from .structure import Structure, from_str, shifted_adjoint_transitions
 
 
 @torch.library.custom_op("pararnn::scan", mutates_args=())
@@ -44,8 +44,6 @@ def _scan_backward(ctx, g):
                                  ctx.needs_input_grad[0], ctx.has_h0 and ctx.needs_input_grad[2])
         return gA, gb, gh0, None, None, None, None
     # an adjoint scan is the plain scan of the shifted, conjugate-transposed transitions (h0 is None)
-    from .scan import shifted_adjoint_transitions
-
     A_adj, pull = torch.func.vjp(lambda a: shifted_adjoint_transitions(a, structure, not ctx.reverse), A)
     gA_adj, gb, _ = scan_grads(A_adj, h, None, g, structure, ctx.reverse, ctx.backend, ctx.needs_input_grad[0], False)
     return (None if gA_adj is None else pull(gA_adj)[0]), gb, None, None, None, None, None
@@ -55,20 +53,22 @@ scan.register_autograd(_scan_backward, setup_context=_setup_context)
 
 
 def scan_grads(A, h, h_in, g, structure: Structure, reverse: bool, backend: str, need_A: bool, need_h0: bool,
-               adjoint=None):
+               adjoint=None, differentiable_scan=None):
     """``(dL/dA, dL/db, dL/dh0)`` of a scan ``h = scan(A, b, h_in)`` given ``g = dL/dh``.
 
     ``dL/db = λ`` (the adjoint scan), ``dL/dA_t = λ_t ⊗ conj(h_prev)``, ``dL/dh0 = A_first^H λ_first``.
     ``adjoint(A, g)`` computes λ (default: the local adjoint scan). Under ``create_graph=True`` λ
     comes from a differentiable scan of the shifted, transposed transitions instead, so gradients
-    of gradients are exact.
+    of gradients are exact: ``differentiable_scan(A, b, reverse)`` (default: this op, whose
+    autograd is this function; a structure the op cannot carry passes its own).
     """
-    from .scan import linear_scan, shifted_adjoint_transitions
-
     g = g.contiguous()
     if torch.is_grad_enabled():
-        lam = linear_scan(shifted_adjoint_transitions(A, structure, reverse), g, None, structure,
-                          reverse=not reverse, backend=backend)
+        A_adj = shifted_adjoint_transitions(A, structure, reverse)
+        if differentiable_scan is None:
+            lam = scan(A_adj, g, None, str(structure), not reverse, False, backend)
+        else:
+            lam = differentiable_scan(A_adj, g, not reverse)
     elif adjoint is not None:
         lam = adjoint(A, g)
     else:

@@ -6,21 +6,7 @@ import torch
 from . import ops
 from .dispatch import BACKENDS, check_backend, resolve_backend, scan_dispatch  # noqa: F401 (re-exported)
 from .parallel import LOCAL, context_for
-from .structure import Structure, as_structure
-
-
-def shifted_adjoint_transitions(A: torch.Tensor, structure: Structure, reverse: bool,
-                                edge: torch.Tensor | None = None) -> torch.Tensor:
-    """``A'_t = A_{t±1}^H`` as a tensor: the transitions of the adjoint of a scan.
-
-    The adjoint of a forward scan is the reverse scan ``λ_t = A_{t+1}^H λ_{t+1} + g_t``, and vice
-    versa: the last visited step needs the transition beyond the chunk, ``edge [B, *jac]`` (the
-    next chunk's first, or the previous chunk's last with ``reverse``; zero, i.e. never read, for
-    a whole sequence). Built from differentiable ops, so the adjoint can itself be differentiated.
-    """
-    edge = (torch.zeros_like(A[:, 0]) if edge is None else edge).unsqueeze(1)
-    shifted = torch.cat([A[:, 1:], edge], 1) if not reverse else torch.cat([edge, A[:, :-1]], 1)
-    return structure.transpose(shifted)
+from .structure import Structure, as_structure, shifted_adjoint_transitions  # noqa: F401 (re-exported)
 
 
 class _LinearScanFn(torch.autograd.Function):
@@ -46,7 +32,9 @@ class _LinearScanFn(torch.autograd.Function):
         gA, lam, gh0 = ops.scan_grads(
             A, h, h_in, g, ctx.structure, ctx.reverse, ctx.backend, ctx.needs_input_grad[0],
             ctx.has_h0 and ctx.needs_input_grad[2],
-            adjoint=lambda A, g: pctx.adjoint_scan(A, g, ctx.structure, reverse=ctx.reverse, backend=ctx.backend))
+            adjoint=lambda A, g: pctx.adjoint_scan(A, g, ctx.structure, reverse=ctx.reverse, backend=ctx.backend),
+            differentiable_scan=lambda A, b, reverse: linear_scan(A, b, None, ctx.structure, reverse=reverse,
+                                                                  backend=ctx.backend))
         if gh0 is not None and not pctx.owns_h0(ctx.reverse):  # h0 only enters the chunk that starts the sequence
             gh0 = torch.zeros_like(gh0)
         return gA, lam, gh0, None, None, None, None

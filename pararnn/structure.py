@@ -303,4 +303,18 @@ def from_str(spec: str) -> Structure | None:
 
 _BLOCK_STR = re.compile(r"Block\((\d+)(, shared=True)?\)")
 
-__all__ = ["Block", "Dense", "Diagonal", "Structure", "as_structure", "compose", "from_str", "run_transition"]
+def shifted_adjoint_transitions(A: torch.Tensor, structure: Structure, reverse: bool,
+                                edge: torch.Tensor | None = None) -> torch.Tensor:
+    """``A'_t = A_{t±1}^H`` as a tensor: the transitions of the adjoint of a scan.
+
+    The adjoint of a forward scan is the reverse scan ``λ_t = A_{t+1}^H λ_{t+1} + g_t``, and vice
+    versa: the last visited step needs the transition beyond the chunk, ``edge [B, *jac]`` (the
+    next chunk's first, or the previous chunk's last with ``reverse``; zero, i.e. never read, for
+    a whole sequence). Built from differentiable ops, so the adjoint can itself be differentiated.
+    """
+    edge = (torch.zeros_like(A[:, 0]) if edge is None else edge).unsqueeze(1)
+    shifted = torch.cat([A[:, 1:], edge], 1) if not reverse else torch.cat([edge, A[:, :-1]], 1)
+    return structure.transpose(shifted)
+
+
+__all__ = ["shifted_adjoint_transitions", "Block", "Dense", "Diagonal", "Structure", "as_structure", "compose", "from_str", "run_transition"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..structure import Block, Diagonal, Structure
+from ..structure import Block, Diagonal, Structure, shifted_adjoint_transitions
 
 
 def _compose(structure: Structure, A_later: torch.Tensor, A_earlier: torch.Tensor) -> torch.Tensor:
@@ -27,8 +27,6 @@ def scan_assoc(A: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, struct
                reverse: bool = False, adjoint: bool = False) -> torch.Tensor:
     """``[B, T, d]``: the same answer as ``scan_reference`` (same arguments), by doubling."""
     if adjoint:  # the plain scan of the shifted, conjugate-transposed transitions (h0 is None)
-        from ..scan import shifted_adjoint_transitions
-
         if h0 is not None:
             raise ValueError("adjoint scans start from b; h0 must be None")
         return scan_assoc(shifted_adjoint_transitions(A, structure, not reverse), b, None, structure, reverse)

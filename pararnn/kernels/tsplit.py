@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..structure import Diagonal, Structure
+from ..structure import Diagonal, Structure, shifted_adjoint_transitions
 
 
 def composite_transition(scan, A: torch.Tensor, structure: Structure, d: int, reverse: bool = False) -> torch.Tensor:
@@ -52,8 +52,6 @@ def split_scan(scan, A: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, 
     """``scan(A, b, h0, structure, reverse=..., adjoint=...)`` (any backend's signature) computed
     with T split into ``pieces`` rows of about T/pieces steps. Returns ``[B, T, d]``."""
     if adjoint:  # the plain scan of the shifted, conjugate-transposed transitions
-        from ..scan import shifted_adjoint_transitions
-
         return split_scan(scan, shifted_adjoint_transitions(A, structure, not reverse), b, h0, structure,
                           pieces, reverse)
     if reverse:

@@ -326,14 +326,3 @@ def run(args: argparse.Namespace) -> dict:
         print("\nplots: " + ", ".join(plot_cells(result["cells"], base)))
     print(f"results: {args.out}, {base}.md")
     return result
-
-
-def main(argv=None):
-    """``python benchmarks/bench_engine.py [options]`` = ``pararnn bench [options]``."""
-    from pararnn.cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
