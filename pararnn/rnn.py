@@ -214,7 +214,7 @@ class CellFacts:
         """The cell's facts, renewed first if its parameters changed (see the class docstring)."""
         tensors = [*cell.parameters(), *cell.buffers()]
         ident = tuple((id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in tensors)
-        version = sum(t._version for t in tensors)
+        version = sum(-1 if t.is_inference() else t._version for t in tensors)  # (no counter in inference mode)
         facts = cell.__dict__.get("_pararnn_facts")
         if facts is None or facts.ident != ident:
             facts = cell.__dict__["_pararnn_facts"] = CellFacts(ident)
@@ -728,7 +728,8 @@ class RNN(nn.Module):
             with torch.no_grad():  # outside the checkpoints: inside one it would save tensors its recompute does not
                 _verify_once(self.cell, self._prepare(x[:, :min(T, 64)]), h0)
         warms = []
-        solve = _ForwardState(self.cell, self._solve_chunk)  # the recompute sees the forward's parameters
+        # the recompute sees the forward's parameters (only checkpointed chunks recompute)
+        solve = _ForwardState(self.cell, self._solve_chunk) if torch.is_grad_enabled() else None
         for i, (x_c, m_c) in enumerate(zip(x_chunks, mask_chunks)):
             o = opts if not isinstance(opts.init, torch.Tensor) else \
                 dataclasses.replace(opts, init=opts.init[:, i * C:(i + 1) * C])

@@ -219,3 +219,13 @@ def test_one_host_synchronisation_per_newton_iteration(make, extra):
             _, _, info = newton_solve(cell, u, h0, SolverOptions())
     assert info.all_converged and info.iterations >= 2
     assert c.count <= info.iterations + 1 + 2 * extra, (c.count, info.iterations)
+
+
+def test_inference_mode_with_cells_made_there_and_chunks():
+    """Inference tensors carry no version counter: the probe's facts and the chunked solve work
+    with a cell whose parameters were created under torch.inference_mode."""
+    with torch.inference_mode():
+        cell = ParaGRU(3, 4)
+        x = torch.randn(2, 30, 3)
+        y, _ = pararnn.RNN(cell, chunk_size=8)(x)
+        torch.testing.assert_close(y, pararnn.RNN(cell, mode="sequential")(x)[0])
