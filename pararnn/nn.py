@@ -66,9 +66,8 @@ class _RNNBase:
     """pararnn's solve behind a :class:`torch.nn.RNNBase` subclass (mixed in before it): torch's
     constructor makes the parameters, attributes, ``mode`` and argument checks; this adds one
     :class:`pararnn.RNN` per layer and direction, bound to those parameters, and replaces the
-    forward. Subclasses set ``_gates`` and ``_cell``."""
+    forward. Subclasses set ``_cell`` (or override ``_make_cell``)."""
 
-    _gates = 1
     _cell = None
 
     def _init_solvers(self, solver_mode: str, solver_options: dict) -> None:
@@ -238,7 +237,7 @@ class GRU(_RNNBase, nn.GRU):
         y, h_n = rnn(torch.randn(4, 1000, 16))                         # y [4, 1000, 32], h_n [2, 4, 32]
     """
 
-    _gates, _cell = 3, _GRUCell
+    _cell = _GRUCell
 
     def __init__(self, *args, **kwargs):
         solver_mode, options = self._split_options(args, kwargs)
@@ -249,8 +248,6 @@ class GRU(_RNNBase, nn.GRU):
 class RNN(_RNNBase, nn.RNN):
     """:class:`torch.nn.RNN` (``nonlinearity="tanh"`` or ``"relu"``), its forward solved by pararnn;
     see :class:`GRU` for the extra arguments."""
-
-    _gates = 1
 
     def __init__(self, *args, **kwargs):
         solver_mode, options = self._split_options(args, kwargs)
@@ -266,7 +263,7 @@ class LSTM(_RNNBase, nn.LSTM):
     solved by pararnn; see :class:`GRU` for the extra arguments. ``proj_size`` raises
     NotImplementedError."""
 
-    _gates, _cell = 4, _LSTMCell
+    _cell = _LSTMCell
 
     def __init__(self, *args, **kwargs):
         solver_mode, options = self._split_options(args, kwargs)
