@@ -340,8 +340,6 @@ def autotune_winners() -> dict:
 
 
 def part_timings(dry: bool, deadline: Deadline) -> dict:
-    import torch
-
     from pararnn.utils.timing import Deadline, copy_bandwidth
 
     dev = _device(dry)
@@ -356,7 +354,6 @@ def part_timings(dry: bool, deadline: Deadline) -> dict:
         out[f"{name}_skipped_for_time"] = d.skipped
     if not dry:
         out["autotune_winners"] = autotune_winners()
-    del torch
     return out
 
 
