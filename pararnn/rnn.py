@@ -364,7 +364,7 @@ def _check_prepare_is_per_step(cell, x: torch.Tensor, n: int = 6) -> None:
 def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagonal",
                 training: bool = True, dtype: torch.dtype = torch.float32, backend: str = "auto",
                 compile_cell: bool = False) -> str:
-    """The ``mode="auto"`` rule (measurements behind it: README, "Choosing a mode").
+    """The ``mode="auto"`` rule (measurements behind it: docs/convergence.md, "Choosing a mode").
 
     - Never a parallel solve whose scan would be the PyTorch loop over T (once per Newton step):
       sequential wherever :func:`pararnn.dispatch.auto_backend` answers ``"reference"`` (with
@@ -404,7 +404,7 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
     return "parallel" if (T >= AUTO_MIN_T and B * d * max(k, AUTO_MIN_WIDTH) <= limit) else "sequential"
 
 
-# The CPU auto rule's constants, calibrated on `pararnn bench` (README, "Choosing a mode"): the
+# The CPU auto rule's constants, calibrated on `pararnn bench` (docs/convergence.md, "Choosing a mode"): the
 # parallel fwd+bwd beat the strong loop up to B·d·k ≈ 8192 and the forward alone up to ≈ 1024;
 # below T = 64 the loop's few steps cost less than Newton's fixed overhead; a diagonal cell's
 # evaluation costs about 8 elementwise ops per entry, so it counts as k = 8.
