@@ -30,7 +30,7 @@ def case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
     """One row: medians (s) of the loop, eager and compiled parallel, fwd and fwd+bwd, and auto's picks."""
     import pararnn
     from pararnn.models import make_cell
-    from pararnn.studies.bench import strong_loop, time_methods
+    from pararnn_studies.bench import strong_loop, time_methods
 
     torch.manual_seed(0)
     cell = make_cell(name, d)  # input size d; state size cell.state_size
@@ -42,7 +42,7 @@ def case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
     methods = {"loop": (lambda x: strong_loop(cell, x), params), "parallel": (lambda x: eager(x)[0], params),
                "compile_cell": (lambda x: comp(x)[0], params)}
     row = {"cell": name, "B": B, "T": T, "d": ds, "structure": str(cell.get_structure()),
-           "work": B * ds * max(cell.get_structure().width(ds), pararnn.rnn.AUTO_MIN_WIDTH),
+           "work": B * ds * max(cell.get_structure().width(ds), pararnn.solver.mode.AUTO_MIN_WIDTH),
            **time_methods(methods, x, repeats)}
     for training in (True, False):
         key = "train" if training else "infer"
@@ -53,7 +53,7 @@ def case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    from pararnn.studies.common import markdown_table
+    from pararnn_studies.common import markdown_table
 
     def ratio(r, m, bw):
         return r[f"loop_{bw}_s"] / r[f"{m}_{bw}_s"]
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from tqdm import tqdm
 
-    from pararnn.studies.common import ensure_writable, run_metadata, set_threads, write_json_atomic, write_text
+    from pararnn_studies.common import ensure_writable, run_metadata, set_threads, write_json_atomic, write_text
 
     ensure_writable(args.out, "--out")
     set_threads(args.threads)

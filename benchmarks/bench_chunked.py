@@ -66,7 +66,7 @@ def main(argv=None):
     sys.path.insert(0, ".")
     from tqdm import tqdm
 
-    from pararnn.studies.common import ensure_writable, markdown_table, run_metadata, write_json_atomic, write_text
+    from pararnn_studies.common import ensure_writable, markdown_table, run_metadata, write_json_atomic, write_text
 
     ensure_writable(args.out, "--out")
     s = 16 if args.quick else 1

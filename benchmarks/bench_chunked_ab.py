@@ -37,7 +37,7 @@ def main(argv=None):
     ap.add_argument("--out", default="results/bench_chunked_ab.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, args.new)
-    from pararnn.studies.common import markdown_table, run_metadata, write_text
+    from pararnn_studies.common import markdown_table, run_metadata, write_text
 
     rows = []
     for case in CASES:

@@ -122,7 +122,7 @@ def train_case(kind: str, size: float, B: int, T: int, d: int, repeats: int, see
 
 
 def table(rows) -> str:
-    from pararnn.studies.common import markdown_table
+    from pararnn_studies.common import markdown_table
 
     header = ["cell", "size", "B", "T", "d", "Lyapunov λ", "Newton steps", "sweeps", "safeguard", "fell back",
               "error (parallel)", "error (fp32 loop)", "parallel (ms)", "sequential (ms)", "speedup",
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from tqdm import tqdm
 
-    from pararnn.studies.common import (ensure_writable, markdown_table, run_metadata, set_threads, write_json_atomic,
+    from pararnn_studies.common import (ensure_writable, markdown_table, run_metadata, set_threads, write_json_atomic,
                                         write_text)
 
     ensure_writable(args.out, "--out")

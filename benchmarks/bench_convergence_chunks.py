@@ -58,7 +58,7 @@ def main(argv=None):
     sys.path.insert(0, ".")
     from tqdm import tqdm
 
-    from pararnn.studies.common import ensure_writable, markdown_table, run_metadata, set_threads, write_json_atomic, write_text
+    from pararnn_studies.common import ensure_writable, markdown_table, run_metadata, set_threads, write_json_atomic, write_text
 
     ensure_writable(args.out, "--out")
     set_threads(1)

@@ -66,7 +66,7 @@ def _scan_inputs(structure, dtype, T: int, lanes_bytes: int, dev):
 
 
 def part_compile(dev, smoke: bool, deadline: Deadline) -> list[dict]:
-    from pararnn import dispatch
+    from pararnn.kernels import dispatch
     from pararnn.utils.timing import median_time, sync
 
     rows = []
@@ -88,7 +88,7 @@ def part_compile(dev, smoke: bool, deadline: Deadline) -> list[dict]:
 
 
 def part_scans(dev, smoke: bool, deadline: Deadline) -> list[dict]:
-    from pararnn import dispatch
+    from pararnn.kernels import dispatch
     from pararnn.utils.timing import copy_bandwidth, median_time
 
     Ts = [256, 1024] if smoke else [1 << 10, 1 << 12, 1 << 14, 1 << 16]
@@ -214,7 +214,7 @@ def part_tests(timeout: int) -> dict:
 
 
 def markdown(out: dict) -> str:
-    from pararnn.studies.common import markdown_table
+    from pararnn_studies.common import markdown_table
 
     parts = [f"# pararnn on {out['device']}\n", f"pararnn {out['pararnn']}, commit {out['commit']}, {out['date']}\n"]
     if "compile" in out:
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     if "compile" in parts and not args.smoke_cpu:  # a cold cache, so the first calls compile
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pararnn_triton_cache_")
-    from pararnn.studies.common import (
+    from pararnn_studies.common import (
         ensure_writable,
         run_metadata,
         write_json_atomic,

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 
     import pararnn
     from pararnn.models import ParaGRU
-    from pararnn.studies.common import (
+    from pararnn_studies.common import (
         ensure_writable,
         markdown_table,
         run_metadata,

@@ -38,7 +38,7 @@ def main(argv=None):
     ap.add_argument("--out", default="results/bench_memory.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, ".")
-    from pararnn.studies.common import ensure_writable, run_metadata, write_json_atomic
+    from pararnn_studies.common import ensure_writable, run_metadata, write_json_atomic
 
     ensure_writable(args.out, "--out")
 

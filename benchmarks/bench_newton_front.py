@@ -20,7 +20,8 @@ import torch
 
 
 def plain_newton(cell, u: torch.Tensor, dtype: torch.dtype, max_iters: int, tol: float) -> dict:
-    from pararnn.newton import SolverOptions, evaluate, initial_guess
+    from pararnn.solver.evaluate import evaluate, initial_guess
+    from pararnn.solver.options import SolverOptions
     from pararnn.scan import linear_scan
 
     structure = cell.get_structure()
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     sys.path[:0] = [here, os.path.join(here, "..")]
     from tqdm import tqdm
 
-    from pararnn.studies.common import (
+    from pararnn_studies.common import (
         ensure_writable,
         markdown_table,
         run_metadata,

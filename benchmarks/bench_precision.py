@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     import pararnn
     from pararnn.models import make_cell
-    from pararnn.studies.common import (ensure_writable, markdown_table, run_metadata, set_threads,
+    from pararnn_studies.common import (ensure_writable, markdown_table, run_metadata, set_threads,
                                         write_json_atomic, write_text)
     from pararnn.utils.timing import interleaved_medians
 

@@ -67,7 +67,7 @@ def part_env(dry: bool, deadline: Deadline) -> dict:
     import torch
 
     import pararnn
-    from pararnn import dispatch
+    from pararnn.kernels import dispatch
     from pararnn.structure import as_structure
 
     dev = _device(dry)
@@ -181,7 +181,7 @@ def part_paths(dry: bool, deadline: Deadline) -> dict:
     import torch
 
     import pararnn
-    from pararnn import dispatch
+    from pararnn.kernels import dispatch
     from pararnn.kernels.reference import scan_reference
     from pararnn.structure import as_structure
 
@@ -311,7 +311,7 @@ def _checked_scans(dev, dry: bool) -> list[dict]:
     """Each scan family's timed output against the log-depth PyTorch scan, before it is timed."""
     import torch
 
-    from pararnn import dispatch
+    from pararnn.kernels import dispatch
     from pararnn.structure import Block, as_structure
 
     rows = []

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pararnn.models import SequenceModel
-from pararnn.studies.common import ddp_rank_world, init_distributed_from_env
-from pararnn.studies.tasks import TASKS
+from pararnn_studies.common import ddp_rank_world, init_distributed_from_env
+from pararnn_studies.tasks import TASKS
 
 
 def main(steps: int = 200, global_batch: int = 32, seed: int = 0):

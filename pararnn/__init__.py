@@ -1,50 +1,35 @@
 """pararnn: train nonlinear RNNs in parallel over the sequence length (Newton + parallel scans).
 
-The public names load on first use (PEP 562), so ``pararnn --version`` and ``pararnn --help``
-answer without importing torch. The first one loaded brings the whole API, including
-``pararnn.distributed`` (which registers the sequence-parallel context; ``process_group=`` also
-imports it where it is missing). Every submodule imports on its own (``import pararnn.scan``).
+The public API is imported here. ``pararnn.models`` (the cell zoo and layers), ``pararnn.nn``
+(torch.nn drop-ins) and ``pararnn.distributed`` (sequence parallelism) are imported by their users;
+``process_group=`` imports ``pararnn.distributed`` where it is missing. The ``pararnn`` command
+lives in ``pararnn_studies``, so ``pararnn --help`` does not import this package.
 """
 from __future__ import annotations
 
-import importlib
+from .cell import Cell, autodiff_step_and_jacobian
+from .diagnostics import Diagnosis, diagnose
+from .rnn import RNN
+from .scan import linear_scan
+from .solver import (ConvergenceError, ConvergenceWarning, SolverInfo, SolverOptions, SolveStats, choose_mode,
+                     sequential_solve)
+from .structure import Block, Dense, Diagonal, Structure
+from .verify import CellCheckError, check_structure, dense_jacobian
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-# public name -> submodule that defines it
-_API = {
-    "Cell": "cell", "autodiff_step_and_jacobian": "cell", "check_structure": "cell", "dense_jacobian": "cell",
-    "Block": "structure", "Dense": "structure", "Diagonal": "structure", "Structure": "structure",
-    "ConvergenceError": "newton", "ConvergenceWarning": "newton", "SolverInfo": "newton",
-    "SolverOptions": "newton", "sequential_solve": "newton",
-    "RNN": "rnn", "SolveStats": "rnn", "choose_mode": "rnn",
-    "linear_scan": "scan",
-    "Diagnosis": "diagnostics", "diagnose": "diagnostics",
-}
-_SUBMODULES = ("cell", "structure", "newton", "rnn", "scan", "diagnostics", "dispatch", "parallel", "distributed",
-               "kernels", "models", "nn", "studies", "utils")
+__all__ = ["Block", "Cell", "CellCheckError", "ConvergenceError", "ConvergenceWarning", "Dense", "Diagnosis",
+           "Diagonal", "RNN", "SolveStats", "SolverInfo", "SolverOptions", "Structure", "autodiff_step_and_jacobian",
+           "check_structure", "choose_mode", "dense_jacobian", "diagnose", "linear_scan", "sequential_solve"]
 
-__all__ = sorted(_API)
-
-
-def _load_api() -> None:
-    """Import the API and bind every public name (``pararnn.diagnose`` is the function, not the
-    submodule of the same name, which importing it would otherwise bind)."""
-    if "RNN" in globals():
-        return
-    modules = {mod: importlib.import_module(f".{mod}", __name__) for mod in dict.fromkeys(_API.values())}
-    importlib.import_module(".distributed", __name__)  # registers the process_group context
-    globals().update({name: getattr(modules[mod], name) for name, mod in _API.items()})
+_SUBMODULES = ("models", "nn", "distributed")
 
 
 def __getattr__(name: str):
-    if name in _API:
-        _load_api()
-        return globals()[name]
-    if name in _SUBMODULES:  # a submodule alone (`from . import dispatch` inside the package lands here too)
+    """``pararnn.models``, ``pararnn.nn`` and ``pararnn.distributed`` without importing them first
+    (the API above is imported explicitly; these clients load on first use)."""
+    if name in _SUBMODULES:
+        import importlib
+
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pararnn' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_API, *_SUBMODULES])

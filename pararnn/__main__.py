@@ -1,6 +1,6 @@
-"""``python -m pararnn`` = the ``pararnn`` command."""
+"""``python -m pararnn`` = the ``pararnn`` command (:mod:`pararnn_studies.cli`)."""
 import sys
 
-from .cli import main
+from pararnn_studies.cli import main
 
 sys.exit(main())

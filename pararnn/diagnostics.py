@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .newton import sequential_solve
+from .solver.fallback import sequential_solve
 from .structure import Diagonal
 
 

@@ -17,7 +17,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from .dispatch import scan_dispatch
+from .kernels.dispatch import scan_dispatch
 from .kernels.tsplit import composite_transition
 from .parallel import ParallelContext, register_group_context
 from .structure import shifted_adjoint_transitions as local_shifted_adjoint_transitions

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from . import compat
+
 SPLIT = 0.55  # below: the polynomial; at and above: the exp form
 # P(s), s = x², lowest degree first: tanh(x) ≈ x + x³ P(x²) on |x| < SPLIT (see the module docstring)
 POLY = (-0.33333317562729603, 0.13332586225913973, -0.05385231796969517, 0.02107170896648837,
@@ -105,7 +107,5 @@ def rewrite_tanh(gm: torch.fx.GraphModule) -> int:
 
 def compile_backend(gm: torch.fx.GraphModule, example_inputs):
     """torch.compile backend: :func:`rewrite_tanh`, then inductor."""
-    from torch._inductor.compile_fx import compile_fx
-
     rewrite_tanh(gm)
-    return compile_fx(gm, example_inputs)
+    return compat.inductor_compile_fx()(gm, example_inputs)

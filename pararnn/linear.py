@@ -25,9 +25,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import compat
+
 ONEDNN_MIN_MACS = 1 << 21  # rows · D_in · D_out below this stay on F.linear
 
-_onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_onednn = compat.onednn_linear()
 
 
 @torch.library.custom_op("pararnn::linear", mutates_args=())
@@ -69,7 +71,7 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return False
     if any(t.dtype != torch.float32 for t in (x, weight) + (() if bias is None else (bias,))):
         return False
-    if torch.is_autocast_enabled("cpu") or torch._C._are_functorch_transforms_active():
+    if torch.is_autocast_enabled("cpu") or compat.functorch_transforms_active():
         return False
     d_out, d_in = weight.shape
     return d_in > 0 and x.numel() * d_out >= ONEDNN_MIN_MACS

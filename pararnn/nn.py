@@ -10,7 +10,6 @@ each sequence reversed within its length.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +93,7 @@ class _RNNBase:
         rest are torch.nn's). ``mode=`` with a solver mode is the old name of ``solver_mode``."""
         import dataclasses
 
-        from .newton import SolverOptions
+        from .solver.options import SolverOptions
 
         for i, name in enumerate(("input_size", "hidden_size", "num_layers")):  # torch's TypeError, named
             value = kwargs.get(name, args[i] if i < len(args) else 1)
@@ -296,10 +295,11 @@ def safe_globals() -> list:
     """
     import collections
 
-    from . import cell, newton, rnn, structure
+    from . import cell, structure
+    from .solver import options
 
-    return [GRU, LSTM, RNN, _GRUCell, _LSTMCell, _ElmanCell, _Solver, newton.SolverOptions, newton.SolverInfo,
-            rnn.SolveStats,
+    return [GRU, LSTM, RNN, _GRUCell, _LSTMCell, _ElmanCell, _Solver, options.SolverOptions, options.SolverInfo,
+            options.SolveStats,
             structure.Diagonal, structure.Dense, structure.Block, cell.Cell, collections.OrderedDict, set,
             torch.nn.modules.container.ModuleList, torch.nn.modules.linear.Identity]
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from . import dispatch
+from .kernels import dispatch
 
 
 class ParallelContext:
@@ -28,7 +28,7 @@ class ParallelContext:
     def scan(self, A, b, h0, structure, reverse=False, backend="auto", out=None, base=None):
         """``h_t = A_t h_{t∓1} + b_t`` over this chunk. Returns ``(h [B, T, d], h_in [B, d] | None)``:
         h_in is the state entering the chunk (None: zeros). With ``base [B, T, d]``, ``base + h``
-        in place of h (:func:`pararnn.dispatch.scan`)."""
+        in place of h (:func:`pararnn.kernels.dispatch.scan`)."""
         return dispatch.scan(A, b, h0, structure, reverse=reverse, backend=backend, out=out, base=base), h0
 
     def adjoint_scan(self, A, g, structure, reverse=False, backend="auto", out=None):

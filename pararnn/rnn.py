@@ -1,4 +1,9 @@
-"""`RNN`: run a `Cell` over a sequence, in parallel (Newton + scans) or sequentially."""
+"""`RNN`: run a `Cell` over a sequence, in parallel (Newton + scans) or sequentially.
+
+The module validates its inputs, chooses the mode and calls the engine: :mod:`pararnn.autograd`
+(the differentiable parallel solve), :mod:`pararnn.chunking` (``chunk_size``) and
+:mod:`pararnn.solver` (Newton, the sequential loop, the options).
+"""
 from __future__ import annotations
 
 import collections
@@ -10,121 +15,21 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .cell import Cell, is_affine, verify_cell
-from .dispatch import auto_backend
-from .newton import (ConvergenceError, SolverInfo, SolverOptions, auto_chunk_size, can_compile, compiled_piece,
-                     contiguous_pieces, graph_piece, handle_failure, newton_solve, replay_steps, sequential_solve,
-                     static_features)
+from . import compat
+from .autograd import TORCH_FUNC_MSG, parallel_solve
+from .cell import Cell
+from .chunking import solve_in_chunks
 from .parallel import context_for
 from .runtime import release_freed_memory
 from .scan import check_cu_seqlens
-from .structure import as_structure, compose, run_transition
-from .workspace import workspace
+from .solver.compile import can_compile
+from .solver.fallback import sequential_solve
+from .solver.mode import choose_mode
+from .solver.newton import replay_steps
+from .solver.options import SolverInfo, SolverOptions, SolveStats, auto_chunk_size
+from .structure import run_transition
 
 MODES = ("parallel", "sequential", "auto")
-
-
-class _Adjoint(torch.autograd.Function):
-    """Identity on the solution whose backward is the adjoint scan.
-
-    Inputs: the converged states ``H [B, T, d]`` (no grad), ``J [B, T, *jac]`` (df/dh at H), the
-    initial state ``h0 [B, d]`` (or None where this solve does not own it) and the pieces
-    ``f_p [N_p, d]`` of one graph-carrying evaluation ``f(h_{t-1}, u_t)`` at the solution, one per
-    ``(b0, b1, t0, t1)`` of ``pieces`` (rows in (b, t) order). Output: H. Backward: the state
-    cotangents solve ``λ_t = g_t + J_{t+1}^H λ_{t+1}`` (one reverse scan); λ, cut into the same
-    pieces, is the cotangent of each f_p, so autograd's ordinary vjp of ``step`` delivers the
-    gradients of u and of anything else step depends on (parameters, functional_call swaps,
-    closures), and h0's is ``J_1^H λ_1`` (its vjp through the first step). Nothing from the Newton
-    iterations is kept.
-    """
-
-    @staticmethod
-    def forward(ctx, H, J, h0, structure, backend, pctx, pieces, *f_pieces):
-        ctx.save_for_backward(J)
-        ctx.structure, ctx.backend, ctx.pctx, ctx.pieces = structure, backend, pctx, pieces
-        return H.clone()  # an ordinary tensor (H is a view of the solver's [B, T+1, d] buffer)
-
-    @staticmethod
-    def backward(ctx, g):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "pararnn: double backward (create_graph=True) through a parallel solve is not supported: "
-                "the Jacobians of the solve are not differentiable. Use mode='sequential' for "
-                "higher-order gradients.")
-        (J,) = ctx.saved_tensors
-        st = ctx.structure
-        lam = ctx.pctx.adjoint_scan(J, g.contiguous(), st, backend=ctx.backend)  # [B, T, d]
-        gh0 = st.matvec(st.transpose(J[:, 0]), lam[:, 0]) if ctx.needs_input_grad[2] else None  # [B, d]
-        f_grads = split_pieces(lam, ctx.pieces) if ctx.pieces else []  # no pieces: only h0 wants a gradient
-        return (None, None, gh0, None, None, None, None, *f_grads)
-
-
-def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, warn=None,
-                   mask: torch.Tensor | None = None, on_jacobians=None, replay: int | None = None):
-    """Differentiable parallel solve: ``(H [B, T, d], SolverInfo)``.
-
-    Newton runs without a graph, then the failure policy (``opts.on_fail``) is applied. If
-    gradients are wanted, one more evaluation of ``step`` at the solution (in pieces, see
-    :func:`pararnn.newton.contiguous_pieces`; compiled with ``compile_cell``) carries the graph,
-    and :class:`_Adjoint` turns the incoming state gradients into its cotangents with one
-    reverse-time scan. ``mask [B, T]`` (False = padded step) holds the state there.
-    ``on_jacobians(J)``, if given, is called with ``J [B, T, *jac]`` at the solution (no grad; valid
-    during the call only: without gradients J's buffer is kept for the next solve).
-    ``replay=k``: repeat a solve that converged in k steps (see :func:`pararnn.newton.newton_solve`).
-    """
-    if _under_torch_func():
-        raise RuntimeError(TORCH_FUNC_MSG)
-    pctx = context_for(opts.process_group)
-    if opts.check_cell:
-        _verify_once(cell, u, h0)
-    inference = not torch.is_grad_enabled()
-    with torch.no_grad(), workspace(u.device) as ws:
-        # S: [B, T+1, d] = (h0, h_1..h_T). Without gradients S and J die here too: kept buffers.
-        S, J, info = newton_solve(cell, u, h0, opts, pctx, mask, replay, ws=ws, outputs_from_ws=inference)
-        handle_failure(cell, u, S, J, info, opts, pctx, mask=mask, **({} if warn is None else {"warn": warn}))
-        if on_jacobians is not None:
-            on_jacobians(J)
-        if inference:
-            return S[:, 1:].clone(), info  # not a view of the solver's buffer: y.view(), y += 1 work
-    H = S[:, 1:]
-    B, T, d = H.shape
-    h0 = h0 if pctx.owns_h0() and h0.requires_grad else None  # h_{-1} = h0: its gradient is J_1^H λ_1
-    pieces = contiguous_pieces(B, T, d, opts.eval_chunk)
-    piece = compiled_piece(graph_piece, cell) if opts.compile_cell and can_compile(H) else graph_piece
-    f_pieces = []
-    for (b0, b1, t0, t1), u_p in zip(pieces, split_pieces(u, pieces)):
-        N = (b1 - b0) * (t1 - t0)
-        hp = S[b0:b1, t0:t1].reshape(N, d)  # previous states, no grad (a copy for several rows)
-        m = None if mask is None else mask[b0:b1, t0:t1].reshape(N)  # padded steps hold the state
-        if piece is not graph_piece:
-            static_features(1, hp, u_p)
-        f = piece(cell, hp, u_p, m)  # [N, d]
-        if not f.requires_grad:
-            if h0 is None:
-                return H.clone(), info  # nothing upstream wants a gradient
-            f_pieces, pieces = [], []  # only h0 does
-            break
-        f_pieces.append(f)
-    return _Adjoint.apply(H, J, h0, cell.get_structure(), opts.backend, pctx, pieces, *f_pieces), info
-
-
-def split_pieces(x: torch.Tensor, pieces: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
-    """``x [B, T, *]`` cut into the pieces ``[N_p, *]`` of :func:`pararnn.newton.contiguous_pieces`
-    (runs of memory, rows in (b, t) order) by one split of ``x`` flattened to ``[B·T, *]``, so that
-    autograd's backward is one cat (a slice's backward writes a full-size tensor per slice). One
-    piece is the flattened view itself, whose backward is a view too (a split into one piece cost
-    a copy in the backward: 0.5 ms of a 3.5 ms backward at B = 1, T = 4096, d = 64)."""
-    flat = x.reshape(-1, *x.shape[2:])
-    if len(pieces) == 1:
-        return [flat]
-    return list(flat.split([(b1 - b0) * (t1 - t0) for b0, b1, t0, t1 in pieces]))
-
-
-TORCH_FUNC_MSG = (
-    "pararnn: torch.func transforms (grad, vmap, jacrev, functional_call under them) cannot trace a parallel "
-    "solve (its Newton loop and scans run outside autograd's functional tracing). Use mode='sequential' "
-    "(or 'auto') under torch.func, or ordinary autograd (loss.backward(), torch.autograd.grad), which the "
-    "parallel solve supports.")
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -138,49 +43,6 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _under_torch_func() -> bool:
-    """Whether a torch.func transform (grad, vmap, jvp, ...) is tracing this call."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-@dataclasses.dataclass
-class SolveStats:
-    """Running totals of an :class:`RNN`'s solves since construction or :meth:`reset`, so drift in
-    Newton steps or fallbacks during training is visible (``rnn.stats``)."""
-
-    calls: int = 0
-    parallel_calls: int = 0
-    newton_steps: int = 0
-    max_newton_steps: int = 0
-    sequences: int = 0
-    fell_back: int = 0
-    not_converged: int = 0
-    safeguarded: int = 0
-    sweeps: int = 0
-
-    def record(self, info: SolverInfo) -> None:
-        self.calls += 1
-        if info.mode != "parallel":
-            return
-        self.parallel_calls += 1
-        self.newton_steps += info.iterations
-        self.max_newton_steps = max(self.max_newton_steps, info.iterations)
-        self.sequences += len(info.converged)
-        self.fell_back += int(info.fell_back.sum())
-        self.not_converged += int((~info.converged).sum())
-        self.safeguarded += int(info.safeguarded)
-        self.sweeps += info.sweeps
-
-    @property
-    def mean_newton_steps(self) -> float:
-        return self.newton_steps / max(self.parallel_calls, 1)
-
-    def reset(self) -> None:
-        self.__init__()
-
-    def summary(self) -> dict:
-        return {**dataclasses.asdict(self), "mean_newton_steps": self.mean_newton_steps}
-
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -193,150 +55,6 @@ def _autocast_dtype(device: torch.device):
     return torch.get_autocast_dtype(kind)
 
 
-class CellFacts:
-    """What the one-off probes found about a cell (kept in ``cell.__dict__``): which (dtype, device,
-    structure) passed :func:`pararnn.cell.verify_cell`, whether ``prepare`` is per step, and whether
-    ``step`` is affine in h (``init="auto"`` reads it).
-
-    The facts belong to the cell's current parameters. They are forgotten when a parameter or
-    buffer is replaced, moved or cast (its identity changes) and on ``load_state_dict``
-    (:meth:`Cell._load_from_state_dict`); in-place updates (training) renew them on the 1st, 2nd,
-    4th, 8th, ... update seen, so a run of n optimiser steps re-probes about log2(n) times (the probe
-    costs 7-23 ms at d = 64-256, a few percent of a training step)."""
-
-    def __init__(self, ident):
-        self.ident, self.version, self.updates, self.next_check = ident, None, 0, 1
-        self.verified: set = set()
-        self.affine = False
-
-    @staticmethod
-    def of(cell) -> "CellFacts":
-        """The cell's facts, renewed first if its parameters changed (see the class docstring)."""
-        tensors = [*cell.parameters(), *cell.buffers()]
-        ident = tuple((id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in tensors)
-        version = sum(-1 if t.is_inference() else t._version for t in tensors)  # (no counter in inference mode)
-        facts = cell.__dict__.get("_pararnn_facts")
-        if facts is None or facts.ident != ident:
-            facts = cell.__dict__["_pararnn_facts"] = CellFacts(ident)
-        elif facts.version is not None and version != facts.version:
-            facts.updates += 1
-            if facts.updates >= facts.next_check:
-                facts.verified.clear()
-                facts.affine = False
-                facts.next_check *= 2
-        facts.version = version
-        return facts
-
-
-def _verify_key(cell, h0: torch.Tensor):
-    """What :func:`_verify_once` verifies once: the cell at this dtype, device and structure."""
-    return h0.dtype, h0.device, str(cell.get_structure())
-
-
-def _verified(cell, h0: torch.Tensor) -> bool:
-    return _verify_key(cell, h0) in CellFacts.of(cell).verified
-
-
-def _verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
-    """Run :func:`pararnn.cell.verify_cell` once per cell, dtype and device, at n sampled positions
-    (again after the cell's parameters change: :class:`CellFacts`)."""
-    if _verified(cell, h0):
-        return
-    B, T = u.shape[:2]
-    b = torch.arange(n, device=u.device) % B
-    t = torch.linspace(0, T - 1, n, device=u.device).long()
-    with torch.no_grad():
-        u_s = u[b, t].detach()  # [n, *]
-        h_s = cell.step(h0[b].detach(), u_s)  # a state at the scale the solve will see, [n, d]
-    with torch.enable_grad(), torch.autocast(u.device.type, enabled=False):  # the cell's math, in full precision
-        verify_cell(cell, h_s, u_s)
-        affine = is_affine(cell, h_s, u_s)
-    facts = CellFacts.of(cell)
-    facts.affine = affine  # init="auto" reads it
-    facts.verified.add(_verify_key(cell, h0))
-
-
-class _Place(torch.autograd.Function):
-    """``buf[:, t0:t0+n] = y_c`` in place, returning buf: a chunked solve's outputs go into one
-    buffer as each chunk finishes (a cat at the end would hold every chunk and the result at once).
-    Backward: buf's gradient passes through unchanged (each earlier write reads only its own
-    slice of it) and y_c gets its slice, a view."""
-
-    @staticmethod
-    def forward(ctx, buf, y_c, t0: int):
-        ctx.t0, ctx.n = t0, y_c.shape[1]
-        buf[:, t0:t0 + ctx.n].copy_(y_c)
-        ctx.mark_dirty(buf)
-        return buf
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, g[:, ctx.t0:ctx.t0 + ctx.n], None
-
-
-class _Bind(nn.Module):
-    """Calls ``fn(*args)`` with ``root`` as a submodule, so :func:`torch.func.functional_call` can
-    bind root's parameters and buffers around any function, not only ``root.forward``."""
-
-    def __init__(self, root: nn.Module):
-        super().__init__()
-        self.root = root
-
-    def forward(self, fn, *args):
-        return fn(*args)
-
-
-class _ForwardState:
-    """``fn(*args)`` (a chunk's solve, activation-checkpointed) run with the parameters and buffers
-    the cell had when the forward ran, so the backward's recompute evaluates the same function:
-    under ``torch.func.functional_call`` the module's own tensors are back in place by the time the
-    backward runs. A tensor changed in place since the forward (its version counter moved) raises,
-    as autograd does for the tensors it saves. Parameters bound from an owner (``pararnn.nn``) are
-    the owner's."""
-
-    def __init__(self, cell, fn):
-        root = cell.__dict__.get("_owner", cell)
-        self.bind, self.fn = _Bind(root), fn
-        self.state = {f"root.{k}": t for k, t in [*root.named_parameters(remove_duplicate=False),
-                                                   *root.named_buffers(remove_duplicate=False)]}
-        self.versions = {k: t._version for k, t in self.state.items()}
-
-    def __call__(self, *args):
-        for k, t in self.state.items():
-            if t._version != self.versions[k]:
-                raise RuntimeError(
-                    f"pararnn: {k.removeprefix('root.')} was modified in place between the forward and the "
-                    "backward of a chunked solve (chunk_size), whose backward recomputes each chunk with "
-                    "it; call backward before changing it (e.g. before optimizer.step()).")
-        return torch.func.functional_call(self.bind, self.state, (self.fn, *args), tie_weights=False)
-
-
-class _LinkRanks(torch.autograd.Function):
-    """Identity on this rank's ``(y, h_last)`` (returned as copies) whose backward adds the cotangent
-    ``μ`` of h_last from the later ranks (see :meth:`RNN._solve_across_ranks`). ``s_in`` is this rank's entering
-    state (a leaf; None on the first rank, which needs no ``g``)."""
-
-    @staticmethod
-    def forward(ctx, pctx, structure, P, s_in, y, h):
-        ctx.pctx, ctx.structure, ctx.P, ctx.s_in = pctx, structure, P, s_in
-        ctx.save_for_backward(y, h)
-        # copies, not views: a custom Function's view output cannot be modified in place (y += skip),
-        # and marking y dirty instead would route the backward's own grad of (y, h) back into this node
-        return y.clone(), h.clone()
-
-    @staticmethod
-    def backward(ctx, gy, gh):
-        y, h = ctx.saved_tensors
-        gy = torch.zeros_like(y) if gy is None else gy
-        gh = torch.zeros_like(h) if gh is None else gh
-        g = torch.zeros_like(h)
-        if ctx.s_in is not None:  # the entering state's cotangent from this rank's own outputs
-            with torch.enable_grad():
-                (g,) = torch.autograd.grad((y, h), ctx.s_in, (gy, gh), retain_graph=True, allow_unused=True)
-            g = torch.zeros_like(h) if g is None else g
-        mu = ctx.pctx.link_cotangents(g, ctx.P, ctx.structure)
-        return None, None, None, None, gy, gh + mu
-
 
 def _renamed(options: dict) -> dict:
     if "chunk" in options:
@@ -344,76 +62,6 @@ def _renamed(options: dict) -> dict:
                         "chunk_size is the number of time steps per solve chunk")
     return options
 
-
-def _check_prepare_is_per_step(cell, x: torch.Tensor, n: int = 6) -> None:
-    """``chunk_size`` prepares each chunk on its own, which is right only if ``prepare`` acts on each
-    time step independently: checked once per cell on the first ``n`` steps of one sequence."""
-    done = CellFacts.of(cell).verified
-    if "prepare_per_step" in done or x.shape[1] < 3:
-        return
-    xs = x[:1, :n].detach()
-    with torch.no_grad():
-        whole, tail = cell.prepare(xs)[:, 2:], cell.prepare(xs[:, 2:])
-    if not torch.allclose(whole, tail, rtol=1e-4, atol=1e-6 * (1 + float(whole.abs().max()))):
-        raise ValueError(f"chunk_size needs a prepare() that acts on each time step on its own, but "
-                         f"{type(cell).__name__}.prepare mixes time steps (e.g. a convolution over T): "
-                         f"chunks would see different inputs. Use chunk_size=None for this cell.")
-    done.add("prepare_per_step")
-
-
-def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagonal",
-                training: bool = True, dtype: torch.dtype = torch.float32, backend: str = "auto",
-                compile_cell: bool = False) -> str:
-    """The ``mode="auto"`` rule (measurements behind it: docs/convergence.md, "Choosing a mode").
-
-    - Never a parallel solve whose scan would be the PyTorch loop over T (once per Newton step):
-      sequential wherever :func:`pararnn.dispatch.auto_backend` answers ``"reference"`` (with
-      ``backend="auto"``; e.g. a CPU without numba).
-    - CUDA: parallel (Triton, or the log-depth ``"assoc"`` scan where no kernel exists; the scan
-      is O(log T) deep and the step evaluations fill the device; not measured on a GPU yet).
-    - CPU: the sequential loop costs ~T × per-step op latency, nearly independent of width; the
-      parallel solve costs ~(Newton iterations) × B·T·d·k element operations, k the Jacobian
-      width (block size, or d for dense; counted as at least 8 for diagonal cells, whose
-      evaluation is a dozen elementwise ops per entry). Parallel wins when the work per step,
-      ``B·d·max(k, 8)``, is small: up to 8192 when training (the parallel backward is one scan,
-      the sequential one another T-step loop) and up to 1024 for inference. With
-      ``compile_cell=True`` (the fused evaluation, 1.5-2.5× cheaper) and k <= 8 the limits are
-      16384 and 2048 (dense cells keep the eager limits: their cost is the d×d Jacobians and
-      scan, not the elementwise evaluation). T < 64 stays sequential.
-
-    Calibration (benchmarks/bench_auto.py, T = 2048, AMD EPYC VM, results/bench_auto_*): the
-    eager training step beats the loop up to work 16384 for ParaGRU (1.08-1.09× there at 1
-    thread) but ParaLSTM (jvp Jacobian) loses there (0.51×), hence 8192; the eager forward wins at
-    2048 (ParaGRU 1.57×) and loses at 4096 (0.95-0.98×), hence 1024. Compiled, the training step
-    wins at 16384 for ParaGRU (1.59-2.11× at 1 thread, 2.47-3.10× at 2) and ParaLSTM at 2 threads
-    (1.51×), not at 1 (0.75×); the forward wins at 2048 (ParaGRU 3.36×, 4.43× at 2 threads) and at
-    4096-8192 only for ParaGRU (1.13-2.04×; ParaLSTM 0.56× at 4096, 1 thread). The rule sees
-    neither the thread count nor whether the Jacobian is hand-written: it leaves wins on the table
-    (compiled ParaGRU forward at 4096-8192; at 16384 it ties at 2 threads, 0.99-1.08×).
-    """
-    structure = as_structure(structure, d)
-    if backend == "auto" and auto_backend(device, dtype, structure, d) == "reference":
-        return "sequential"
-    if device.type == "cuda":
-        return "parallel"
-    k = structure.width(d)
-    if compile_cell and k <= AUTO_MIN_WIDTH:  # the fused evaluation cheapens elementwise work, not d×d Jacobians
-        limit = AUTO_WORK_TRAINING_COMPILED if training else AUTO_WORK_INFERENCE_COMPILED
-    else:
-        limit = AUTO_WORK_TRAINING if training else AUTO_WORK_INFERENCE
-    return "parallel" if (T >= AUTO_MIN_T and B * d * max(k, AUTO_MIN_WIDTH) <= limit) else "sequential"
-
-
-# The CPU auto rule's constants, calibrated on `pararnn bench` (docs/convergence.md, "Choosing a mode"): the
-# parallel fwd+bwd beat the strong loop up to B·d·k ≈ 8192 and the forward alone up to ≈ 1024;
-# below T = 64 the loop's few steps cost less than Newton's fixed overhead; a diagonal cell's
-# evaluation costs about 8 elementwise ops per entry, so it counts as k = 8.
-AUTO_WORK_TRAINING = 8192
-AUTO_WORK_INFERENCE = 1024
-AUTO_WORK_TRAINING_COMPILED = 16384  # with compile_cell: see choose_mode's calibration
-AUTO_WORK_INFERENCE_COMPILED = 2048
-AUTO_MIN_T = 64
-AUTO_MIN_WIDTH = 8
 
 
 class RNN(nn.Module):
@@ -576,7 +224,7 @@ class RNN(nn.Module):
         mode = self.mode if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        functional = _under_torch_func()
+        functional = compat.under_torch_func()
         if functional:  # values cannot be inspected there: only the plain loop traces
             if mode == "parallel":
                 raise RuntimeError(TORCH_FUNC_MSG)
@@ -637,7 +285,7 @@ class RNN(nn.Module):
         if C is None:
             y, hT, info = self._solve_chunk(mode, opts, u, x, h0, mask, {}, 0)
         else:
-            y, hT, info = self._solve_in_chunks(mode, opts, x, h0, mask, C)
+            y, hT, info = solve_in_chunks(self, mode, opts, x, h0, mask, C)
         self.last_info = info
         self.stats.record(info)
         for hook in list(self._solve_hooks.values()):
@@ -666,12 +314,12 @@ class RNN(nn.Module):
         once set, is this chunk's solution from the forward (a view of the output buffer, with
         ``warm["version"]`` its version after the forward): the backward's recompute evaluates the
         Jacobians there instead of solving again, unless the buffer was written since. Otherwise a recompute (``infos[i]`` set) replays the
-        forward's Newton steps without their convergence tests (:func:`pararnn.newton.replay_steps`):
+        forward's Newton steps without their convergence tests (:func:`pararnn.solver.newton.replay_steps`):
         the same iterates, without the residual measures."""
         replay = replay_steps(infos.get(i))
         # the forward's solution is read from the output buffer the user holds: only while its
         # version counter shows no write since the forward (y += skip, relu_(y), ... change it)
-        if warm and mode != "sequential" and warm["init"]._version == warm.get("version"):
+        if warm and mode != "sequential" and compat.version_counter(warm["init"]) == warm.get("version"):
             opts = dataclasses.replace(opts, init=warm["init"])
             replay = 0  # the forward's solution itself (the forward's last evaluation was there too)
         if chunked:  # one of many chunks (this also runs in the backward's recompute of the chunk)
@@ -693,107 +341,6 @@ class RNN(nn.Module):
         if mask is not None:  # zero at padded positions
             y = y * mask[..., None].to(y.dtype)
         return y, H[:, -1].clone(), info  # a copy: a view would keep the chunk's states alive
-
-    def _solve_in_chunks(self, mode, opts, x, h0, mask, C: int):
-        """T in chunks of C steps, each prepared and solved from the previous chunk's final state.
-        With gradients each chunk is a non-reentrant activation checkpoint: the forward keeps its
-        inputs (a view of x and the boundary state) and its outputs only; the backward reruns the
-        chunk (prepare, Newton and the graph-carrying evaluation at the solution), whose adjoint
-        scan then takes the cotangent carried in from the next chunk through h_last.
-
-        With ``process_group`` each rank chunks its own part of T; see :meth:`_solve_across_ranks`."""
-        _check_prepare_is_per_step(self.cell, x)
-        if context_for(opts.process_group).size() > 1:
-            return self._solve_across_ranks(mode, opts, x, h0, mask, C)
-        y, h, infos, _ = self._chunk_pass(mode, opts, x, h0, mask, C)
-        return y, h, SolverInfo.merge([infos[i] for i in range(len(infos))])
-
-    def _chunk_pass(self, mode, opts, x, h0, mask, C: int, transitions: dict | None = None):
-        """One pass over this process's T in chunks of C from ``h0``: ``(y, h_last, infos, P)``,
-        ``P`` the whole pass's transition ``dh_last/dh0 [B, *jac]`` when ``transitions`` is given."""
-        from torch.utils.checkpoint import checkpoint
-
-        infos: dict[int, SolverInfo] = {}
-        y, h, P = None, h0, None
-        # one split node: autograd sums every gradient x receives (a skip connection, another
-        # consumer) and hands the split's backward all chunks' gradients at once, which it joins
-        T = x.shape[1]
-        x_chunks = x.split(C, dim=1)
-        mask_chunks = (None,) * len(x_chunks) if mask is None else mask.split(C, dim=1)
-        structure = self.cell.get_structure()
-        # where the output is the state itself (and no step is padded), the output buffer holds each
-        # chunk's solution: its recompute warm-starts from it
-        warm_start = mask is None and type(self.cell).output is Cell.output and torch.is_grad_enabled()
-        if mode != "sequential" and opts.check_cell and not _verified(self.cell, h0):  # the one-off cell check,
-            with torch.no_grad():  # outside the checkpoints: inside one it would save tensors its recompute does not
-                _verify_once(self.cell, self._prepare(x[:, :min(T, 64)]), h0)
-        warms = []
-        # the recompute sees the forward's parameters (only checkpointed chunks recompute)
-        solve = _ForwardState(self.cell, self._solve_chunk) if torch.is_grad_enabled() else None
-        for i, (x_c, m_c) in enumerate(zip(x_chunks, mask_chunks)):
-            o = opts if not isinstance(opts.init, torch.Tensor) else \
-                dataclasses.replace(opts, init=opts.init[:, i * C:(i + 1) * C])
-            warm = {} if warm_start else None
-            warms.append(warm)
-            args = (mode, o, None, x_c, h, m_c, infos, i, transitions, True, warm)
-            # the last chunk is not checkpointed: the backward starts with it, so its recompute would
-            # be immediate and its graph costs what the recompute's would
-            if torch.is_grad_enabled() and i < len(x_chunks) - 1:
-                y_c, h, _ = checkpoint(solve, *args, use_reentrant=False)
-            else:
-                y_c, h, _ = self._solve_chunk(*args)
-            if transitions is not None:  # later chunk after earlier ones
-                Pc = transitions[i]
-                P = Pc if P is None else compose(Pc, P, structure)
-            if y is None:  # the output buffer [B, T, out]: chunks are written in as they come, no cat
-                y = y_c.new_empty(x.shape[0], x.shape[1], *y_c.shape[2:])
-            y = _Place.apply(y, y_c, i * C)
-            if warm is not None and y_c.dtype == h.dtype:
-                warm["init"] = y.detach()[:, i * C:i * C + y_c.shape[1]]  # a view: nothing is copied
-            del y_c
-        for warm in warms:  # the buffer's version once every chunk is in: any later write invalidates
-            if warm is not None and "init" in warm:
-                warm["version"] = warm["init"]._version
-        return y, h, infos, P
-
-    def _solve_across_ranks(self, mode, opts, x, h0, mask, C: int):
-        """``chunk_size`` under sequence parallelism: each rank solves its own part of T in chunks
-        of C, from a guess ``s`` of the state entering that part, and the ranks run Newton on those
-        entering states (multiple shooting across ranks). A pass from ``s`` gives each rank its final
-        state F and transition ``P = dF/ds`` (the product of its chunks' Jacobians at the solution);
-        one exchange then gives ``s'_{q+1} = F_q + P_q (s'_q - s_q)`` (``s'_0 = h0``). Rank q's
-        entering state is exact after q passes, so at most world_size + 1 passes run (two for a
-        linear cell: its F is affine in s); the last pass, whose guesses did not move, is the
-        result.
-
-        Backward (:class:`_LinkRanks`): each rank first takes the cotangent ``g`` of its entering
-        state from its own outputs alone (a backward over its chunks), one exchange turns those into
-        the cotangent ``μ`` of its final state from the later ranks, ``μ_q = g_{q+1} + P_{q+1}^H
-        μ_{q+1}``, and its ordinary backward then runs with μ added: two backward passes over the
-        chunks, each rank in parallel."""
-        pctx = context_for(opts.process_group)
-        local = dataclasses.replace(opts, process_group=None)
-        structure = self.cell.get_structure()
-        rtol, atol = opts.tolerances(h0.dtype)
-        rank0 = pctx.owns_h0()
-        s = h0.detach() if rank0 else torch.zeros_like(h0)
-        for passes in range(1, pctx.size() + 2):
-            s_in = h0 if rank0 else s.detach().requires_grad_(torch.is_grad_enabled())
-            transitions: dict[int, torch.Tensor] = {}
-            y, h, infos, P = self._chunk_pass(mode, local, x, s_in, mask, C, transitions)
-            with torch.no_grad():
-                s_new = pctx.link_states(h.detach(), P, s, h0.detach(), structure)
-                settled = ((s_new - s).abs() - rtol * s_new.abs()).amax() <= atol  # False for NaN
-                if not bool(pctx.any(~settled.reshape(1))):
-                    break
-            s = s_new
-        else:
-            raise ConvergenceError(f"chunk_size with process_group: the states entering the ranks' parts did "
-                                   f"not settle in {pctx.size() + 1} passes (non-finite values?)")
-        info = dataclasses.replace(SolverInfo.merge([infos[i] for i in range(len(infos))]), boundary_passes=passes)
-        if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad):
-            y, h = _LinkRanks.apply(pctx, structure, P, None if rank0 else s_in, y, h)
-        return y, h, info
 
     @torch.no_grad()
     def solve_info(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> SolverInfo:
@@ -824,3 +371,4 @@ class RNN(nn.Module):
             h_next = torch.where(keep, h_next, h)
             y = y * keep.to(y.dtype)
         return y, h_next
+

@@ -294,7 +294,7 @@ def as_structure(structure, d: int | None = None) -> Structure:
 def from_str(spec: str) -> Structure | None:
     """The structure whose ``str()`` is ``spec`` (``"diagonal"``, ``"dense"``, ``"Block(4)"``,
     ``"Block(4, shared=True)"``), or None for a spec that is not one of these: the string form a
-    custom op can carry (see :mod:`pararnn.ops`)."""
+    custom op can carry (see :mod:`pararnn.scan.op`)."""
     if spec in _NAMES:
         return _NAMES[spec]()
     m = _BLOCK_STR.fullmatch(spec)

@@ -142,7 +142,7 @@ def test_lru_h0_must_be_complex():
     (["bench", "--repeats", "0"], "--repeats"),
 ])
 def test_cli_bad_flags(argv, match, tmp_path):
-    from pararnn.cli import main
+    from pararnn_studies.cli import main
 
     with pytest.raises(SystemExit, match=match):
         main(argv + ["--out", str(tmp_path / "r.json")])
@@ -150,7 +150,7 @@ def test_cli_bad_flags(argv, match, tmp_path):
 
 
 def test_cli_unknown_command():
-    from pararnn.cli import main
+    from pararnn_studies.cli import main
 
     with pytest.raises(SystemExit):
         main(["train"])

@@ -11,7 +11,7 @@ from helpers import BlockTanh, DenseTanh, DiagGRU, rel_err
 
 import pararnn
 from pararnn.models import LRU, DeltaNet, SequenceModel
-from pararnn.newton import auto_chunk_size
+from pararnn.solver.options import auto_chunk_size
 
 CELLS = {
     "diagonal": lambda: DiagGRU(3, 6),
@@ -182,7 +182,8 @@ def test_chunked_memory_does_not_grow_with_T_times_state():
 def test_replay_repeats_the_solve_exactly(opts):
     """newton_solve(replay=k) after a solve that converged in k steps gives the same states and
     Jacobians, bit for bit, without the convergence measures (what a chunked recompute runs)."""
-    from pararnn.newton import SolverOptions, newton_solve, replay_steps
+    from pararnn.solver.newton import newton_solve, replay_steps
+    from pararnn.solver.options import SolverOptions
 
     torch.manual_seed(2)
     cell = BlockTanh(3, 6, 2)
@@ -200,8 +201,8 @@ def test_replay_repeats_the_solve_exactly(opts):
 
 
 def _evaluate_measures(monkeypatch) -> list:
-    """The ``measure`` argument of every later call of pararnn.newton.evaluate, in order."""
-    from pararnn import newton
+    """The ``measure`` argument of every later call of pararnn.solver.evaluate.evaluate, in order."""
+    from pararnn.solver import newton
 
     calls = []
     orig = newton.evaluate
@@ -222,7 +223,8 @@ def test_compiled_replay_repeats_the_solve_exactly(B, T, eval_chunk):
     solve ran: the first check without the q measure. On this cell the variants happen to round
     r and J alike, so running the other variant would pass here too: the test checks the replay.)"""
     from pararnn.models import ParaGRU
-    from pararnn.newton import SolverOptions, newton_solve, replay_steps
+    from pararnn.solver.newton import newton_solve, replay_steps
+    from pararnn.solver.options import SolverOptions
 
     torch.manual_seed(4)
     cell = ParaGRU(3, 8)
@@ -278,7 +280,8 @@ def test_chunked_backward_replays_without_measures(monkeypatch):
 
 
 def test_replay_steps_only_for_clean_parallel_solves():
-    from pararnn.newton import SolverInfo, replay_steps
+    from pararnn.solver.newton import replay_steps
+    from pararnn.solver.options import SolverInfo
 
     ok = torch.ones(2, dtype=torch.bool)
     assert replay_steps(SolverInfo(mode="parallel", iterations=3, converged=ok, fell_back=~ok)) == 3

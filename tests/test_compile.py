@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pararnn
-from pararnn import ops
+from pararnn.scan import op as ops
 
 
 @pytest.mark.parametrize("structure, jac", [("diagonal", (4,)), ("Block(2)", (2, 2, 2)), ("dense", (4, 4))])
@@ -79,15 +79,15 @@ def test_compile_on_the_first_call_of_a_fresh_process():
 
 # ------------------------------------------------------------------ compile_cell: the fused evaluation
 def test_compiled_evaluation_matches_the_eager_twin_and_compiles_once_for_every_T():
-    """newton.evaluate(compiled=True) (torch.compile of evaluate_piece) against the eager twin:
+    """solver.evaluate.evaluate(compiled=True) (torch.compile of evaluate_piece) against the eager twin:
     residuals, Jacobians and the per-sequence reductions, with a padding mask; then a solve with
     compile_cell=True equals the eager solve (values and gradients), and new T and B reuse the
     compiled graph."""
     from torch._dynamo.utils import counters
 
-    from pararnn import newton
+    from pararnn.solver import compile as solver_compile
     from pararnn.models import ParaGRU
-    from pararnn.newton import evaluate
+    from pararnn.solver.evaluate import evaluate
 
     torch.manual_seed(0)
     cell = ParaGRU(5, 6)
@@ -109,7 +109,7 @@ def test_compiled_evaluation_matches_the_eager_twin_and_compiles_once_for_every_
     x = torch.randn(B, T, 5, requires_grad=True)
     eager = pararnn.RNN(cell, mode="parallel")
     comp = pararnn.RNN(cell, mode="parallel", compile_cell=True)
-    newton._WARNED_JVP.discard(ParaGRU)  # so that a wrong warning could not have been spent earlier
+    solver_compile._WARNED_JVP.discard(ParaGRU)  # so that a wrong warning could not have been spent earlier
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         (ye, he), (yc, hc) = eager(x), comp(x)
@@ -161,7 +161,7 @@ def test_compile_cell_is_validated():
 
 
 def test_forward_mode_ad_under_compile_still_specialises_rows():
-    """The premise of newton.warn_jvp_recompiles: dynamo specialises the row count of a
+    """The premise of solver.compile.warn_jvp_recompiles: dynamo specialises the row count of a
     torch.func.jvp even under dynamic=True, so a jvp-Jacobian cell's compiled evaluation compiles per
     shape. If a torch release lifts this, this test fails: then drop the warning (and the README note)."""
     from torch._dynamo.utils import counters
@@ -184,10 +184,10 @@ def test_each_cell_class_has_its_own_recompile_budget(monkeypatch):
     evaluation used to share evaluate_piece's). Budget 3 here: cell A at two state sizes needs 4
     evaluation graphs (its first-check and full variants) and runs past it; cell B, evaluated
     after it, needs 2 and must trace both under torch.compile."""
-    from pararnn import newton
     from pararnn.models import ParaGRU
+    from pararnn.solver import compile as solver_compile
 
-    monkeypatch.setattr(newton, "RECOMPILE_LIMIT", 3)  # (not monkeypatch for dynamo's config: its undo
+    monkeypatch.setattr(solver_compile, "RECOMPILE_LIMIT", 3)  # (not monkeypatch for dynamo's config: its undo
     # deletes attributes missing from the module's __dict__, which hides a torch config entry)
 
     class Counting(ParaGRU):

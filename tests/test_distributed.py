@@ -159,7 +159,7 @@ def _ddp_case(rank, world):
 
 def _track_case(rank, world):
     """pararnn track's training under DDP: ranks stay in sync and report the same results."""
-    from pararnn.studies import track
+    from pararnn_studies import track
 
     cfg = track.TrackConfig(steps=3, batch=8, eval_lengths=[50], eval_batch=8)
     res = track.train_one("parity", "paragru", 0, cfg)

@@ -180,7 +180,7 @@ def test_step_that_couples_batch_rows_is_rejected():
 
 def test_probe_runs_once_and_can_be_switched_off(monkeypatch):
     calls = []
-    monkeypatch.setattr(pararnn.rnn, "verify_cell", lambda *a: calls.append(1))
+    monkeypatch.setattr(pararnn.verify, "verify_cell", lambda *a: calls.append(1))
     cell = ParaGRU(3, 4)
     rnn = pararnn.RNN(cell)
     for _ in range(3):

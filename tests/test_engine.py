@@ -247,14 +247,14 @@ def test_choose_mode():
             assert rnn.last_info.mode == mode
     # CUDA (the rule needs no device): parallel only where a Triton kernel exists, never the loop
     cuda = torch.device("cuda")
-    from pararnn.dispatch import triton_module
+    from pararnn.kernels.dispatch import triton_module
     if triton_module() is not None:
         assert pararnn.choose_mode(1, 4096, 64, cuda) == "parallel"
         assert pararnn.choose_mode(1, 4096, 64, cuda, pararnn.Block(4)) == "parallel"
     for structure, dtype in [("dense", torch.float32), (pararnn.Block(8), torch.float32),
                              (pararnn.Block(4, shared=True), torch.float32), ("diagonal", torch.float64)]:
         # no Triton kernel: the log-depth PyTorch scan, not the loop over T
-        assert pararnn.dispatch.auto_backend(cuda, dtype, pararnn.structure.as_structure(structure, 64), 64) \
+        assert pararnn.kernels.dispatch.auto_backend(cuda, dtype, pararnn.structure.as_structure(structure, 64), 64) \
             == "assoc"
         assert pararnn.choose_mode(1, 4096, 64, cuda, structure, dtype=dtype) == "parallel"
     assert pararnn.choose_mode(1, 4096, 64, cpu, backend="reference") == "parallel"  # the user's choice
@@ -389,7 +389,7 @@ def test_affine_cells_start_from_zeros_and_take_one_newton_step(name):
 
 
 def test_pieces_are_contiguous_cover_everything_and_have_no_stub_tails():
-    from pararnn.newton import contiguous_pieces
+    from pararnn.solver.evaluate import contiguous_pieces
 
     for B, T, per_step, target in [(3, 40, 6, 60), (8, 4096, 256, 1 << 18), (5, 7, 2, 1000), (2, 71, 6, 60),
                                    (1, 1, 64, 1), (4, 10, 3, 30)]:
@@ -407,7 +407,7 @@ def test_pieces_are_contiguous_cover_everything_and_have_no_stub_tails():
 def test_compiled_pieces_hold_one_sequence_where_a_sequence_is_long_enough():
     """A compiled piece of several sequences is three passes with temporaries, of one sequence one
     fused loop: sequences of at least eval_chunk / 2 elements get pieces of their own."""
-    from pararnn.newton import COMPILED_CHUNK_FACTOR, ONE_ROW_DIVISOR, pieces_for
+    from pararnn.solver.evaluate import COMPILED_CHUNK_FACTOR, ONE_ROW_DIVISOR, pieces_for
 
     chunk = 1 << 10
     row = chunk // ONE_ROW_DIVISOR  # d = 16, T = row / 16: the smallest sequence that gets its own piece
@@ -491,7 +491,8 @@ def test_workspace_is_bounded_and_not_shared_by_nested_solves(monkeypatch):
 def test_newton_update_inside_the_scan_is_bit_identical(monkeypatch, safeguard):
     """Each Newton step writes ``H + δ`` from the scan's own pass (``base=H``); the same solve with
     the scan and the add apart gives the same bits, and the fused path is the one taken."""
-    from pararnn import dispatch, newton
+    from pararnn.kernels import dispatch
+    from pararnn.solver import safeguard
 
     torch.manual_seed(0)
     cell = ParaGRU(3, 8)
@@ -509,7 +510,7 @@ def test_newton_update_inside_the_scan_is_bit_identical(monkeypatch, safeguard):
         fused, _, info = rnn(x, return_info=True)
         # the last scan is ParaGRU's correction check at the solution (no update: no base)
         assert info.iterations >= 2 and bases == [True] * info.iterations + [False]
-        monkeypatch.setattr(newton.StepPolicy, "keeps_updates", lambda self: False)
+        monkeypatch.setattr(safeguard.StepPolicy, "keeps_updates", lambda self: False)
         bases.clear()
         apart, _ = rnn(x)
         assert bases == [False] * (info.iterations + 1)
@@ -522,7 +523,7 @@ def test_evaluate_measures_do_not_depend_on_the_pieces(eval_chunk):
     """max|r| and q per sequence are the same whatever the pieces (time spans of one row, whole
     rows, one piece), and a NaN in one span of one sequence reaches that sequence's measures only;
     the plans a solve keeps give the same measures again."""
-    from pararnn.newton import evaluate
+    from pararnn.solver.evaluate import evaluate
 
     torch.manual_seed(0)
     cell = ParaGRU(3, 4).double()
@@ -581,7 +582,7 @@ def test_a_cells_rounding_scale_saves_a_newton_step_and_no_accuracy(seed):
 @torch.no_grad()
 def test_padded_steps_ignore_the_cells_rounding_scale():
     """Where the mask pads a step (f = h_prev, J = I), q reads the plain scale, whatever s says."""
-    from pararnn.newton import evaluate
+    from pararnn.solver.evaluate import evaluate
 
     class Loose(ParaGRU):
         def step_jacobian_and_scale(self, h, u):
@@ -618,7 +619,7 @@ def test_the_cell_check_rejects_a_wrong_rounding_scale(bad):
             return f + 1, J, f.abs()
 
     torch.manual_seed(0)
-    with pytest.raises(pararnn.cell.CellCheckError, match="step_jacobian_and_scale"):
+    with pytest.raises(pararnn.CellCheckError, match="step_jacobian_and_scale"):
         pararnn.RNN(Wrong(3, 4))(torch.randn(2, 10, 3))
     pararnn.RNN(ParaGRU(3, 4))(torch.randn(2, 10, 3))  # the zoo's own passes
 
@@ -660,7 +661,7 @@ def test_max_abs_matches_abs_amax_per_sequence():
     """The correction check's per-sequence max|t| (no temporary of t's size) equals
     ``t.abs().amax`` over all but the batch dim: on a strided view (H = S[:, 1:]), with the
     largest entry negative, with NaN (propagates) and for complex t."""
-    from pararnn.newton import max_abs
+    from pararnn.solver.evaluate import max_abs
 
     torch.manual_seed(0)
     S = torch.randn(3, 6, 4)

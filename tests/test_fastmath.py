@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from pararnn import fastmath, newton
-from pararnn.newton import compiled_piece
+from pararnn import fastmath
+from pararnn.solver import compile as solver_compile
+from pararnn.solver.compile import compiled_piece
 
 EPS = torch.finfo(torch.float32).eps  # 2^-23
 
@@ -109,7 +110,7 @@ def test_compiled_jvp_cell_matches_eager():
     cell = ParaLSTM(4, 3)
     x = torch.randn(2, 30, 4, requires_grad=True)
     ye, _ = pararnn.RNN(cell, mode="parallel")(x)
-    newton._WARNED_JVP.discard(ParaLSTM)
+    solver_compile._WARNED_JVP.discard(ParaLSTM)
     with pytest.warns(UserWarning, match="ParaLSTM, whose Jacobian comes from torch.func.jvp"):
         yc, _ = pararnn.RNN(cell, mode="parallel", compile_cell=True)(x)
     torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-6)

@@ -5,18 +5,25 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "pararnn")
+REPO = os.path.join(os.path.dirname(__file__), "..")
 
 
-def _modules() -> dict[str, str]:
+def _modules(package: str = "pararnn") -> dict[str, str]:
     out = {}
-    for folder, _, files in os.walk(ROOT):
+    root = os.path.join(REPO, package)
+    for folder, _, files in os.walk(root):
         for f in files:
             if f.endswith(".py"):
                 path = os.path.join(folder, f)
-                name = "pararnn." + os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                name = package + "." + os.path.relpath(path, root)[:-3].replace(os.sep, ".")
                 out[name.removesuffix(".__init__")] = path
     return out
+
+
+def _parents(mod: str) -> list[str]:
+    """The packages a module's import runs first: ``a.b.c`` -> ``a.b`` (``a`` itself is left out)."""
+    parts = mod.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts))]
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -35,6 +42,8 @@ def import_graph() -> dict[str, set[str]]:
                         deps.add(cand)
             elif isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name in mods}
+        # importing a.b.c runs package a.b first: an edge, unless a.b is being imported already (an ancestor)
+        deps |= {p for dep in deps for p in _parents(dep) if p in mods and not mod.startswith(p + ".")}
         graph[mod] = deps - {mod, "pararnn"}
     return graph
 
@@ -77,6 +86,17 @@ def test_no_import_cycle():
     assert cycles(graph) == []
 
 
+def test_the_engine_never_imports_its_clients():
+    """Only ``python -m pararnn`` (the command) reaches the studies; no module of the library does."""
+    for mod, path in _modules().items():
+        if mod == "pararnn.__main__":
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not any(n.split(".")[0] == "pararnn_studies" for n in names), mod
+
+
 def test_the_cycle_check_can_fail():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -84,9 +104,9 @@ def test_the_cycle_check_can_fail():
 def test_every_module_imports_on_its_own():
     code = (
         "import importlib, sys\n"
-        f"mods = {sorted(set(_modules()) - {'pararnn.__main__'})!r}\n"  # (__main__ runs the command)
+        f"mods = {sorted((set(_modules()) | set(_modules('pararnn_studies'))) - {'pararnn.__main__', 'pararnn_studies.__main__'})!r}\n"  # (__main__ runs the command)
         "for m in mods:\n"
-        "    for k in [k for k in sys.modules if k == 'pararnn' or k.startswith('pararnn.')]:\n"
+        "    for k in [k for k in sys.modules if k.split('.')[0] in ('pararnn', 'pararnn_studies')]:\n"
         "        del sys.modules[k]\n"
         "    importlib.import_module(m)\n"
         "print('ok', len(mods))\n")

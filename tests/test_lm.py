@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from pararnn.cli import main
-from pararnn.studies import lm
+from pararnn_studies.cli import main
+from pararnn_studies import lm
 
 TINY = ["lm", "--quick", "--params", "20000", "--steps", "2", "--models", "paragru,transformer"]
 

@@ -364,7 +364,7 @@ def test_deltaproduct_heads_are_independent_cells():
     (gp,) = torch.autograd.grad(pararnn.RNN(cell)(xp)[0].square().sum(), xp)
     (gs,) = torch.autograd.grad(pararnn.RNN(cell, mode="sequential")(xp)[0].square().sum(), xp)
     assert rel_err(gp, gs) < 1e-10
-    pararnn.cell.verify_cell(cell, torch.randn(4, cell.state_size, dtype=torch.float64),
+    pararnn.verify.verify_cell(cell, torch.randn(4, cell.state_size, dtype=torch.float64),
                              cell.prepare(torch.randn(4, 1, 5, dtype=torch.float64))[:, 0])
 
 

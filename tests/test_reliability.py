@@ -70,7 +70,8 @@ def test_safeguard_trust_region_converges_where_clipped_jacobians_do_not():
 
 
 def test_trust_region_bounds_the_update_and_cuts_overflow():
-    from pararnn.newton import TRUST_RADIUS, SolverOptions, StepPolicy
+    from pararnn.solver.options import SolverOptions
+    from pararnn.solver.safeguard import TRUST_RADIUS, StepPolicy
 
     st = as_structure("diagonal")
     pol = StepPolicy(SolverOptions(), st, atol=0.0)

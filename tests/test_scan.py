@@ -52,7 +52,7 @@ def test_cpu_backend_matches_reference(structure, dtype, reverse, T):
 def test_assoc_backend_matches_reference(structure, dtype, reverse, T):
     """The log-depth PyTorch scan (the CUDA path where Triton has no kernel): forward, reverse and
     adjoint, with and without h0, odd and power-of-two T."""
-    from pararnn.dispatch import scan
+    from pararnn.kernels.dispatch import scan
 
     A, b, h0 = make(structure, 3, T, 6, dtype)
     st = as_structure(structure, 6)
@@ -183,7 +183,7 @@ def test_time_split_with_the_triton_kernels(structure):
         got = split_scan(scan_triton, A, b, h0, st, 4, reverse)
         assert got.is_contiguous()  # T = 37 pads the last piece: the cut must not be a strided view
         assert rel_err(got, want) < 1e-5
-    assert pararnn.dispatch.time_pieces(1, 16384, 64, torch.device("cpu")) == 1  # CPU: never split
+    assert pararnn.kernels.dispatch.time_pieces(1, 16384, 64, torch.device("cpu")) == 1  # CPU: never split
 
 
 def test_time_split_complex_adjoint_with_the_triton_kernels():
@@ -305,7 +305,7 @@ def test_cpu_scan_adds_base_as_it_stores(structure, dtype):
 @pytest.mark.parametrize("backend", ["reference", "assoc", "cpu"])
 def test_dispatch_scan_with_base_matches_across_backends(backend):
     """Every backend's ``base + h`` is the reference scan plus base."""
-    from pararnn.dispatch import scan as scan_fast
+    from pararnn.kernels.dispatch import scan as scan_fast
 
     st = as_structure("diagonal", 5)
     A, b, h0 = make(st, 2, 17, 5, torch.float64)
@@ -329,7 +329,7 @@ def test_time_split_rule_counts_programs_by_the_kernels_tiles(monkeypatch):
     assert lanes_per_program(as_structure(Block(4), 64), 64) == 4 * 16
     monkeypatch.setattr(pararnn.dispatch, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert pararnn.dispatch.time_pieces(3, 5000, 64, cuda, lanes=32) == 5000 // 512  # 6 programs
-    assert pararnn.dispatch.time_pieces(3, 1 << 16, 64, cuda, lanes=32) == 2 * 132 // 6
-    assert pararnn.dispatch.time_pieces(64, 1 << 16, 256, cuda, lanes=32) == 1  # 512 programs: enough
-    assert pararnn.dispatch.time_pieces(3, 1024, 64, cuda, lanes=32) == 1  # short: never split
+    assert pararnn.kernels.dispatch.time_pieces(3, 5000, 64, cuda, lanes=32) == 5000 // 512  # 6 programs
+    assert pararnn.kernels.dispatch.time_pieces(3, 1 << 16, 64, cuda, lanes=32) == 2 * 132 // 6
+    assert pararnn.kernels.dispatch.time_pieces(64, 1 << 16, 256, cuda, lanes=32) == 1  # 512 programs: enough
+    assert pararnn.kernels.dispatch.time_pieces(3, 1024, 64, cuda, lanes=32) == 1  # short: never split

@@ -7,13 +7,10 @@ import torch
 from helpers import rel_err
 
 import pararnn
-from pararnn.newton import (
-    SolverOptions,
-    replay_steps,
-    sequential_solve,
-    shooting_sweep,
-    shooting_window,
-)
+from pararnn.solver.fallback import sequential_solve
+from pararnn.solver.newton import replay_steps
+from pararnn.solver.options import SolverOptions
+from pararnn.solver.shooting import shooting_sweep, shooting_window
 
 
 def hard_gru(a_std: float = 2.0, d: int = 16, seed: int = 0):

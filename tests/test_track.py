@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from pararnn.studies import track
-from pararnn.cli import main
-from pararnn.studies.tasks import IGNORE, KEEP_N, MQAR_KEYS, TASKS, permutation_group
+from pararnn_studies import track
+from pararnn_studies.cli import main
+from pararnn_studies.tasks import IGNORE, KEEP_N, MQAR_KEYS, TASKS, permutation_group
 
 
 @pytest.mark.parametrize("n, even, size", [(3, False, 6), (4, True, 12), (5, True, 60), (5, False, 120)])

@@ -9,9 +9,9 @@ import torch
 from helpers import DiagGRU
 
 import pararnn
-from pararnn.cell import CellCheckError
+from pararnn.verify import CellCheckError
 from pararnn.models import ParaGRU, SequenceModel
-from pararnn.newton import STALL_RATIO, correction_at_floor
+from pararnn.solver.newton import STALL_RATIO, correction_at_floor
 
 
 # ---------------------------------------------------------------- save_pretrained is atomic
@@ -126,15 +126,15 @@ def test_training_renews_the_probe_on_a_doubling_schedule():
     cell = DiagGRU(3, 4)
     rnn, x = pararnn.RNN(cell), torch.randn(2, 20, 3)
     calls = []
-    real = pararnn.rnn.verify_cell
-    pararnn.rnn.verify_cell = lambda *a: (calls.append(1), real(*a))[1]
+    real = pararnn.verify.verify_cell
+    pararnn.verify.verify_cell = lambda *a: (calls.append(1), real(*a))[1]
     try:
         for step in range(1, 11):
             rnn(x)
             with torch.no_grad():
                 cell.a.mul_(0.99)
     finally:
-        pararnn.rnn.verify_cell = real
+        pararnn.verify.verify_cell = real
     assert len(calls) == 5  # first call, then after updates 1, 2, 4, 8
 
 
@@ -206,7 +206,8 @@ class _CountSyncs:
 def test_one_host_synchronisation_per_newton_iteration(make, extra):
     """The convergence decision is the iteration's one read of a device value; a cell with a rounding
     scale adds the correction check's read in the iterations where every sequence passed."""
-    from pararnn.newton import SolverOptions, newton_solve
+    from pararnn.solver.newton import newton_solve
+    from pararnn.solver.options import SolverOptions
 
     torch.manual_seed(0)
     cell = make()

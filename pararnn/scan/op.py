@@ -1,6 +1,6 @@
 """The scans as torch.library custom ops: what torch.compile sees instead of numba or Triton.
 
-``pararnn::scan(A, b, h0, structure, reverse, adjoint, backend)`` runs :func:`pararnn.dispatch.scan`
+``pararnn::scan(A, b, h0, structure, reverse, adjoint, backend)`` runs :func:`pararnn.kernels.dispatch.scan`
 (numba on CPU, Triton on CUDA, the PyTorch loop otherwise) on real tensors. Its fake (meta)
 implementation gives the output shape ``[B, T, d]`` without running anything, so dynamo and
 inductor never trace into the kernels, and its registered autograd is the adjoint of
@@ -12,15 +12,15 @@ from typing import Optional
 
 import torch
 
-from . import dispatch
-from .structure import Structure, from_str, shifted_adjoint_transitions
+from ..kernels import dispatch
+from ..structure import Structure, from_str, shifted_adjoint_transitions
 
 
 @torch.library.custom_op("pararnn::scan", mutates_args=())
 def scan(A: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor], structure: str, reverse: bool,
          adjoint: bool, backend: str) -> torch.Tensor:
     """``h [B, T, d]`` of ``h_t = A_t h_{t∓1} + b_t`` (``adjoint``: ``A_{t±1}^H``, see
-    :func:`pararnn.dispatch.scan`), with ``A [B, T, *jac]``, ``b [B, T, d]``, ``h0 [B, d]`` or None."""
+    :func:`pararnn.kernels.dispatch.scan`), with ``A [B, T, *jac]``, ``b [B, T, d]``, ``h0 [B, d]`` or None."""
     return dispatch.scan(A, b, h0, from_str(structure), reverse=reverse, adjoint=adjoint, backend=backend)
 
 

@@ -19,9 +19,15 @@ MODEL_NAMES = ("diag_pos", "diag_neg", "lru", "cdiag", "deltaproduct1_pos", "del
 
 
 def _version() -> str:
-    from . import __version__
+    """The installed pararnn's version, read without importing it (and torch)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("pararnn")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH
+        import pararnn
+
+        return pararnn.__version__
 
 
 def bench_arguments(ap: argparse.ArgumentParser) -> None:
@@ -65,19 +71,19 @@ def lm_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def _run_lm(args):
-    from .studies import lm
+    from . import lm
 
     return lm.run(args)
 
 
 def _run_bench(args):
-    from .studies import bench
+    from . import bench
 
     return bench.run(args)
 
 
 def _run_track(args):
-    from .studies import track
+    from . import track
 
     return track.run(args)
 

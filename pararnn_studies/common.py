@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
-from ..utils.io import write_json_atomic  # noqa: F401 (re-exported for the studies)
+from pararnn.utils.io import write_json_atomic  # noqa: F401 (re-exported for the studies)
 
 
 def git_commit() -> str | None:
@@ -27,8 +28,8 @@ def git_commit() -> str | None:
 
 def run_metadata(settings: dict) -> dict:
     """Version, commit, date, machine and the settings actually used: the head of every results JSON."""
-    from .. import __version__
-    from ..utils.timing import machine_info
+    from pararnn import __version__
+    from pararnn.utils.timing import machine_info
 
     return {"pararnn": __version__, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -54,17 +55,40 @@ def ensure_writable(path: str, what: str, folder: bool = False) -> None:
         raise SystemExit(f"pararnn: cannot write {what} {path!r}: {e.strerror or e}") from None
 
 
-def require_packages(command: str, *names: str) -> None:
-    """Say which dependency is missing before doing any work (they ship with pararnn)."""
-    missing = []
-    for name in names:
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise SystemExit(f"pararnn {command}: needs {', '.join(missing)} (pip install {' '.join(missing)}, "
-                         "or reinstall pararnn, which depends on them)")
+def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "it", leave: bool = True,
+             disable: bool = False):
+    """A progress bar over ``iterable`` (or one updated by hand with ``total``): tqdm where it is
+    installed (``pip install "pararnn[studies]"``), else a line on stderr at most every 10 s."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _TextProgress(iterable, desc, total, unit, disable)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=disable)
+
+
+class _TextProgress:
+    """The fallback of :func:`progress` without tqdm: iterate it, or call ``update()``/``close()``."""
+
+    def __init__(self, iterable, desc, total, unit, disable):
+        self.iterable, self.desc, self.unit, self.disable = iterable, desc, unit, disable
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n, self.t0, self.shown = 0, time.monotonic(), 0.0
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if not self.disable and (now - self.shown >= 10 or self.n == self.total):
+            self.shown = now
+            of = "" if self.total is None else f"/{self.total}"
+            print(f"{self.desc}: {self.n}{of} {self.unit} ({now - self.t0:.0f} s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def set_threads(n: int | None) -> None:
@@ -104,8 +128,17 @@ def init_distributed_from_env() -> bool:
 
 @contextlib.contextmanager
 def figure(path: str, figsize=(5.5, 3.8), dpi: int = 110):
-    """``with figure(path) as ax:`` draws on one matplotlib axis (Agg) and saves it to ``path``."""
-    import matplotlib
+    """``with figure(path) as ax:`` draws on one matplotlib axis (Agg) and saves it to ``path``.
+    Without matplotlib (``pip install "pararnn[studies]"``) the drawing is skipped, said once."""
+    try:
+        import matplotlib
+    except ImportError:
+        if not _SKIPPED_PLOTS:
+            print("pararnn: matplotlib is not installed, plots are skipped (pip install \"pararnn[studies]\")",
+                  file=sys.stderr)
+        _SKIPPED_PLOTS.append(path)
+        yield _NoAxis()
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,6 +152,16 @@ def figure(path: str, figsize=(5.5, 3.8), dpi: int = 110):
         fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)
+
+
+_SKIPPED_PLOTS: list[str] = []
+
+
+class _NoAxis:
+    """Stands in for a matplotlib axis where matplotlib is missing: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

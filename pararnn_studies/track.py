@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (ddp_rank_world, ensure_writable, figure, init_distributed_from_env,
-                     require_packages, run_metadata, set_threads, write_json_atomic, write_text)
+                     progress, run_metadata, set_threads, write_json_atomic, write_text)
 from .tasks import IGNORE, TASKS
 
 # model name -> (cell name for pararnn.models.make_cell, cell kwargs).
@@ -92,7 +92,7 @@ def accuracy(pred: torch.Tensor, y: torch.Tensor, chance: float) -> dict:
 
 def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, progress: bool = False) -> dict:
     """Train one model on one task from ``seed``; evaluate at the training length and longer."""
-    from ..models import SequenceModel
+    from pararnn.models import SequenceModel
 
     torch.manual_seed(seed)
     task = TASKS[task_name]
@@ -110,9 +110,7 @@ def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, prog
     losses, iters, fallbacks = [], [], 0
     steps = range(cfg.steps)
     if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc=f"{task_name}/{model_name}", leave=False)
+        steps = progress(steps, desc=f"{task_name}/{model_name}", leave=False)
     t0 = time.perf_counter()
     for _ in steps:
         T = int(torch.randint(cfg.train_min, cfg.train_max + 1, (1,), generator=gen))
@@ -191,8 +189,6 @@ def _job(args, threads: int | None = 1):
 
 def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, out: str, jobs: int) -> list[dict]:
     """Run (or resume) every (task, model, seed) in ``plan``; returns all results."""
-    from tqdm import tqdm
-
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     found = finished_runs(out)  # every checkpoint read (and validated) once
     check_same_config(found.values(), cfg, out)
@@ -210,13 +206,13 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
         print(f"pararnn track: {len(results)} finished run(s) found in {out}/runs, skipping them", file=sys.stderr)
     rank, world = ddp_rank_world()
     if todo and world > 1:  # data-parallel: every rank runs every job together; rank 0 writes
-        for task, model, seed, cfg_, path in tqdm(todo, desc="track runs", unit="run", disable=rank != 0):
+        for task, model, seed, cfg_, path in progress(todo, desc="track runs", unit="run", disable=rank != 0):
             res = train_one(task, model, seed, cfg_)
             if rank == 0:
                 write_json_atomic(path, res)
             results.append(res)
     elif todo:
-        bar = tqdm(total=len(todo), desc="track runs", unit="run")
+        bar = progress(total=len(todo), desc="track runs", unit="run")
         if jobs <= 1:  # one process: torch keeps all its threads
             for job in todo:
                 results.append(_job(job, threads=None))
@@ -501,7 +497,7 @@ def reconstruct(Ns, lags, T=512, n_train=64, n_test=32, seed=0, r_min=0.5, r_max
     the normalised test MSE (MSE / Var x) per (eigenvalues, N, k); the linear decoder is fit by
     ridge regression (``ridge`` × the mean feature energy), the MLP by Adam.
     """
-    from ..scan import linear_scan
+    from pararnn.scan import linear_scan
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_train + n_test, T, generator=g, dtype=torch.float64)
@@ -587,7 +583,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.seeds < 1 or args.jobs < 1 or (args.steps is not None and args.steps < 1):
         raise SystemExit("pararnn track: --seeds, --jobs and --steps must be >= 1")
     if args.tasks == "reconstruct":
-        require_packages("track", "matplotlib")
         ensure_writable(args.out, "--out", folder=True)
         Ns, lags, T = ([16, 64], [1, 16, 64], 256) if args.quick else ([16, 64, 256], [1, 4, 16, 64, 256], 1024)
         rows = reconstruct(Ns, lags, T=T, decoder=args.decoder)
@@ -611,7 +606,6 @@ def run(args: argparse.Namespace) -> list[dict]:
             cfg.eval_lengths = [int(v) for v in args.eval_lengths.split(",")]
         except ValueError:
             raise SystemExit(f"pararnn track: --eval-lengths must be integers, got {args.eval_lengths!r}")
-    require_packages("track", "tqdm", "matplotlib")
     ensure_writable(args.out, "--out", folder=True)
     if init_distributed_from_env():
         rank, world = ddp_rank_world()

@@ -31,7 +31,7 @@ from torch import nn
 from .common import (
     ensure_writable,
     figure,
-    require_packages,
+    progress,
     run_metadata,
     set_threads,
     write_json_atomic,
@@ -121,7 +121,7 @@ class TransformerLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """As :meth:`pararnn.models.SequenceModel.generate`, over the last ``max_len`` tokens."""
-        from ..models.layers import _sample
+        from pararnn.models.layers import _sample
 
         out = prompt
         for _ in range(max_new_tokens):
@@ -131,7 +131,7 @@ class TransformerLM(nn.Module):
 
 
 def build(name: str, d_model: int, cfg: LMConfig) -> nn.Module:
-    from ..models import SequenceModel
+    from pararnn.models import SequenceModel
 
     if name == "transformer":
         return TransformerLM(256, d_model, cfg.n_layers, cfg.seq_len)
@@ -235,9 +235,7 @@ def train_one(name: str, cfg: LMConfig, data: torch.Tensor, progress: bool = Tru
     losses, iters = [], []
     steps = range(cfg.steps)
     if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc=f"lm {name}", unit="step", leave=False)
+        steps = progress(steps, desc=f"lm {name}", unit="step", leave=False)
     t0 = time.perf_counter()
     for _ in steps:
         x, y = next(it)
@@ -314,7 +312,6 @@ def run(args: argparse.Namespace) -> list[dict]:
         cfg.steps = args.steps
     if args.params is not None:
         cfg.params = args.params
-    require_packages("lm", "tqdm", "matplotlib")
     ensure_writable(args.out, "--out", folder=True)
     set_threads(args.threads)
     data, corpus = load_corpus()
@@ -329,9 +326,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 raise SystemExit(f"pararnn lm: {args.out} holds runs of another configuration ({path}); choose "
                                  "another --out, or pass the same settings")
             finished[r["model"]] = r
-        from tqdm import tqdm
-
-        for name in tqdm(models, desc="lm models", unit="model"):
+        for name in progress(models, desc="lm models", unit="model"):
             path = os.path.join(args.out, "runs", f"{name}.json")
             if name in finished:
                 print(f"pararnn lm: {name} already finished in {path}, skipping it", file=sys.stderr)

@@ -5,11 +5,11 @@ import functools
 
 import torch
 
-from .kernels import cpu as _cpu
-from .kernels.assoc import scan_assoc
-from .kernels.tsplit import split_scan
-from .kernels.reference import scan_reference
-from .structure import Structure
+from ..structure import Structure
+from . import cpu as _cpu
+from .assoc import scan_assoc
+from .reference import scan_reference
+from .tsplit import split_scan
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "assoc")
 
@@ -17,7 +17,7 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "assoc")
 def triton_module():
     """``pararnn.kernels.triton_scan`` if triton is importable, else None."""
     try:
-        from .kernels import triton_scan
+        from . import triton_scan
     except ImportError:  # pragma: no cover - triton missing
         return None
     return triton_scan if triton_scan.HAVE_TRITON else None

@@ -17,14 +17,14 @@ import torch
 
 import pararnn
 from pararnn.cell import autodiff_step_and_jacobian
-from pararnn.dispatch import scan_dispatch
+from pararnn.kernels.dispatch import scan_dispatch
 from pararnn.models import CELLS, make_cell
 from pararnn.models.paragru import ParaGRU
-from pararnn.newton import sequential_solve
+from pararnn.solver.fallback import sequential_solve
 from pararnn.structure import Diagonal
 from pararnn.utils.timing import copy_bandwidth, interleaved_medians, median_time
 
-from .common import ensure_writable, figure, markdown_table, require_packages, run_metadata, set_threads, write_json_atomic, write_text
+from .common import ensure_writable, figure, markdown_table, progress, run_metadata, set_threads, write_json_atomic, write_text
 
 
 class ParaGRUJvp(ParaGRU):
@@ -154,11 +154,9 @@ def torch_twin(cell):
 def bench_cells(names, shapes, repeats, device="cpu", weak_max_work=8 * 1024 * 1024 * 256):
     """Every named cell on every (B, T, d): the naive (slicing) loop, mode="sequential",
     mode="parallel" and the torch twin, forward and forward+backward (median seconds)."""
-    from tqdm import tqdm
-
     rows = []
     jobs = [(n, s) for n in names for s in shapes]
-    for name, (B, T, d) in tqdm(jobs, desc="bench cells", unit="case"):
+    for name, (B, T, d) in progress(jobs, desc="bench cells", unit="case"):
         torch.manual_seed(0)
         cell = make_cell(name, d).to(device)
         x = torch.randn(B, T, d, device=device)
@@ -290,7 +288,6 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("pararnn bench: --Ts, --width and --batch must be >= 1")
     cell_shapes = [(args.batch, T, width) for T in Ts]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    require_packages("bench", "tqdm", "matplotlib")
     ensure_writable(args.out, "--out")
     set_threads(args.threads)
     settings = {k: v for k, v in vars(args).items() if k != "func"}

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
-from .dispatch import BACKENDS, check_backend, resolve_backend, scan_dispatch  # noqa: F401 (re-exported)
-from .parallel import LOCAL, context_for
-from .structure import Structure, as_structure, shifted_adjoint_transitions  # noqa: F401 (re-exported)
+from . import op
+from ..kernels.dispatch import check_backend
+from ..parallel import LOCAL, context_for
+from ..structure import Structure, as_structure
 
 
 class _LinearScanFn(torch.autograd.Function):
     """``linear_scan`` on a context's chunk (sequence parallelism, custom structures); backward:
-    :func:`pararnn.ops.scan_grads` with the context's adjoint scan. A local scan of a built-in
+    :func:`pararnn.op.scan_grads` with the context's adjoint scan. A local scan of a built-in
     structure is the custom op ``pararnn::scan`` instead, with the same backward."""
 
     @staticmethod
@@ -29,7 +29,7 @@ class _LinearScanFn(torch.autograd.Function):
         if torch.is_grad_enabled() and pctx is not LOCAL:
             raise NotImplementedError("double backward through a sequence-parallel linear_scan is not "
                                       "supported; run that part without process_group")
-        gA, lam, gh0 = ops.scan_grads(
+        gA, lam, gh0 = op.scan_grads(
             A, h, h_in, g, ctx.structure, ctx.reverse, ctx.backend, ctx.needs_input_grad[0],
             ctx.has_h0 and ctx.needs_input_grad[2],
             adjoint=lambda A, g: pctx.adjoint_scan(A, g, ctx.structure, reverse=ctx.reverse, backend=ctx.backend),
@@ -141,7 +141,7 @@ def linear_scan(
         _check_h0(h0, (B, d), b, "h0 must be [B, d]")
     check_backend(backend)
     pctx = context_for(process_group)
-    spec = ops.op_structure(structure)
+    spec = op.op_structure(structure)
     if pctx is LOCAL and spec is not None:  # the custom op: torch.compile sees no numba or Triton
-        return ops.scan(A, b, h0, spec, bool(reverse), False, backend)
+        return op.scan(A, b, h0, spec, bool(reverse), False, backend)
     return _LinearScanFn.apply(A, b, h0, structure, bool(reverse), backend, pctx)
