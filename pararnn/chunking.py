@@ -6,6 +6,7 @@ The functions take the :class:`pararnn.RNN` whose ``_solve_chunk`` solves one ch
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from . import compat
 from .cell import Cell
 from .parallel import context_for
-from .solver.options import ConvergenceError, SolverInfo
+from .solver.options import ConvergenceError, SolverInfo, auto_chunk_size
 from .structure import compose
 from .verify import check_prepare_is_per_step, verified, verify_once
 
@@ -101,6 +102,21 @@ class _LinkRanks(torch.autograd.Function):
         mu = ctx.pctx.link_cotangents(g, ctx.P, ctx.structure)
         return None, None, None, None, gy, gh + mu
 
+
+
+def chunk_steps(cell, x, h0, opts) -> int | None:
+    """Steps per solve chunk of ``x [B, T, D_in]`` (``opts.chunk_size``, ``"auto"`` resolved), or None
+    for one solve over all of T."""
+    C, T = opts.chunk_size, x.shape[1]
+    if C is None:
+        return None
+    if C == "auto":
+        d = cell.state_size
+        jac = math.prod(cell.get_structure().storage_shape(d))
+        C = auto_chunk_size(x.shape[0], T, d, jac, h0.element_size(), opts.memory_budget)
+    if context_for(opts.process_group).size() > 1:  # every rank takes the same path (its collectives
+        return T if C is None else min(C, T)  # differ), even where its whole part is one chunk
+    return None if C is None or C >= T else C
 
 
 def solve_in_chunks(rnn, mode, opts, x, h0, mask, C: int):

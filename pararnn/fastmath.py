@@ -1,11 +1,8 @@
 """Fast, accurate tanh for the compiled evaluation path (``compile_cell``), as plain torch ops.
 
-Why: inductor's CPU code calls ATen's vectorised ``tanh`` (SLEEF, 1 ulp), which costs 3× an exp
-(measured on the benchmark machine, AMD EPYC with AVX-512, 1 thread, 2^20 fp32 elements, each
-compiled alone: tanh 1.21-1.39 ms, exp 0.45 ms, sigmoid 0.53 ms; this tanh 0.50 ms). A ParaGRU
-evaluation has one tanh, so it was a third of every Newton step's cell evaluation. XLA's CPU
-backend, which we compare against (benchmarks/bench_jax.py), uses its own rational approximation
-for the same reason.
+Why: inductor's CPU code calls ATen's vectorised ``tanh`` (SLEEF, 1 ulp), which costs several
+exps (``benchmarks/bench_constants.py`` times both); a ParaGRU evaluation has one tanh. XLA's CPU
+backend uses its own approximation for the same reason.
 
 The formula (odd in x, so only |x| is approximated):
 

@@ -1,19 +1,13 @@
 """``linear(x, weight, bias)``: F.linear, through oneDNN for large fp32 CPU products (the cells' input projections).
 
 A cell's ``prepare`` projects all T inputs at once (``x [B, T, D_in] -> u [B, T, k·d]``): one GEMM
-that is a fixed share of every solve, parallel or sequential. torch's CPU ``F.linear`` calls MKL's
-sgemm, which on the AMD EPYC (Zen 5, AVX-512) machine we measure on took 1.7-2.5× as long as
-oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, in torch's x86 builds), 1 thread,
-ms, MKL / oneDNN::
-
-    [4096, 64] -> 192     forward 1.14 / 0.45   dL/dx 1.03 / 0.44   dL/dW 1.05 / 0.98
-    [32768, 256] -> 768   forward 162 / 97      dL/dx 149 / 72      dL/dW 134 / 156
-
+that is a fixed share of every solve, parallel or sequential. On x86 CPUs oneDNN's inner product
+(``torch.ops.mkldnn._linear_pointwise``, through :mod:`pararnn.compat`) was faster than MKL's
+sgemm for these shapes (``benchmarks/bench_constants.py`` measures both on the machine at hand).
 ``linear`` takes oneDNN for the forward and ``dL/dx`` and keeps MKL's mm for ``dL/dW``, only for
-fp32 CPU tensors with at least :data:`ONEDNN_MIN_MACS` multiply-adds (oneDNN pays ~14 µs per call:
-3.0 against 13.8 µs for one row of 64 -> 192; the two meet near 1.5M multiply-adds), outside
-autocast and torch.func transforms. Everything else, and any build without oneDNN, is
-``F.linear`` itself, which is also the reference twin the tests compare with.
+fp32 CPU tensors with at least :data:`ONEDNN_MIN_MACS` multiply-adds (oneDNN's fixed cost per call
+is larger), outside autocast and torch.func transforms. Everything else, and any build without
+oneDNN, is ``F.linear`` itself, which is also the reference twin the tests compare with.
 
 The oneDNN path is the custom op ``pararnn::linear`` (a fake implementation for torch.compile, a
 registered autograd whose backward is differentiable again).
@@ -27,7 +21,7 @@ import torch.nn.functional as F
 
 from . import compat
 
-ONEDNN_MIN_MACS = 1 << 21  # rows · D_in · D_out below this stay on F.linear
+ONEDNN_MIN_MACS = 1 << 21  # rows · D_in · D_out below this stay on F.linear (benchmarks/bench_constants.py)
 
 _onednn = compat.onednn_linear()
 

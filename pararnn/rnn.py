@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import warnings
 
 import torch
@@ -18,42 +17,17 @@ from torch.nn.utils import parametrize
 from . import compat
 from .autograd import TORCH_FUNC_MSG, parallel_solve
 from .cell import Cell
-from .chunking import solve_in_chunks
-from .parallel import context_for
+from .chunking import chunk_steps, solve_in_chunks
+from .inputs import HALF, all_finite, autocast_dtype, check_x, make_h0, padding_mask, param_like, unpack
 from .runtime import release_freed_memory
-from .scan import check_cu_seqlens
 from .solver.compile import can_compile
 from .solver.fallback import sequential_solve
 from .solver.mode import choose_mode
 from .solver.newton import replay_steps
-from .solver.options import SolverInfo, SolverOptions, SolveStats, auto_chunk_size
+from .solver.options import SolverInfo, SolverOptions, SolveStats
 from .structure import run_transition
 
 MODES = ("parallel", "sequential", "auto")
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry of ``t`` is finite: one min/max pass (NaN propagates through both, ±Inf
-    is an extreme). ``torch.isfinite(t).all()`` writes a bool tensor of t's size first: 40 ms
-    against 1.4 ms for x [8, 4096, 256] fp32 on one core of the benchmark machine."""
-    if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
-        return True
-    t = t.detach()
-    lo, hi = torch.aminmax(torch.view_as_real(t) if t.is_complex() else t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _autocast_dtype(device: torch.device):
-    """The autocast dtype active for this device type, or None."""
-    kind = device.type if device.type in ("cpu", "cuda") else None
-    if kind is None or not torch.is_autocast_enabled(kind):
-        return None
-    return torch.get_autocast_dtype(kind)
-
 
 
 def _renamed(options: dict) -> dict:
@@ -108,48 +82,6 @@ class RNN(nn.Module):
             seen.add(str(w))
             warnings.warn(w, stacklevel=4)
 
-    # ------------------------------------------------------------------ validation
-    def _param_like(self):
-        return next(iter(self.cell.parameters()), None)
-
-    def _check_x(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor [B, T, D_in], got {type(x).__name__}")
-        if x.dim() != 3:
-            raise ValueError(f"x must be [B, T, D_in] (batch first), got shape {list(x.shape)}")
-        if x.shape[1] == 0:
-            raise ValueError("x has T = 0 time steps; need T >= 1")
-        if x.shape[0] == 0:
-            raise ValueError("x has batch size B = 0; need B >= 1")
-        if not (x.is_floating_point() or x.is_complex()):
-            raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
-        isz = getattr(self.cell, "input_size", None)
-        if isz is not None and x.shape[-1] != isz:
-            raise ValueError(f"x must have D_in = cell.input_size = {isz} features, got {x.shape[-1]}")
-        p = self._param_like()
-        if p is not None:
-            if x.device != p.device:
-                raise ValueError(f"x is on {x.device} but the cell's parameters are on {p.device}")
-            lower = _autocast_dtype(x.device) == x.dtype  # an autocast layer handed in its precision
-            if x.dtype != p.dtype and not (x.is_complex() or p.is_complex() or lower):
-                raise TypeError(f"x has dtype {x.dtype} but the cell's parameters are {p.dtype}")
-
-    def _make_h0(self, h0, u: torch.Tensor) -> torch.Tensor:
-        B = u.shape[0]
-        dtype = self.cell.state_dtype(u)
-        if h0 is None:
-            return self.cell.initial_state(B, dtype, u.device)
-        if not isinstance(h0, torch.Tensor):
-            raise TypeError(f"h0 must be a torch.Tensor [B, state], got {type(h0).__name__}")
-        want = (B, self.cell.state_size)
-        if tuple(h0.shape) != want:
-            raise ValueError(f"h0 must be [B, state] = {list(want)}, got {list(h0.shape)}")
-        if h0.device != u.device:
-            raise ValueError(f"h0 is on {h0.device} but x is on {u.device}")
-        if h0.dtype != dtype:
-            raise TypeError(f"h0 has dtype {h0.dtype} but the state dtype is {dtype}")
-        return h0
-
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None, mode: str | None = None,
                 return_info: bool = False, lengths: torch.Tensor | None = None,
@@ -192,34 +124,14 @@ class RNN(nn.Module):
             return self._forward(x, h0, mode, return_info, lengths, **solver_overrides)
 
     def _forward_packed(self, x, h0, mode, return_info, cu_seqlens, **solver_overrides):
-        """``x [1, total, D]`` with ``cu_seqlens [N+1]``: unpacked to a right-padded ``[N, L_max, D]``
-        batch, solved with ``lengths``, and packed back."""
-        self._check_x(x)
-        cu = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1]).to(x.device)
-        lengths = cu[1:] - cu[:-1]  # [N]
-        steps = torch.arange(int(lengths.max()), device=x.device)
-        valid = steps[None, :] < lengths[:, None]  # [N, L_max]
-        idx = (cu[:-1, None] + steps[None, :]).clamp(max=x.shape[1] - 1)  # [N, L_max]
-        xp = x[0][idx] * valid[..., None].to(x.dtype)  # [N, L_max, D]
+        """``x [1, total, D]`` with ``cu_seqlens [N+1]``: solved as a right-padded batch, packed back."""
+        check_x(self.cell, x)
+        xp, lengths, valid = unpack(x, cu_seqlens)  # [N, L_max, D], [N], [N, L_max]
         out = self.forward(xp, h0, mode, return_info, lengths=lengths, **solver_overrides)
         return (out[0][valid].unsqueeze(0), *out[1:])  # y [1, total, out], h_T [N, state]
 
-    def _padding_mask(self, lengths, x: torch.Tensor, opts) -> torch.Tensor | None:
-        """``[B, T]`` bool, True at valid steps, from ``lengths [B]``; None without lengths."""
-        if lengths is None:
-            return None
-        B, T_local = x.shape[:2]
-        offset, T = context_for(opts.process_group).time_extent(T_local, x.device)  # this rank's steps
-        if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.is_complex() \
-                or lengths.dtype == torch.bool or tuple(lengths.shape) != (B,):
-            raise ValueError(f"lengths must be an integer tensor [B] = [{B}], got "
-                             f"{getattr(lengths, 'dtype', type(lengths).__name__)} {list(getattr(lengths, 'shape', []))}")
-        if bool((lengths < 1).any()) or bool((lengths > T).any()):
-            raise ValueError(f"lengths must be in [1, T] = [1, {T}], got {lengths.tolist()}")
-        return torch.arange(offset, offset + T_local, device=x.device) < lengths.to(x.device)[:, None]
-
     def _forward(self, x, h0, mode, return_info, lengths, **solver_overrides):
-        self._check_x(x)
+        check_x(self.cell, x)
         opts = dataclasses.replace(self.options, **_renamed(solver_overrides)) if solver_overrides else self.options
         mode = self.mode if mode is None else mode
         if mode not in MODES:
@@ -230,14 +142,14 @@ class RNN(nn.Module):
                 raise RuntimeError(TORCH_FUNC_MSG)
             mode = "sequential"  # (activation checkpoints do not run under torch.func either)
             opts = dataclasses.replace(opts, check_finite=False, chunk_size=None)
-        mask = self._padding_mask(lengths, x, opts)  # [B, T] or None
+        mask = padding_mask(lengths, x, opts.process_group)  # [B, T] or None
         if mask is not None:  # padding is padding: whatever it holds reaches no product, output or gradient
             x = x.masked_fill(~mask[..., None], 0)
         # with chunk_size every chunk prepares its own inputs: here one step, for dtypes and shapes
         chunked = opts.chunk_size is not None
         xp = x[:, :1] if chunked else x
         u = self._prepare(xp)  # [B, T, *]
-        low = _autocast_dtype(u.device)
+        low = autocast_dtype(u.device)
         real = u.real.dtype if u.is_complex() else u.dtype
         # step's matmuls run in `low`: converge to its precision (autocast leaves float64 alone)
         if low is not None and opts.rtol is None and real != torch.float64:
@@ -247,7 +159,7 @@ class RNN(nn.Module):
             raise ValueError(f"{type(self.cell).__name__}.prepare must keep [B, T] leading dims: "
                              f"x {list(xp.shape)} -> u {list(u.shape)}")
         user_h0 = h0 is not None
-        h0 = self._make_h0(h0, u)
+        h0 = make_h0(self.cell, h0, u)
         B, T = x.shape[:2]
         if opts.process_group is not None:  # every rank holds a chunk: only the parallel solve links them
             if mode == "sequential":
@@ -266,9 +178,9 @@ class RNN(nn.Module):
         """``cell.prepare(x)``; under autocast, half-precision inputs are brought back to the
         parameters' precision (the state, Jacobians and scans stay there)."""
         u = self.cell.prepare(x)
-        if _autocast_dtype(u.device) is not None:
-            p = self._param_like()
-            if p is not None and u.dtype in _HALF and p.dtype not in _HALF:
+        if autocast_dtype(u.device) is not None:
+            p = param_like(self.cell)
+            if p is not None and u.dtype in HALF and p.dtype not in HALF:
                 u = u.to(p.dtype)
         return u
 
@@ -281,7 +193,7 @@ class RNN(nn.Module):
             raise ValueError("x contains NaN or Inf at a valid step (pass check_finite=False to skip this check)")
         if opts.check_finite and user_h0 and not all_finite(h0):
             raise ValueError("h0 contains NaN or Inf (pass check_finite=False to skip this check)")
-        C = self._chunk_size(x, h0, opts)
+        C = chunk_steps(self.cell, x, h0, opts)
         if C is None:
             y, hT, info = self._solve_chunk(mode, opts, u, x, h0, mask, {}, 0)
         else:
@@ -291,19 +203,6 @@ class RNN(nn.Module):
         for hook in list(self._solve_hooks.values()):
             hook(self, info)
         return y, hT, info
-
-    def _chunk_size(self, x, h0, opts) -> int | None:
-        """Steps per solve chunk, or None for one solve over all of T."""
-        C, T = opts.chunk_size, x.shape[1]
-        if C is None:
-            return None
-        if C == "auto":
-            d = self.cell.state_size
-            jac = math.prod(self.cell.get_structure().storage_shape(d))
-            C = auto_chunk_size(x.shape[0], T, d, jac, h0.element_size(), opts.memory_budget)
-        if context_for(opts.process_group).size() > 1:  # every rank takes the same path (its collectives
-            return T if C is None else min(C, T)  # differ), even where its whole part is one chunk
-        return None if C is None or C >= T else C
 
     def _solve_chunk(self, mode, opts, u, x, h0, mask, infos: dict, i: int, transitions: dict | None = None,
                      chunked: bool = False, warm: dict | None = None):
@@ -361,9 +260,9 @@ class RNN(nn.Module):
             raise ValueError(f"mask must be a bool tensor [B] = [{x_t.shape[0]}], got "
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {list(getattr(mask, 'shape', []))}")
         x = x_t.unsqueeze(1)
-        self._check_x(x)
+        check_x(self.cell, x)
         u = self.cell.prepare(x)
-        h = self._make_h0(h, u)
+        h = make_h0(self.cell, h, u)
         h_next = self.cell.step(h, u[:, 0])
         y = self.cell.output(h_next.unsqueeze(1), x)[:, 0]
         if mask is not None:

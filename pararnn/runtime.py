@@ -5,9 +5,8 @@
   use for their thread pools, hangs a forked child once the parent has used the pool. This picks
   numba's fork-safe threading layer (TBB, a non-GNU OpenMP, or numba's own workqueue) unless the
   user chose one, and gives every forked child one torch thread (as DataLoader workers have).
-  The scan's speed did not change with the layer (diagonal scan B = 8, T = 4096, d = 256,
-  2 threads: 3.2-4.7 ms with the workqueue layer, 2.8-4.8 ms with OpenMP). Call it before the
-  first solve; ``spawn`` workers need none of this.
+  The scan's speed does not depend on the layer within noise (``benchmarks/bench_chunked_ab.py``
+  records both). Call it before the first solve; ``spawn`` workers need none of this.
 - :func:`set_heap_trimming`: between the chunks of a CPU solve with ``chunk_size``, glibc's heap
   gives its free pages back to the OS when it holds more than ``memory_budget`` bytes of freed
   memory (``malloc_trim``; glibc keeps freed buffers of up to 32 MB and reuses them poorly when

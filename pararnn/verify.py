@@ -217,8 +217,8 @@ class CellFacts:
     The facts belong to the cell's current parameters. They are forgotten when a parameter or
     buffer is replaced, moved or cast (its identity changes) and on ``load_state_dict``
     (:meth:`Cell._load_from_state_dict`); in-place updates (training) renew them on the 1st, 2nd,
-    4th, 8th, ... update seen, so a run of n optimiser steps re-probes about log2(n) times (the probe
-    costs 7-23 ms at d = 64-256, a few percent of a training step)."""
+    4th, 8th, ... update seen, so a run of n optimiser steps re-probes about log2(n) times (a probe
+    costs a few evaluations of ``step``)."""
 
     def __init__(self, ident):
         self.ident, self.version, self.updates, self.next_check = ident, None, 0, 1

@@ -1,9 +1,8 @@
 """CPU solver buffers kept between calls, so a loop of solves does not page-fault them in afresh.
 
 On CPU, torch allocates a large tensor with a fresh ``mmap`` (glibc serves blocks above 32 MB so)
-and its first write faults in every page: filling a fresh ``[8, 4097, 256]`` fp32 buffer took
-14.8 ms against 0.9 ms for a reused one on the benchmark machine (one core), and a Newton solve
-allocates several such buffers per call. CUDA has torch's caching allocator and needs none of this.
+and its first write faults in every page (an order of magnitude slower than writing a reused
+buffer), and a Newton solve allocates several such buffers per call. CUDA has torch's caching allocator and needs none of this.
 
 A :class:`Workspace` hands out buffers by name and keeps the most recent ones (per thread) up to
 :data:`WORKSPACE_BYTES` in all, least recently used first out. It never hands out the same buffer

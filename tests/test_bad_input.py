@@ -42,7 +42,7 @@ def test_bad_input_rnn(rnn, args, err, match, mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.complex64])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_all_finite_sees_every_non_finite_entry(dtype, value):
-    from pararnn.rnn import all_finite
+    from pararnn.inputs import all_finite
 
     for n in (1, 7, 33, 1031):  # vector bodies and tails
         for pos in (0, n // 2, n - 1):

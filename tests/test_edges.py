@@ -228,27 +228,54 @@ def test_fork_pool_after_a_parallel_solve_returns():
 
 
 def test_importing_pararnn_changes_no_process_wide_state():
-    """A forked child after `import pararnn` (and after a solve) has the parent's torch threads and
-    numba's threading layer as the user left it; no fork handler is registered by the import."""
+    """A forked child after `import pararnn` and solves (one of them compiled) has the parent's
+    torch threads and numba's threading layer as the user left them (no fork handler is
+    registered), and torch's global settings, dynamo's config and the environment (glibc's
+    MALLOC_* tunables, OpenMP's and numba's variables) are what they were before the import."""
     code = textwrap.dedent("""
-        import os, torch, numba
+        import os, torch, numba, torch._dynamo, torch.fx.experimental._config as fxc
         torch.set_num_threads(2)
-        before = (numba.config.THREADING_LAYER, torch.get_num_threads())
-        import pararnn, pararnn.models, pararnn.nn, pararnn.kernels.cpu
+        ENV = ('MALLOC_', 'GLIBC_', 'OMP_', 'GOMP_', 'KMP_', 'MKL_', 'NUMBA_', 'PARARNN_')  # (inductor sets its own)
+        def settings():
+            return (numba.config.THREADING_LAYER, numba.config.NUMBA_NUM_THREADS, torch.get_num_threads(),
+                    torch.get_num_interop_threads(), torch.get_default_dtype(), torch.get_float32_matmul_precision(),
+                    torch.are_deterministic_algorithms_enabled(), torch._dynamo.config.recompile_limit,
+                    fxc.use_duck_shape,
+                    {k: v for k, v in os.environ.items() if k.startswith(ENV)})
+        before = settings()
+        import pararnn, pararnn.models, pararnn.nn, pararnn.kernels.cpu, pararnn.runtime
         pararnn.RNN(pararnn.models.ParaGRU(2, 8))(torch.randn(1, 100, 2))  # the CPU scans ran
+        pararnn.RNN(pararnn.models.ParaGRU(2, 8), compile_cell=True)(torch.randn(1, 100, 2))
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os.write(w, repr((numba.config.THREADING_LAYER, torch.get_num_threads())).encode())
+            os.write(w, repr(settings()[:4]).encode())
             os._exit(0)
         os.waitpid(pid, 0)
-        child = eval(os.read(r, 200).decode())
-        assert child == before, (child, before)
-        assert (numba.config.THREADING_LAYER, torch.get_num_threads()) == before
+        child = eval(os.read(r, 2000).decode())
+        assert child == before[:4], (child, before[:4])
+        after = settings()
+        assert after == before, [(a, b) for a, b in zip(after, before) if a != b]
         print("ok")
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_no_module_sets_allocator_or_global_config():
+    """glibc's allocator settings (mallopt) and torch's global switches are never set by the
+    library itself: only pararnn.runtime offers process settings, as opt-in calls."""
+    import pathlib
+
+    forbidden = ("mallopt", "register_at_fork", "set_num_threads", "THREADING_LAYER =", "set_default_dtype",
+                 "set_float32_matmul_precision", "use_deterministic_algorithms", "_dynamo.config.",
+                 "os.environ[")
+    root = pathlib.Path(pararnn.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for word in forbidden:
+            if word in text:
+                assert path.name in ("runtime.py", "compat.py"), (path, word)
 
 
 # ------------------------------------------------------------------ 11: ordinary output tensors

@@ -492,7 +492,7 @@ def test_newton_update_inside_the_scan_is_bit_identical(monkeypatch, safeguard):
     """Each Newton step writes ``H + δ`` from the scan's own pass (``base=H``); the same solve with
     the scan and the add apart gives the same bits, and the fused path is the one taken."""
     from pararnn.kernels import dispatch
-    from pararnn.solver import safeguard
+    from pararnn.solver import safeguard as solver_safeguard
 
     torch.manual_seed(0)
     cell = ParaGRU(3, 8)
@@ -510,7 +510,7 @@ def test_newton_update_inside_the_scan_is_bit_identical(monkeypatch, safeguard):
         fused, _, info = rnn(x, return_info=True)
         # the last scan is ParaGRU's correction check at the solution (no update: no base)
         assert info.iterations >= 2 and bases == [True] * info.iterations + [False]
-        monkeypatch.setattr(safeguard.StepPolicy, "keeps_updates", lambda self: False)
+        monkeypatch.setattr(solver_safeguard.StepPolicy, "keeps_updates", lambda self: False)
         bases.clear()
         apart, _ = rnn(x)
         assert bases == [False] * (info.iterations + 1)

@@ -92,10 +92,8 @@ def piece_plan(S, u, r, J, mask, structure, chunk: int, eager: bool) -> list[tup
     views per piece (detached, feature sizes marked static for a compiled piece)."""
     B, T = u.shape[:2]
     d = S.shape[-1]
-    # A piece holds about `chunk` state elements, and at most 2·chunk Jacobian entries: a dense d×d
-    # Jacobian is d× its state, and pieces sized by the state alone made a dense GRU's (d = 176,
-    # B = 16) temporaries 184 MB each, page-faulted afresh on every operation (4.2× slower training
-    # steps). Block(2) pieces (Jacobian 2× the state) measured faster at 2·chunk than at chunk.
+    # A piece holds about `chunk` state elements and at most 2·chunk Jacobian entries (a dense d×d
+    # Jacobian is d× its state: sized by the state alone, its temporaries would not fit in cache)
     per_step = max(d, math.prod(structure.storage_shape(d)) // 2)
     plan = []
     for b0, b1, t0, t1 in pieces_for(B, T, per_step, chunk, not eager):
@@ -179,27 +177,15 @@ def evaluate_piece(cell, structure, hp: torch.Tensor, u: torch.Tensor, hn: torch
 
 
 
-# A compiled evaluation (or initial guess) of one sequence's piece is one fused loop that stores r
-# and J in place, with no temporaries of the piece's size (a piece of several sequences compiles
-# into three passes with temporaries: without duck shapes each input has its own symbolic sizes;
-# telling dynamo they are equal fused it, but the fused loop ran slower, see the README), so its
-# pieces are this many times eval_chunk: fewer calls, each paying ~0.05-0.15 ms of dynamo guards
-# and wrappers. Measured (ParaGRU, compiled evaluate alone, medians of 15 interleaved, AMD EPYC
-# VM), pieces of 2^18 / 2^20 / 2^21 state elements: B = 1, T = 16384, d = 64: 3.61 / 3.07 /
-# 3.10 ms (1 thread), 3.03 / 2.25 / 2.37 ms (2 threads); B = 8, T = 4096, d = 256: 26.8 / 24.0 /
-# 29.3 ms and 15.6 / 12.4 / 24.9 ms (larger pieces fall out of cache).
+# Compiled pieces are this many times eval_chunk: a fused piece has no temporaries of its size,
+# so larger pieces only save calls (set by benchmarks/bench_constants.py).
 COMPILED_CHUNK_FACTOR = 4
 
 
-# ... and a sequence of at least eval_chunk / ONE_ROW_DIVISOR state elements is a compiled piece of
-# its own (one fused loop and a call more) rather than a row of a several-sequence piece (three
-# passes). Measured (ParaGRU forward, compile_cell, d = 256, 1 thread, medians of 15 interleaved,
-# AMD EPYC VM), several rows per piece against one: rows of 2^18 elements (B = 8, T = 1024) 77.1 /
-# 71.7 ms against 70.1 / 66.0 (two runs; 46.3 against 41.4 at 2 threads), rows of 2^17 (B = 16,
-# T = 512) 69.9 against 66.9, rows of 2^16 (B = 32, T = 256) 70.1 against 74.2 (the calls cost more
-# there than the fusion saves).
+# A sequence of at least eval_chunk / ONE_ROW_DIVISOR state elements is a compiled piece of its
+# own: one fused loop, where several rows compile into passes with temporaries
+# (set by benchmarks/bench_constants.py).
 ONE_ROW_DIVISOR = 2
-
 
 
 def pieces_for(B: int, T: int, per_step: int, eval_chunk: int, compiled: bool) -> list[tuple[int, int, int, int]]:
@@ -214,12 +200,10 @@ def pieces_for(B: int, T: int, per_step: int, eval_chunk: int, compiled: bool) -
     return contiguous_pieces(B, T, per_step, target)
 
 
-
 def max_abs(t: torch.Tensor) -> torch.Tensor:
     """``max |t|`` per sequence: ``t [B, ...] -> [B]`` (NaN propagates). For a real t, the larger of
     ``max t`` and ``-min t``: no temporary of t's size, whose fresh pages cost more than the
-    reductions (``t.abs().amax()`` of a [8, 4096, 256] fp32 tensor: 16 ms, against 1.8 ms for the
-    two reductions, one core of the benchmark machine)."""
+    two reductions."""
     dims = tuple(range(1, t.dim()))  # reduced in place: t may be a strided view (H = S[:, 1:])
     if t.is_complex():
         return t.abs().amax(dim=dims)

@@ -27,15 +27,8 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
       16384 and 2048 (dense cells keep the eager limits: their cost is the d×d Jacobians and
       scan, not the elementwise evaluation). T < 64 stays sequential.
 
-    Calibration (benchmarks/bench_auto.py, T = 2048, AMD EPYC VM, results/bench_auto_*): the
-    eager training step beats the loop up to work 16384 for ParaGRU (1.08-1.09× there at 1
-    thread) but ParaLSTM (jvp Jacobian) loses there (0.51×), hence 8192; the eager forward wins at
-    2048 (ParaGRU 1.57×) and loses at 4096 (0.95-0.98×), hence 1024. Compiled, the training step
-    wins at 16384 for ParaGRU (1.59-2.11× at 1 thread, 2.47-3.10× at 2) and ParaLSTM at 2 threads
-    (1.51×), not at 1 (0.75×); the forward wins at 2048 (ParaGRU 3.36×, 4.43× at 2 threads) and at
-    4096-8192 only for ParaGRU (1.13-2.04×; ParaLSTM 0.56× at 4096, 1 thread). The rule sees
-    neither the thread count nor whether the Jacobian is hand-written: it leaves wins on the table
-    (compiled ParaGRU forward at 4096-8192; at 16384 it ties at 2 threads, 0.99-1.08×).
+    The limits are set by ``benchmarks/bench_auto.py`` (results/bench_auto_*; the figures and their
+    machines are in those files).
     """
     structure = as_structure(structure, d)
     if backend == "auto" and auto_backend(device, dtype, structure, d) == "reference":
@@ -50,13 +43,12 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
     return "parallel" if (T >= AUTO_MIN_T and B * d * max(k, AUTO_MIN_WIDTH) <= limit) else "sequential"
 
 
-# The CPU auto rule's constants, calibrated on `pararnn bench` (docs/convergence.md, "Choosing a mode"): the
-# parallel fwd+bwd beat the strong loop up to B·d·k ≈ 8192 and the forward alone up to ≈ 1024;
-# below T = 64 the loop's few steps cost less than Newton's fixed overhead; a diagonal cell's
-# evaluation costs about 8 elementwise ops per entry, so it counts as k = 8.
+# The CPU rule's limits on the work per step B·d·max(k, 8) (a diagonal cell's evaluation is about 8
+# elementwise ops per entry), and the shortest T worth Newton's fixed cost: set by
+# benchmarks/bench_auto.py.
 AUTO_WORK_TRAINING = 8192
 AUTO_WORK_INFERENCE = 1024
-AUTO_WORK_TRAINING_COMPILED = 16384  # with compile_cell: see choose_mode's calibration
+AUTO_WORK_TRAINING_COMPILED = 16384  # with compile_cell
 AUTO_WORK_INFERENCE_COMPILED = 2048
 AUTO_MIN_T = 64
 AUTO_MIN_WIDTH = 8

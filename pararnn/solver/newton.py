@@ -18,14 +18,9 @@ from .options import SolverInfo, SolverOptions
 from .safeguard import StepPolicy
 from .shooting import SWEEP_STALL, shooting_sweep, shooting_window
 
-# A sequence whose residual is within ROUNDING_FLOOR·rtol·scale everywhere, and that the last
-# Newton step could not shrink by STALL_RATIO, sits at the rounding floor of evaluating f (terms
-# of f that cancel, which |f| + |J||h| does not see): more steps only hover there. Measured on
-# ParaGRU B=8, T=256, d=256 fp32: max residual 1.8e-7, 1.5e-7, 1.3e-7 over the 3rd-5th steps
-# with the strict test alone, and the same error against fp64 as stopping after the 3rd; with its
-# own rounding scale, Cell.step_jacobian_and_scale, ParaGRU now passes the strict test there. (Stopping
-# on a predicted next correction instead saved that step but left errors of 2.6e-5 in fp32 on a
-# block cell, against the 1e-5 the tests demand: rejected.)
+# A sequence within ROUNDING_FLOOR·rtol·scale that the last step could not shrink by STALL_RATIO
+# sits at the rounding floor of evaluating f (terms of f that cancel): more steps only hover there
+# (tests/solver/test_trust.py; history: results/calibration_history.md).
 ROUNDING_FLOOR = 16.0
 STALL_RATIO = 0.5
 

@@ -49,8 +49,7 @@ class SolverOptions:
             cell check, :func:`pararnn.verify.is_affine`, else ``"step"``), ``"step"``
             (``h_t = f(h0, u_t)`` for all t, as ParaRNN with h0=0), ``"zeros"``, or a tensor
             ``[B, T, d]`` (warm start, e.g. a previous solution). From zeros an affine cell is
-            solved in one Newton step (DeltaNet 64×64, T = 8192, fp32: one step, 6.9e-7 from fp64
-            against the loop's 5.3e-7); from ``"step"`` the update cancels at small entries and a
+            solved in one Newton step; from ``"step"`` the update cancels at small entries and a
             second step refines it.
         on_fail: ``"raise"`` (ConvergenceError), ``"warn"`` (return the last iterate with a
             ConvergenceWarning) or ``"fallback"`` (recompute the non-converged sequences
@@ -101,14 +100,15 @@ class SolverOptions:
             reductions fused into one loop per evaluation piece that stores r and J straight into
             the solver's buffers (:func:`pararnn.solver.compile.compiled_piece`); the initial guess and the
             graph-carrying evaluation at the solution (its forward and its vjp, for the backward) too.
-            Its ``torch.tanh`` is :func:`pararnn.fastmath.tanh` (2.4× faster on CPU, within 2 ulp;
+            Its ``torch.tanh`` is :func:`pararnn.fastmath.tanh` (faster on CPU, within 2 ulp;
             the eager path keeps torch's). Compiled once per cell class, parameter shapes,
             structure, dtype and device (a few seconds on CPU), not per call, B or T; real dtypes
-            only (complex cells stay eager). Past torch._dynamo's recompile limit (8 variants) it
+            only (complex cells stay eager). Past the recompile limit (64 graphs per cell class,
+            ``pararnn.solver.compile.RECOMPILE_LIMIT``; dynamo's own limit for the cells below) it
             runs eagerly, as dynamo does. Cells without a hand-written ``step_and_jacobian``
-            (torch.func.jvp) compile again for every new (B, T) (:func:`warn_jvp_recompiles`).
-            Off by default (the compile time); ``mode="auto"`` takes it into account
-            (:func:`pararnn.choose_mode`); see the README's benchmark for where it wins.
+            (torch.func.jvp) compile again for every new (B, T)
+            (:func:`~pararnn.solver.compile.warn_jvp_recompiles`). Off by default (the compile
+            time); ``mode="auto"`` takes it into account (:func:`pararnn.choose_mode`).
         check_cell: on the first parallel call per cell, dtype and device, probe ``step`` at a
             few positions (:func:`pararnn.verify.verify_cell`: determinism, no coupling of batch
             rows, the declared structure, holomorphy of complex cells) and raise a clear error

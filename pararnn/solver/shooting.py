@@ -17,12 +17,8 @@ def shooting_window(option: int | str | None, T: int) -> int | None:
     return min(int(option), T)
 
 
-# "auto" first window of the multiple-shooting sweeps. A sweep costs ~L sequential steps (over T/L
-# rows at once), and a state that only a sweep can settle moves one window per sweep, each sweep
-# followed by a Newton step. Measured on ParaGRU a_std 2.0 (B = 1, T = 4096, d = 64, fp32) with fixed
-# windows: L = 64, 128 and 256 took 24, 14 and 9 Newton steps for about the same sequential depth in
-# all; 256 growing as L, L, 2L, ... took 5 (the windows grow so that a long memory costs O(log)
-# rounds, not O(memory / L)).
+# "auto" first window of the sweeps (they grow L, L, 2L, ...: a long memory costs O(log) sweeps);
+# set on hard cells by benchmarks/bench_convergence.py (history: results/calibration_history.md).
 AUTO_SHOOTING_WINDOW = 256
 # A Newton step that leaves a sequence's max residual above this fraction of the one before it has
 # stalled there (quadratic convergence divides it by far more; a step that blows up and is undone

@@ -1,0 +1,163 @@
+"""The measurements behind the engine's tuned CPU constants, on the machine at hand.
+
+Each part times the alternatives a constant chooses between, interleaved (one process, equal
+threads), and reports which wins where; the constants' comments name this file, and its results
+(``results/bench_constants_<cpu>.json`` and ``.md``) hold the numbers and the machine:
+
+- ``COMPILED_CHUNK_FACTOR`` (pararnn/solver/evaluate.py): compiled ParaGRU evaluations with pieces
+  of 1, 2, 4 and 8 × ``eval_chunk`` state elements;
+- ``ONE_ROW_DIVISOR``: a compiled ParaGRU forward with one sequence per piece against several;
+- ``ONEDNN_MIN_MACS`` (pararnn/linear.py): oneDNN's inner product against ``F.linear`` by size;
+- the fast tanh (pararnn/fastmath.py) against torch's, compiled.
+
+    python benchmarks/bench_constants.py --threads 1 --out results/bench_constants_xeon.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+from pararnn import RNN, fastmath, linear
+from pararnn.models import ParaGRU
+from pararnn.solver import evaluate as solver_evaluate
+from pararnn.utils.timing import interleaved_medians
+
+
+@contextlib.contextmanager
+def _constant(module, name: str, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def chunk_factor(shapes, factors=(1, 2, 4, 8), repeats: int = 7) -> list[dict]:
+    """A compiled ParaGRU forward (no grad) per piece-size factor: ms per call."""
+    rows = []
+    for B, T, d in shapes:
+        torch.manual_seed(0)
+        cell, x = ParaGRU(d, d), torch.randn(B, T, d)
+        rnn = RNN(cell, compile_cell=True)
+
+        def run(f):
+            def call():
+                with _constant(solver_evaluate, "COMPILED_CHUNK_FACTOR", f), torch.no_grad():
+                    rnn(x)
+            return call
+        fns = {f"x{f}": run(f) for f in factors}
+        for fn in fns.values():
+            fn()  # compile every piece kind first
+        t = interleaved_medians(fns, repeats=repeats, warmup=1)
+        rows.append({"B": B, "T": T, "d": d, "ms": {k: v * 1e3 for k, v in t.items()}})
+    return rows
+
+
+def one_row(shapes, repeats: int = 7) -> list[dict]:
+    """A compiled ParaGRU forward with one sequence per piece (ONE_ROW_DIVISOR = 2) against
+    several rows per piece (the rule off): ms per call."""
+    rows = []
+    for B, T, d in shapes:
+        torch.manual_seed(0)
+        cell, x = ParaGRU(d, d), torch.randn(B, T, d)
+        rnn = RNN(cell, compile_cell=True)
+
+        def run(div):
+            def call():
+                with _constant(solver_evaluate, "ONE_ROW_DIVISOR", div), torch.no_grad():
+                    rnn(x)
+            return call
+        fns = {"one_row": run(2), "several_rows": run(0)}
+        for fn in fns.values():
+            fn()
+        t = interleaved_medians(fns, repeats=repeats, warmup=1)
+        rows.append({"B": B, "T": T, "d": d, "ms": {k: v * 1e3 for k, v in t.items()}})
+    return rows
+
+
+def onednn(rows_list, d_in: int = 64, d_out: int = 192, repeats: int = 9) -> list[dict]:
+    """``F.linear`` against oneDNN's inner product (forward), fp32, per number of rows: µs."""
+    impl = linear._onednn
+    out = []
+    for n in rows_list:
+        x, w, b = torch.randn(n, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
+        fns = {"F.linear": lambda: F.linear(x, w, b)}
+        if impl is not None:
+            fns["onednn"] = lambda: impl(x, w, b, "none", [], "")
+        t = interleaved_medians(fns, repeats=repeats, warmup=2, min_turn_s=0.02)
+        out.append({"rows": n, "macs": n * d_in * d_out, "us": {k: v * 1e6 for k, v in t.items()}})
+    return out
+
+
+def tanh(n: int = 1 << 20, repeats: int = 9) -> dict:
+    """torch.tanh against fastmath.tanh, each compiled alone, fp32: ms per call of n elements."""
+    x = torch.randn(n) * 3
+    fns = {"torch.tanh": torch.compile(torch.tanh), "fastmath.tanh": torch.compile(fastmath.tanh)}
+    for fn in fns.values():
+        fn(x)
+    t = interleaved_medians({k: (lambda f=f: f(x)) for k, f in fns.items()}, repeats=repeats, warmup=1,
+                            min_turn_s=0.02)
+    return {"n": n, "ms": {k: v * 1e3 for k, v in t.items()}}
+
+
+def markdown(res: dict) -> str:
+    from pararnn_studies.common import markdown_table
+
+    m = res["machine"]
+    parts = [f"# Constants' measurements: {m['cpu']}, {res['settings']['threads']} thread(s), torch "
+             f"{m.get('torch')}, commit {res['commit']}", ""]
+    if res.get("chunk_factor"):
+        facs = list(res["chunk_factor"][0]["ms"])
+        parts += ["## COMPILED_CHUNK_FACTOR: compiled ParaGRU forward, ms", "",
+                  markdown_table(["B, T, d", *facs], [[f"{r['B']}, {r['T']}, {r['d']}",
+                                                       *(f"{r['ms'][f]:.2f}" for f in facs)]
+                                                      for r in res["chunk_factor"]]), ""]
+    if res.get("one_row"):
+        parts += ["## ONE_ROW_DIVISOR: compiled ParaGRU forward, ms", "",
+                  markdown_table(["B, T, d", "one row per piece", "several rows per piece"],
+                                 [[f"{r['B']}, {r['T']}, {r['d']}", f"{r['ms']['one_row']:.2f}",
+                                   f"{r['ms']['several_rows']:.2f}"] for r in res["one_row"]]), ""]
+    if res.get("onednn"):
+        keys = list(res["onednn"][0]["us"])
+        parts += ["## ONEDNN_MIN_MACS: forward of [rows, 64] -> 192, fp32, µs", "",
+                  markdown_table(["rows", "MACs", *keys], [[r["rows"], r["macs"], *(f"{r['us'][k]:.1f}" for k in keys)]
+                                                         for r in res["onednn"]]), ""]
+    if res.get("tanh"):
+        t = res["tanh"]
+        parts += [f"## tanh, compiled, {t['n']} fp32 elements, ms", "",
+                  markdown_table(list(t["ms"]), [[f"{v:.3f}" for v in t["ms"].values()]]), ""]
+    return "\n".join(parts)
+
+
+def main(argv=None) -> dict:
+    from pararnn_studies.common import ensure_writable, run_metadata, set_threads, write_json_atomic, write_text
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, oneDNN and tanh only (a test)")
+    ap.add_argument("--out", default="results/bench_constants.json")
+    args = ap.parse_args(argv)
+    ensure_writable(args.out, "--out")
+    set_threads(args.threads)
+    res = run_metadata({"threads": args.threads, "smoke": args.smoke})
+    if args.smoke:
+        res["onednn"] = onednn([1, 64], repeats=2)
+        res["tanh"] = tanh(1 << 12, repeats=2)
+    else:
+        res["chunk_factor"] = chunk_factor([(1, 16384, 64), (8, 4096, 256)])
+        res["one_row"] = one_row([(8, 1024, 256), (16, 512, 256), (32, 256, 256)])
+        res["onednn"] = onednn([1, 16, 64, 256, 1024, 4096, 32768])
+        res["tanh"] = tanh()
+    write_json_atomic(args.out, res)
+    write_text(os.path.splitext(args.out)[0] + ".md", markdown(res))
+    print(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
