@@ -5,7 +5,7 @@ import torch
 
 from . import compat
 from .parallel import context_for
-from .solver.compile import can_compile, compiled_piece, static_features
+from .solver.compile import can_compile, compiled_piece, resolve_compile, static_features
 from .solver.evaluate import contiguous_pieces, graph_piece
 from .solver.fallback import handle_failure
 from .solver.newton import newton_solve
@@ -64,6 +64,7 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     """
     if compat.under_torch_func():
         raise RuntimeError(TORCH_FUNC_MSG)
+    opts = resolve_compile(opts, cell, h0, *u.shape[:2])
     pctx = context_for(opts.process_group)
     if opts.check_cell:
         verify_once(cell, u, h0)

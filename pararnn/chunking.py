@@ -9,7 +9,6 @@ import dataclasses
 import math
 
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import compat
@@ -17,6 +16,7 @@ from .cell import Cell
 from .parallel import context_for
 from .solver.options import ConvergenceError, SolverInfo, auto_chunk_size
 from .structure import compose
+from .utils.functional import call_with, named_tensors
 from .verify import check_prepare_is_per_step, verified, verify_once
 
 
@@ -38,18 +38,6 @@ class _Place(torch.autograd.Function):
         return g, g[:, ctx.t0:ctx.t0 + ctx.n], None
 
 
-class _Bind(nn.Module):
-    """Calls ``fn(*args)`` with ``root`` as a submodule, so :func:`torch.func.functional_call` can
-    bind root's parameters and buffers around any function, not only ``root.forward``."""
-
-    def __init__(self, root: nn.Module):
-        super().__init__()
-        self.root = root
-
-    def forward(self, fn, *args):
-        return fn(*args)
-
-
 class _ForwardState:
     """``fn(*args)`` (a chunk's solve, activation-checkpointed) run with the parameters and buffers
     the cell had when the forward ran, so the backward's recompute evaluates the same function:
@@ -59,21 +47,18 @@ class _ForwardState:
     the owner's."""
 
     def __init__(self, cell, fn):
-        root = cell.__dict__.get("_owner", cell)
-        self.bind, self.fn = _Bind(root), fn
-        self.state = {f"root.{k}": t for k, t in [*root.named_parameters(remove_duplicate=False),
-                                                   *root.named_buffers(remove_duplicate=False)]}
+        self.root, self.fn = cell.__dict__.get("_owner", cell), fn
+        self.state = named_tensors(self.root)
         self.versions = {k: compat.version_counter(t) for k, t in self.state.items()}
 
     def __call__(self, *args):
         for k, t in self.state.items():
             if compat.version_counter(t) != self.versions[k]:
                 raise RuntimeError(
-                    f"pararnn: {k.removeprefix('root.')} was modified in place between the forward and the "
+                    f"pararnn: {k} was modified in place between the forward and the "
                     "backward of a chunked solve (chunk_size), whose backward recomputes each chunk with "
                     "it; call backward before changing it (e.g. before optimizer.step()).")
-        return torch.func.functional_call(self.bind, self.state, (self.fn, *args), tie_weights=False)
-
+        return call_with(self.root, self.state, self.fn, *args)
 
 
 class _LinkRanks(torch.autograd.Function):

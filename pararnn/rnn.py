@@ -20,7 +20,7 @@ from .cell import Cell
 from .chunking import chunk_steps, solve_in_chunks
 from .inputs import HALF, all_finite, autocast_dtype, check_x, make_h0, padding_mask, param_like, unpack
 from .runtime import release_freed_memory
-from .solver.compile import can_compile
+from .solver.compile import resolve_compile
 from .solver.fallback import sequential_solve
 from .solver.mode import choose_mode
 from .solver.newton import replay_steps
@@ -166,11 +166,13 @@ class RNN(nn.Module):
                 raise ValueError("mode='sequential' cannot be combined with process_group (each rank would "
                                  "solve its chunk from h0); use mode='parallel', or drop process_group")
             mode = "parallel"
+        steps = min(T, opts.chunk_size) if isinstance(opts.chunk_size, int) else T  # one solve's steps
+        opts = resolve_compile(opts, self.cell, h0, B, steps)  # compile_cell="auto" decided here
         if mode == "auto":
             training = torch.is_grad_enabled() and (
                 u.requires_grad or h0.requires_grad or any(p.requires_grad for p in self.cell.parameters()))
             mode = choose_mode(B, T, self.cell.state_size, u.device, self.cell.get_structure(), training,
-                               h0.dtype, opts.backend, compile_cell=opts.compile_cell and can_compile(h0))
+                               h0.dtype, opts.backend, compile_cell=opts.compile_cell)
         y, hT, info = self._solve(x, None if chunked else u, h0, user_h0, mode, opts, mask)
         return (y, hT, info) if return_info else (y, hT)
 

@@ -55,7 +55,7 @@ def ensure_writable(path: str, what: str, folder: bool = False) -> None:
         raise SystemExit(f"pararnn: cannot write {what} {path!r}: {e.strerror or e}") from None
 
 
-def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "it", leave: bool = True,
+def progress_bar(iterable=None, *, desc: str, total: int | None = None, unit: str = "it", leave: bool = True,
              disable: bool = False):
     """A progress bar over ``iterable`` (or one updated by hand with ``total``): tqdm where it is
     installed (``pip install "pararnn[studies]"``), else a line on stderr at most every 10 s."""
@@ -67,7 +67,7 @@ def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = 
 
 
 class _TextProgress:
-    """The fallback of :func:`progress` without tqdm: iterate it, or call ``update()``/``close()``."""
+    """The fallback of :func:`progress_bar` without tqdm: iterate it, or call ``update()``/``close()``."""
 
     def __init__(self, iterable, desc, total, unit, disable):
         self.iterable, self.desc, self.unit, self.disable = iterable, desc, unit, disable

@@ -31,7 +31,7 @@ from torch import nn
 from .common import (
     ensure_writable,
     figure,
-    progress,
+    progress_bar,
     run_metadata,
     set_threads,
     write_json_atomic,
@@ -235,7 +235,7 @@ def train_one(name: str, cfg: LMConfig, data: torch.Tensor, progress: bool = Tru
     losses, iters = [], []
     steps = range(cfg.steps)
     if progress:
-        steps = progress(steps, desc=f"lm {name}", unit="step", leave=False)
+        steps = progress_bar(steps, desc=f"lm {name}", unit="step", leave=False)
     t0 = time.perf_counter()
     for _ in steps:
         x, y = next(it)
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 raise SystemExit(f"pararnn lm: {args.out} holds runs of another configuration ({path}); choose "
                                  "another --out, or pass the same settings")
             finished[r["model"]] = r
-        for name in progress(models, desc="lm models", unit="model"):
+        for name in progress_bar(models, desc="lm models", unit="model"):
             path = os.path.join(args.out, "runs", f"{name}.json")
             if name in finished:
                 print(f"pararnn lm: {name} already finished in {path}, skipping it", file=sys.stderr)

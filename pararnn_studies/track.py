@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (ddp_rank_world, ensure_writable, figure, init_distributed_from_env,
-                     progress, run_metadata, set_threads, write_json_atomic, write_text)
+                     progress_bar, run_metadata, set_threads, write_json_atomic, write_text)
 from .tasks import IGNORE, TASKS
 
 # model name -> (cell name for pararnn.models.make_cell, cell kwargs).
@@ -110,7 +110,7 @@ def train_one(task_name: str, model_name: str, seed: int, cfg: TrackConfig, prog
     losses, iters, fallbacks = [], [], 0
     steps = range(cfg.steps)
     if progress:
-        steps = progress(steps, desc=f"{task_name}/{model_name}", leave=False)
+        steps = progress_bar(steps, desc=f"{task_name}/{model_name}", leave=False)
     t0 = time.perf_counter()
     for _ in steps:
         T = int(torch.randint(cfg.train_min, cfg.train_max + 1, (1,), generator=gen))
@@ -206,13 +206,13 @@ def run_study(plan: dict[str, list[str]], seeds: list[int], cfg: TrackConfig, ou
         print(f"pararnn track: {len(results)} finished run(s) found in {out}/runs, skipping them", file=sys.stderr)
     rank, world = ddp_rank_world()
     if todo and world > 1:  # data-parallel: every rank runs every job together; rank 0 writes
-        for task, model, seed, cfg_, path in progress(todo, desc="track runs", unit="run", disable=rank != 0):
+        for task, model, seed, cfg_, path in progress_bar(todo, desc="track runs", unit="run", disable=rank != 0):
             res = train_one(task, model, seed, cfg_)
             if rank == 0:
                 write_json_atomic(path, res)
             results.append(res)
     elif todo:
-        bar = progress(total=len(todo), desc="track runs", unit="run")
+        bar = progress_bar(total=len(todo), desc="track runs", unit="run")
         if jobs <= 1:  # one process: torch keeps all its threads
             for job in todo:
                 results.append(_job(job, threads=None))

@@ -204,7 +204,7 @@ def test_time_split_under_torch_compile(monkeypatch):
     """The split's result under torch.compile: the custom op's fake promises a contiguous
     [B, T, d], which a strided cut of the padded pieces broke (inductor asserted on the stride)."""
     pytest.importorskip("triton")
-    monkeypatch.setattr(pararnn.dispatch, "time_pieces", lambda B, T, d, device, lanes=32: 4)
+    monkeypatch.setattr(pararnn.kernels.dispatch, "time_pieces", lambda B, T, d, device, lanes=32: 4)
     A, b, h0 = (t.to(TRITON_DEVICE) for t in make("diagonal", 3, 37, 4, torch.float32))
     want = scan_reference(A, b, h0, as_structure("diagonal", 4))
     f = torch.compile(lambda A, b, h0: pararnn.linear_scan(A, b, h0, backend="triton") * 2, backend="inductor")
@@ -327,7 +327,7 @@ def test_time_split_rule_counts_programs_by_the_kernels_tiles(monkeypatch):
     assert lanes_per_program(as_structure("diagonal", 64), 64) == 32
     assert lanes_per_program(as_structure(Block(2), 64), 64) == 2 * 32
     assert lanes_per_program(as_structure(Block(4), 64), 64) == 4 * 16
-    monkeypatch.setattr(pararnn.dispatch, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(pararnn.kernels.dispatch, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     assert pararnn.kernels.dispatch.time_pieces(3, 5000, 64, cuda, lanes=32) == 5000 // 512  # 6 programs
     assert pararnn.kernels.dispatch.time_pieces(3, 1 << 16, 64, cuda, lanes=32) == 2 * 132 // 6

@@ -5,13 +5,15 @@ from :mod:`pararnn.compat`.
 """
 from __future__ import annotations
 
+import dataclasses
 import types
 import warnings
 
 import torch
 
 from .. import compat, fastmath
-from ..cell import uses_jvp
+from ..cell import gives_scale, uses_jvp
+from ..utils.functional import call_with, named_tensors
 
 _COMPILED = {}
 
@@ -25,12 +27,13 @@ def compiled_piece(fn, cell=None):
     The backend (:func:`pararnn.fastmath.compile_backend`) swaps tanh for the fast one.
 
     Each cell class gets its own copy of ``fn``'s code, so its own dynamo cache and a budget of
-    :data:`RECOMPILE_LIMIT` graphs (dynamo's own limit for a jvp-Jacobian cell, which recompiles
-    per (B, T), see :func:`warn_jvp_recompiles`): with one shared code object a few cells used
-    dynamo's limit up and later ones ran eagerly. While a compiled piece runs, dynamo's recompile
+    :data:`RECOMPILE_LIMIT` graphs: with one shared code object a few cells used dynamo's limit up
+    and later ones ran eagerly. A cell without a hand-written Jacobian is evaluated through
+    :func:`traced_jacobian`. While a compiled piece runs, dynamo's recompile
     limit and duck-shape setting are set for it and restored after (:mod:`pararnn.compat`):
     without duck shapes dynamo does not guard on chance equalities between the pieces' storage
-    offsets and sizes."""
+    offsets and sizes. Where compiling fails (no C++ compiler, an op inductor cannot lower), the
+    cell class runs eagerly from then on, with one warning."""
     kind = None if cell is None else type(cell)
     if (fn, kind) not in _COMPILED:
         own = fn if kind is None else types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
@@ -39,11 +42,20 @@ def compiled_piece(fn, cell=None):
         # context managers made once and re-entered on every call (each patch() builds a class: ~20 µs)
         no_duck_shapes = compat.no_duck_shapes()
         limit = compat.dynamo_recompile_limit()
-        budget = compat.recompile_budget(limit if uses_jvp(cell) else max(RECOMPILE_LIMIT, limit))
+        budget = compat.recompile_budget(max(RECOMPILE_LIMIT, limit))
 
         def run(*args):
-            with no_duck_shapes, budget:
-                return compiled(*args)
+            if kind in _FAILED:
+                return fn(*args)
+            try:
+                with no_duck_shapes, budget:
+                    return compiled(*args)
+            except Exception as e:  # noqa: BLE001 - a failure to compile: the eager twin serves
+                out = fn(*args)  # an error of the cell itself raises here again, as itself
+                _FAILED.add(kind)
+                _warn_once(kind, COMPILE_FAILED_MSG.format(name=getattr(kind, "__name__", "the cell"),
+                                                           error=f"{type(e).__name__}: {str(e)[:300]}"))
+                return out
 
         _COMPILED[(fn, kind)] = run
     return _COMPILED[(fn, kind)]
@@ -63,26 +75,121 @@ def static_features(first: int, *tensors: torch.Tensor) -> None:
             compat.mark_static(t, dim)
 
 
-def warn_jvp_recompiles(cell) -> None:
-    """Warn (called once per compiled solve) that the compiled evaluation of a cell whose Jacobian
-    comes from :func:`pararnn.cell.autodiff_step_and_jacobian` (the default
-    ``Cell.step_and_jacobian``) compiles again for every new piece size: under torch.compile,
-    torch 2.13's forward-mode AD specialises the number of rows (even ``jvp`` of ``sigmoid(2 h)``
-    guards on it; dynamic and unbacked sizes alike), so dynamic shapes cannot hold there. Once
-    per cell class: Python's registry alone would repeat it, as dynamo's compiles reset it."""
-    kind = type(cell)
-    if not uses_jvp(cell) or kind in _WARNED_JVP:
-        return
-    _WARNED_JVP.add(kind)
-    warnings.warn(JVP_RECOMPILE_MSG.format(name=kind.__name__), UserWarning, stacklevel=3)
+def traced_jacobian(cell, h: torch.Tensor, u: torch.Tensor):
+    """For a cell whose Jacobian comes from autodiff (no hand-written ``step_and_jacobian``): its
+    ``(f, J)`` as one graph with a symbolic number of rows, for the compiled evaluation to call.
+
+    torch.compile specialises forward-mode AD (``torch.func.jvp``) on the number of rows, so the
+    default Jacobian compiled per (B, T). This traces ``step`` and its vector-Jacobian products (the
+    structure's probe tangents through ``torch.func.vjp``: rows of J, transposed into storage form)
+    with ``make_fx(tracing_mode="symbolic")``, with the cell's parameters and buffers as inputs:
+    the compiled evaluation then compiles once per cell class and shapes, whatever B and T.
+
+    ``h [N, d]``, ``u [N, *]``: example rows (their dtype, device and feature shapes). Returns
+    ``(graph, tensors)`` to call as ``graph(tensors, h, u) -> (f [N, d], J [N, *jac])``, or None
+    where ``step`` cannot be traced (data-dependent control flow, say; one warning per cell class)
+    or the state is complex. Traced once per cell class, structure, parameter shapes, plain
+    attributes, dtype and device.
+    """
+    if not uses_jvp(cell) or gives_scale(cell) or h.is_complex() or u.is_complex():
+        return None
+    tensors = named_tensors(cell)
+    key = _trace_key(cell, tensors, h, u)
+    if key not in _TRACED:
+        try:
+            _TRACED[key] = _trace(cell, list(tensors), h, u)
+        except Exception as e:  # noqa: BLE001 - any failure to trace: the eager evaluation serves
+            _TRACED[key] = None
+            _warn_once(type(cell), TRACE_FAILED_MSG.format(name=type(cell).__name__, error=f"{type(e).__name__}: {e}"))
+    graph = _TRACED[key]
+    return None if graph is None else (graph, [t.detach() for t in tensors.values()])
 
 
-_WARNED_JVP: set = set()
-JVP_RECOMPILE_MSG = (
-    "pararnn: compile_cell with {name}, whose Jacobian comes from torch.func.jvp (no hand-written "
-    "step_and_jacobian): torch.compile specialises forward-mode AD on the number of rows, so each new "
-    "(B, T) compiles the evaluation again (seconds each; past torch._dynamo's recompile limit it runs "
-    "eagerly). Keep (B, T) fixed, write step_and_jacobian by hand, or leave compile_cell off.")
+def _trace(cell, names: list[str], h: torch.Tensor, u: torch.Tensor):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    structure = cell.get_structure()
+
+    def step_and_jacobian(tensors, h, u):
+        def rows_of_j(hh, uu):
+            N, d = hh.shape
+            f, vjp = torch.func.vjp(lambda x: cell.step(x, uu), hh)
+            probes = structure.probe_tangents(N, d, hh.dtype, hh.device)  # [P, N, d]
+            rows = torch.stack([vjp(e)[0] for e in probes.unbind(0)]) if probes.shape[0] <= 8 else \
+                torch.func.vmap(lambda e: vjp(e)[0])(probes)
+            return f, structure.transpose(structure.assemble(rows, d))
+
+        return call_with(cell, dict(zip(names, tensors)), rows_of_j, h, u)
+
+    n = 7  # an example row count that no other size equals (dynamo specialises 0 and 1)
+    hx = torch.randn(n, h.shape[-1], dtype=h.dtype, device=h.device)
+    ux = torch.randn(n, *u.shape[1:], dtype=u.dtype, device=u.device)
+    with torch.no_grad():
+        return make_fx(step_and_jacobian, tracing_mode="symbolic")([t.detach() for t in
+                                                                    named_tensors(cell).values()], hx, ux)
+
+
+_SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _trace_key(cell, tensors: dict, h: torch.Tensor, u: torch.Tensor):
+    """What a traced graph depends on: the class, structure, tensor shapes and dtypes, the modules'
+    plain attributes (a hyperparameter is a constant of the graph), h's and u's dtypes, device and
+    feature shapes. A module holding any other attribute gets a graph of its own (its id)."""
+    attrs = []
+    for name, module in cell.named_modules():
+        for k, v in sorted(vars(module).items()):
+            if k.startswith("_") or k == "training":
+                continue
+            if isinstance(v, _SIMPLE) or (isinstance(v, tuple) and all(isinstance(i, _SIMPLE) for i in v)):
+                attrs.append((name, k, v))
+            else:
+                attrs.append((name, k, id(v)))
+        attrs.append((name, "training", module.training))
+    shapes = tuple((k, tuple(t.shape), t.dtype, t.device) for k, t in tensors.items())
+    return (type(cell), str(cell.get_structure()), shapes, tuple(attrs), h.dtype, h.device, u.dtype,
+            tuple(u.shape[1:]))
+
+
+def _warn_once(kind, message: str) -> None:
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def use_compiled(option, cell, h0: torch.Tensor, B: int, T: int) -> bool:
+    """Whether a solve evaluates the cell compiled (``SolverOptions.compile_cell``): ``True`` and
+    ``False`` as given (real dtypes only), ``"auto"`` on CPU for a real, non-autocast solve of at
+    least :data:`AUTO_COMPILE_ELEMENTS` state elements (``B·T·d``) of a cell class that compiled
+    before or has not been tried."""
+    if option != "auto":
+        return bool(option) and can_compile(h0)
+    return (h0.device.type == "cpu" and can_compile(h0) and type(cell) not in _FAILED
+            and B * T * cell.state_size >= AUTO_COMPILE_ELEMENTS and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
+
+
+def resolve_compile(opts, cell, h0: torch.Tensor, B: int, T: int):
+    """``opts`` with ``compile_cell`` decided for this solve (a bool; see :func:`use_compiled`)."""
+    if isinstance(opts.compile_cell, bool):
+        return opts
+    return dataclasses.replace(opts, compile_cell=use_compiled(opts.compile_cell, cell, h0, B, T))
+
+
+# compile_cell="auto" compiles solves of at least this many state elements: below, a solve takes
+# about a millisecond eagerly, and a first compile (seconds) would not pay back within a run.
+AUTO_COMPILE_ELEMENTS = 1 << 16
+
+_TRACED: dict = {}
+_WARNED: set = set()
+_FAILED: set = set()  # cell classes whose compiled evaluation failed: eager from then on
+COMPILE_FAILED_MSG = (
+    "pararnn: compiling the evaluation of {name} failed ({error}); it runs eagerly from now on "
+    "(correct, slower). Pass compile_cell=False to skip the attempt.")
+TRACE_FAILED_MSG = (
+    "pararnn: the compiled evaluation of {name} is off: its step could not be traced with a symbolic "
+    "number of rows ({error}), so its Newton steps run eagerly (correct, slower). Write step without "
+    "data-dependent Python control flow, or give the cell a hand-written step_and_jacobian.")
 
 
 def can_compile(t: torch.Tensor) -> bool:

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from .compile import can_compile, compiled_piece, static_features
+from ..cell import uses_jvp
+from .compile import can_compile, compiled_piece, static_features, traced_jacobian
 from .options import SolverOptions
 
 
@@ -57,6 +58,12 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     """
     B = u.shape[0]
     structure = cell.get_structure() if structure is None else structure
+    jac = None
+    if compiled and can_compile(S) and uses_jvp(cell):  # an autodiff Jacobian: compiled as one traced graph
+        jac = plans.get("jac") if plans is not None and "jac" in plans else _traced(cell, S, u)
+        if plans is not None:
+            plans["jac"] = jac
+        compiled = jac is not None
     piece = compiled_piece(evaluate_piece, cell) if compiled and can_compile(S) else evaluate_piece
     eager = piece is evaluate_piece
     if eager:
@@ -70,7 +77,7 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
             plans[id(S)] = plan
     es, qs = [], []
     for args in plan:
-        e, qc = piece(cell, structure, *args[:4], atol, *args[4:], variant)
+        e, qc = piece(cell, structure, *args[:4], atol, *args[4:], variant, jac)
         es.append(e)
         qs.append(qc)
     if not measure:
@@ -85,6 +92,14 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
         return err, None
     q = torch.cat(qs)
     return err, (q if q.shape[0] == B else q.view(B, -1).amax(1))
+
+
+def _traced(cell, S: torch.Tensor, u: torch.Tensor):
+    """:func:`~pararnn.solver.compile.traced_jacobian` at these buffers, its tensors marked static."""
+    jac = traced_jacobian(cell, S[0], u[0])
+    if jac is not None:
+        static_features(0, *jac[1])
+    return jac
 
 
 def piece_plan(S, u, r, J, mask, structure, chunk: int, eager: bool) -> list[tuple]:
@@ -136,18 +151,21 @@ def _even_split(n: int, most: int) -> list[tuple[int, int]]:
 
 
 def evaluate_piece(cell, structure, hp: torch.Tensor, u: torch.Tensor, hn: torch.Tensor, m: torch.Tensor | None,
-                   atol: float, r_out: torch.Tensor, J_out: torch.Tensor, measure: bool | str = True):
+                   atol: float, r_out: torch.Tensor, J_out: torch.Tensor, measure: bool | str = True, jac=None):
     """One piece of :func:`evaluate`: ``hp, hn [B, n, d]`` (previous and current states),
     ``u [B, n, *]``, ``m [B, n]`` or None. Writes ``r`` into ``r_out [B·n, d]`` and ``J`` into
     ``J_out [B·n, *jac]`` (views of the solver's buffers, rows in (b, t) order) and returns
     ``(max|r| [B], q [B])``; ``(max|r|, None)`` with ``measure="err"``, ``(None, None)`` with
-    ``measure=False``."""
+    ``measure=False``. ``jac``: ``(graph, tensors)`` of :func:`~pararnn.solver.compile.traced_jacobian`
+    computes f and J in place of the cell's ``step_and_jacobian`` (None: the cell's)."""
     B, n, d = hp.shape
     N = B * n
     hp = hp.reshape(N, d)  # [N, d]
     u = u.reshape(N, *u.shape[2:])
     s = None
-    if measure is True:  # the test reads the cell's rounding scale s [N, d] too (or None)
+    if jac is not None:
+        f, Jc = jac[0](jac[1], hp, u)
+    elif measure is True:  # the test reads the cell's rounding scale s [N, d] too (or None)
         f, Jc, s = cell.step_jacobian_and_scale(hp, u)
     else:
         f, Jc = cell.step_and_jacobian(hp, u)

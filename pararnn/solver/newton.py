@@ -12,7 +12,7 @@ import torch
 from ..cell import gives_scale
 from ..parallel import LOCAL, ParallelContext
 from ..workspace import Fresh
-from .compile import can_compile, warn_jvp_recompiles
+from .compile import resolve_compile
 from .evaluate import evaluate, initial_guess, max_abs
 from .options import SolverInfo, SolverOptions
 from .safeguard import StepPolicy
@@ -78,6 +78,7 @@ class NewtonSolver:
 
     def __init__(self, cell, u, h0, opts: SolverOptions, ctx: ParallelContext = LOCAL, mask=None, ws=None,
                  outputs_from_ws: bool = False, replaying: bool = False):
+        opts = resolve_compile(opts, cell, h0, *u.shape[:2])
         self.cell, self.u, self.h0, self.opts, self.ctx, self.mask = cell, u, h0, opts, ctx, mask
         self.structure = structure = cell.get_structure()
         B, T = u.shape[:2]
@@ -94,8 +95,6 @@ class NewtonSolver:
         self.J = self.out_ws.take("J", (B, T, *structure.storage_shape(d)), dt, dev)  # [B, T, *jac]
         self.S[:, 0] = h0
         self.H = self.S[:, 1:]
-        if opts.compile_cell and can_compile(h0):
-            warn_jvp_recompiles(cell)
         # From f(h0, u_t), the first iterate is exact only where f ignores its state (or T = 1): its
         # check measures max|r| (for the safeguard and the stall test) but not q, whose pass over the
         # rounding scale is a third of a compiled evaluation. Such a sequence takes one step more.

@@ -95,20 +95,20 @@ class SolverOptions:
             evaluations (``compile_cell``) use pieces up to 4× larger (``COMPILED_CHUNK_FACTOR``),
             one sequence each where a sequence holds ``eval_chunk / 2`` elements or more
             (:func:`pararnn.solver.evaluate.pieces_for`).
-        compile_cell: evaluate the cell in each Newton step through ``torch.compile`` (inductor,
-            dynamic batch and time sizes): ``step_and_jacobian``, the residual and the convergence
-            reductions fused into one loop per evaluation piece that stores r and J straight into
-            the solver's buffers (:func:`pararnn.solver.compile.compiled_piece`); the initial guess and the
-            graph-carrying evaluation at the solution (its forward and its vjp, for the backward) too.
-            Its ``torch.tanh`` is :func:`pararnn.fastmath.tanh` (faster on CPU, within 2 ulp;
-            the eager path keeps torch's). Compiled once per cell class, parameter shapes,
-            structure, dtype and device (a few seconds on CPU), not per call, B or T; real dtypes
-            only (complex cells stay eager). Past the recompile limit (64 graphs per cell class,
-            ``pararnn.solver.compile.RECOMPILE_LIMIT``; dynamo's own limit for the cells below) it
-            runs eagerly, as dynamo does. Cells without a hand-written ``step_and_jacobian``
-            (torch.func.jvp) compile again for every new (B, T)
-            (:func:`~pararnn.solver.compile.warn_jvp_recompiles`). Off by default (the compile
-            time); ``mode="auto"`` takes it into account (:func:`pararnn.choose_mode`).
+        compile_cell: ``"auto"`` (default), ``True`` or ``False``. Compiled, each Newton step's cell
+            evaluation goes through ``torch.compile`` (inductor, dynamic batch and time sizes):
+            the cell's ``f`` and Jacobian, the residual and the convergence reductions fused into
+            one loop per evaluation piece that stores r and J straight into the solver's buffers
+            (:func:`pararnn.solver.compile.compiled_piece`); so are the initial guess and the
+            graph-carrying evaluation at the solution (its forward and its vjp). Its ``torch.tanh``
+            is :func:`pararnn.fastmath.tanh` (within 2 ulp; the eager path keeps torch's). A cell
+            without a hand-written ``step_and_jacobian`` is traced once with its Jacobian by
+            reverse-mode autodiff (:func:`pararnn.solver.compile.traced_jacobian`). Compiled once per
+            cell class, parameter shapes, structure, dtype and device (seconds on CPU; inductor's
+            cache serves later processes), not per B or T; real dtypes only. ``"auto"`` compiles
+            CPU solves of at least 65536 state elements (``B·T·d``) outside autocast
+            (:func:`pararnn.solver.compile.use_compiled`); ``False`` is the eager twin. A cell that
+            fails to compile runs eagerly, with one warning.
         check_cell: on the first parallel call per cell, dtype and device, probe ``step`` at a
             few positions (:func:`pararnn.verify.verify_cell`: determinism, no coupling of batch
             rows, the declared structure, holomorphy of complex cells) and raise a clear error
@@ -134,7 +134,7 @@ class SolverOptions:
     eval_chunk: int = 1 << 18
     process_group: object = None
     check_cell: bool = True
-    compile_cell: bool = False
+    compile_cell: bool | str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.max_iters, int) or self.max_iters < 1:
@@ -170,7 +170,9 @@ class SolverOptions:
                                 f"pararnn.parallel.ParallelContext, got {type(self.process_group).__name__}")
         if isinstance(self.max_iters, bool):
             raise TypeError(f"max_iters must be an int >= 1, got {self.max_iters!r}")
-        for name in ("safeguard", "check_finite", "check_cell", "compile_cell"):
+        if self.compile_cell != "auto" and not isinstance(self.compile_cell, bool):
+            raise TypeError(f"compile_cell must be a bool or 'auto', got {self.compile_cell!r}")
+        for name in ("safeguard", "check_finite", "check_cell"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
