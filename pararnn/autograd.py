@@ -50,7 +50,7 @@ class _Adjoint(torch.autograd.Function):
 
 
 def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, warn=None,
-                   mask: torch.Tensor | None = None, on_jacobians=None, replay: int | None = None):
+                   mask: torch.Tensor | None = None, on_jacobians=None, replay: list | None = None):
     """Differentiable parallel solve: ``(H [B, T, d], SolverInfo)``.
 
     Newton runs without a graph, then the failure policy (``opts.on_fail``) is applied. If
@@ -60,7 +60,7 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     reverse-time scan. ``mask [B, T]`` (False = padded step) holds the state there.
     ``on_jacobians(J)``, if given, is called with ``J [B, T, *jac]`` at the solution (no grad; valid
     during the call only: without gradients J's buffer is kept for the next solve).
-    ``replay=k``: repeat a solve that converged in k steps (see :func:`pararnn.solver.newton.newton_solve`).
+    ``replay``: repeat the steps of a solve that converged (:func:`pararnn.solver.newton.replay_steps`).
     """
     if compat.under_torch_func():
         raise RuntimeError(TORCH_FUNC_MSG)

@@ -211,7 +211,9 @@ class _RNNBase:
             return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), hn
         if unbatched:
             return x[0], (tuple(h[:, 0] for h in hn) if isinstance(hn, tuple) else hn[:, 0])
-        return (x if self.batch_first else x.transpose(0, 1)), hn
+        # torch's layout (contiguous [T, B, H] when time-major): a later dropout draws its mask in
+        # memory order, so the same seed gives the same mask as after torch.nn's module
+        return (x if self.batch_first else x.transpose(0, 1).contiguous()), hn
 
 
 def _reverse_within(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:

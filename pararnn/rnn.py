@@ -222,7 +222,7 @@ class RNN(nn.Module):
         # version counter shows no write since the forward (y += skip, relu_(y), ... change it)
         if warm and mode != "sequential" and compat.version_counter(warm["init"]) == warm.get("version"):
             opts = dataclasses.replace(opts, init=warm["init"])
-            replay = 0  # the forward's solution itself (the forward's last evaluation was there too)
+            replay = []  # the forward's solution itself (the forward's last evaluation was there too)
         if chunked:  # one of many chunks (this also runs in the backward's recompute of the chunk)
             release_freed_memory(x.device, opts.memory_budget)
         if u is None:

@@ -109,9 +109,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def load_script(name: str):
-    """A script of benchmarks/ (not a package) imported as a module, e.g. ``load_script("bench_gpu")``."""
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
+def load_script(name: str, folder: str = "benchmarks"):
+    """A script of benchmarks/ or examples/ (not packages) imported as a module, e.g. ``load_script("bench_gpu")``."""
+    path = os.path.join(os.path.dirname(__file__), "..", folder, f"{name}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -180,7 +180,7 @@ def test_chunked_memory_does_not_grow_with_T_times_state():
 @pytest.mark.parametrize("opts", [{}, {"jacobian_clip": 0.8}, {"damping": 0.7}, {"mask": True}])
 @torch.no_grad()
 def test_replay_repeats_the_solve_exactly(opts):
-    """newton_solve(replay=k) after a solve that converged in k steps gives the same states and
+    """newton_solve(replay=replay_steps(info)) after a solve that converged in k steps gives the same states and
     Jacobians, bit for bit, without the convergence measures (what a chunked recompute runs)."""
     from pararnn.solver.newton import newton_solve, replay_steps
     from pararnn.solver.options import SolverOptions
@@ -192,11 +192,12 @@ def test_replay_repeats_the_solve_exactly(opts):
     mask = (torch.arange(30) < torch.tensor([30, 11, 23])[:, None]) if opts.pop("mask", False) else None
     o = SolverOptions(**opts)
     S, J, info = newton_solve(cell, u, h0, o, mask=mask)
-    k = replay_steps(info)
+    steps = replay_steps(info)
+    k = len(steps)
     assert k == info.iterations and k >= 3
-    S2, J2, info2 = newton_solve(cell, u, h0, o, mask=mask, replay=k)
+    S2, J2, info2 = newton_solve(cell, u, h0, o, mask=mask, replay=steps)
     assert torch.equal(S, S2) and torch.equal(J, J2) and info2.iterations == k
-    S3 = newton_solve(cell, u, h0, o, mask=mask, replay=k - 1)[0]
+    S3 = newton_solve(cell, u, h0, o, mask=mask, replay=steps[:-1])[0]
     assert not torch.equal(S, S3)  # one step fewer is another iterate: the test can tell
 
 
@@ -232,11 +233,12 @@ def test_compiled_replay_repeats_the_solve_exactly(B, T, eval_chunk):
     h0 = torch.randn(B, 8)
     o = SolverOptions(compile_cell=True, eval_chunk=eval_chunk)
     S, J, info = newton_solve(cell, u, h0, o)
-    k = replay_steps(info)
+    steps = replay_steps(info)
+    k = len(steps)
     assert k == info.iterations and k >= 2
-    S2, J2, _ = newton_solve(cell, u, h0, o, replay=k)
+    S2, J2, _ = newton_solve(cell, u, h0, o, replay=steps)
     assert torch.equal(S, S2) and torch.equal(J, J2)
-    assert not torch.equal(S, newton_solve(cell, u, h0, o, replay=k - 1)[0])  # the test can tell
+    assert not torch.equal(S, newton_solve(cell, u, h0, o, replay=steps[:-1])[0])  # the test can tell
 
 
 def test_first_check_from_f_h0_u_skips_q_only(monkeypatch):
@@ -284,7 +286,7 @@ def test_replay_steps_only_for_clean_parallel_solves():
     from pararnn.solver.options import SolverInfo
 
     ok = torch.ones(2, dtype=torch.bool)
-    assert replay_steps(SolverInfo(mode="parallel", iterations=3, converged=ok, fell_back=~ok)) == 3
+    assert replay_steps(SolverInfo(mode="parallel", iterations=3, converged=ok, fell_back=~ok)) == [None] * 3
     assert replay_steps(SolverInfo(mode="parallel", iterations=3, converged=ok, fell_back=torch.tensor([False, True]))) is None
     assert replay_steps(SolverInfo(mode="parallel", iterations=3, converged=torch.tensor([True, False]),
                                    fell_back=~ok)) is None

@@ -178,3 +178,75 @@ def test_chunk_size_on_the_drop_ins():
     torch.testing.assert_close(yc.data, yr.data)
     torch.testing.assert_close(_flat(hc), _flat(hr))
     assert len(chunked.rnns[0].last_info.chunks) == 5
+
+
+# ------------------------------------------------------------------ a word_language_model-style client
+class _WordModel(torch.nn.Module):
+    """The shape of pytorch/examples' word_language_model: encoder, RNN, dropout, decoder; the RNN
+    class is the one thing that changes."""
+
+    def __init__(self, rnn_cls, ntoken=50, ninp=16, nhid=16, nlayers=2, dropout=0.2):
+        super().__init__()
+        self.drop = torch.nn.Dropout(dropout)
+        self.encoder = torch.nn.Embedding(ntoken, ninp)
+        # time-major, as there; no dropout inside the RNN (torch's native kernel draws its masks
+        # from the generator in an order of its own, so the two runs would differ by design)
+        self.rnn = rnn_cls(ninp, nhid, nlayers)
+        self.decoder = torch.nn.Linear(nhid, ntoken)
+        self.nhid, self.nlayers = nhid, nlayers
+
+    def forward(self, tokens, hidden):  # [T, B] -> [T·B, ntoken]
+        out, hidden = self.rnn(self.drop(self.encoder(tokens)), hidden)
+        return self.decoder(self.drop(out)).view(-1, self.decoder.out_features), hidden
+
+    def init_hidden(self, bsz):
+        w = next(self.parameters())
+        h = w.new_zeros(self.nlayers, bsz, self.nhid)
+        return (h, h.clone()) if isinstance(self.rnn, torch.nn.LSTM) else h
+
+
+def _repackage(h):
+    return tuple(_repackage(v) for v in h) if isinstance(h, tuple) else h.detach()
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_word_language_model_loop_with_the_rnn_swapped(kind, tmp_path):
+    """Truncated BPTT with hidden states carried (and detached) across batches, clipping, eval,
+    then the whole model saved with torch.save and loaded back with weights_only=True: the same
+    losses as with torch.nn, and the reloaded model gives the same loss."""
+    torch.manual_seed(0)
+    data = torch.randint(0, 50, (121, 4))  # [T_total, B], a batchified corpus
+    losses = {}
+    for name, cls in (("torch", getattr(torch.nn, kind)), ("pararnn", getattr(pararnn.nn, kind))):
+        torch.manual_seed(1)
+        model = _WordModel(cls)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        hidden, run = model.init_hidden(4), []
+        model.train()
+        for i in range(0, 100, 20):
+            x, y = data[i:i + 20], data[i + 1:i + 21]
+            hidden = _repackage(hidden)
+            torch.manual_seed(i)  # the same dropout masks in both runs
+            out, hidden = model(x, hidden)
+            loss = torch.nn.functional.cross_entropy(out, y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            opt.step()
+            run.append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            out, _ = model(data[100:120], model.init_hidden(4))
+            run.append(torch.nn.functional.cross_entropy(out, data[101:121].reshape(-1)).item())
+        losses[name] = run
+        if name == "pararnn":
+            torch.save(model, tmp_path / "model.pt")
+            # the client's own allow-list (its classes and torch's), plus pararnn's one-liner
+            own = [_WordModel, torch.nn.Dropout, torch.nn.Embedding, torch.nn.Linear]
+            with torch.serialization.safe_globals([*own, *pararnn.nn.safe_globals()]):
+                loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+            assert isinstance(loaded.rnn, getattr(torch.nn, kind))
+            with torch.no_grad():
+                out, _ = loaded(data[100:120], loaded.init_hidden(4))
+            assert abs(torch.nn.functional.cross_entropy(out, data[101:121].reshape(-1)).item() - run[-1]) < 1e-6
+    torch.testing.assert_close(torch.tensor(losses["pararnn"]), torch.tensor(losses["torch"]), rtol=1e-4, atol=1e-4)

@@ -33,3 +33,19 @@ def test_readme_drop_in_example_runs(tmp_path, monkeypatch):
     assert scope["out"].shape == (4, 40, 128) and scope["h_n"].shape == (4, 4, 64)
     assert scope["tokens"].shape == (1, 52)
     assert (tmp_path / "my_model" / "config.json").is_file()
+
+
+def test_readme_hugging_face_example_runs(tmp_path, monkeypatch):
+    """The three-line Auto-class example loads a folder that PararnnForCausalLM.save_pretrained wrote."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    from pararnn.hf import PararnnConfig, PararnnForCausalLM
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) == 3, "a README python block has no test"
+    monkeypatch.chdir(tmp_path)
+    PararnnForCausalLM(PararnnConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1)).save_pretrained("my_hf_model")
+    scope: dict = {}
+    exec(compile(blocks[2], "README.md", "exec"), scope)
+    assert type(scope["model"]).__name__ == "PararnnForCausalLM"

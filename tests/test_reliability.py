@@ -133,11 +133,15 @@ def test_fallback_fixes_only_the_divergent_sequences():
     x, h0 = inputs(3, 300, 2)
     h0[0] = 0.0
     x[0] = 0.0  # h stays exactly 0: converges at once
-    with pytest.warns(pararnn.ConvergenceWarning, match="recomputed sequentially"):
-        y, _, info = pararnn.RNN(cell, max_iters=5)(x, h0, return_info=True)
+    with pytest.warns(pararnn.ConvergenceWarning, match="recomputed sequentially"):  # plain Newton fails there
+        y, _, info = pararnn.RNN(cell, max_iters=5, shooting=None)(x, h0, return_info=True)
     assert info.fell_back.tolist() == [False, True, True]
     ref, _ = pararnn.RNN(cell, mode="sequential")(x, h0)
     assert torch.equal(y, ref)
+    # with multiple shooting the windows grow to all of T within the 5 steps: no fallback, the loop's answer
+    y, _, info = pararnn.RNN(cell, max_iters=5)(x, h0, return_info=True)
+    assert info.all_converged and not info.fell_back.any() and info.sweeps > 0
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-6)
 
 
 def test_diagnose_lyapunov():

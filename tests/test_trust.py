@@ -32,7 +32,7 @@ def test_an_interrupted_save_fails_to_load_loudly(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         new.save_pretrained(tmp_path)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.pt"]  # no temporary left behind
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temporary left behind
     with pytest.raises(ValueError, match="interrupted"):
         SequenceModel.from_pretrained(tmp_path)
     new.save_pretrained(tmp_path)  # a complete save loads again
@@ -230,3 +230,25 @@ def test_inference_mode_with_cells_made_there_and_chunks():
         x = torch.randn(2, 30, 3)
         y, _ = pararnn.RNN(cell, chunk_size=8)(x)
         torch.testing.assert_close(y, pararnn.RNN(cell, mode="sequential")(x)[0])
+
+
+def test_save_is_safetensors_and_a_legacy_model_pt_still_loads(tmp_path):
+    """Weights are model.safetensors (no pickle); a folder saved by pararnn 0.1 (model.pt, no
+    checksum) loads too."""
+    import json
+
+    from safetensors.torch import load_file
+
+    model = SequenceModel(11, 11, d_model=8, n_layers=1)
+    model.save_pretrained(tmp_path / "new")
+    assert set(load_file(str(tmp_path / "new" / "model.safetensors"))) == set(model.state_dict())
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    raw = json.loads((tmp_path / "new" / "config.json").read_text())
+    raw.pop("weights_sha256")
+    (legacy / "config.json").write_text(json.dumps(raw))
+    torch.save(model.state_dict(), legacy / "model.pt")
+    for folder in ("new", "legacy"):
+        loaded = SequenceModel.from_pretrained(tmp_path / folder)
+        for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -137,7 +137,7 @@ class SequenceModelConfig:
                 raise TypeError(f"config field {name} must be a dict, got {getattr(self, name)!r}")
 
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
+CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE = "config.json", "model.safetensors", "model.pt"
 
 
 def _sha256(path: str) -> str:
@@ -196,8 +196,8 @@ class SequenceModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` (the config, the parameter dtype, the pararnn version and the
-        SHA-256 of the weights file) and ``model.pt`` (the state_dict: tensors only, loaded back
-        with ``weights_only=True``, so no code is pickled) into ``directory`` (created if needed).
+        SHA-256 of the weights file) and ``model.safetensors`` (the state_dict: tensors only, no
+        code pickled) into ``directory`` (created if needed).
 
         Each file is written to a temporary name and renamed into place, weights first: an
         interrupted save leaves either the old pair, or new weights beside the old config, which
@@ -221,7 +221,10 @@ class SequenceModel(nn.Module):
             with open(path, "w") as f:
                 f.write(json.dumps({**meta, "weights_sha256": _sha256(weights)}, indent=2) + "\n")
 
-        _write_atomically(weights, lambda path: torch.save(self.state_dict(), path))
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        _write_atomically(weights, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
         _write_atomically(os.path.join(directory, CONFIG_FILE), write_config)
 
     @classmethod
@@ -251,11 +254,18 @@ class SequenceModel(nn.Module):
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         weights = os.path.join(directory, WEIGHTS_FILE)
+        if not os.path.isfile(weights):  # a save of pararnn 0.1: a state_dict file loaded weights-only
+            weights = os.path.join(directory, LEGACY_WEIGHTS_FILE)
         if digest is not None and _sha256(weights) != digest:
             raise ValueError(f"{weights} does not match {path} (its SHA-256 differs from the one the config "
                              "records): the save that wrote them was interrupted; save the model again")
         model = cls.from_config(config).to(dtype)
-        state = torch.load(weights, map_location=map_location, weights_only=True)
+        if weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(weights, device=str(map_location or "cpu"))
+        else:
+            state = torch.load(weights, map_location=map_location, weights_only=True)
         model.load_state_dict(state)
         return model
 

@@ -122,8 +122,9 @@ def _trace(cell, names: list[str], h: torch.Tensor, u: torch.Tensor):
         return call_with(cell, dict(zip(names, tensors)), rows_of_j, h, u)
 
     n = 7  # an example row count that no other size equals (dynamo specialises 0 and 1)
-    hx = torch.randn(n, h.shape[-1], dtype=h.dtype, device=h.device)
-    ux = torch.randn(n, *u.shape[1:], dtype=u.dtype, device=u.device)
+    gen = torch.Generator().manual_seed(0)  # (not the global generator: the user's random stream stays theirs)
+    hx = torch.randn(n, h.shape[-1], generator=gen, dtype=h.dtype).to(h.device)
+    ux = torch.randn(n, *u.shape[1:], generator=gen, dtype=u.dtype).to(u.device)
     with torch.no_grad():
         return make_fx(step_and_jacobian, tracing_mode="symbolic")([t.detach() for t in
                                                                     named_tensors(cell).values()], hx, ux)

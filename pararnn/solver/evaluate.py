@@ -33,17 +33,14 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     """Residual and Jacobian at the iterate, written into buffers, chunk by chunk over T.
 
     ``S [B, T+1, d]`` holds (h0, h_1..h_T); ``u [B, T, *]``. Fills ``r = f(h_{t-1}, u_t) - h_t``
-    ``[B, T, d]`` and ``J [B, T, *jac]`` (both contiguous: pieces are written through views of
-    them, see :func:`contiguous_pieces`; ``mask [B, T]``: padded steps hold the state, see
-    :func:`hold_padded`). Returns per sequence ``[B]``: ``max|r|`` and
-    ``q = max((|r_t| - atol)₊ / scale_t)``: the sequence passes ``|r| <= atol + rtol·scale``
-    exactly when ``q <= rtol``. The per-entry scale ``max(|f_t|, s_t) + |J_t| |h_{t-1}|`` (a
-    matvec of absolute values; s from :meth:`pararnn.Cell.step_jacobian_and_scale`, None: |f|
-    alone) is the size of what rounds when f is evaluated, including terms of the linear part that
-    cancel (a h + b can be ~0 from large terms) and, with s, terms of f that cancel. Per entry and per position, so
-    neither a large entry of the same state, nor a blown-up iterate elsewhere (|h| ~ 1e250), can
-    make a residual pass that is garbage at the small entries; a scale that multiplies J also
-    keeps a saturated blown-up entry (J ≈ 0) from inflating it. NaN residuals give q = NaN.
+    ``[B, T, d]`` and ``J [B, T, *jac]`` (contiguous: pieces write through views of them, see
+    :func:`contiguous_pieces`; ``mask [B, T]``: padded steps hold the state, :func:`hold_padded`).
+    Returns per sequence ``[B]``: ``max|r|`` and ``q = max((|r_t| - atol)₊ / scale_t)``: the
+    sequence passes ``|r| <= atol + rtol·scale`` exactly when ``q <= rtol``. The per-entry scale
+    ``max(|f_t|, s_t) + |J_t| |h_{t-1}|`` (s from :meth:`pararnn.Cell.step_jacobian_and_scale`,
+    None: |f| alone) is the size of what rounds when f is evaluated, cancelling terms included.
+    Per entry and position, so neither a large entry of the same state nor a blown-up iterate
+    elsewhere can make a residual pass that is garbage at the small entries; NaN gives q = NaN.
 
     ``compiled=True`` runs each chunk through :func:`evaluate_piece` compiled by torch.compile
     (one fused pass, see :func:`compiled_piece`); otherwise eagerly (the reference twin).
@@ -53,17 +50,12 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     are separate fused loops that could round r and J differently, so a replay
     (:func:`newton_solve`) passes the variant of each evaluation of the solve it repeats.
     ``plans``: a dict that one solve passes to each of its evaluations (the same u, r, J and mask,
-    S one of its iterate buffers): the pieces' argument views are built once per S, not per call
-    (~20 µs a piece).
+    S one of its iterate buffers): the pieces' argument views are built once per S.
     """
     B = u.shape[0]
     structure = cell.get_structure() if structure is None else structure
-    jac = None
-    if compiled and can_compile(S) and uses_jvp(cell):  # an autodiff Jacobian: compiled as one traced graph
-        jac = plans.get("jac") if plans is not None and "jac" in plans else _traced(cell, S, u)
-        if plans is not None:
-            plans["jac"] = jac
-        compiled = jac is not None
+    jac = _traced(cell, S, u, plans) if compiled and can_compile(S) and uses_jvp(cell) else None
+    compiled = compiled and (jac is not None or not uses_jvp(cell))  # untraceable: eager
     piece = compiled_piece(evaluate_piece, cell) if compiled and can_compile(S) else evaluate_piece
     eager = piece is evaluate_piece
     if eager:
@@ -94,11 +86,16 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     return err, (q if q.shape[0] == B else q.view(B, -1).amax(1))
 
 
-def _traced(cell, S: torch.Tensor, u: torch.Tensor):
-    """:func:`~pararnn.solver.compile.traced_jacobian` at these buffers, its tensors marked static."""
+def _traced(cell, S: torch.Tensor, u: torch.Tensor, plans: dict | None):
+    """:func:`~pararnn.solver.compile.traced_jacobian` at these buffers, its tensors marked static
+    (once per solve: kept in ``plans``)."""
+    if plans is not None and "jac" in plans:
+        return plans["jac"]
     jac = traced_jacobian(cell, S[0], u[0])
     if jac is not None:
         static_features(0, *jac[1])
+    if plans is not None:
+        plans["jac"] = jac
     return jac
 
 

@@ -27,7 +27,7 @@ STALL_RATIO = 0.5
 
 
 def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, ctx: ParallelContext = LOCAL,
-                 mask: torch.Tensor | None = None, replay: int | None = None, ws=None, outputs_from_ws: bool = False):
+                 mask: torch.Tensor | None = None, replay: list | None = None, ws=None, outputs_from_ws: bool = False):
     """Solve ``h_t = f(h_{t-1}, u_t)``, t = 1..T, by Newton with parallel linear scans.
 
     u: ``[B, T, *]`` (prepared inputs), h0: ``[B, d]``, mask: ``[B, T]`` bool or None (False =
@@ -40,8 +40,8 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
     caller applies the failure policy, :func:`handle_failure`). J is what the adjoint backward
     needs, so the final convergence check doubles as the backward's linearisation.
 
-    ``replay=k`` repeats a solve known to have converged in k steps from the same inputs and
-    ``opts`` (a chunked backward's recompute, see :func:`replay_steps`): exactly k steps, no
+    ``replay=`` :func:`replay_steps` of a solve known to have converged from the same inputs and
+    ``opts`` (a chunked backward's recompute) repeats its k steps: exactly k steps, no
     convergence tests, so no residual measures are computed; the iterates are the same numbers.
 
     ``ws``: a :class:`pararnn.workspace.Workspace` (held by the caller for this solve) for the
@@ -55,12 +55,14 @@ def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, c
 @dataclasses.dataclass
 class Decision:
     """What :meth:`NewtonSolver.decide` concluded after a check: ``converged [B]``, ``stalled [B]``
-    (or None: no step to compare with yet), whether to stop and why."""
+    (or None: no step to compare with yet), whether to stop and why, and which sequences the next
+    step must not move (converged while others go on)."""
 
     converged: torch.Tensor
     stalled: torch.Tensor | None
     stop: bool
     reason: str  # "converged", "max_iters", "non_finite" or "" (go on)
+    frozen: torch.Tensor | None = None  # [B]: converged sequences the next step leaves as they are (None: none)
 
 
 class NewtonSolver:
@@ -124,26 +126,28 @@ class NewtonSolver:
         """Every stopping rule, with one host synchronisation (one small tensor fetched):
 
         - a sequence converges when its residual passes ``|r| <= atol + rtol·scale`` (q <= rtol),
-          or sits at the rounding floor: within ``ROUNDING_FLOOR·rtol`` and the last step could not
-          shrink it by ``STALL_RATIO``;
+          or sits at the rounding floor: q within ``ROUNDING_FLOOR·rtol`` and the last step could
+          not shrink q by ``STALL_RATIO`` (q, not max|r|: one large entry of a state sets max|r|);
         - it has stalled (a shooting sweep goes first) when it has not converged and the last step
           did not shrink its residual by ``SWEEP_STALL``;
         - the solve stops when every sequence converged (then :meth:`correction_check` may still
-          send some on), at ``max_iters``, or when every unconverged sequence is NaN/Inf.
+          send some on), at ``max_iters``, or when every unconverged sequence is NaN/Inf;
+        - a converged sequence is frozen while others go on: its update is zero (a step from an
+          iterate exact to rounding can amplify that rounding through a latch's Jacobians).
 
-        ``prev [B]``: the residuals before the last step (None: none yet). Also returns the
+        ``prev``: ``(max|r|, q)`` before the last step, ``[B]`` each (None: none yet). Also returns the
         sequences whose last step blew them up (``[B]`` bool, with no decision: undo them and check
         again, then decide with ``undo=False``; None: none)."""
         ok = q <= self.rtol
         if prev is not None:
-            ok = ok | ((q <= ROUNDING_FLOOR * self.rtol) & (err > STALL_RATIO * prev))
-        stalled = None if prev is None else ~ok & ~(err <= SWEEP_STALL * prev)  # NaN: stalled
+            ok = ok | ((q <= ROUNDING_FLOOR * self.rtol) & (q > STALL_RATIO * prev[1]))
+        stalled = None if prev is None else ~ok & ~(err <= SWEEP_STALL * prev[0])  # NaN: stalled
         blown = self.policy.blown(err) if undo else None
-        flags = torch.stack([err.max().to(torch.float64), ok.all(), (~ok & torch.isfinite(err)).any(),
+        flags = torch.stack([err.max().to(torch.float64), ok.all(), ok.any(), (~ok & torch.isfinite(err)).any(),
                              torch.zeros((), dtype=torch.bool, device=err.device) if stalled is None else stalled.any(),
                              torch.zeros((), dtype=torch.bool, device=err.device) if blown is None else blown.any(),
                              ]).tolist()  # the iteration's one host synchronisation
-        worst, all_ok, any_finite_left, any_stalled, any_blown = flags
+        worst, all_ok, any_ok, any_finite_left, any_stalled, any_blown = flags
         self.info.residuals.append(worst)
         if any_blown:
             return None, blown
@@ -154,7 +158,7 @@ class NewtonSolver:
             return Decision(ok, stalled, True, "max_iters"), None
         if not any_finite_left:  # further steps cannot help
             return Decision(ok, stalled, True, "non_finite"), None
-        return Decision(ok, stalled, False, ""), None
+        return Decision(ok, stalled, False, "", ok if any_ok else None), None
 
     def correction_check(self, prev):
         """Per sequence ``[B]``: the Newton correction at the iterate, ``δ = scan(J, r)`` (its error,
@@ -177,15 +181,22 @@ class NewtonSolver:
         return ok | correction_at_floor(big, last, least), (big, torch.minimum(big, least))
 
     def sweep(self, rows):
-        """A multiple-shooting sweep of the sequences ``rows [B]`` (bool), then r and J at the new iterate."""
+        """A multiple-shooting sweep of the sequences ``rows [B]`` (bool); the loop checks the new
+        iterate before it steps (a swept sequence may have converged, and a Newton step from an
+        iterate exact to one evaluation's rounding can amplify that rounding through a latch's
+        Jacobians)."""
         L = min(self.T, self.window << max(0, self.info.sweeps - 1))  # L, L, 2L, 4L, ...: see AUTO_SHOOTING_WINDOW
         shooting_sweep(self.cell.step, self.S, self.u, L, self.mask,
                        None if bool(rows.all()) else rows.nonzero().flatten())
-        self.evaluate(measure=False)
+        self.info.sweeps += 1
+        self.info.residuals.pop()  # the check after the sweep measures the iterate the next step starts from
 
-    def step(self):
-        """One Newton step: H += damping · (the scan's solution of the linearised system)."""
+    def step(self, frozen=None):
+        """One Newton step: H += damping · (the scan's solution of the linearised system); the
+        sequences ``frozen [B]`` (bool, or None) keep their iterate (their residual is zeroed first)."""
         o, policy, H = self.opts, self.policy, self.H
+        if frozen is not None:
+            self.r.masked_fill_(frozen[:, None, None], 0)
         policy.before_scan(self.J)
         H_next = H if self.S_alt is None else self.S_alt[:, 1:]
         if o.damping == 1.0 and policy.keeps_updates():
@@ -207,8 +218,9 @@ class NewtonSolver:
     def run(self):
         """Newton until :meth:`decide` stops: ``(S, J, info)`` (see :func:`newton_solve`)."""
         info, policy = self.info, self.policy
-        prev = None  # per-sequence max residual before the last step
+        prev = None  # per sequence (max residual, q) before the last step
         correction = None  # (last, least) [B] each: the correction check's corrections, while it runs every step
+        swept = False  # the last thing done was a sweep, not a step (no second sweep before a step)
         while True:
             err, q = self.check(self.first_variant if prev is None else True)
             decision, blown = self.decide(err, q, prev)
@@ -217,7 +229,7 @@ class NewtonSolver:
                 policy.restore(blown, self.H)
                 err, q = self.check()
                 decision, _ = self.decide(err, q, prev, undo=False)
-            prev = err
+            prev = (err, q)
             policy.record(err, self.H)
             converged = decision.converged
             if decision.reason == "converged" and self.checks_correction and info.iterations > 0 \
@@ -225,28 +237,32 @@ class NewtonSolver:
                 passes, correction = self.correction_check(correction)
                 converged = converged & passes
                 if not bool(passes.all()):  # (a second synchronisation, in the last iteration or two)
-                    decision = Decision(converged, decision.stalled, False, "")
+                    decision = Decision(converged, decision.stalled, False, "", converged)
             else:
                 correction = None
             if decision.stop:
                 break
-            if self.window is not None and decision.stalled is not None:
+            if self.window is not None and decision.stalled is not None and not swept:
                 self.sweep(decision.stalled)
-                info.sweeps += 1
-            self.step()
+                swept = True
+                continue
+            swept = False
+            self.step(decision.frozen)
+            info.frozen.append(decision.frozen)
             info.iterations += 1
         if policy.clip is not None:  # the backward needs the exact Jacobians at the solution
             self.check()
         return self._result(converged)
 
-    def replay(self, k: int):
-        """Exactly k steps with no convergence tests (see :func:`newton_solve`)."""
+    def replay(self, frozen_steps: list):
+        """The steps of a solve again, each freezing what it froze, with no convergence tests (see
+        :func:`newton_solve`)."""
         self.policy.safeguard = False  # a replay undoes nothing: no copies of the iterate
         self.evaluate(measure=False, variant=self.first_variant)  # the variant the solve's first check ran
-        for _ in range(k):
-            self.step()
+        for frozen in frozen_steps:
+            self.step(frozen)
             self.evaluate(measure=False)
-        self.info.iterations = k
+        self.info.iterations = len(frozen_steps)
         return self._result(torch.ones(self.u.shape[0], dtype=torch.bool, device=self.h0.device))
 
     def _result(self, converged):
@@ -269,14 +285,16 @@ def correction_at_floor(big: torch.Tensor, last: torch.Tensor, least: torch.Tens
     return (big > STALL_RATIO * last) & (big * STALL_RATIO <= least)
 
 
-def replay_steps(info: SolverInfo | None) -> int | None:
-    """How many Newton steps reproduce the solve that gave ``info`` (with the same inputs and
-    options), or None where it cannot be replayed: not a parallel solve, or one that did not converge,
-    fell back, undid a step or took a shooting sweep for some sequence (those take the full solve again)."""
+def replay_steps(info: SolverInfo | None) -> list | None:
+    """The Newton steps that reproduce the solve that gave ``info`` (with the same inputs and
+    options): per step, the sequences it froze (``[B]`` bool or None; ``info.frozen``), so its
+    length is the step count. None where it cannot be replayed: not a parallel solve, or one that
+    did not converge, fell back, undid a step or took a shooting sweep for some sequence (those take
+    the full solve again)."""
     if info is None or info.mode != "parallel" or info.safeguarded or info.sweeps or not info.all_converged:
         return None
     if info.fell_back is not None and bool(info.fell_back.any()):
         return None
-    return info.iterations
+    return list(info.frozen) if info.frozen else [None] * info.iterations
 
 

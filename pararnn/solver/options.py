@@ -202,6 +202,8 @@ class SolverInfo:
         boundary_passes: with ``chunk_size`` and ``process_group``, how many passes over its part
             each rank made until the states entering the ranks' parts settled (the last one is
             the result; the other fields describe it).
+        frozen: per Newton step, the sequences it left as they were (``[B]`` bool: converged while
+            others went on), or None for a step that moved every sequence.
     """
 
     mode: str
@@ -216,6 +218,7 @@ class SolverInfo:
     shooting_window: int | None = None
     chunks: list["SolverInfo"] | None = None
     boundary_passes: int | None = None
+    frozen: list = field(default_factory=list, repr=False)
 
     @property
     def all_converged(self) -> bool:
