@@ -12,14 +12,14 @@ Parts (``--parts`` picks some; ``--all`` or no flag runs every one, in this orde
   cudnn    pararnn's GRU and LSTM cells (torch.nn's equations and weights, parallel) against
            torch.nn.GRU / torch.nn.LSTM (cuDNN), fwd+bwd, B = 8, d = 64
   tests    the test suite's CUDA paths on the device, in a subprocess: the Triton kernels against
-           the loop (tests/test_triton.py), variable lengths (tests/test_lengths.py) and autocast
-           on CUDA for every cell (tests/test_models.py -k cuda): counts, time and the tail of the log
+           the loop (tests/scan/test_triton.py), variable lengths (tests/solver/test_lengths.py) and autocast
+           on CUDA for every cell (tests/models/test_models.py -k cuda): counts, time and the tail of the log
 Writes results/gpu_<device>.json and .md (device: torch.cuda.get_device_name, lower-case, "_" for
 anything but letters and digits), or --out. Every timing is a median with device synchronisation;
 each part has a time budget (BUDGET: 10 minutes in all) past which it starts no new case.
 
 ``--smoke-cpu`` runs the parts but ``tests`` on the CPU with tiny sizes, so that this script
-itself is tested without a GPU (tests/test_bench_gpu.py); its numbers mean nothing.
+itself is tested without a GPU (tests/studies/test_bench_gpu.py); its numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -198,8 +198,8 @@ def part_cudnn(dev, smoke: bool, deadline: Deadline) -> list[dict]:
 
 def part_tests(timeout: int) -> dict:
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py",
-           "tests/test_lengths.py", "tests/test_models.py", "-k", "triton or cuda or lengths"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/scan/test_triton.py",
+           "tests/solver/test_lengths.py", "tests/models/test_models.py", "-k", "triton or cuda or lengths"]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)

@@ -22,7 +22,7 @@ in one part is recorded there and the next part runs. ``summary.json`` comes las
    checked against another backend first.
 
 ``--dry-run`` runs every part that does not need CUDA on the CPU with tiny sizes (Triton under its
-interpreter); tests/test_device_check.py runs it in CI.
+interpreter); tests/studies/test_device_check.py runs it in CI.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # the scripts put the checkout on sys.path themselves, in mai
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seconds per part. A part starts no new case past its budget (and names what it skipped); the sum
-# is the command's own bound, 8 minutes, checked by tests/test_device_check.py.
+# is the command's own bound, 8 minutes, checked by tests/studies/test_device_check.py.
 BUDGET = {"env": 15, "kernels": 150, "paths": 60, "suite": 150, "timings": 100}
 TOTAL_BUDGET = 480
 
@@ -274,8 +274,8 @@ def part_paths(dry: bool, deadline: Deadline) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- 4
-SUITE = ["tests/test_triton.py", "tests/test_lengths.py", "tests/test_models.py", "tests/test_scan.py",
-         "tests/test_chunked.py", "-k", "triton or cuda or lengths or split"]
+SUITE = ["tests/scan/test_triton.py", "tests/solver/test_lengths.py", "tests/models/test_models.py", "tests/scan/test_scan.py",
+         "tests/solver/test_chunked.py", "-k", "triton or cuda or lengths or split"]
 
 
 def part_suite(dry: bool, deadline: Deadline) -> dict:

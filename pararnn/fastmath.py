@@ -14,7 +14,7 @@ The formula (odd in x, so only |x| is approximated):
 
 Relative error against float64 tanh, on 800 000 points of a log grid from 1e-45 to 20 (both
 signs) and around the split: at most 1.5e-7 measured, below 2·eps = 2.4e-7 (the bound that
-tests/test_fastmath.py checks, eagerly and compiled; SLEEF's: 6e-8); tanh(x) = x exactly at the
+tests/solver/test_fastmath.py checks, eagerly and compiled; SLEEF's: 6e-8); tanh(x) = x exactly at the
 subnormals; NaN stays NaN, ±inf gives ±1, -0.0 stays -0.0. The derivative is tanh's own,
 ``1 - y²`` from the output (a custom autograd.Function), not the derivative of the approximation.
 

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 # The names the subcommands accept, listed here so that --help needs no torch import;
-# tests/test_cli.py checks them against pararnn.models.CELLS, studies.tasks.TASKS and studies.track.MODELS.
+# tests/studies/test_cli.py checks them against pararnn.models.CELLS, studies.tasks.TASKS and studies.track.MODELS.
 CELL_NAMES = ("elman", "gru", "lstm", "paragru", "paralstm", "lru", "ssm", "ssm_neg", "cssm", "deltanet",
               "deltaproduct")
 TASK_NAMES = ("parity", "count_mod3", "arith_mod5", "s3", "a4", "a5", "s5", "flipflop", "arith_mod5_precedence",

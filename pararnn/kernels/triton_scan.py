@@ -125,7 +125,7 @@ FULL_GRID = [(bt, bl, w) for bt in (32, 64, 128) for bl in (16, 32, 64) for w in
 # The autotune space actually used: configs that compiled with no spill, no stack and shared
 # memory within sm_80/sm_86/sm_90 limits for fp32 on both sm_80 and sm_90 (triton 3.9.0,
 # ptxas 13.4), at most 4 per kernel, preferring fewer registers. Resources per config:
-# pararnn/kernels/README.md. tests/test_aot.py recompiles the first of each in CI.
+# pararnn/kernels/README.md. tests/scan/test_aot.py recompiles the first of each in CI.
 GPU_CONFIGS: dict[str, list[tuple[int, int, int]]] = {
     "diag_real": [(32, 32, 4), (64, 16, 4), (128, 16, 4)],  # (64, 32, 4) spilled 4 B in fp16/bf16, sm_90
     "diag_complex": [(32, 16, 4), (32, 32, 4), (64, 16, 4)],

@@ -20,7 +20,7 @@ from .shooting import SWEEP_STALL, shooting_sweep, shooting_window
 
 # A sequence within ROUNDING_FLOOR·rtol·scale that the last step could not shrink by STALL_RATIO
 # sits at the rounding floor of evaluating f (terms of f that cancel): more steps only hover there
-# (tests/solver/test_trust.py; history: results/calibration_history.md).
+# (tests/solver/test_engine.py; history: results/calibration_history.md).
 ROUNDING_FLOOR = 16.0
 STALL_RATIO = 0.5
 

@@ -6,7 +6,7 @@ skip connection, in-place ops on the output, ``retain_graph`` and a second backw
 called twice in one graph, ``torch.func.functional_call``, ``torch.compile`` around it), and
 compares values, the final state and the gradients of x, h0 and every parameter, in float64, with
 the same context built around a plain autograd loop written here. Padded steps hold NaN, which
-must reach nothing. Sequence parallelism over two gloo ranks: tests/test_distributed.py
+must reach nothing. Sequence parallelism over two gloo ranks: tests/parallel/test_distributed.py
 ("contexts"); ``pararnn.nn`` with ``bidirectional`` and ``num_layers=2``: the last test here.
 """
 import pytest

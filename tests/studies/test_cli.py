@@ -114,7 +114,7 @@ def test_bench_jax_skips_cleanly_without_jax(tmp_path):
 
     if importlib.util.find_spec("jax") is not None:
         pytest.skip("jax is installed: the comparison itself is a benchmark, not a test")
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_jax.py")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_jax.py")
     out = subprocess.run([sys.executable, script, "--out", str(tmp_path / "j.json")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "skipped" in out.stdout

@@ -27,7 +27,7 @@ def test_every_kernel_variant_is_listed():
 def test_dry_run_writes_every_part(tmp_path):
     pytest.importorskip("triton")
     dc = load()
-    parts = ["env", "kernels", "paths", "suite"]  # timings: tests/test_bench_gpu.py runs its parts
+    parts = ["env", "kernels", "paths", "suite"]  # timings: tests/studies/test_bench_gpu.py runs its parts
     assert dc.main(["--dry-run", "--out", str(tmp_path), "--parts", ",".join(parts)]) == 0
     files = sorted(os.listdir(tmp_path))
     assert files == [f"{i}_{p}.json" for i, p in enumerate(parts, 1)] + ["summary.json"]
