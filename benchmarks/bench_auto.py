@@ -1,4 +1,4 @@
-"""Calibration of `mode="auto"` on CPU: parallel (eager and compile_cell) against the strong loop over the work per step.
+"""Calibration of `mode="auto"` on CPU: the loop, the parallel solve (eager and compiled) and what `mode="auto"` picks.
 
 `pararnn.choose_mode` compares the work per time step, ``B·d·max(k, 8)`` (k: the Jacobian's
 block width, d for dense cells), with one limit for training and one for inference, and another
@@ -7,9 +7,12 @@ for each case (a cell, B, T, d) the strong loop (a loop over ``u.unbind(1)``), t
 solve and the compiled one (``compile_cell=True``), forward and forward+backward (gradients of the
 parameters), every method of a case timed in turn, round by round (medians), and prints what
 ``choose_mode`` picks for each. Cases: ParaGRU (diagonal) at d = 64 and d = 256 over a range of
-batch sizes, ParaLSTM (Block(2)) and the dense GRU.
+batch sizes, ParaLSTM (Block(2)) and the dense GRU. ``--grid`` instead runs B in (1, 8, 32), T in
+(256, 4096) and d in (32, 256) for ParaGRU and a user's cell written with ``step`` only, and
+also times ``RNN(cell, mode="auto")`` (the defaults): its "regret" is its time over the faster of
+the loop and the default parallel solve (1.00 = it picked the faster).
 
-Usage: python benchmarks/bench_auto.py [--threads 1] [--T 2048] [--repeats 5] [--quick]
+Usage: python benchmarks/bench_auto.py [--threads 1] [--T 2048] [--repeats 5] [--quick | --grid]
        [--out results/bench_auto_1thread.json]
 Writes the JSON (version, commit, machine, settings) and a markdown table beside it.
 """
@@ -24,31 +27,49 @@ import torch
 CASES = ([("paragru", B, 64) for B in (1, 4, 8, 16, 32, 64)] + [("paragru", B, 256) for B in (2, 4, 8, 16)]
          + [("paralstm", B, 64) for B in (1, 4, 16)] + [("gru", B, 32) for B in (1, 4)] + [("gru", 1, 64)])
 QUICK = [("paragru", 1, 64), ("paragru", 16, 64), ("paralstm", 4, 64), ("gru", 1, 32)]
+GRID = [(name, B, d, T) for name in ("paragru", "step_only") for B in (1, 8, 32) for d in (32, 256) for T in (256, 4096)]
+
+
+def make(name: str, d: int):
+    if name == "step_only":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_default", os.path.join(os.path.dirname(__file__),
+                                                                                  "bench_default.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.StepOnlyGRU(d, d)
+    from pararnn.models import make_cell
+
+    return make_cell(name, d)  # input size d; state size cell.state_size
 
 
 def case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
     """One row: medians (s) of the loop, eager and compiled parallel, fwd and fwd+bwd, and auto's picks."""
     import pararnn
-    from pararnn.models import make_cell
     from pararnn_studies.bench import strong_loop, time_methods
 
     torch.manual_seed(0)
-    cell = make_cell(name, d)  # input size d; state size cell.state_size
+    cell = make(name, d)
     x = torch.randn(B, T, d)
     ds = cell.state_size
-    eager = pararnn.RNN(cell, mode="parallel")
+    eager = pararnn.RNN(cell, mode="parallel", compile_cell=False)
     comp = pararnn.RNN(cell, mode="parallel", compile_cell=True)
+    default = pararnn.RNN(cell, mode="parallel")  # compile_cell="auto"
+    auto = pararnn.RNN(cell, mode="auto")
     params = list(cell.parameters())
     methods = {"loop": (lambda x: strong_loop(cell, x), params), "parallel": (lambda x: eager(x)[0], params),
-               "compile_cell": (lambda x: comp(x)[0], params)}
+               "compile_cell": (lambda x: comp(x)[0], params), "default": (lambda x: default(x)[0], params),
+               "auto": (lambda x: auto(x)[0], params)}
     row = {"cell": name, "B": B, "T": T, "d": ds, "structure": str(cell.get_structure()),
            "work": B * ds * max(cell.get_structure().width(ds), pararnn.solver.mode.AUTO_MIN_WIDTH),
            **time_methods(methods, x, repeats)}
-    for training in (True, False):
-        key = "train" if training else "infer"
-        for cc in (False, True):
-            row[f"auto_{key}{'_compile_cell' if cc else ''}"] = pararnn.choose_mode(
-                B, T, ds, x.device, cell.get_structure(), training, compile_cell=cc)
+    for bw in ("fwd", "fwdbwd"):  # mode="auto" against the faster of what it chooses between
+        row[f"regret_{bw}"] = row[f"auto_{bw}_s"] / min(row[f"loop_{bw}_s"], row[f"default_{bw}_s"])
+    for training in (True, False):  # what auto picks with the default compile decision
+        cc = pararnn.solver.compile.use_compiled("auto", cell, torch.zeros(B, ds), B, T)
+        row[f"pick_{'train' if training else 'infer'}"] = pararnn.choose_mode(
+            B, T, ds, x.device, cell.get_structure(), training, compile_cell=cc)
     return row
 
 
@@ -59,12 +80,13 @@ def table(rows: list[dict]) -> str:
         return r[f"loop_{bw}_s"] / r[f"{m}_{bw}_s"]
 
     return markdown_table(
-        ["cell", "B", "d", "work B·d·max(k,8)", "loop fwd / fwd+bwd (ms)", "parallel: speedup fwd / fwd+bwd",
-         "compile_cell: speedup fwd / fwd+bwd", "auto picks (train / infer)", "with compile_cell"],
-        [[r["cell"], r["B"], r["d"], r["work"], f"{r['loop_fwd_s'] * 1e3:.0f} / {r['loop_fwdbwd_s'] * 1e3:.0f}",
+        ["cell", "B", "T", "d", "work B·d·max(k,8)", "loop fwd / fwd+bwd (ms)", "eager parallel: speedup",
+         "compiled: speedup", "mode='auto': speedup", "auto regret (fwd / fwd+bwd)", "auto picks (train / infer)"],
+        [[r["cell"], r["B"], r["T"], r["d"], r["work"], f"{r['loop_fwd_s'] * 1e3:.0f} / {r['loop_fwdbwd_s'] * 1e3:.0f}",
           f"{ratio(r, 'parallel', 'fwd'):.2f}× / {ratio(r, 'parallel', 'fwdbwd'):.2f}×",
           f"{ratio(r, 'compile_cell', 'fwd'):.2f}× / {ratio(r, 'compile_cell', 'fwdbwd'):.2f}×",
-          f"{r['auto_train']} / {r['auto_infer']}", f"{r['auto_train_compile_cell']} / {r['auto_infer_compile_cell']}"]
+          f"{ratio(r, 'auto', 'fwd'):.2f}× / {ratio(r, 'auto', 'fwdbwd'):.2f}×",
+          f"{r['regret_fwd']:.2f} / {r['regret_fwdbwd']:.2f}", f"{r['pick_train']} / {r['pick_infer']}"]
          for r in rows])
 
 
@@ -74,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--T", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="four cases at T = 256 (seconds)")
+    ap.add_argument("--grid", action="store_true", help="B (1, 8, 32) × T (256, 4096) × d (32, 256), ParaGRU and a "
+                    "step-only cell")
     ap.add_argument("--out", default=None, help="default results/bench_auto_{N}thread(s).json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -81,15 +105,14 @@ def main(argv=None) -> int:
     if args.out is None:
         args.out = f"results/bench_auto_{args.threads}thread{'s' if args.threads > 1 else ''}.json"
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from tqdm import tqdm
-
-    from pararnn_studies.common import ensure_writable, run_metadata, set_threads, write_json_atomic, write_text
+    from pararnn_studies.common import ensure_writable, progress_bar, run_metadata, set_threads, write_json_atomic, write_text
 
     ensure_writable(args.out, "--out")
     set_threads(args.threads)
     rows = []
-    for c in tqdm(QUICK if args.quick else CASES, desc="cases", unit="case"):
-        rows.append(case(*c[:2], args.T, c[2], args.repeats))
+    cases = GRID if args.grid else [(*c, args.T) for c in (QUICK if args.quick else CASES)]
+    for name, B, d, T in progress_bar(cases, desc="cases", unit="case"):
+        rows.append(case(name, B, T, d, args.repeats))
         write_json_atomic(args.out, {**run_metadata(vars(args)), "units": "seconds (median)", "rows": rows})
     md = table(rows)
     write_text(os.path.splitext(args.out)[0] + ".md", md + "\n")

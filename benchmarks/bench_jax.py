@@ -22,7 +22,7 @@ import functools
 import os
 import sys
 
-SHAPES = [(1, 4096, 64), (1, 16384, 64), (8, 4096, 256)]  # (B, T, d)
+SHAPES = [(1, 16384, 64), (1, 4096, 64), (8, 4096, 256), (8, 1024, 256)]  # (B, T, d)
 TURN_S = 0.1  # each method's turn in a round repeats it for about this long (at least once)
 
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--compile-cell", action="store_true", help="also time pararnn with compile_cell=True")
+    ap.add_argument("--compile-cell", action="store_true", help="also time pararnn's eager twin (compile_cell=False)")
     ap.add_argument("--out", default=None, help="default results/bench_jax_{N}thread(s).json")
     args = ap.parse_args(argv)
     n = args.threads
@@ -114,12 +114,12 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import numpy as np
     import torch
-    from tqdm import tqdm
 
     import pararnn
     from pararnn.models import ParaGRU
     from pararnn_studies.common import (
         ensure_writable,
+        progress_bar,
         markdown_table,
         run_metadata,
         set_threads,
@@ -132,14 +132,14 @@ def main(argv=None) -> int:
     ensure_writable(out, "--out")
     set_threads(n)
     rows = []
-    for B, T, d in tqdm(SHAPES, desc="jax vs pararnn", unit="shape"):
+    for B, T, d in progress_bar(SHAPES, desc="jax vs pararnn", unit="shape"):
         torch.manual_seed(0)
         cell = ParaGRU(d, d)
         x = torch.randn(B, T, d)
         ps = list(cell.parameters())
-        rnns = {"pararnn": pararnn.RNN(cell, mode="parallel")}
+        rnns = {"pararnn": pararnn.RNN(cell, mode="parallel")}  # the default (compile_cell="auto")
         if args.compile_cell:
-            rnns["pararnn_compile_cell"] = pararnn.RNN(cell, mode="parallel", compile_cell=True)
+            rnns["pararnn_eager"] = pararnn.RNN(cell, mode="parallel", compile_cell=False)
         params = {"W": jnp.asarray(cell.proj.weight.detach().numpy()), "b": jnp.asarray(cell.proj.bias.detach().numpy()),
                   "a": jnp.asarray(cell.a.detach().numpy())}
         xj = jnp.asarray(x.numpy())
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         rows.append(row)
     write_json_atomic(out, {**run_metadata({**vars(args), "shapes": SHAPES, "jax": jax.__version__,
                                             "XLA_FLAGS": os.environ["XLA_FLAGS"], "turn_s": TURN_S}), "rows": rows})
-    names = ["pararnn"] + (["pararnn_compile_cell"] if args.compile_cell else [])
+    names = ["pararnn"] + (["pararnn_eager"] if args.compile_cell else [])
     header = ["B", "T", "d", "Newton steps pararnn / JAX", "JAX fwd / fwd+bwd (ms)"]
     header += [f"{m} fwd / fwd+bwd (ms)" for m in names] + [f"JAX time / {m} time, fwd / fwd+bwd" for m in names]
     md = markdown_table(header, [

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from . import compat
 
-ONEDNN_MIN_MACS = 1 << 21  # rows · D_in · D_out below this stay on F.linear (benchmarks/bench_constants.py)
+# rows·D_in·D_out below this stay on F.linear: above it oneDNN wins on the Intel and AMD VMs alike
+# (benchmarks/bench_constants.py; results/calibration_history.md)
+ONEDNN_MIN_MACS = 1 << 24
 
 _onednn = compat.onednn_linear()
 

@@ -15,7 +15,7 @@ import pararnn
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md"))
 # Sizes shrunk for the suite (the same code, shorter sequences), and what a block needs from the page.
-SHRINK = {"2048": "96", "2049": "97", "4096": "32", "512": "40", "300": "30", "(2, 256)": "(2, 16)",
+SHRINK = {"2048": "96", "2049": "97", "4096": "32", "512": "40", "300": "30", "(2, 256)": "(2, 16)", "(4, 256, 16)": "(2, 64, 16)",
           "torch.compile(model)": "model"}
 PREAMBLE = ("import torch, pararnn\nfrom pararnn.models import ParaGRU\n"
             "cell, x = ParaGRU(4, 8), torch.randn(2, 64, 4)\n")

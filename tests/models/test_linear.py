@@ -11,7 +11,7 @@ from pararnn.models import ParaGRU
 needs_onednn = pytest.mark.skipif(PL._onednn is None, reason="torch built without oneDNN")
 
 
-def _args(shape=(3, 700, 64), d_out=96, bias=True, dtype=torch.float32):
+def _args(shape=(3, 2800, 64), d_out=96, bias=True, dtype=torch.float32):  # strided too: >= ONEDNN_MIN_MACS
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
     w = (torch.randn(d_out, shape[-1], generator=g, dtype=dtype) / shape[-1] ** 0.5).requires_grad_()
