@@ -13,6 +13,7 @@ import torch
 
 from .. import compat, fastmath
 from ..cell import gives_scale, uses_jvp
+from ..structure import Structure
 from ..utils.functional import call_with, named_tensors
 
 _COMPILED = {}
@@ -89,7 +90,9 @@ def traced_jacobian(cell, h: torch.Tensor, u: torch.Tensor):
     ``(graph, tensors)`` to call as ``graph(tensors, h, u) -> (f [N, d], J [N, *jac])``, or None
     where ``step`` cannot be traced (data-dependent control flow, say; one warning per cell class)
     or the state is complex. Traced once per cell class, structure, parameter shapes, plain
-    attributes, dtype and device.
+    attributes, dtype and device. The Python values ``step`` reads are constants of the graph:
+    the module's attributes are part of the key (a changed value, or a tensor attribute updated in
+    place, traces again); a global variable ``step`` reads is not.
     """
     if not uses_jvp(cell) or gives_scale(cell) or h.is_complex() or u.is_complex():
         return None
@@ -140,16 +143,29 @@ def _trace_key(cell, tensors: dict, h: torch.Tensor, u: torch.Tensor):
     attrs = []
     for name, module in cell.named_modules():
         for k, v in sorted(vars(module).items()):
-            if k.startswith("_") or k == "training":
-                continue
-            if isinstance(v, _SIMPLE) or (isinstance(v, tuple) and all(isinstance(i, _SIMPLE) for i in v)):
-                attrs.append((name, k, v))
-            else:
-                attrs.append((name, k, id(v)))
+            if not k.startswith("_") and k != "training":
+                attrs.append((name, k, _attribute_key(v)))
         attrs.append((name, "training", module.training))
     shapes = tuple((k, tuple(t.shape), t.dtype, t.device) for k, t in tensors.items())
     return (type(cell), str(cell.get_structure()), shapes, tuple(attrs), h.dtype, h.device, u.dtype,
             tuple(u.shape[1:]))
+
+
+def _attribute_key(v):
+    """A plain attribute's part of the key: its value (simple values, containers of them, a
+    structure), a tensor's identity and version (an in-place update is a new graph), else the
+    object's identity."""
+    if isinstance(v, _SIMPLE):
+        return v
+    if isinstance(v, (tuple, list)) and all(isinstance(i, _SIMPLE) for i in v):
+        return (type(v).__name__, tuple(v))
+    if isinstance(v, dict) and all(isinstance(i, _SIMPLE) for i in (*v.keys(), *v.values())):
+        return ("dict", tuple(sorted(v.items(), key=repr)))
+    if isinstance(v, Structure):
+        return str(v)
+    if isinstance(v, torch.Tensor):
+        return ("tensor", id(v), compat.version_counter(v), v.data_ptr())
+    return ("object", id(v))
 
 
 def _warn_once(kind, message: str) -> None:

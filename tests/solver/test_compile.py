@@ -257,7 +257,12 @@ def test_traced_jacobian_equals_the_jvp_one(structure):
         torch.testing.assert_close(f, f_ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(J, J_ref, rtol=1e-5, atol=1e-6)
     cell.scale = 0.5  # a changed attribute is a new graph
-    assert traced_jacobian(cell, h, u)[0] is not graph
+    graph2 = traced_jacobian(cell, h, u)[0]
+    assert graph2 is not graph
+    cell.offset = torch.zeros(6)  # a plain tensor attribute (not a buffer) is a constant of the graph:
+    graph3 = traced_jacobian(cell, h, u)[0]
+    cell.offset.add_(1.0)  # updated in place, it traces again
+    assert traced_jacobian(cell, h, u)[0] is not graph3 and traced_jacobian(cell, h, u)[0] is not graph2
 
 
 def test_step_only_cell_compiles_once_for_every_shape():
