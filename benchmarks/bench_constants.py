@@ -37,47 +37,35 @@ def _constant(module, name: str, value):
         setattr(module, name, old)
 
 
-def chunk_factor(shapes, factors=(1, 2, 4, 8), repeats: int = 7) -> list[dict]:
-    """A compiled ParaGRU forward (no grad) per piece-size factor: ms per call."""
+def _compiled_forwards(shapes, name: str, values: dict, repeats: int) -> list[dict]:
+    """A compiled ParaGRU forward (no grad) per value of the constant ``name`` of
+    pararnn/solver/evaluate.py, interleaved: ms per call, per shape and label of ``values``."""
     rows = []
     for B, T, d in shapes:
         torch.manual_seed(0)
-        cell, x = ParaGRU(d, d), torch.randn(B, T, d)
-        rnn = RNN(cell, compile_cell=True)
+        rnn, x = RNN(ParaGRU(d, d), compile_cell=True), torch.randn(B, T, d)
 
-        def run(f):
+        def run(value):
             def call():
-                with _constant(solver_evaluate, "COMPILED_CHUNK_FACTOR", f), torch.no_grad():
+                with _constant(solver_evaluate, name, value), torch.no_grad():
                     rnn(x)
             return call
-        fns = {f"x{f}": run(f) for f in factors}
+        fns = {label: run(value) for label, value in values.items()}
         for fn in fns.values():
-            fn()  # compile every piece kind first
+            fn()  # compile every kind of piece first
         t = interleaved_medians(fns, repeats=repeats, warmup=1)
         rows.append({"B": B, "T": T, "d": d, "ms": {k: v * 1e3 for k, v in t.items()}})
     return rows
+
+
+def chunk_factor(shapes, factors=(1, 2, 4, 8), repeats: int = 7) -> list[dict]:
+    """Compiled pieces of each factor × eval_chunk state elements (COMPILED_CHUNK_FACTOR)."""
+    return _compiled_forwards(shapes, "COMPILED_CHUNK_FACTOR", {f"x{f}": f for f in factors}, repeats)
 
 
 def one_row(shapes, repeats: int = 7) -> list[dict]:
-    """A compiled ParaGRU forward with one sequence per piece (ONE_ROW_DIVISOR = 2) against
-    several rows per piece (the rule off): ms per call."""
-    rows = []
-    for B, T, d in shapes:
-        torch.manual_seed(0)
-        cell, x = ParaGRU(d, d), torch.randn(B, T, d)
-        rnn = RNN(cell, compile_cell=True)
-
-        def run(div):
-            def call():
-                with _constant(solver_evaluate, "ONE_ROW_DIVISOR", div), torch.no_grad():
-                    rnn(x)
-            return call
-        fns = {"one_row": run(2), "several_rows": run(0)}
-        for fn in fns.values():
-            fn()
-        t = interleaved_medians(fns, repeats=repeats, warmup=1)
-        rows.append({"B": B, "T": T, "d": d, "ms": {k: v * 1e3 for k, v in t.items()}})
-    return rows
+    """One sequence per compiled piece (ONE_ROW_DIVISOR = 2) against several rows per piece (0: the rule off)."""
+    return _compiled_forwards(shapes, "ONE_ROW_DIVISOR", {"one_row": 2, "several_rows": 0}, repeats)
 
 
 def onednn(rows_list, d_in: int = 64, d_out: int = 192, repeats: int = 9) -> list[dict]:
@@ -139,13 +127,14 @@ def main(argv=None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes, oneDNN and tanh only (a test)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (a test)")
     ap.add_argument("--out", default="results/bench_constants.json")
     args = ap.parse_args(argv)
     ensure_writable(args.out, "--out")
     set_threads(args.threads)
     res = run_metadata({"threads": args.threads, "smoke": args.smoke})
     if args.smoke:
+        res["one_row"] = one_row([(2, 40, 4)], repeats=1)
         res["onednn"] = onednn([1, 64], repeats=2)
         res["tanh"] = tanh(1 << 12, repeats=2)
     else:

@@ -320,6 +320,8 @@ def run(args: argparse.Namespace) -> dict:
     write_text(base + ".md", "\n".join(md))
     print("\n".join(md))
     if result["cells"]:
-        print("\nplots: " + ", ".join(plot_cells(result["cells"], base)))
+        written = [p for p in plot_cells(result["cells"], base) if os.path.isfile(p)]  # none without matplotlib
+        if written:
+            print("\nplots: " + ", ".join(written))
     print(f"results: {args.out}, {base}.md")
     return result

@@ -337,5 +337,6 @@ def run(args: argparse.Namespace) -> list[dict]:
             results.append(res)
             finished[name] = res
         print(summarize(list(finished.values()), corpus, args.out))
-    print(f"results: {args.out}/summary.json, {args.out}/table.md, plot {args.out}/plots/loss.png")
+    plot = os.path.join(args.out, "plots", "loss.png")
+    print(f"results: {args.out}/summary.json, {args.out}/table.md" + (f", plot {plot}" if os.path.isfile(plot) else ""))
     return results

@@ -615,5 +615,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     with study_lock(args.out):
         results = run_study(plan, list(range(args.seeds)), cfg, args.out, args.jobs)
         print(summarize(list(finished_runs(args.out).values()), args.out))
-    print(f"results: {args.out}/summary.json, {args.out}/table.md, plots in {args.out}/plots/")
+    plots = f", plots in {args.out}/plots/" if os.path.isdir(os.path.join(args.out, "plots")) else ""
+    print(f"results: {args.out}/summary.json, {args.out}/table.md{plots}")
     return results

@@ -16,6 +16,7 @@ def test_smoke_run_writes_results(tmp_path):
     assert saved["machine"]["cpu"] and "commit" in saved
     assert [r["rows"] for r in saved["onednn"]] == [1, 64] and all(v > 0 for v in saved["onednn"][0]["us"].values())
     assert set(saved["tanh"]["ms"]) == {"torch.tanh", "fastmath.tanh"}
+    assert set(saved["one_row"][0]["ms"]) == {"one_row", "several_rows"}
     assert (tmp_path / "c.md").read_text().startswith("# Constants' measurements")
     assert res["settings"]["smoke"] is True
 
