@@ -223,12 +223,13 @@ class NewtonSolver:
         swept = False  # the last thing done was a sweep, not a step (no second sweep before a step)
         while True:
             err, q = self.check(self.first_variant if prev is None else True)
-            decision, blown = self.decide(err, q, prev)
+            since = None if swept else prev  # after a sweep no step to judge: no floor, no stall
+            decision, blown = self.decide(err, q, since)
             if decision is None:  # the last step blew some sequences up: undo it for them, check again
                 info.residuals.pop()
                 policy.restore(blown, self.H)
                 err, q = self.check()
-                decision, _ = self.decide(err, q, prev, undo=False)
+                decision, _ = self.decide(err, q, since, undo=False)
             prev = (err, q)
             policy.record(err, self.H)
             converged = decision.converged
