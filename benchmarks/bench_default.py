@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 from torch import nn
@@ -44,25 +43,15 @@ class StepOnlyGRU(pararnn.Cell):
         return (1 - z) * h + z * c
 
 
-def first_call_s(fn, x, params) -> float:
-    """Seconds of a first forward+backward and forward (a compiled solve's one-off compilation)."""
-    t0 = time.perf_counter()
-    torch.autograd.grad(fn(x).sum(), params)
-    with torch.no_grad():
-        fn(x)
-    return time.perf_counter() - t0
-
-
 def bench_shape(name: str, B: int, T: int, d: int, repeats: int) -> dict:
-    from pararnn_studies.bench import strong_loop, time_methods
+    from pararnn_studies.bench import compile_time, strong_loop, time_methods
 
     torch.manual_seed(0)
     cell = StepOnlyGRU(d, d) if name == "step_only" else ParaGRU(d, d)
     x = torch.randn(B, T, d)
     params = list(cell.parameters())
     default, eager, auto = pararnn.RNN(cell), pararnn.RNN(cell, compile_cell=False), pararnn.RNN(cell, mode="auto")
-    row = {"cell": name, "B": B, "T": T, "d": d,
-           "first_call_s": first_call_s(lambda x: default(x)[0], x, params)}
+    row = {"cell": name, "B": B, "T": T, "d": d, "first_call_s": compile_time(default, x, cell)}
     with torch.no_grad():
         y, _, info = default(x, return_info=True)
         row["newton_iterations"] = info.iterations

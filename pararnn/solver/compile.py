@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from .. import compat, fastmath
-from ..cell import gives_scale, uses_jvp
+from ..cell import LOOP_PROBES, gives_scale, uses_jvp
 from ..structure import Structure
 from ..utils.functional import call_with, named_tensors
 
@@ -100,7 +100,7 @@ def traced_jacobian(cell, h: torch.Tensor, u: torch.Tensor):
     key = _trace_key(cell, tensors, h, u)
     if key not in _TRACED:
         try:
-            _TRACED[key] = _trace(cell, list(tensors), h, u)
+            _TRACED[key] = _trace(cell, tensors, h, u)
         except Exception as e:  # noqa: BLE001 - any failure to trace: the eager evaluation serves
             _TRACED[key] = None
             _warn_once(type(cell), TRACE_FAILED_MSG.format(name=type(cell).__name__, error=f"{type(e).__name__}: {e}"))
@@ -108,29 +108,28 @@ def traced_jacobian(cell, h: torch.Tensor, u: torch.Tensor):
     return None if graph is None else (graph, [t.detach() for t in tensors.values()])
 
 
-def _trace(cell, names: list[str], h: torch.Tensor, u: torch.Tensor):
+def _trace(cell, tensors: dict[str, torch.Tensor], h: torch.Tensor, u: torch.Tensor):
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    structure = cell.get_structure()
+    structure, names = cell.get_structure(), list(tensors)
 
-    def step_and_jacobian(tensors, h, u):
+    def step_and_jacobian(values, h, u):
         def rows_of_j(hh, uu):
             N, d = hh.shape
             f, vjp = torch.func.vjp(lambda x: cell.step(x, uu), hh)
             probes = structure.probe_tangents(N, d, hh.dtype, hh.device)  # [P, N, d]
-            rows = torch.stack([vjp(e)[0] for e in probes.unbind(0)]) if probes.shape[0] <= 8 else \
+            rows = torch.stack([vjp(e)[0] for e in probes.unbind(0)]) if probes.shape[0] <= LOOP_PROBES else \
                 torch.func.vmap(lambda e: vjp(e)[0])(probes)
             return f, structure.transpose(structure.assemble(rows, d))
 
-        return call_with(cell, dict(zip(names, tensors)), rows_of_j, h, u)
+        return call_with(cell, dict(zip(names, values)), rows_of_j, h, u)
 
     n = 7  # an example row count that no other size equals (dynamo specialises 0 and 1)
     gen = torch.Generator().manual_seed(0)  # (not the global generator: the user's random stream stays theirs)
     hx = torch.randn(n, h.shape[-1], generator=gen, dtype=h.dtype).to(h.device)
     ux = torch.randn(n, *u.shape[1:], generator=gen, dtype=u.dtype).to(u.device)
     with torch.no_grad():
-        return make_fx(step_and_jacobian, tracing_mode="symbolic")([t.detach() for t in
-                                                                    named_tensors(cell).values()], hx, ux)
+        return make_fx(step_and_jacobian, tracing_mode="symbolic")([t.detach() for t in tensors.values()], hx, ux)
 
 
 _SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.device)

@@ -54,9 +54,8 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
     """
     B = u.shape[0]
     structure = cell.get_structure() if structure is None else structure
-    jac = _traced(cell, S, u, plans) if compiled and can_compile(S) and uses_jvp(cell) else None
-    compiled = compiled and (jac is not None or not uses_jvp(cell))  # untraceable: eager
-    piece = compiled_piece(evaluate_piece, cell) if compiled and can_compile(S) else evaluate_piece
+    compiled, jac = _compiled_jacobian(cell, S, u, plans, compiled)
+    piece = compiled_piece(evaluate_piece, cell) if compiled else evaluate_piece
     eager = piece is evaluate_piece
     if eager:
         variant = measure
@@ -84,6 +83,18 @@ def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.T
         return err, None
     q = torch.cat(qs)
     return err, (q if q.shape[0] == B else q.view(B, -1).amax(1))
+
+
+def _compiled_jacobian(cell, S: torch.Tensor, u: torch.Tensor, plans: dict | None, compiled: bool):
+    """``(compiled, jac)``: whether the evaluation runs compiled (real dtypes only), and the traced
+    Jacobian graph it calls for a cell whose Jacobian comes from autodiff (None: the cell's own).
+    Such a cell that cannot be traced is evaluated eagerly."""
+    if not (compiled and can_compile(S)):
+        return False, None
+    if not uses_jvp(cell):
+        return True, None
+    jac = _traced(cell, S, u, plans)
+    return jac is not None, jac
 
 
 def _traced(cell, S: torch.Tensor, u: torch.Tensor, plans: dict | None):
