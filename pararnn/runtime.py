@@ -22,7 +22,7 @@ import os
 
 import torch
 
-_state = {"fork_handler": False, "heap_trimming": True}
+_state = {"fork_handler": False, "heap_trimming": True, "numba_started": False}
 
 
 def _one_thread_in_forked_child() -> None:
@@ -43,6 +43,26 @@ def fork_safe_workers() -> str | None:
     if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
         numba.config.THREADING_LAYER = "forksafe"
     return numba.config.THREADING_LAYER
+
+
+def numba_threads() -> int:
+    """numba's thread count for the calling thread, for the CPU scan's lanes.
+
+    numba starts its thread pool on the first such call, and on its OpenMP layer that sets the
+    calling thread's OpenMP thread count, which torch's CPU ops share: a user's
+    ``torch.set_num_threads(1)`` became numba's count (and every compiled graph, guarded on torch's
+    thread count, compiled again). torch's count is put back as it was. Not an opt-in setting: it
+    undoes a change, so the process keeps the user's."""
+    import numba
+
+    if _state["numba_started"]:
+        return numba.get_num_threads()
+    before = torch.get_num_threads()
+    n = numba.get_num_threads()
+    _state["numba_started"] = True
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+    return n
 
 
 def set_heap_trimming(enabled: bool) -> None:
@@ -77,4 +97,4 @@ def release_freed_memory(device: torch.device, budget: int) -> None:
         libc[0](0)
 
 
-__all__ = ["fork_safe_workers", "release_freed_memory", "set_heap_trimming"]
+__all__ = ["fork_safe_workers", "numba_threads", "release_freed_memory", "set_heap_trimming"]

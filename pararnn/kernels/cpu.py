@@ -12,6 +12,7 @@ import os
 import numpy as np
 import torch
 
+from ..runtime import numba_threads
 from ..structure import Diagonal, as_structure
 
 try:  # numba is optional: without it the plain PyTorch loop serves
@@ -173,14 +174,14 @@ LANE_ELEMENTS = 64
 
 def _lanes(rows: int, width: int, min_chunk: int) -> int:
     """Chunk size so that rows * (width / chunk) lanes keep every thread busy."""
-    want = max(1, -(-2 * numba.get_num_threads() // max(rows, 1)))
+    want = max(1, -(-2 * numba_threads() // max(rows, 1)))
     return max(min(min_chunk, width), -(-width // want))
 
 
 def _kernel_for(parallel, serial, rows: int, width: int, chunk: int):
     """The kernel to launch for ``rows × ⌈width / chunk⌉`` lanes: the serial twin where there is one
     lane or one numba thread (see ``_serial``), else the parallel one."""
-    return serial if rows * -(-width // chunk) == 1 or numba.get_num_threads() == 1 else parallel
+    return serial if rows * -(-width // chunk) == 1 or numba_threads() == 1 else parallel
 
 
 def available(A: torch.Tensor, b: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ import torch
 from ..cell import gives_scale
 from ..parallel import LOCAL, ParallelContext
 from ..workspace import Fresh
-from .compile import resolve_compile
+from .compile import can_compile, resolve_compile
 from .evaluate import evaluate, initial_guess, max_abs
 from .options import SolverInfo, SolverOptions
 from .safeguard import StepPolicy
@@ -98,9 +98,12 @@ class NewtonSolver:
         self.S[:, 0] = h0
         self.H = self.S[:, 1:]
         # From f(h0, u_t), the first iterate is exact only where f ignores its state (or T = 1): its
-        # check measures max|r| (for the safeguard and the stall test) but not q, whose pass over the
-        # rounding scale is a third of a compiled evaluation. Such a sequence takes one step more.
-        self.first_variant = "err" if initial_guess(cell, u, h0, opts, self.H) and T > 1 else True
+        # eager check measures max|r| (for the safeguard and the stall test) but not q, whose pass
+        # over the rounding scale costs a third of an eager evaluation. Compiled, that pass is fused
+        # into the evaluation's loop, and the full variant serves (one graph fewer to compile).
+        guessed = initial_guess(cell, u, h0, opts, self.H)
+        compiled = opts.compile_cell and can_compile(h0)
+        self.first_variant = "err" if guessed and T > 1 and not compiled else True
         self.info = SolverInfo(mode="parallel", rtol=self.rtol, atol=self.atol)
         self.plans = {}  # the evaluation pieces' views, per iterate buffer (see evaluate)
         self.policy = StepPolicy(opts, structure, self.atol, self.ws)

@@ -180,13 +180,13 @@ def test_forward_mode_ad_under_compile_still_specialises_rows():
 def test_each_cell_class_has_its_own_recompile_budget(monkeypatch):
     """A cell whose variants used up the recompile budget must not push the next cell class's
     compiled evaluation into eager mode (dynamo's budget is per code object, and every cell's
-    evaluation used to share evaluate_piece's). Budget 3 here: cell A at two state sizes needs 4
-    evaluation graphs (its first-check and full variants) and runs past it; cell B, evaluated
-    after it, needs 2 and must trace both under torch.compile."""
+    evaluation used to share evaluate_piece's). Budget 1 here: cell A at two state sizes needs 2
+    evaluation graphs and runs past it; cell B, evaluated after it, needs 1 and must trace it
+    under torch.compile."""
     from pararnn.models import ParaGRU
     from pararnn.solver import compile as solver_compile
 
-    monkeypatch.setattr(solver_compile, "RECOMPILE_LIMIT", 3)  # (not monkeypatch for dynamo's config: its undo
+    monkeypatch.setattr(solver_compile, "RECOMPILE_LIMIT", 1)  # (not monkeypatch for dynamo's config: its undo
     # deletes attributes missing from the module's __dict__, which hides a torch config entry)
 
     class Counting(ParaGRU):
@@ -204,7 +204,7 @@ def test_each_cell_class_has_its_own_recompile_budget(monkeypatch):
         eager_calls = 0
 
     torch.manual_seed(0)
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=3):
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
         for d in (4, 6):  # check_cell off: its probes call the cell eagerly
             pararnn.RNN(A(3, d), compile_cell=True, check_cell=False)(torch.randn(2, 12, 3))
         pararnn.RNN(B(3, 5), compile_cell=True, check_cell=False)(torch.randn(2, 12, 3))

@@ -231,10 +231,12 @@ def test_importing_pararnn_changes_no_process_wide_state():
     """A forked child after `import pararnn` and solves (one of them compiled) has the parent's
     torch threads and numba's threading layer as the user left them (no fork handler is
     registered), and torch's global settings, dynamo's config and the environment (glibc's
-    MALLOC_* tunables, OpenMP's and numba's variables) are what they were before the import."""
+    MALLOC_* tunables, OpenMP's and numba's variables) are what they were before the import. One
+    torch thread: numba's default count is the core count, and its OpenMP layer set the calling
+    thread's OpenMP count (torch's) to it when it started."""
     code = textwrap.dedent("""
         import os, torch, numba, torch._dynamo, torch.fx.experimental._config as fxc
-        torch.set_num_threads(2)
+        torch.set_num_threads(1)
         ENV = ('MALLOC_', 'GLIBC_', 'OMP_', 'GOMP_', 'KMP_', 'MKL_', 'NUMBA_', 'PARARNN_')  # (inductor sets its own)
         def settings():
             return (numba.config.THREADING_LAYER, numba.config.NUMBA_NUM_THREADS, torch.get_num_threads(),
@@ -245,6 +247,7 @@ def test_importing_pararnn_changes_no_process_wide_state():
         before = settings()
         import pararnn, pararnn.models, pararnn.nn, pararnn.kernels.cpu, pararnn.runtime
         pararnn.RNN(pararnn.models.ParaGRU(2, 8))(torch.randn(1, 100, 2))  # the CPU scans ran
+        assert torch.get_num_threads() == 1, torch.get_num_threads()
         pararnn.RNN(pararnn.models.ParaGRU(2, 8), compile_cell=True)(torch.randn(1, 100, 2))
         r, w = os.pipe()
         pid = os.fork()
