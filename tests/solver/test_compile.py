@@ -78,6 +78,25 @@ def test_compile_on_the_first_call_of_a_fresh_process():
 
 
 # ------------------------------------------------------------------ compile_cell: the fused evaluation
+def test_a_torch_compiled_module_keeps_the_fused_evaluation(monkeypatch):
+    """compile_cell="auto" is decided while dynamo traces the module around the solve: it must give
+    the same answer as eagerly (it gave False there, so a torch.compile'd model solved eagerly,
+    2.6x slower). The pieces the solve asks for are recorded (and run eagerly: this tests the
+    decision, not inductor)."""
+    from pararnn.models import ParaGRU
+    from pararnn.solver import evaluate as ev
+
+    asked = []
+    monkeypatch.setattr(ev, "compiled_piece", lambda fn, cell=None: asked.append(fn.__name__) or fn)
+    torch.manual_seed(0)
+    rnn = pararnn.RNN(ParaGRU(4, 64), mode="parallel")  # 1 x 1100 x 64 state elements: above the auto floor
+    x = torch.randn(1, 1100, 4)
+    with torch.no_grad():
+        y = torch.compile(rnn)(x)[0]
+        assert "evaluate_piece" in asked, asked
+        torch.testing.assert_close(y, rnn(x)[0])
+
+
 def test_compiled_evaluation_matches_the_eager_twin_and_compiles_once_for_every_T():
     """solver.evaluate.evaluate(compiled=True) (torch.compile of evaluate_piece) against the eager twin:
     residuals, Jacobians and the per-sequence reductions, with a padding mask; then a solve with
