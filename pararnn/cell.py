@@ -27,6 +27,22 @@ class Cell(nn.Module):
     ``step`` must be a pure function of its arguments and parameters (no in-place updates of its
     inputs, no data-dependent Python control flow): the engine calls it under ``torch.func``
     transforms and on all T positions at once.
+
+    Attributes:
+        state_size (int): d, the size of the state ``h [N, d]``.
+        structure (str | Structure): the sparsity of ``df/dh``: ``"diagonal"`` (default),
+            :class:`pararnn.Block` ``(k)`` or ``"dense"``.
+        input_size (int | None): if set, the last dim of ``x`` is checked against it.
+
+    Example:
+        >>> class MyCell(pararnn.Cell):
+        ...     def __init__(self, d):
+        ...         super().__init__()
+        ...         self.state_size = d
+        ...         self.a = torch.nn.Parameter(torch.rand(d))
+        ...     def step(self, h, u):          # h [N, d], u [N, d] -> [N, d]
+        ...         return torch.tanh(self.a * h + u)
+        >>> y, h_T = pararnn.RNN(MyCell(8))(torch.randn(2, 100, 8))   # y [2, 100, 8], h_T [2, 8]
     """
 
     structure: Structure | str = "diagonal"
@@ -44,16 +60,40 @@ class Cell(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [B, T, D_in] -> u: [B, T, *]``. Default: identity."""
+        """Map the raw inputs to the step's inputs, once for all T (default: identity).
+
+        Args:
+            x: ``[B, T, D_in]`` inputs.
+
+        Returns:
+            ``u [B, T, *]``: what :meth:`step` reads at each step (e.g. every input projection
+            as one matmul). It must act on each time step on its own.
+        """
         return x
 
     def step(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """One step. ``h: [N, d]``, ``u: [N, *]`` -> ``h_next: [N, d]`` (N is any batch)."""
+        """One step of the recurrence, ``f(h_{t-1}, u_t)``: the one method a cell must implement.
+
+        Args:
+            h: ``[N, d]`` previous states (N is any number of rows: batch entries, time steps or both).
+            u: ``[N, *]`` prepared inputs of the same rows.
+
+        Returns:
+            ``[N, d]``: the next states.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement step(h, u)")
 
     def step_and_jacobian(self, h: torch.Tensor, u: torch.Tensor):
-        """``(f, J)``: ``f = step(h, u)`` ``[N, d]`` and ``J = df/dh`` in storage form
-        (``[N, d]`` diagonal, ``[N, d/k, k, k]`` block, ``[N, d, d]`` dense)."""
+        """The step and its Jacobian ``df/dh`` (default: by torch.func from :meth:`step`).
+
+        Args:
+            h: ``[N, d]`` previous states.
+            u: ``[N, *]`` prepared inputs.
+
+        Returns:
+            ``(f, J)``: ``f = step(h, u)`` ``[N, d]`` and ``J = df/dh`` in storage form
+            (``[N, d]`` diagonal, ``[N, d/k, k, k]`` block, ``[N, d, d]`` dense).
+        """
         return autodiff_step_and_jacobian(self.step, h, u, self.get_structure())
 
     def step_jacobian_and_scale(self, h: torch.Tensor, u: torch.Tensor):
@@ -67,6 +107,13 @@ class Cell(nn.Module):
         residual below what f's own rounding allows (one more Newton step that changes nothing
         measurable). Give the triangle bound of f's last sum, e.g. ``(1-z)·|h| + z·|c|``: an s
         larger than what really rounds would let an inaccurate iterate pass.
+
+        Args:
+            h: ``[N, d]`` previous states.
+            u: ``[N, *]`` prepared inputs.
+
+        Returns:
+            ``(f, J, s)``: as :meth:`step_and_jacobian`, and ``s [N, d]`` or None.
         """
         f, J = self.step_and_jacobian(h, u)
         return f, J, None
@@ -77,22 +124,49 @@ class Cell(nn.Module):
         return self.state_size
 
     def get_structure(self) -> Structure:
-        """The declared structure, validated against ``state_size``."""
+        """The declared structure, validated against ``state_size``.
+
+        Returns:
+            A :class:`pararnn.Structure` (``Diagonal``, ``Block`` or ``Dense``).
+        """
         return as_structure(self.structure, self.state_size)
 
     def initial_state(self, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """Default h0: zeros ``[B, d]``."""
+        """The initial state used when the caller passes no ``h0`` (default: zeros).
+
+        Args:
+            batch: B.
+            dtype: the state's dtype (see :meth:`state_dtype`).
+            device: the state's device.
+
+        Returns:
+            ``h0 [B, d]``.
+        """
         return torch.zeros(batch, self.state_size, dtype=dtype, device=device)
 
     def state_dtype(self, u: torch.Tensor) -> torch.dtype:
-        """dtype of the state for prepared input u (override for complex states)."""
+        """The state's dtype for these prepared inputs (override for complex states).
+
+        Args:
+            u: ``[B, T, *]`` prepared inputs.
+
+        Returns:
+            A torch.dtype (default: ``u.dtype``).
+        """
         return u.dtype
 
     def output(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Read the output from the states: ``h [B, T, d]``, ``x [B, T, D_in]`` -> ``y [B, T, *]``.
+        """Read the output from the states (default: the states themselves).
 
-        Default: the state itself. Cells whose state has several parts (LSTM's (h, c)) or a
-        readout (LRU's ``Re(C h) + D x``) override it. Gradients flow through it normally.
+        Cells whose state has several parts (LSTM's (h, c)) or a readout (LRU's ``Re(C h) + D x``)
+        override it. Gradients flow through it normally.
+
+        Args:
+            h: ``[B, T, d]`` states h_1..h_T.
+            x: ``[B, T, D_in]`` raw inputs.
+
+        Returns:
+            ``y [B, T, output_size]``.
         """
         return h
 
@@ -104,6 +178,16 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
     diagonal; ``Block(k)``: k block-periodic one-hots; dense: the d unit vectors) and assembles J
     from their jvps. Up to :data:`LOOP_PROBES` probes are pushed one by one, more through
     ``vmap``. For complex states f must be holomorphic in h.
+
+    Args:
+        step: ``step(h [N, d], u [N, *]) -> [N, d]``.
+        h: ``[N, d]`` states.
+        u: ``[N, *]`` prepared inputs.
+        structure: a :class:`pararnn.Structure` or its name.
+
+    Returns:
+        ``(f [N, d], J)``, J in the structure's storage form (``[N, d]``, ``[N, d/k, k, k]`` or
+        ``[N, d, d]``).
     """
     N, d = h.shape
     structure = as_structure(structure, d)

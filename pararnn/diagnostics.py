@@ -54,11 +54,22 @@ def diagnose(cell, x: torch.Tensor, h0: torch.Tensor | None = None, max_steps: i
     diagonal cell the exponent is exact: ``max_i mean_t log|J_t,i|``. Uses the first
     ``max_steps`` steps.
 
-    λ alone does not predict the Newton step count (measured with benchmarks/bench_convergence.py
-    at T = 1024: λ ≈ -0.14 took 18 steps for a ParaGRU-like cell, 8 for ParaLSTM, and λ = -0.22
-    took 5 for a dense Elman cell), so with ``solve=True`` the advice also reports what the
-    parallel solve (``pararnn.RNN(cell, **solver_options)``) actually did on this input: the
-    steps it took, or that it did not converge and will fall back to the sequential loop.
+    λ alone does not predict the Newton step count (cells of equal λ can take different numbers of
+    steps), so with ``solve=True`` the advice also reports what the parallel solve
+    (``pararnn.RNN(cell, **solver_options)``) actually did on this input: the steps it took, or
+    that it did not converge and will fall back to the sequential loop.
+
+    Args:
+        cell: a :class:`pararnn.Cell`.
+        x: ``[B, T, D_in]`` inputs.
+        h0: ``[B, d]`` initial state (None: the cell's).
+        max_steps: use the first ``max_steps`` steps of x.
+        seed: seed of the random unit vector.
+        solve: also run the parallel solve on x and report it.
+        **solver_options: :class:`pararnn.SolverOptions` fields for that solve.
+
+    Returns:
+        A :class:`Diagnosis`: ``lyapunov`` (λ, per step), the solve's outcome and a line of advice.
     """
     x = x[:, :max_steps]
     u = cell.prepare(x)

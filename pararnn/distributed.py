@@ -45,9 +45,18 @@ def transfer(A: torch.Tensor, structure, d: int, reverse: bool, backend: str = "
 def sp_scan(A, b, h0, structure, reverse=False, group=None, backend="auto"):
     """Sequence-parallel ``h_t = A_t h_{t∓1} + b_t`` on this rank's chunk.
 
-    ``A, b``: this rank's time chunk; ``h0``: the global initial state, used by the first rank
-    in scan order (rank 0, or the last rank for ``reverse``). Returns ``(h [B, T_local, d],
-    h_in [B, d])``, h_in being the state entering this chunk.
+    Args:
+        A: ``[B, T_local, *jac]`` this rank's transitions, in the structure's storage form.
+        b: ``[B, T_local, d]`` this rank's inputs.
+        h0: ``[B, d]`` the global initial state, used by the first rank in scan order (rank 0,
+            or the last rank for ``reverse``); None: zeros.
+        structure: a :class:`pararnn.Structure` or its name.
+        reverse: scan from the end of the sequence (``h_t = A_t h_{t+1} + b_t``).
+        group: the process group (None: the default group).
+        backend: the local scan's backend (as :func:`pararnn.linear_scan`'s).
+
+    Returns:
+        ``(h [B, T_local, d], h_in [B, d])``, h_in being the state entering this chunk.
     """
     rank, W = rank_and_size(group)
     d = b.shape[-1]
@@ -79,7 +88,19 @@ def shifted_adjoint_transitions(A, structure, reverse, group):
 
 
 def sp_adjoint_scan(A, g, structure, reverse=False, group=None, backend="auto"):
-    """Cotangents of a sequence-parallel scan (of direction ``reverse``) w.r.t. its outputs."""
+    """Cotangents of a sequence-parallel scan (of direction ``reverse``) with respect to its b.
+
+    Args:
+        A: ``[B, T_local, *jac]`` the forward scan's transitions on this rank.
+        g: ``[B, T_local, d]`` the cotangents of its outputs h.
+        structure: a :class:`pararnn.Structure` or its name.
+        reverse: the forward scan's direction.
+        group: the process group (None: the default group).
+        backend: the local scan's backend.
+
+    Returns:
+        ``[B, T_local, d]``: the cotangents of b (those of A are ``λ_t h_{t∓1}^H``).
+    """
     At = shifted_adjoint_transitions(A, structure, reverse, group)
     lam, _ = sp_scan(At, g, None, structure, reverse=not reverse, group=group, backend=backend)
     return lam
@@ -90,6 +111,10 @@ def allreduce_gradients(module: torch.nn.Module, group=None) -> None:
 
     With sequence parallelism each rank's backward gives the gradient of its own time chunk's
     share of the loss: the full gradient is their sum (DDP would average instead).
+
+    Args:
+        module: the model whose ``.grad`` fields are summed in place.
+        group: the process group (None: the default group).
     """
     for p in module.parameters():
         if p.grad is not None:
@@ -192,4 +217,4 @@ class SequenceParallel(ParallelContext):
 
 register_group_context(SequenceParallel)
 
-__all__ = ["SequenceParallel", "all_gather", "allreduce_gradients", "sp_adjoint_scan", "sp_scan", "transfer"]
+__all__ = ["allreduce_gradients", "sp_adjoint_scan", "sp_scan"]

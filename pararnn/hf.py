@@ -67,7 +67,13 @@ class PararnnConfig(PretrainedConfig):
 
 @dataclass
 class PararnnModelOutput(ModelOutput):
-    """``last_hidden_state [B, T, hidden_size]``; ``state``: per layer ``[B, state]`` (with ``use_cache``)."""
+    """What :class:`PararnnModel` returns.
+
+    Attributes:
+        last_hidden_state: ``[B, T, hidden_size]``.
+        state: per layer ``[B, state]``, the recurrent state to continue from (with ``use_cache``).
+        hidden_states: every layer's input and the final output (with ``output_hidden_states``).
+    """
 
     last_hidden_state: torch.Tensor | None = None
     state: list[torch.Tensor] | None = None
@@ -76,7 +82,14 @@ class PararnnModelOutput(ModelOutput):
 
 @dataclass
 class PararnnCausalLMOutput(ModelOutput):
-    """``logits [B, T, vocab_size]``, ``loss`` (with ``labels``) and the ``state`` to continue from."""
+    """What :class:`PararnnForCausalLM` returns.
+
+    Attributes:
+        loss: the mean next-token cross-entropy (with ``labels``).
+        logits: ``[B, T, vocab_size]``.
+        state: per layer ``[B, state]``, the recurrent state to continue from.
+        hidden_states: as :class:`PararnnModelOutput`'s.
+    """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -85,7 +98,9 @@ class PararnnCausalLMOutput(ModelOutput):
 
 
 class PararnnPreTrainedModel(PreTrainedModel):
-    """Weights initialised as torch.nn's modules and pararnn's cells initialise them."""
+    """The transformers base class of the pararnn models: weights initialised as torch.nn's modules
+    and pararnn's cells initialise them (built from a :class:`PararnnConfig`).
+    """
 
     config_class = PararnnConfig
     base_model_prefix = "model"
@@ -105,6 +120,9 @@ class PararnnModel(PararnnPreTrainedModel):
 
     ``forward(input_ids [B, T], attention_mask [B, T] | None, state | None)`` returns
     :class:`PararnnModelOutput`. ``attention_mask`` marks left or right padding (0 = padding).
+
+    Args:
+        config: a :class:`PararnnConfig`.
     """
 
     def __init__(self, config: PararnnConfig):
@@ -128,6 +146,23 @@ class PararnnModel(PararnnPreTrainedModel):
                 inputs_embeds: torch.Tensor | None = None, state: list[torch.Tensor] | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool | None = None,
                 return_dict: bool | None = None, **kwargs) -> PararnnModelOutput:
+        """The residual blocks over the tokens, each solved in parallel (one step per layer when
+        given a state and one token).
+
+        Args:
+            input_ids: ``[B, T]`` token ids (or pass ``inputs_embeds``).
+            attention_mask: ``[B, T]``, 1 for tokens and 0 for padding (left or right).
+            inputs_embeds: ``[B, T, hidden_size]`` in place of ``input_ids``.
+            state: per layer ``[B, state]``, the recurrent state to continue from (the cache).
+            use_cache: False leaves the final state out (default: returned).
+            output_hidden_states: also return every layer's input and the last output.
+            return_dict: accepted for transformers' API (the output is always a ModelOutput).
+            **kwargs: transformers' extra arguments (ignored).
+
+        Returns:
+            :class:`PararnnModelOutput`: ``last_hidden_state [B, T, hidden_size]``, ``state`` (per
+            layer ``[B, state]``, with ``use_cache``) and ``hidden_states``.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, hidden_size]")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, d]
@@ -202,6 +237,9 @@ class PararnnForCausalLM(PararnnPreTrainedModel, GenerationMixin):
 
         model = PararnnForCausalLM(PararnnConfig(vocab_size=256, hidden_size=64))
         tokens = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=10, do_sample=False)
+
+    Args:
+        config: a :class:`PararnnConfig`.
     """
 
     def __init__(self, config: PararnnConfig):
@@ -227,6 +265,24 @@ class PararnnForCausalLM(PararnnPreTrainedModel, GenerationMixin):
                 labels: torch.Tensor | None = None, use_cache: bool | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 logits_to_keep: int = 0, **kwargs) -> PararnnCausalLMOutput:
+        """Logits for every position and, with labels, the next-token loss.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (or pass ``inputs_embeds``).
+            attention_mask: ``[B, T]``, 1 for tokens and 0 for padding (left or right).
+            inputs_embeds: ``[B, T, hidden_size]`` in place of ``input_ids``.
+            state: per layer ``[B, state]``, the recurrent state to continue from (the cache).
+            labels: ``[B, T]`` token ids (shifted inside; -100 is ignored).
+            use_cache: False leaves the final state out (default: returned).
+            output_hidden_states: also return every layer's input and the last output.
+            return_dict: accepted for transformers' API (the output is always a ModelOutput).
+            **kwargs: transformers' extra arguments (passed to the loss, e.g. ``num_items_in_batch``).
+            logits_to_keep: compute logits for the last this many positions only (0: all).
+
+        Returns:
+            :class:`PararnnCausalLMOutput`: ``loss`` (with labels), ``logits [B, T, vocab_size]``,
+            ``state`` and ``hidden_states``.
+        """
         out = self.model(input_ids, attention_mask, inputs_embeds, state, use_cache, output_hidden_states)
         h = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
         logits = self.lm_head(h)

@@ -232,6 +232,17 @@ class GRU(_RNNBase, nn.GRU):
     (``"auto"``, ``"parallel"``, ``"sequential"``; ``mode=`` with one of these is accepted too) and
     :class:`pararnn.SolverOptions` fields.
 
+    Args:
+        *args: torch.nn's positional arguments (``input_size``, ``hidden_size``, ``num_layers``, ...).
+        **kwargs: torch.nn's keyword arguments (``batch_first``, ``bidirectional``, ``dropout``,
+            ``device``, ``dtype``, ...); ``solver_mode``: ``"auto"`` (default), ``"parallel"``
+            or ``"sequential"``; and :class:`pararnn.SolverOptions` fields (e.g. ``chunk_size``).
+
+    Shapes (as torch.nn's):
+        input ``[T, B, H_in]`` (``[B, T, H_in]`` with ``batch_first``, ``[T, H_in]`` unbatched, or a
+        PackedSequence); output ``[T, B, D·H]``; h_n ``[D·num_layers, B, H]`` (D = 2 if
+        bidirectional, else 1).
+
     Example::
 
         rnn = pararnn.nn.GRU(16, 32, num_layers=2, batch_first=True)   # was torch.nn.GRU(...)
@@ -247,8 +258,19 @@ class GRU(_RNNBase, nn.GRU):
 
 
 class RNN(_RNNBase, nn.RNN):
-    """:class:`torch.nn.RNN` (``nonlinearity="tanh"`` or ``"relu"``), its forward solved by pararnn;
-    see :class:`GRU` for the extra arguments."""
+    """:class:`torch.nn.RNN` (``nonlinearity="tanh"`` or ``"relu"``), its forward solved by pararnn.
+
+    Args:
+        *args: torch.nn's positional arguments (``input_size``, ``hidden_size``, ``num_layers``, ...).
+        **kwargs: torch.nn's keyword arguments (``batch_first``, ``bidirectional``, ``dropout``,
+            ``device``, ``dtype``, ``nonlinearity``, ...); ``solver_mode``: ``"auto"`` (default), ``"parallel"``
+            or ``"sequential"``; and :class:`pararnn.SolverOptions` fields (e.g. ``chunk_size``).
+
+    Shapes (as torch.nn's):
+        input ``[T, B, H_in]`` (``[B, T, H_in]`` with ``batch_first``, ``[T, H_in]`` unbatched, or a
+        PackedSequence); output ``[T, B, D·H]``; h_n ``[D·num_layers, B, H]`` (D = 2 if
+        bidirectional, else 1).
+    """
 
     def __init__(self, *args, **kwargs):
         solver_mode, options = self._split_options(args, kwargs)
@@ -261,8 +283,20 @@ class RNN(_RNNBase, nn.RNN):
 
 class LSTM(_RNNBase, nn.LSTM):
     """:class:`torch.nn.LSTM` (``hx = (h0, c0)``, returns ``(output, (h_n, c_n))``), its forward
-    solved by pararnn; see :class:`GRU` for the extra arguments. ``proj_size`` raises
-    NotImplementedError."""
+    solved by pararnn. ``proj_size`` raises NotImplementedError.
+
+    Args:
+        *args: torch.nn's positional arguments (``input_size``, ``hidden_size``, ``num_layers``, ...).
+        **kwargs: torch.nn's keyword arguments (``batch_first``, ``bidirectional``, ``dropout``,
+            ``device``, ``dtype``, ...); ``solver_mode``: ``"auto"`` (default), ``"parallel"``
+            or ``"sequential"``; and :class:`pararnn.SolverOptions` fields (e.g. ``chunk_size``).
+
+    Shapes (as torch.nn's):
+        input ``[T, B, H_in]`` (``[B, T, H_in]`` with ``batch_first``, ``[T, H_in]`` unbatched, or a
+        PackedSequence); output ``[T, B, D·H]``; h_n ``[D·num_layers, B, H]`` (D = 2 if
+        bidirectional, else 1).
+        c_n as h_n.
+    """
 
     _cell = _LSTMCell
 
@@ -294,6 +328,9 @@ def safe_globals() -> list:
 
         with torch.serialization.safe_globals(pararnn.nn.safe_globals()):
             model = torch.load(path, weights_only=True)
+
+    Returns:
+        The classes and functions to pass to ``torch.serialization.safe_globals``.
     """
     import collections
 

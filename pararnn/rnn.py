@@ -68,9 +68,15 @@ class RNN(nn.Module):
         self._solve_hooks: collections.OrderedDict[int, object] = collections.OrderedDict()
 
     def register_solve_hook(self, hook):
-        """Call ``hook(rnn, info)`` after every forward (info: :class:`pararnn.SolverInfo`), e.g. to
-        log Newton steps and fallbacks per layer and training step. Returns a handle whose
-        ``remove()`` unregisters it, as torch.nn's hooks do."""
+        """Call ``hook(rnn, info)`` after every forward, e.g. to log Newton steps and fallbacks per
+        layer and training step.
+
+        Args:
+            hook: ``hook(rnn, info)``, info a :class:`pararnn.SolverInfo`.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook, as torch.nn's hooks do.
+        """
         handle = torch.utils.hooks.RemovableHandle(self._solve_hooks)
         self._solve_hooks[handle.id] = hook
         return handle
@@ -245,15 +251,28 @@ class RNN(nn.Module):
 
     @torch.no_grad()
     def solve_info(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> SolverInfo:
-        """Run the parallel solver on x without autograd and return its :class:`SolverInfo`."""
+        """Run the parallel solver on x and report how it went.
+
+        Args:
+            x: ``[B, T, D_in]`` inputs.
+            h0: ``[B, d]`` initial state (None: the cell's).
+
+        Returns:
+            The solve's :class:`pararnn.SolverInfo` (iterations, sweeps, residuals, fallbacks).
+        """
         return self.forward(x, h0, mode="parallel", return_info=True)[2]
 
     def step(self, x_t: torch.Tensor, h: torch.Tensor | None = None, mask: torch.Tensor | None = None):
-        """Decode one token: ``x_t [B, D_in]``, ``h [B, state]`` (None = zeros).
+        """Decode one token: one step of the cell.
 
-        ``mask [B]`` (bool, optional): False for sequences past their end, whose state is held
-        and whose ``y_t`` is zero, as at the padded steps of ``forward(..., lengths=)``.
-        Returns ``(y_t [B, out], h_next [B, state])``.
+        Args:
+            x_t: ``[B, D_in]`` this step's inputs.
+            h: ``[B, state]`` state (None: the cell's initial state).
+            mask: ``[B]`` bool, optional: False for sequences past their end, whose state is
+                held and whose ``y_t`` is zero, as at the padded steps of ``forward(..., lengths=)``.
+
+        Returns:
+            ``(y_t [B, out], h_next [B, state])``.
         """
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2:
             raise ValueError(f"x_t must be [B, D_in], got {getattr(x_t, 'shape', type(x_t))}")

@@ -32,7 +32,11 @@ def _one_thread_in_forked_child() -> None:
 def fork_safe_workers() -> str | None:
     """Make CPU solves safe to follow with ``fork``: numba's fork-safe threading layer (unless
     ``NUMBA_THREADING_LAYER`` or ``numba.config.THREADING_LAYER`` was set) and one torch thread in
-    every forked child. Idempotent. Returns numba's configured layer (None without numba)."""
+    every forked child. Idempotent; call it before the first solve.
+
+    Returns:
+        numba's configured threading layer (None without numba).
+    """
     if not _state["fork_handler"]:
         os.register_at_fork(after_in_child=_one_thread_in_forked_child)
         _state["fork_handler"] = True
@@ -66,7 +70,12 @@ def numba_threads() -> int:
 
 
 def set_heap_trimming(enabled: bool) -> None:
-    """Whether chunked CPU solves return freed heap pages to the OS between chunks (default: on)."""
+    """Whether chunked CPU solves return freed heap pages to the OS between chunks (default: on).
+
+    Args:
+        enabled: True to trim (glibc's ``malloc_trim``) when the heap holds more than the solve's
+            ``memory_budget`` of freed memory, False to leave the heap alone.
+    """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     _state["heap_trimming"] = enabled
@@ -97,4 +106,4 @@ def release_freed_memory(device: torch.device, budget: int) -> None:
         libc[0](0)
 
 
-__all__ = ["fork_safe_workers", "numba_threads", "release_freed_memory", "set_heap_trimming"]
+__all__ = ["fork_safe_workers", "set_heap_trimming"]

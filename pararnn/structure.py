@@ -30,7 +30,14 @@ import torch
 
 
 class Structure:
-    """Base class of the Jacobian structures (immutable value objects; compare with ``==``)."""
+    """Base class of the Jacobian structures (immutable value objects; compare with ``==``):
+    :class:`Diagonal`, :class:`Block` and :class:`Dense`. Its methods are the solver's protocol
+    (storage shapes, products, assembling J from probes); see docs/internals.md.
+
+    Example:
+        >>> pararnn.Block(2) == pararnn.Block(2)
+        True
+    """
 
     shared: bool = False  # one block stored per time step for all blocks (Block(k, shared=True))
 
@@ -105,7 +112,13 @@ class Structure:
 
 @dataclass(frozen=True)
 class Diagonal(Structure):
-    """J = diag(j), stored as ``[..., d]``."""
+    """A diagonal Jacobian ``J = diag(j)``, stored as ``[..., d]``: each state entry depends on its
+    own previous value only (``Cell.structure = "diagonal"``).
+
+    Example:
+        >>> pararnn.Diagonal().storage_shape(64)
+        (64,)
+    """
 
     def __str__(self) -> str:
         return "diagonal"
@@ -147,7 +160,13 @@ class Diagonal(Structure):
 
 @dataclass(frozen=True)
 class Dense(Structure):
-    """A full Jacobian ``[..., d, d]`` (row i = d f_i / d h)."""
+    """A full Jacobian, stored as ``[..., d, d]`` (row i = d f_i / d h)
+    (``Cell.structure = "dense"``).
+
+    Example:
+        >>> pararnn.Dense().storage_shape(4)
+        (4, 4)
+    """
 
     def __str__(self) -> str:
         return "dense"
@@ -182,9 +201,17 @@ class Dense(Structure):
 
 @dataclass(frozen=True)
 class Block(Structure):
-    """k×k block-diagonal Jacobian structure (blocks of consecutive state entries).
+    """A k×k block-diagonal Jacobian (blocks of consecutive state entries), stored as
+    ``[..., d/k, k, k]``, or ``[..., k, k]`` with ``shared=True``.
 
-    ``shared=True``: every block is the same matrix (stored once per time step).
+    Args:
+        k: the block size; d must be a multiple of it.
+        shared: every block is the same matrix (stored once per time step: a matrix state
+            ``[d_k, d_v]`` whose transition acts on d_k, as DeltaNet's).
+
+    Example:
+        >>> pararnn.Block(2).storage_shape(6)
+        (3, 2, 2)
     """
 
     k: int

@@ -15,7 +15,16 @@ from .structure import Dense
 
 
 def dense_jacobian(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Full ``df/dh`` ``[N, d, d]`` regardless of the declared structure."""
+    """The full Jacobian ``df/dh``, whatever structure the cell declares (by torch.func).
+
+    Args:
+        cell: a :class:`pararnn.Cell`.
+        h: ``[N, d]`` states.
+        u: ``[N, *]`` prepared inputs.
+
+    Returns:
+        ``[N, d, d]`` (row i = d f_i / d h).
+    """
     return autodiff_step_and_jacobian(cell.step, h, u, Dense())[1]
 
 

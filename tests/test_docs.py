@@ -29,7 +29,8 @@ def test_site_builds_strict(tmp_path):
     """``mkdocs build --strict``: a broken link, a missing page or a reference that does not resolve fails."""
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings")
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+    # (not -q: it silences the warnings that --strict turns into a failure)
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -65,3 +66,68 @@ def test_every_python_block_of_the_docs_runs(page, tmp_path, monkeypatch):
             block = block.replace(a, b)
         exec(compile(block, page, "exec"), scope)
     torch.manual_seed(0)
+
+
+def _api_objects():
+    """``(name, object, is_class)`` for every object on the API page and the members it renders
+    (its own public methods, or the ``members:`` list the page gives; ``members: false``: none)."""
+    import importlib
+    import inspect
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    for m in re.finditer(r"^::: ([\w.]+)\n((?:    .*\n)*)", text, re.M):
+        name, opts = m.group(1), m.group(2)
+        module, _, attr = name.rpartition(".")
+        obj = getattr(importlib.import_module(module), attr)
+        yield name, obj, inspect.isclass(obj)
+        if not inspect.isclass(obj) or "members: false" in opts:
+            continue
+        listed = re.search(r"members: \[([^\]]*)\]", opts)
+        members = [s.strip() for s in listed.group(1).split(",")] if listed else [
+            k for k, v in vars(obj).items() if not k.startswith("_")
+            and (inspect.isfunction(v) or isinstance(v, (classmethod, staticmethod, property)))]
+        for k in members:
+            yield f"{name}.{k}", getattr(obj, k), False
+
+
+def test_every_api_object_has_args_and_returns():
+    """The API reference renders docstrings: every function, class and method on it says what its
+    arguments are (an Args or Attributes section) and what it returns (a Returns section, unless it
+    returns None; a property's docstring says what it holds, as an attribute's does)."""
+    import inspect
+
+    missing = []
+    for name, obj, is_class in _api_objects():
+        if isinstance(obj, property):
+            if not inspect.getdoc(obj.fget):
+                missing.append(f"{name}: docstring")
+            continue
+        doc = inspect.getdoc(obj) or ""
+        try:
+            sig = inspect.signature(obj)
+            params = [p for p in sig.parameters if p not in ("self", "cls")]
+        except (TypeError, ValueError):
+            sig, params = None, []
+        if is_class and (issubclass(obj, (BaseException, Warning)) or not ("__init__" in vars(obj)
+                                                                             or dataclasses.is_dataclass(obj))):
+            params = []  # a constructor of a base class: documented there
+        if params and not re.search(r"^(Args|Attributes):", doc, re.M):
+            missing.append(f"{name}: Args")
+        returns_none = sig is not None and sig.return_annotation in (None, "None")
+        if not is_class and not returns_none and not re.search(r"^(Returns|Yields):", doc, re.M):
+            missing.append(f"{name}: Returns")
+    assert not missing, missing
+
+
+def test_every_public_name_is_on_the_api_page():
+    """Each function and class a public module exports (``__all__``) is in the API reference."""
+    import importlib
+    import inspect
+
+    on_page = {name for name, _, _ in _api_objects()}
+    absent = []
+    for module in ("pararnn", "pararnn.nn", "pararnn.models", "pararnn.hf", "pararnn.runtime", "pararnn.distributed"):
+        mod = importlib.import_module(module)
+        absent += [f"{module}.{n}" for n in mod.__all__ if f"{module}.{n}" not in on_page
+                   and (inspect.isclass(getattr(mod, n)) or inspect.isfunction(getattr(mod, n)))]
+    assert not absent, absent

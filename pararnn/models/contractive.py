@@ -46,9 +46,17 @@ class SpectralBound(nn.Module):
 
 
 def bound_recurrent_weights(cell: nn.Module, bound: float = 0.9) -> nn.Module:
-    """Bound ``cell``'s recurrent weights in place (see the module docstring); returns the cell.
+    """Bound ``cell``'s recurrent weights in place (see the module docstring).
 
     Raises ValueError for a cell that declares no ``recurrent_parameters`` or a bound <= 0.
+
+    Args:
+        cell: a zoo cell that declares ``recurrent_parameters``.
+        bound: the bound (> 0): ``bound·tanh(a/bound)`` on diagonal vectors, a spectral-norm bound
+            on matrices.
+
+    Returns:
+        The same cell, its recurrent weights reparametrised (trained through).
     """
     if not bound > 0:
         raise ValueError(f"bound must be > 0, got {bound!r}")

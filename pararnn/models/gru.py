@@ -15,6 +15,21 @@ class GRU(Cell):
     ``h' = (1 - z) ⊙ n + z ⊙ h``. Parameters are laid out as torch.nn.GRU's (gates r, z, n).
 
     ``x [B, T, input_size]`` -> state ``[B, T, hidden_size]``. ``heads > 1``: block-diagonal W_hh.
+
+
+
+    Args:
+
+
+        input_size: D_in, the size of ``x [B, T, D_in]``.
+
+
+        hidden_size: H, the state ``[B, T, H]``.
+
+
+        heads: block-diagonal ``W_hh`` with this many blocks (1: dense).
+
+
     """
 
     recurrent_parameters = {"weight_hh": "matrix"}  # see models.contractive

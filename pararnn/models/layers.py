@@ -45,7 +45,16 @@ CELLS = tuple(_cells())
 
 
 def make_cell(spec: str | Cell, d_model: int, **kwargs) -> Cell:
-    """A cell by name (one of ``CELLS``) with ``input_size = d_model``, or the instance as given."""
+    """A cell by name with ``input_size = d_model``, or the instance as given.
+
+    Args:
+        spec: a name from ``CELLS`` (``"paragru"``, ``"lstm"``, ``"deltanet"``, ...) or a Cell.
+        d_model: the input size (and the state size, for cells whose state follows it).
+        **kwargs: the cell's constructor arguments (e.g. ``heads``).
+
+    Returns:
+        The :class:`pararnn.Cell`.
+    """
     if isinstance(spec, Cell):
         return spec
     table = _cells()
@@ -55,7 +64,32 @@ def make_cell(spec: str | Cell, d_model: int, **kwargs) -> Cell:
 
 
 class ResidualBlock(nn.Module):
-    """``x + W_o RNN(LN(x))`` then ``x + MLP(LN(x))``. ``x [B, T, d_model]`` -> ``[B, T, d_model]``."""
+    """``x + W_o RNN(LN(x))`` then ``x + MLP(LN(x))``. ``x [B, T, d_model]`` -> ``[B, T, d_model]``.
+
+
+
+    Args:
+
+
+        d_model: the width of ``x [B, T, d_model]``.
+
+
+        cell: a name from ``CELLS`` or a :class:`pararnn.Cell` (its input size must be d_model).
+
+
+        mode: the :class:`pararnn.RNN`'s mode.
+
+
+        mlp_ratio: the MLP's hidden width, in multiples of d_model.
+
+
+        solver_options: :class:`pararnn.SolverOptions` fields for the RNN.
+
+
+        **cell_kwargs: the named cell's constructor arguments (e.g. ``heads``).
+
+
+    """
 
     def __init__(self, d_model: int, cell: str | Cell = "paragru", mode: str = "parallel",
                  mlp_ratio: int = 4, solver_options: dict | None = None, **cell_kwargs):
@@ -70,6 +104,7 @@ class ResidualBlock(nn.Module):
 
     @property
     def cell(self) -> Cell:
+        """The block's cell (``self.rnn.cell``)."""
         return self.rnn.cell
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -80,16 +115,34 @@ class ResidualBlock(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x, h0=None, mode=None, lengths=None, cu_seqlens=None):
-        """Returns ``(x [B, T, d_model], h_T [B, state])``. ``lengths [B]``: right-padded batch
-        (h_T is each sequence's state at its last valid step; outputs at padded steps are not used);
-        ``cu_seqlens [N+1]``: packed ``[1, total, d_model]`` batch (h0, h_T: ``[N, state]``)."""
+        """The block over whole sequences.
+
+        Args:
+            x: ``[B, T, d_model]``.
+            h0: ``[B, state]`` (None: zeros).
+            mode: the solve's mode (None: the block's).
+            lengths: ``[B]``, a right-padded batch (h_T is each sequence's state at its last valid
+                step; outputs at padded steps are not used).
+            cu_seqlens: ``[N+1]``, a packed ``[1, total, d_model]`` batch (h0, h_T: ``[N, state]``).
+
+        Returns:
+            ``(x [B, T, d_model], h_T [B, state])``.
+        """
         y, hT = self.rnn(self.norm1(x), h0, mode=mode, lengths=lengths, cu_seqlens=cu_seqlens)
         x = x + self.out(y)
         return x + self.mlp(self.norm2(x)), hT
 
     def step(self, x_t, h=None, mask=None):
-        """One token: ``x_t [B, d_model]`` -> ``(x_t [B, d_model], h [B, state])``; ``mask [B]``
-        (bool): False holds that sequence's state (see :meth:`pararnn.RNN.step`)."""
+        """One token through the block.
+
+        Args:
+            x_t: ``[B, d_model]``.
+            h: ``[B, state]`` (None: zeros).
+            mask: ``[B]`` bool: False holds that sequence's state (see :meth:`pararnn.RNN.step`).
+
+        Returns:
+            ``(x_t [B, d_model], h [B, state])``.
+        """
         y, h = self.rnn.step(self.norm1(x_t), h, mask)
         x_t = x_t + self.out(y)
         return x_t + self.mlp(self.norm2(x_t)), h
@@ -103,6 +156,18 @@ class SequenceModelConfig:
     ``cell`` is a name from ``CELLS`` (a Cell instance can build a model but not be saved);
     ``cell_kwargs`` go to that cell's constructor (e.g. ``{"heads": 4}``), ``solver_options`` to
     each layer's :class:`pararnn.RNN` (JSON values only: no process group, no ``init`` tensor).
+
+    Attributes:
+        n_in: vocabulary size, or input features with ``regression``.
+        n_out: classes, or regression targets.
+        d_model: the model width.
+        n_layers: residual blocks.
+        cell: the cell's name.
+        mode: each layer's :class:`pararnn.RNN` mode.
+        regression: real-valued inputs and outputs instead of tokens and logits.
+        mlp_ratio: the blocks' MLP width, in multiples of d_model.
+        solver_options: :class:`pararnn.SolverOptions` fields for every layer.
+        cell_kwargs: the cell's constructor arguments.
     """
 
     n_in: int
@@ -189,6 +254,14 @@ class SequenceModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: SequenceModelConfig) -> "SequenceModel":
+        """A new model (freshly initialised weights) built from a config.
+
+        Args:
+            config: a :class:`SequenceModelConfig`.
+
+        Returns:
+            The :class:`SequenceModel`.
+        """
         if not isinstance(config, SequenceModelConfig):
             raise TypeError(f"config must be a SequenceModelConfig, got {type(config).__name__}")
         c = dataclasses.asdict(config)
@@ -201,7 +274,11 @@ class SequenceModel(nn.Module):
 
         Each file is written to a temporary name and renamed into place, weights first: an
         interrupted save leaves either the old pair, or new weights beside the old config, which
-        :meth:`from_pretrained` refuses (the checksum differs), never a silent mixture."""
+        :meth:`from_pretrained` refuses (the checksum differs), never a silent mixture.
+
+        Args:
+            directory: the folder to write into.
+        """
         if not isinstance(self.config.cell, str):
             raise ValueError("save_pretrained needs a cell given by name (one of pararnn.models.CELLS); "
                              "a model built from a Cell instance can be saved with torch.save(model.state_dict())")
@@ -229,7 +306,15 @@ class SequenceModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location=None) -> "SequenceModel":
-        """The model :meth:`save_pretrained` wrote into ``directory``."""
+        """Load the model :meth:`save_pretrained` wrote.
+
+        Args:
+            directory: the folder holding ``config.json`` and ``model.safetensors``.
+            map_location: device for the weights (as ``torch.load``'s).
+
+        Returns:
+            The :class:`SequenceModel`, in the saved dtype.
+        """
         path = os.path.join(directory, CONFIG_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_FILE} in {os.fspath(directory)!r} (written by save_pretrained)")
@@ -275,10 +360,19 @@ class SequenceModel(nn.Module):
         return self.embed(x)
 
     def forward(self, x, states=None, mode=None, lengths=None, cu_seqlens=None):
-        """``x``: token ids ``[B, T]`` (or features ``[B, T, n_in]``) -> ``(out [B, T, n_out], states)``.
+        """Run the model over whole sequences.
 
-        ``lengths [B]``: valid lengths of a right-padded batch; ``cu_seqlens [N+1]``: a packed
-        ``[1, total]`` batch (see :class:`pararnn.RNN`)."""
+        Args:
+            x: token ids ``[B, T]`` (or features ``[B, T, n_in]`` with ``n_in``).
+            states: per layer ``[B, state]`` initial states (None: zeros).
+            mode: ``"parallel"``, ``"sequential"`` or ``"auto"`` (None: the model's).
+            lengths: ``[B]`` valid lengths of a right-padded batch.
+            cu_seqlens: ``[N+1]`` offsets of a packed ``[1, total]`` batch (see :class:`pararnn.RNN`).
+
+        Returns:
+            ``(out [B, T, n_out], states)``: logits (or regression outputs) and, per layer, the
+            final states ``[B, state]``.
+        """
         h = self._embed(x)
         new_states = []
         for i, block in enumerate(self.blocks):
@@ -288,16 +382,30 @@ class SequenceModel(nn.Module):
         return self.head(self.norm(h)), new_states
 
     def solver_stats(self) -> list[dict]:
-        """Per layer: Newton steps, fallbacks and safeguard uses since the last reset (see ``RNN.stats``)."""
+        """How the layers' solves went since the last :meth:`reset_solver_stats`.
+
+        Returns:
+            Per layer, :meth:`pararnn.SolveStats.summary` (Newton steps, fallbacks, safeguard uses).
+        """
         return [block.rnn.stats.summary() for block in self.blocks]
 
     def reset_solver_stats(self) -> None:
+        """Set every layer's solver statistics back to zero."""
         for block in self.blocks:
             block.rnn.stats.reset()
 
     def step(self, x_t, states=None, mask=None):
-        """One token ``[B]`` (or ``[B, n_in]``) -> ``(out [B, n_out], states)``. ``mask [B]`` (bool):
-        False for sequences past their end, whose states are held (as with ``lengths``)."""
+        """Decode one token through every layer.
+
+        Args:
+            x_t: token ids ``[B]`` (or features ``[B, n_in]``).
+            states: per layer ``[B, state]`` (None: zeros).
+            mask: ``[B]`` bool: False for sequences past their end, whose states are held (as with
+                ``lengths``).
+
+        Returns:
+            ``(out [B, n_out], states)``.
+        """
         h = self._embed(x_t)
         new_states = []
         for i, block in enumerate(self.blocks):
@@ -312,8 +420,18 @@ class SequenceModel(nn.Module):
         """Sample a continuation: ``prompt [B, T0]`` token ids -> ``[B, T0 + max_new_tokens]``.
 
         The prompt is prefilled in one call (``mode``: this model's mode by default, so parallel
-        Newton), then each new token is decoded with :meth:`step`. ``temperature = 0`` is greedy;
-        ``top_k`` keeps the k most likely tokens before sampling.
+        Newton), then each new token is decoded with :meth:`step`.
+
+        Args:
+            prompt: ``[B, T0]`` token ids.
+            max_new_tokens: tokens to add.
+            temperature: 0 is greedy.
+            top_k: keep the k most likely tokens before sampling (None: all).
+            generator: the random generator for sampling.
+            mode: the prefill's mode (None: the model's).
+
+        Returns:
+            ``[B, T0 + max_new_tokens]`` token ids.
         """
         if self.regression:
             raise ValueError("generate needs a token model (regression=False)")

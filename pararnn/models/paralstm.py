@@ -17,6 +17,21 @@ class ParaLSTM(Cell):
 
     The state is ``[B, 2H]`` interleaved per unit, ``(h_0, c_0, h_1, c_1, ...)``, so the Jacobian
     is ``Block(2)``. ``RNN`` outputs ``y = h [B, T, H]``.
+
+
+
+    Args:
+
+
+        input_size: D_in, the size of ``x [B, T, D_in]``.
+
+
+        hidden_size: H; the state is ``[B, 2H]`` ((h, c) pairs), the output ``h [B, T, H]``.
+
+
+        a_scale: standard deviation of the recurrent vectors' initial values.
+
+
     """
 
     structure = Block(2)

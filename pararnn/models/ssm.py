@@ -31,6 +31,21 @@ class SelectiveSSM(DiagonalLinear):
     ``eigenvalue_range="[-1,1]"`` maps ``a -> 2a - 1`` (Grazzi et al.), which lets a diagonal
     linear RNN flip signs (parity). ``x [B, T, input_size]`` -> state ``[B, T, state_size]``.
     Linear in h: Newton is exact in one step.
+
+
+
+    Args:
+
+
+        input_size: D_in, the size of ``x [B, T, D_in]``.
+
+
+        state_size: d, the state ``[B, T, d]``.
+
+
+        eigenvalue_range: ``"[0,1]"`` or ``"[-1,1]"``.
+
+
     """
 
     def __init__(self, input_size: int, state_size: int, eigenvalue_range: str = "[0,1]"):
@@ -61,6 +76,22 @@ class ComplexSSM(DiagonalLinear):
     Unlike :class:`LRU` (time-invariant λ), the rotation depends on the input, so the state can
     turn by a different angle for each token (e.g. ±120° for counting mod 3). ``x [B, T, D_in]``
     -> complex state ``[B, T, N]`` -> ``y = [Re h, Im h]`` ``[B, T, 2N]``. Linear in h.
+
+
+
+
+    Args:
+
+
+
+        input_size: D_in, the size of ``x [B, T, D_in]``.
+
+
+
+        state_size: d, the complex state ``[B, T, d]``.
+
+
+
     """
 
     def __init__(self, input_size: int, state_size: int):

@@ -15,8 +15,16 @@ def sequential_solve(step: Callable, u: torch.Tensor, h0: torch.Tensor,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """The strong sequential loop: ``h_t = step(h_{t-1}, u_t)`` over ``u.unbind(1)``.
 
-    u: ``[B, T, *]``, h0: ``[B, d]``, mask: ``[B, T]`` bool or None (False = a padded step, which
-    keeps the state). Returns ``[B, T, d]``. Differentiable by plain autograd.
+    Differentiable by plain autograd.
+
+    Args:
+        step: ``step(h [B, d], u_t [B, *]) -> [B, d]`` (a cell's :meth:`~pararnn.Cell.step`).
+        u: ``[B, T, *]`` prepared inputs.
+        h0: ``[B, d]`` initial state.
+        mask: ``[B, T]`` bool or None (False = a padded step, which keeps the state).
+
+    Returns:
+        ``[B, T, d]``: the states h_1..h_T.
     """
     h = h0
     out = []

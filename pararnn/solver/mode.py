@@ -29,6 +29,20 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
 
     The limits are set by ``benchmarks/bench_auto.py`` (results/bench_auto_*; the figures and their
     machines are in those files).
+
+    Args:
+        B: batch size.
+        T: sequence length.
+        d: state size.
+        device: where the solve runs.
+        structure: the cell's Jacobian structure (or its name).
+        training: whether gradients will be taken.
+        dtype: the state's dtype.
+        backend: the scan backend asked for (``SolverOptions.backend``).
+        compile_cell: whether the cell evaluation is compiled (resolved, not ``"auto"``).
+
+    Returns:
+        ``"parallel"`` or ``"sequential"``.
     """
     structure = as_structure(structure, d)
     if backend == "auto" and auto_backend(device, dtype, structure, d) == "reference":

@@ -177,6 +177,16 @@ class SolverOptions:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
+        """The Newton test's tolerances for a solve in this dtype.
+
+        Args:
+            dtype: the state's dtype.
+
+        Returns:
+            ``(rtol, atol)``: the options' values where set, else the dtype's defaults (rtol 2e-6
+            in fp32, 1e-12 in fp64, 2e-3 in fp16, 1e-2 in bf16; atol the dtype's smallest normal
+            number).
+        """
         rtol = _DEFAULT_RTOL.get(dtype, 1e-5)
         atol = torch.finfo(dtype).tiny if not dtype.is_complex else torch.finfo(dtype.to_real()).tiny
         return (rtol if self.rtol is None else self.rtol, atol if self.atol is None else self.atol)
@@ -222,13 +232,21 @@ class SolverInfo:
 
     @property
     def all_converged(self) -> bool:
+        """Whether every sequence converged (True for a sequential solve)."""
         return self.converged is None or bool(self.converged.all())
 
     @staticmethod
     def merge(infos: list["SolverInfo"]) -> "SolverInfo":
         """One info for a solve in time chunks (``chunk_size``): the worst chunk's iterations and
         residuals, a sequence converged if it did in every chunk and fell back if it did in any;
-        ``chunks`` keeps each chunk's own info."""
+        ``chunks`` keeps each chunk's own info.
+
+        Args:
+            infos: the chunks' infos, in time order.
+
+        Returns:
+            A :class:`SolverInfo` for the whole solve.
+        """
         worst = max(infos, key=lambda i: i.iterations)
         if infos[0].mode != "parallel":
             return dataclasses.replace(infos[0], chunks=infos)
@@ -254,7 +272,16 @@ def auto_chunk_size(B: int, T: int, d: int, jac_numel: int, itemsize: int, budge
 @dataclasses.dataclass
 class SolveStats:
     """Running totals of an :class:`RNN`'s solves since construction or :meth:`reset`, so drift in
-    Newton steps or fallbacks during training is visible (``rnn.stats``)."""
+    Newton steps or fallbacks during training is visible (``rnn.stats``).
+
+    Attributes:
+        calls: forwards recorded; ``parallel_calls`` of them parallel solves.
+        newton_steps: Newton steps in all; ``max_newton_steps`` the most in one solve.
+        sequences: sequences solved in parallel; ``fell_back`` and ``not_converged`` of them
+            finished by the sequential loop or not converged.
+        safeguarded: solves in which the safeguard undid or damped a step.
+        sweeps: multiple-shooting sweeps in all.
+    """
 
     calls: int = 0
     parallel_calls: int = 0
@@ -267,6 +294,11 @@ class SolveStats:
     sweeps: int = 0
 
     def record(self, info: SolverInfo) -> None:
+        """Add one solve to the totals.
+
+        Args:
+            info: the solve's :class:`SolverInfo`.
+        """
         self.calls += 1
         if info.mode != "parallel":
             return
@@ -281,12 +313,19 @@ class SolveStats:
 
     @property
     def mean_newton_steps(self) -> float:
+        """Newton steps per parallel solve."""
         return self.newton_steps / max(self.parallel_calls, 1)
 
     def reset(self) -> None:
+        """Set every total back to zero."""
         self.__init__()
 
     def summary(self) -> dict:
+        """The totals as a dict.
+
+        Returns:
+            Every field and ``mean_newton_steps``, by name (JSON-ready numbers).
+        """
         return {**dataclasses.asdict(self), "mean_newton_steps": self.mean_newton_steps}
 
 
