@@ -108,7 +108,8 @@ class SolverOptions:
             cache serves later processes), not per B or T; real dtypes only. ``"auto"`` compiles
             CPU solves of at least 65536 state elements (``B·T·d``) outside autocast
             (:func:`pararnn.solver.compile.use_compiled`); ``False`` is the eager twin. A cell that
-            fails to compile runs eagerly, with one warning.
+            fails to compile runs eagerly, with one warning. A solve that needed a
+            multiple-shooting sweep (which runs the cell eagerly) evaluates eagerly from then on.
         check_cell: on the first parallel call per cell, dtype and device, probe ``step`` at a
             few positions (:func:`pararnn.verify.verify_cell`: determinism, no coupling of batch
             rows, the declared structure, holomorphy of complex cells) and raise a clear error
