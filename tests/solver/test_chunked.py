@@ -157,22 +157,26 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _peak_mb(T, C):
+def _peak_mb(*cases):
+    """Peak RSS (MB) of one solve per ``(T, C)`` case, each in its own process, all at once."""
     # glibc keeps freed buffers of up to 32 MB in its heap (its mmap threshold adapts upward), so RSS
     # would count the chunks' freed temporaries; a fixed 64 KB threshold makes RSS follow live memory
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(T), str(C)], capture_output=True, text=True,
-                       timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return float(r.stdout.split()[-1])
+    procs = [subprocess.Popen([sys.executable, "-c", MEMORY_SCRIPT, str(T), str(C)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for T, C in cases]
+    peaks = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        peaks.append(float(out.split()[-1]))
+    return peaks
 
 
 def test_chunked_memory_does_not_grow_with_T_times_state():
     """From T = 4000 to 16000 the whole solve's peak grows by ~12000 × 4 KB states × several copies
     (hundreds of MB); chunked at C = 256 only the O(T·(input + output)) part grows (~10 MB)."""
-    small, large = _peak_mb(4000, 256), _peak_mb(16000, 256)
-    whole_small, whole_large = _peak_mb(4000, "none"), _peak_mb(16000, "none")
+    small, large, whole_small, whole_large = _peak_mb((4000, 256), (16000, 256), (4000, "none"), (16000, "none"))
     assert whole_large - whole_small > 200, (whole_small, whole_large)  # the test can tell the difference (~240 MB)
     assert large - small < 60, (small, large)
 
