@@ -73,3 +73,17 @@ def inductor_compile_fx():
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx
+
+
+def cacheable_functions(marks: dict[str, str]):
+    """A context manager under which AOT autograd's and inductor's caches accept graphs that call
+    the Python functions named in ``marks`` (``"module.name" -> version``; the version joins the
+    cache key, so a changed function misses the cache): ``torch._inductor.config.
+    unsafe_marked_cacheable_functions``. Without it such graphs bypass AOT autograd's cache and are
+    traced again in every process; a no-op where the setting is gone.
+    """
+    config = torch._inductor.config
+    if not hasattr(config, "unsafe_marked_cacheable_functions"):
+        return contextlib.nullcontext()
+    return config.patch(unsafe_marked_cacheable_functions={**config.unsafe_marked_cacheable_functions, **marks})
+

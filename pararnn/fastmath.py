@@ -26,6 +26,9 @@ reference twin, keeps ``torch.tanh``.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+
 import torch
 
 from . import compat
@@ -102,7 +105,16 @@ def rewrite_tanh(gm: torch.fx.GraphModule) -> int:
     return n
 
 
+@functools.cache
+def _source_hash() -> str:
+    """A hash of this module's source: the version of :func:`tanh` in the compile caches' keys."""
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def compile_backend(gm: torch.fx.GraphModule, example_inputs):
-    """torch.compile backend: :func:`rewrite_tanh`, then inductor."""
+    """torch.compile backend: :func:`rewrite_tanh`, then inductor. The rewritten graph stays
+    cacheable across processes: :func:`tanh` is marked cacheable, keyed by a hash of its source."""
     rewrite_tanh(gm)
-    return compat.inductor_compile_fx()(gm, example_inputs)
+    with compat.cacheable_functions({f"{tanh.__module__}.{tanh.__name__}": _source_hash()}):
+        return compat.inductor_compile_fx()(gm, example_inputs)

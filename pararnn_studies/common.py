@@ -26,6 +26,14 @@ def git_commit() -> str | None:
         return None
 
 
+def _program() -> str:
+    """How this run was started: ``python benchmarks/x.py`` for a script, else ``pararnn``."""
+    script = sys.argv[0]
+    if script.endswith(".py") and os.path.basename(script) != "__main__.py":
+        return "python " + os.path.relpath(script)
+    return "pararnn"
+
+
 def run_metadata(settings: dict) -> dict:
     """Version, commit, date, machine and the settings actually used: the head of every results JSON."""
     from pararnn import __version__
@@ -33,7 +41,7 @@ def run_metadata(settings: dict) -> dict:
 
     return {"pararnn": __version__, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["pararnn", *sys.argv[1:]]) if sys.argv else None,
+            "command": " ".join([_program(), *sys.argv[1:]]) if sys.argv else None,
             "machine": machine_info(), "settings": settings}
 
 

@@ -17,3 +17,12 @@ def test_writes_results_for_every_case(tmp_path, monkeypatch):
     assert all(r["warm_s"] > r["cold_s"] > 0 for r in saved["rows"])
     assert caches[0] == caches[1] and caches[1] != caches[2]  # cold and warm share a cache; cases do not
     assert (tmp_path / "f.md").read_text().startswith("# First call in a fresh process")
+
+
+def test_results_name_the_command_that_made_them(monkeypatch):
+    from pararnn_studies.common import run_metadata
+
+    monkeypatch.setattr("sys.argv", ["benchmarks/bench_first_call.py", "--threads", "1"])
+    assert run_metadata({})["command"] == "python benchmarks/bench_first_call.py --threads 1"
+    monkeypatch.setattr("sys.argv", ["/usr/bin/pararnn", "bench", "--quick"])
+    assert run_metadata({})["command"] == "pararnn bench --quick"
