@@ -131,8 +131,9 @@ class NewtonSolver:
         - a sequence converges when its residual passes ``|r| <= atol + rtol·scale`` (q <= rtol),
           or sits at the rounding floor: q within ``ROUNDING_FLOOR·rtol`` and the last step could
           not shrink q by ``STALL_RATIO`` (q, not max|r|: one large entry of a state sets max|r|);
-        - it has stalled (a shooting sweep goes first) when it has not converged and the last step
-          did not shrink its residual by ``SWEEP_STALL``;
+        - it has stalled (a shooting sweep goes first) when it has not converged, is not within
+          ``ROUNDING_FLOOR·rtol`` (there max|r| moves with rounding, and Newton steps end by the
+          floor rule) and the last step did not shrink its residual by ``SWEEP_STALL``;
         - the solve stops when every sequence converged (then :meth:`correction_check` may still
           send some on), at ``max_iters``, or when every unconverged sequence is NaN/Inf;
         - a converged sequence is frozen while others go on: its update is zero (a step from an
@@ -142,9 +143,12 @@ class NewtonSolver:
         sequences whose last step blew them up (``[B]`` bool, with no decision: undo them and check
         again, then decide with ``undo=False``; None: none)."""
         ok = q <= self.rtol
+        near_floor = q <= ROUNDING_FLOOR * self.rtol
         if prev is not None:
-            ok = ok | ((q <= ROUNDING_FLOOR * self.rtol) & (q > STALL_RATIO * prev[1]))
-        stalled = None if prev is None else ~ok & ~(err <= SWEEP_STALL * prev[0])  # NaN: stalled
+            ok = ok | (near_floor & (q > STALL_RATIO * prev[1]))
+        # near the floor max|r| moves with rounding: such a sequence takes Newton steps (the floor
+        # rule above ends them as soon as one cannot halve q), not a sweep
+        stalled = None if prev is None else ~ok & ~near_floor & ~(err <= SWEEP_STALL * prev[0])  # NaN: stalled
         blown = self.policy.blown(err) if undo else None
         flags = torch.stack([err.max().to(torch.float64), ok.all(), ok.any(), (~ok & torch.isfinite(err)).any(),
                              torch.zeros((), dtype=torch.bool, device=err.device) if stalled is None else stalled.any(),

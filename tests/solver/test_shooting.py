@@ -123,3 +123,24 @@ def test_a_sweep_of_some_sequences_leaves_the_others():
         shooting_sweep(cell.step, part, u, 16, mask, rows=torch.tensor([0, 2]))
     assert torch.equal(part[1], S[1])  # untouched
     assert rel_err(part[[0, 2]], full[[0, 2]]) < 1e-14
+
+
+def test_no_sweep_at_the_rounding_floor():
+    """A sequence within ROUNDING_FLOOR·rtol whose max|r| grew (rounding, not a latch) takes
+    another Newton step, not a sweep: its q still shrank (a sweep also switches a compiled solve to
+    eager evaluation for the rest of it). Far from the floor the stall rule still sweeps."""
+    from types import SimpleNamespace
+
+    from pararnn.solver.newton import ROUNDING_FLOOR, NewtonSolver
+    from pararnn.solver.options import SolverInfo
+
+    rtol = 2e-6
+    solver = SimpleNamespace(rtol=rtol, info=SolverInfo(mode="parallel"), opts=SolverOptions(max_iters=30))
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    prev = (t(1.8e-7), t(13.5 * rtol))
+    decision, _ = NewtonSolver.decide(solver, t(2.1e-7), t(1.98 * rtol), prev, undo=False)
+    assert not decision.stop and not bool(decision.converged.any())
+    assert decision.stalled is None or not bool(decision.stalled.any())
+    far = 4 * ROUNDING_FLOOR * rtol  # the same growth of max|r| far from the floor: a sweep
+    decision, _ = NewtonSolver.decide(solver, t(2.1e-3), t(far), (t(1.8e-3), t(far)), undo=False)
+    assert bool(decision.stalled.all())
