@@ -82,8 +82,8 @@ def cacheable_functions(marks: dict[str, str]):
     unsafe_marked_cacheable_functions``. Without it such graphs bypass AOT autograd's cache and are
     traced again in every process; a no-op where the setting is gone.
     """
-    config = torch._inductor.config
+    from torch._inductor import config
+
     if not hasattr(config, "unsafe_marked_cacheable_functions"):
         return contextlib.nullcontext()
     return config.patch(unsafe_marked_cacheable_functions={**config.unsafe_marked_cacheable_functions, **marks})
-

@@ -5,8 +5,7 @@
   use for their thread pools, hangs a forked child once the parent has used the pool. This picks
   numba's fork-safe threading layer (TBB, a non-GNU OpenMP, or numba's own workqueue) unless the
   user chose one, and gives every forked child one torch thread (as DataLoader workers have).
-  The scan's speed does not depend on the layer within noise (``benchmarks/bench_chunked_ab.py``
-  records both). Call it before the first solve; ``spawn`` workers need none of this.
+  Call it before the first solve; ``spawn`` workers need none of this.
 - :func:`set_heap_trimming`: between the chunks of a CPU solve with ``chunk_size``, glibc's heap
   gives its free pages back to the OS when it holds more than ``memory_budget`` bytes of freed
   memory (``malloc_trim``; glibc keeps freed buffers of up to 32 MB and reuses them poorly when

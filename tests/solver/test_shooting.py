@@ -136,7 +136,7 @@ def test_no_sweep_at_the_rounding_floor():
 
     rtol = 2e-6
     solver = SimpleNamespace(rtol=rtol, info=SolverInfo(mode="parallel"), opts=SolverOptions(max_iters=30))
-    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    t = lambda v: torch.tensor([v], dtype=torch.float64)
     prev = (t(1.8e-7), t(13.5 * rtol))
     decision, _ = NewtonSolver.decide(solver, t(2.1e-7), t(1.98 * rtol), prev, undo=False)
     assert not decision.stop and not bool(decision.converged.any())
