@@ -129,8 +129,8 @@ def test_float64_keeps_torch_tanh():
 
 def test_the_rewritten_graph_stays_in_the_compile_caches():
     """A graph calling fastmath.tanh is cached by AOT autograd (hit, or missed and saved) rather
-    than bypassed: a bypassed graph is traced again in every new process (about 2 s per first call
-    of a compiled solve)."""
+    than bypassed: a bypassed graph is traced again in every new process, on every first call of a
+    compiled solve."""
     from torch._dynamo.utils import counters
 
     counters.clear()
