@@ -7,12 +7,21 @@ for each case (a cell, B, T, d) the strong loop (a loop over ``u.unbind(1)``), t
 solve and the compiled one (``compile_cell=True``), forward and forward+backward (gradients of the
 parameters), every method of a case timed in turn, round by round (medians), and prints what
 ``choose_mode`` picks for each. Cases: ParaGRU (diagonal) at d = 64 and d = 256 over a range of
-batch sizes, ParaLSTM (Block(2)) and the dense GRU. ``--grid`` instead runs B in (1, 8, 32), T in
-(256, 4096) and d in (32, 256) for ParaGRU and a user's cell written with ``step`` only, and
-also times ``RNN(cell, mode="auto")`` (the defaults): its "regret" is its time over the faster of
-the loop and the default parallel solve (1.00 = it picked the faster).
+batch sizes, ParaLSTM (Block(2)) and the dense GRU.
 
-Usage: python benchmarks/bench_auto.py [--threads 1] [--T 2048] [--repeats 5] [--quick | --grid]
+``--grid`` instead judges the rule itself, with the module's defaults, on B in (1, 8, 32), T in
+(256, 4096, 16384) and state size d in (32, 128, 512) (cases above ``GRID_MAX_ELEMENTS`` state
+elements B·T·d left out) for ParaGRU, ParaLSTM and a user's cell written with ``step`` only. Per
+case it times the strong loop, ``RNN(cell, mode="sequential")`` and ``RNN(cell,
+mode="parallel")``, forward (no grad) and forward+backward, interleaved (each the fastest of its
+``--repeats`` rounds: on a shared VM the same loop varied by 30 % between rounds), and runs ``RNN(cell,
+mode="auto")`` once each way to see what it takes (``last_info.mode``). The "regret" is the time
+of what auto took over the faster of the two modules (1.00: it took the faster), so the module's
+own overheads count once, on both sides; the table also gives each module against the strong loop.
+``--resume`` keeps the rows already in ``--out`` and runs the rest (a run interrupted loses at most
+its current case).
+
+Usage: python benchmarks/bench_auto.py [--threads 1] [--T 2048] [--repeats 5] [--quick | --grid [--resume]]
        [--out results/bench_auto_1thread.json]
 Writes the JSON (version, commit, machine, settings) and a markdown table beside it.
 """
@@ -27,10 +36,13 @@ import torch
 CASES = ([("paragru", B, 64) for B in (1, 4, 8, 16, 32, 64)] + [("paragru", B, 256) for B in (2, 4, 8, 16)]
          + [("paralstm", B, 64) for B in (1, 4, 16)] + [("gru", B, 32) for B in (1, 4)] + [("gru", 1, 64)])
 QUICK = [("paragru", 1, 64), ("paragru", 16, 64), ("paralstm", 4, 64), ("gru", 1, 32)]
-GRID = [(name, B, d, T) for name in ("paragru", "step_only") for B in (1, 8, 32) for d in (32, 256) for T in (256, 4096)]
+GRID_MAX_ELEMENTS = 1 << 24  # B·T·d: the largest grid cases take about a minute each at 3 repeats
+GRID = [(name, B, d, T) for name in ("paragru", "paralstm", "step_only") for B in (1, 8, 32)
+        for d in (32, 128, 512) for T in (256, 4096, 16384) if B * T * d <= GRID_MAX_ELEMENTS]
 
 
 def make(name: str, d: int):
+    """The cell ``name`` (a zoo name or ``"step_only"``) with state size ``d``."""
     if name == "step_only":
         import importlib.util
 
@@ -39,8 +51,10 @@ def make(name: str, d: int):
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod.StepOnlyGRU(d, d)
-    from pararnn.models import make_cell
+    from pararnn.models import ParaLSTM, make_cell
 
+    if name == "paralstm":  # its state is (c, h): 2·hidden
+        return ParaLSTM(d, d // 2)
     return make_cell(name, d)  # input size d; state size cell.state_size
 
 
@@ -73,6 +87,54 @@ def case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
     return row
 
 
+def grid_case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
+    """One grid row: medians (s) of the strong loop and the sequential and parallel modules (fwd,
+    fwd+bwd), what ``mode="auto"`` took for training and inference, and its regret each way."""
+    import pararnn
+    from pararnn_studies.bench import strong_loop, time_methods
+
+    torch.manual_seed(0)
+    cell = make(name, d)
+    ds = cell.state_size
+    x = torch.randn(B, T, d)  # input size d; state size ds (= d)
+    params = list(cell.parameters())
+    modules = {m: pararnn.RNN(cell, mode=m) for m in ("sequential", "parallel", "auto")}
+    methods = {"loop": (lambda x: strong_loop(cell, x), params),
+               "sequential": (lambda x: modules["sequential"](x)[0], params),
+               "parallel": (lambda x: modules["parallel"](x)[0], params)}
+    row = {"cell": name, "B": B, "T": T, "d": ds, "structure": str(cell.get_structure()),
+           "work": B * ds * max(cell.get_structure().width(ds), pararnn.solver.mode.AUTO_MIN_WIDTH),
+           **time_methods(methods, x, repeats, statistic=min)}
+    torch.autograd.grad(modules["auto"](x)[0].sum(), params)
+    picks = {"fwdbwd": modules["auto"].last_info.mode}
+    with torch.no_grad():
+        modules["auto"](x)
+    picks["fwd"] = modules["auto"].last_info.mode
+    for bw, pick in picks.items():
+        row[f"pick_{bw}"] = pick
+        row[f"regret_{bw}"] = row[f"{pick}_{bw}_s"] / min(row[f"sequential_{bw}_s"], row[f"parallel_{bw}_s"])
+    return row
+
+
+def grid_table(rows: list[dict]) -> str:
+    """The grid's table, and a line counting the entries within 5 % and 10 %."""
+    from pararnn_studies.common import markdown_table
+
+    def vs_loop(r, m):
+        return f"{r['loop_fwd_s'] / r[f'{m}_fwd_s']:.2f}× / {r['loop_fwdbwd_s'] / r[f'{m}_fwdbwd_s']:.2f}×"
+
+    body = markdown_table(
+        ["cell", "B", "T", "d", "work B·d·max(k,8)", "strong loop fwd / fwd+bwd (ms)",
+         "sequential module: speedup", "parallel module: speedup", "auto takes (fwd / fwd+bwd)",
+         "auto regret (fwd / fwd+bwd)"],
+        [[r["cell"], r["B"], r["T"], r["d"], r["work"], f"{r['loop_fwd_s'] * 1e3:.0f} / {r['loop_fwdbwd_s'] * 1e3:.0f}",
+          vs_loop(r, "sequential"), vs_loop(r, "parallel"), f"{r['pick_fwd']} / {r['pick_fwdbwd']}",
+          f"{r['regret_fwd']:.2f} / {r['regret_fwdbwd']:.2f}"] for r in rows])
+    regrets = [r[f"regret_{bw}"] for r in rows for bw in ("fwd", "fwdbwd")]
+    return (body + f"\n\nauto within 5 % of the faster module: {sum(g <= 1.05 for g in regrets)} of {len(regrets)}; "
+            f"within 10 %: {sum(g <= 1.10 for g in regrets)}; worst {max(regrets):.2f}×")
+
+
 def table(rows: list[dict]) -> str:
     from pararnn_studies.common import markdown_table
 
@@ -96,8 +158,9 @@ def main(argv=None) -> int:
     ap.add_argument("--T", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="four cases at T = 256 (seconds)")
-    ap.add_argument("--grid", action="store_true", help="B (1, 8, 32) × T (256, 4096) × d (32, 256), ParaGRU and a "
-                    "step-only cell")
+    ap.add_argument("--grid", action="store_true", help="B (1, 8, 32) × T (256, 4096, 16384) × d (32, 128, 512): "
+                    "what mode='auto' takes against the faster module, ParaGRU, ParaLSTM and a step-only cell")
+    ap.add_argument("--resume", action="store_true", help="with --grid: keep the rows already in --out")
     ap.add_argument("--out", default=None, help="default results/bench_auto_{N}thread(s).json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -110,11 +173,21 @@ def main(argv=None) -> int:
     ensure_writable(args.out, "--out")
     set_threads(args.threads)
     rows = []
+    if args.resume and os.path.isfile(args.out):
+        import json
+
+        with open(args.out) as f:
+            rows = json.load(f)["rows"]
+    done = {(r["cell"], r["B"], r["T"]) + ((r["d_arg"],) if "d_arg" in r else ()) for r in rows}
     cases = GRID if args.grid else [(*c, args.T) for c in (QUICK if args.quick else CASES)]
     for name, B, d, T in progress_bar(cases, desc="cases", unit="case"):
-        rows.append(case(name, B, T, d, args.repeats))
-        write_json_atomic(args.out, {**run_metadata(vars(args)), "units": "seconds (median)", "rows": rows})
-    md = table(rows)
+        if (name, B, T, d) in done:
+            continue
+        row = (grid_case if args.grid else case)(name, B, T, d, args.repeats)
+        rows.append({**row, "d_arg": d})
+        units = "seconds (fastest of the interleaved rounds)" if args.grid else "seconds (median)"
+        write_json_atomic(args.out, {**run_metadata(vars(args)), "units": units, "rows": rows})
+    md = (grid_table if args.grid else table)(rows)
     write_text(os.path.splitext(args.out)[0] + ".md", md + "\n")
     print(md)
     return 0

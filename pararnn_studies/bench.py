@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -72,10 +73,10 @@ def solve_check(par, seq, x) -> dict:
     return {"newton_iterations": info.iterations, "max_abs_err_vs_sequential": err}
 
 
-def time_methods(methods, x, repeats, skip_backward=(), log=None) -> dict:
-    """``{name}_fwd_s`` and ``{name}_fwdbwd_s`` medians for every ``name: (fn, params)``, all of them
-    run in turn, round by round (after one untimed round), so machine noise hits every method alike
-    and the ratios of one run compare like with like.
+def time_methods(methods, x, repeats, skip_backward=(), log=None, statistic=statistics.median) -> dict:
+    """``{name}_fwd_s`` and ``{name}_fwdbwd_s`` medians (or another ``statistic`` of the rounds) for
+    every ``name: (fn, params)``, all of them run in turn, round by round (after one untimed round),
+    so machine noise hits every method alike and the ratios of one run compare like with like.
 
     Methods in ``skip_backward`` (the slicing loop, whose backward costs O(B T^2 d)) get None
     for fwd+bwd: skipped, not measured.
@@ -84,7 +85,7 @@ def time_methods(methods, x, repeats, skip_backward=(), log=None) -> dict:
              for name, (fn, params) in methods.items() for bw in (False, True)
              if not (bw and name in skip_backward)}
     out = {f"{name}_fwdbwd_s": None for name in methods if name in skip_backward}
-    out.update(interleaved_medians(calls, repeats=repeats, warmup=1))
+    out.update(interleaved_medians(calls, repeats=repeats, warmup=1, statistic=statistic))
     if log:
         for key, t in out.items():
             if t is not None:

@@ -39,9 +39,13 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1,
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 0,
-                        device: torch.device | str | None = None, min_turn_s: float = 0.0) -> dict[str, float]:
+                        device: torch.device | str | None = None, min_turn_s: float = 0.0,
+                        statistic: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
     """Median seconds per call of each callable, the callables run in turn round by round, so
     machine noise hits all of them alike (after ``warmup`` untimed rounds).
+
+    ``statistic``: what sums up a callable's rounds (default the median; ``min`` where the noise
+    only ever adds time, as a shared VM's does, and the question is which of two is faster).
 
     ``min_turn_s``: each turn runs its callable ``k`` times in a row and records the mean; ``k``
     comes from the faster of two sizing calls, so that a turn takes about that long (a first call
@@ -74,7 +78,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 3, 
                 fn()
             sync(device)
             times[k].append((time.perf_counter() - t) / block[k])
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistic(v) for k, v in times.items()}
 
 
 def copy_bandwidth(nbytes: int, device: torch.device | str = "cpu", repeats: int = 10) -> float:
