@@ -24,11 +24,12 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
       ``B·d·max(k, 8)``, is small: up to 8192 when training (the parallel backward is one scan,
       the sequential one another T-step loop) and up to 1024 for inference. With
       ``compile_cell=True`` (the fused evaluation, 1.5-2.5× cheaper) and k <= 8 the limits are
-      16384 and 2048 (dense cells keep the eager limits: their cost is the d×d Jacobians and
+      32768 and 4096 (dense cells keep the eager limits: their cost is the d×d Jacobians and
       scan, not the elementwise evaluation). T < 64 stays sequential.
 
-    The limits are set by ``benchmarks/bench_auto.py`` (results/bench_auto_*; the figures and their
-    machines are in those files).
+    The limits are set by ``benchmarks/bench_auto.py`` on two kinds of machine (an AMD EPYC and an
+    Intel Xeon VM, results/bench_auto_*; the figures and their machines are in those files): each
+    is the largest work per step where the parallel solve was at least as fast as the loop on both.
 
     Args:
         B: batch size.
@@ -59,11 +60,11 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
 
 # The CPU rule's limits on the work per step B·d·max(k, 8) (a diagonal cell's evaluation is about 8
 # elementwise ops per entry), and the shortest T worth Newton's fixed cost: set by
-# benchmarks/bench_auto.py.
+# benchmarks/bench_auto.py on an AMD EPYC and an Intel Xeon VM (see choose_mode).
 AUTO_WORK_TRAINING = 8192
 AUTO_WORK_INFERENCE = 1024
-AUTO_WORK_TRAINING_COMPILED = 16384  # with compile_cell
-AUTO_WORK_INFERENCE_COMPILED = 2048
+AUTO_WORK_TRAINING_COMPILED = 32768  # with compile_cell
+AUTO_WORK_INFERENCE_COMPILED = 4096
 AUTO_MIN_T = 64
 AUTO_MIN_WIDTH = 8
 

@@ -253,11 +253,13 @@ def test_choose_mode():
     assert pararnn.choose_mode(1, 4096, 64, cpu, "dense", training=False) == "sequential"
     assert pararnn.choose_mode(1, 4096, 128, cpu, "dense", training=True) == "sequential"  # LSTM
     assert pararnn.choose_mode(1, 4096, 128, cpu, pararnn.Block(2), training=False) == "parallel"
-    # compile_cell: twice the work per step (ParaGRU B = 8, d = 256 trains in parallel; B = 2, d = 128 infers so)
-    assert pararnn.choose_mode(8, 4096, 256, cpu, training=True, compile_cell=True) == "parallel"
+    # compile_cell: four times the work per step (ParaGRU B = 8, d = 512 trains in parallel; B = 1,
+    # d = 512 infers so; results/bench_auto_grid_*)
+    assert pararnn.choose_mode(8, 4096, 512, cpu, training=True, compile_cell=True) == "parallel"
+    assert pararnn.choose_mode(32, 4096, 256, cpu, training=True, compile_cell=True) == "sequential"
     assert pararnn.choose_mode(8, 4096, 256, cpu, training=False, compile_cell=True) == "sequential"
-    assert pararnn.choose_mode(2, 4096, 128, cpu, training=False) == "sequential"
-    assert pararnn.choose_mode(2, 4096, 128, cpu, training=False, compile_cell=True) == "parallel"
+    assert pararnn.choose_mode(1, 4096, 512, cpu, training=False) == "sequential"
+    assert pararnn.choose_mode(1, 4096, 512, cpu, training=False, compile_cell=True) == "parallel"
     assert pararnn.choose_mode(1, 4096, 128, cpu, "dense", training=True, compile_cell=True) == "sequential"  # LSTM
     assert pararnn.choose_mode(1, 4096, 64, cpu, "dense", training=False, compile_cell=True) == "sequential"
     # RNN(mode="auto") passes compile_cell to the rule
