@@ -1,7 +1,7 @@
 """Calibration of `mode="auto"` on CPU: the loop, the parallel solve (eager and compiled) and what `mode="auto"` picks.
 
-`pararnn.choose_mode` compares the work per time step, ``B·d·max(k, 8)`` (k: the Jacobian's
-block width, d for dense cells), with one limit for training and one for inference, and another
+`pararnn.choose_mode` compares the work per time step, ``B·d·w`` (``pararnn.solver.mode.step_work``:
+w = 8 for diagonal Jacobians, 8·k² for k×k blocks, d for dense cells), with one limit for training and one for inference, and another
 pair when ``compile_cell`` is on. This script measures where the parallel solve stops winning:
 for each case (a cell, B, T, d) the strong loop (a loop over ``u.unbind(1)``), the eager parallel
 solve and the compiled one (``compile_cell=True``), forward and forward+backward (gradients of the
@@ -76,7 +76,7 @@ def case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
                "compile_cell": (lambda x: comp(x)[0], params), "default": (lambda x: default(x)[0], params),
                "auto": (lambda x: auto(x)[0], params)}
     row = {"cell": name, "B": B, "T": T, "d": ds, "structure": str(cell.get_structure()),
-           "work": B * ds * max(cell.get_structure().width(ds), pararnn.solver.mode.AUTO_MIN_WIDTH),
+           "work": pararnn.solver.mode.step_work(B, ds, cell.get_structure()),
            **time_methods(methods, x, repeats)}
     for bw in ("fwd", "fwdbwd"):  # mode="auto" against the faster of what it chooses between
         row[f"regret_{bw}"] = row[f"auto_{bw}_s"] / min(row[f"loop_{bw}_s"], row[f"default_{bw}_s"])
@@ -103,7 +103,7 @@ def grid_case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
                "sequential": (lambda x: modules["sequential"](x)[0], params),
                "parallel": (lambda x: modules["parallel"](x)[0], params)}
     row = {"cell": name, "B": B, "T": T, "d": ds, "structure": str(cell.get_structure()),
-           "work": B * ds * max(cell.get_structure().width(ds), pararnn.solver.mode.AUTO_MIN_WIDTH),
+           "work": pararnn.solver.mode.step_work(B, ds, cell.get_structure()),
            **time_methods(methods, x, repeats, statistic=min)}
     torch.autograd.grad(modules["auto"](x)[0].sum(), params)
     picks = {"fwdbwd": modules["auto"].last_info.mode}
@@ -124,7 +124,7 @@ def grid_table(rows: list[dict]) -> str:
         return f"{r['loop_fwd_s'] / r[f'{m}_fwd_s']:.2f}× / {r['loop_fwdbwd_s'] / r[f'{m}_fwdbwd_s']:.2f}×"
 
     body = markdown_table(
-        ["cell", "B", "T", "d", "work B·d·max(k,8)", "strong loop fwd / fwd+bwd (ms)",
+        ["cell", "B", "T", "d", "work per step (step_work)", "strong loop fwd / fwd+bwd (ms)",
          "sequential module: speedup", "parallel module: speedup", "auto takes (fwd / fwd+bwd)",
          "auto regret (fwd / fwd+bwd)"],
         [[r["cell"], r["B"], r["T"], r["d"], r["work"], f"{r['loop_fwd_s'] * 1e3:.0f} / {r['loop_fwdbwd_s'] * 1e3:.0f}",
@@ -142,7 +142,7 @@ def table(rows: list[dict]) -> str:
         return r[f"loop_{bw}_s"] / r[f"{m}_{bw}_s"]
 
     return markdown_table(
-        ["cell", "B", "T", "d", "work B·d·max(k,8)", "loop fwd / fwd+bwd (ms)", "eager parallel: speedup",
+        ["cell", "B", "T", "d", "work per step (step_work)", "loop fwd / fwd+bwd (ms)", "eager parallel: speedup",
          "compiled: speedup", "mode='auto': speedup", "auto regret (fwd / fwd+bwd)", "auto picks (train / infer)"],
         [[r["cell"], r["B"], r["T"], r["d"], r["work"], f"{r['loop_fwd_s'] * 1e3:.0f} / {r['loop_fwdbwd_s'] * 1e3:.0f}",
           f"{ratio(r, 'parallel', 'fwd'):.2f}× / {ratio(r, 'parallel', 'fwdbwd'):.2f}×",

@@ -86,7 +86,8 @@ class Structure:
         raise NotImplementedError
 
     def assemble(self, cols: torch.Tensor, d: int) -> torch.Tensor:
-        """J in storage form from the jvps ``cols [P, *lead, d]`` of :meth:`probe_tangents`."""
+        """J in storage form from the jvps ``cols [P, *lead, d]`` of :meth:`probe_tangents` (from
+        their vector-Jacobian products, rows of J, it is J's transpose: see :meth:`transpose`)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- conversions

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.dispatch import auto_backend
-from ..structure import as_structure
+from ..structure import Dense, as_structure
 
 
 def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagonal",
@@ -18,18 +18,18 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
     - CUDA: parallel (Triton, or the log-depth ``"assoc"`` scan where no kernel exists; the scan
       is O(log T) deep and the step evaluations fill the device; not measured on a GPU yet).
     - CPU: the sequential loop costs ~T × per-step op latency, nearly independent of width; the
-      parallel solve costs ~(Newton iterations) × B·T·d·k element operations, k the Jacobian
-      width (block size, or d for dense; counted as at least 8 for diagonal cells, whose
-      evaluation is a dozen elementwise ops per entry). Parallel wins when the work per step,
-      ``B·d·max(k, 8)``, is small: up to 8192 when training (the parallel backward is one scan,
-      the sequential one another T-step loop) and up to 1024 for inference. With
-      ``compile_cell=True`` (the fused evaluation, 1.5-2.5× cheaper) and k <= 8 the limits are
-      32768 and 4096 (dense cells keep the eager limits: their cost is the d×d Jacobians and
-      scan, not the elementwise evaluation). T < 64 stays sequential.
+      parallel solve costs ~(Newton iterations) × B·T·d × (element operations per state entry).
+      Parallel wins when the work per step, ``B·d·w`` (:func:`step_work`), is small: up to 8192
+      when training (the parallel backward is one scan, the sequential one another T-step loop)
+      and up to 1024 for inference. With ``compile_cell=True`` (the fused evaluation, 1.5-2.5×
+      cheaper) and blocks of at most 8 the limits are 32768 and 4096 (dense cells keep the eager
+      limits: their cost is the d×d Jacobians and scan, not the elementwise evaluation). T < 64
+      stays sequential.
 
-    The limits are set by ``benchmarks/bench_auto.py`` on two kinds of machine (an AMD EPYC and an
-    Intel Xeon VM, results/bench_auto_*; the figures and their machines are in those files): each
-    is the largest work per step where the parallel solve was at least as fast as the loop on both.
+    The limits are set by ``benchmarks/bench_auto.py`` (results/bench_auto_*; the figures and their
+    machines are in those files): the compiled ones are the largest work per step where the
+    parallel solve was at least as fast as the loop on both an AMD EPYC and an Intel Xeon VM, the
+    eager ones come from the AMD runs.
 
     Args:
         B: batch size.
@@ -50,16 +50,36 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
         return "sequential"
     if device.type == "cuda":
         return "parallel"
-    k = structure.width(d)
-    if compile_cell and k <= AUTO_MIN_WIDTH:  # the fused evaluation cheapens elementwise work, not d×d Jacobians
+    if compile_cell and structure.width(d) <= AUTO_MIN_WIDTH:  # the fused evaluation cheapens elementwise work, not d×d Jacobians
         limit = AUTO_WORK_TRAINING_COMPILED if training else AUTO_WORK_INFERENCE_COMPILED
     else:
         limit = AUTO_WORK_TRAINING if training else AUTO_WORK_INFERENCE
-    return "parallel" if (T >= AUTO_MIN_T and B * d * max(k, AUTO_MIN_WIDTH) <= limit) else "sequential"
+    return "parallel" if (T >= AUTO_MIN_T and step_work(B, d, structure) <= limit) else "sequential"
 
 
-# The CPU rule's limits on the work per step B·d·max(k, 8) (a diagonal cell's evaluation is about 8
-# elementwise ops per entry), and the shortest T worth Newton's fixed cost: set by
+def step_work(B: int, d: int, structure="diagonal") -> int:
+    """The work per time step that ``mode="auto"`` weighs on CPU: ``B·d·w``, w the element
+    operations per state entry of a parallel solve's step, relative to the loop's: 8 for a
+    diagonal Jacobian (its evaluation is a dozen elementwise ops per entry), ``8·k²`` for
+    ``Block(k)`` (k entries per row, and the scan combines k×k blocks; measured for k = 2, where a
+    parallel ParaLSTM solve costs about four times a ParaGRU one per state entry), d for dense.
+
+    Args:
+        B: batch size.
+        d: state size.
+        structure: the cell's Jacobian structure (or its name).
+
+    Returns:
+        ``B·d·w``.
+    """
+    structure = as_structure(structure, d)
+    k = structure.width(d)
+    if isinstance(structure, Dense):
+        return B * d * max(k, AUTO_MIN_WIDTH)
+    return B * d * AUTO_MIN_WIDTH * k * k
+
+
+# The CPU rule's limits on the work per step (step_work), and the shortest T worth Newton's fixed cost: set by
 # benchmarks/bench_auto.py on an AMD EPYC and an Intel Xeon VM (see choose_mode).
 AUTO_WORK_TRAINING = 8192
 AUTO_WORK_INFERENCE = 1024

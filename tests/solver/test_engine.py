@@ -252,7 +252,12 @@ def test_choose_mode():
     assert pararnn.choose_mode(1, 4096, 64, cpu, "dense", training=True) == "parallel"  # GRU
     assert pararnn.choose_mode(1, 4096, 64, cpu, "dense", training=False) == "sequential"
     assert pararnn.choose_mode(1, 4096, 128, cpu, "dense", training=True) == "sequential"  # LSTM
-    assert pararnn.choose_mode(1, 4096, 128, cpu, pararnn.Block(2), training=False) == "parallel"
+    # ParaLSTM (2×2 blocks: 4× a diagonal's work per entry), compiled (results/bench_auto_*)
+    assert pararnn.solver.mode.step_work(1, 128, pararnn.Block(2)) == 4 * pararnn.solver.mode.step_work(1, 128)
+    assert pararnn.choose_mode(1, 4096, 128, cpu, pararnn.Block(2), training=False, compile_cell=True) == "parallel"
+    assert pararnn.choose_mode(4, 4096, 128, cpu, pararnn.Block(2), training=False, compile_cell=True) == "sequential"
+    assert pararnn.choose_mode(4, 4096, 128, cpu, pararnn.Block(2), training=True, compile_cell=True) == "parallel"
+    assert pararnn.choose_mode(16, 4096, 128, cpu, pararnn.Block(2), training=True, compile_cell=True) == "sequential"
     # compile_cell: four times the work per step (ParaGRU B = 8, d = 512 trains in parallel; B = 1,
     # d = 512 infers so; results/bench_auto_grid_*)
     assert pararnn.choose_mode(8, 4096, 512, cpu, training=True, compile_cell=True) == "parallel"
