@@ -232,12 +232,16 @@ def _reverse_mode(step, h: torch.Tensor, u: torch.Tensor, structure, probes: tor
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
         hh = h.detach().requires_grad_()
         out = step(hh, u)
-        if probes.shape[0] <= LOOP_PROBES:
-            P = probes.shape[0]
-            rows = torch.stack([torch.autograd.grad(out, hh, e, retain_graph=i < P - 1)[0]
+        P = probes.shape[0]
+        if not out.requires_grad:  # f does not depend on h (nor on anything with a graph): J = 0
+            rows = torch.zeros_like(probes)
+        elif P <= LOOP_PROBES:
+            rows = torch.stack([torch.autograd.grad(out, hh, e, retain_graph=i < P - 1, allow_unused=True,
+                                                    materialize_grads=True)[0]
                                 for i, e in enumerate(probes.unbind(0))])
         else:
-            rows = torch.autograd.grad(out, hh, probes, is_grads_batched=True)[0]  # [P, N, d]
+            rows = torch.autograd.grad(out, hh, probes, is_grads_batched=True, allow_unused=True,
+                                       materialize_grads=True)[0]  # [P, N, d]
     return out.detach(), structure.transpose(structure.assemble(rows, d))
 
 

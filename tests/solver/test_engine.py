@@ -227,6 +227,7 @@ def test_autodiff_jacobian_reverse_and_forward_mode_agree(name):
     assembled and transposed); with grad on, from torch.func's forward mode (columns, J keeps its
     graph). Both equal the hand-written one, for diagonal, 2×2-block, shared-block and dense J."""
     from pararnn.models import make_cell as zoo_cell
+    from pararnn.structure import as_structure
 
     cell = zoo_cell(name, 6, **({"d_k": 2, "d_v": 3} if "delta" in name else {})).double()
     d = cell.state_size
@@ -241,6 +242,13 @@ def test_autodiff_jacobian_reverse_and_forward_mode_agree(name):
     for ours in ((f_rev, J_rev), (f_fwd, J_fwd)):
         torch.testing.assert_close(ours[0], f, rtol=1e-13, atol=1e-14)
         torch.testing.assert_close(ours[1], J, rtol=1e-12, atol=1e-13)
+
+    # a step that ignores h (or uses it through nothing differentiable): J = 0 either way
+    for structure in ("diagonal", pararnn.Block(3), "dense"):
+        for step in (lambda h, u: torch.ones_like(h) * u.sum(-1, keepdim=True), lambda h, u: h.detach() * 2):
+            with torch.no_grad():
+                J0 = pararnn.autodiff_step_and_jacobian(step, h, u, structure)[1]
+            assert J0.abs().max() == 0 and J0.shape == (9, *as_structure(structure, d).storage_shape(d))
 
 
 def test_choose_mode():
