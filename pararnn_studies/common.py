@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import subprocess
 import sys
@@ -12,15 +13,26 @@ import time
 from pararnn.utils.io import write_json_atomic  # noqa: F401 (re-exported for the studies)
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """The commit of the checkout pararnn runs from (None when installed from a wheel)."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """The commit of the checkout pararnn runs from (None when installed from a wheel), with
+    ``-dirty`` if tracked files outside ``results/`` differ from it. Read once per process: a run
+    that writes its results file after every case (a tracked file under ``results/``) keeps the
+    commit it started from, and edits made while it runs do not relabel code it already imported."""
+    return commit_of(os.path.dirname(os.path.abspath(__file__)))
+
+
+def commit_of(path: str) -> str | None:
+    """The commit of the git checkout holding ``path`` (None outside one), ``-dirty`` if tracked
+    files outside its ``results/`` folder differ from it."""
     try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        top = subprocess.run(["git", "-C", path, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", top, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results"], capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

@@ -26,3 +26,27 @@ def test_results_name_the_command_that_made_them(monkeypatch):
     assert run_metadata({})["command"] == "python benchmarks/bench_first_call.py --threads 1"
     monkeypatch.setattr("sys.argv", ["/usr/bin/pararnn", "bench", "--quick"])
     assert run_metadata({})["command"] == "pararnn bench --quick"
+
+
+def test_results_commit_ignores_the_results_folder(tmp_path):
+    """A run writes its tracked results file after every case: that file does not make the run's
+    commit "-dirty"; a changed source file does. Outside a checkout: None."""
+    import subprocess
+
+    from pararnn_studies.common import commit_of
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert commit_of(str(tmp_path)) is None
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "r.json").write_text("{}\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "results" / "r.json").write_text('{"rows": [1]}\n')
+    assert commit_of(str(tmp_path / "results")) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert commit_of(str(tmp_path)) == head + "-dirty"
