@@ -188,6 +188,15 @@ def main(argv=None) -> int:
         units = "seconds (fastest of the interleaved rounds)" if args.grid else "seconds (median)"
         write_json_atomic(args.out, {**run_metadata(vars(args)), "units": units, "rows": rows})
     md = (grid_table if args.grid else table)(rows)
+    if os.path.isfile(args.out):  # the head of the table: the machine and commit of the run that wrote the JSON
+        import json
+
+        with open(args.out) as f:
+            meta = json.load(f)
+        m = meta["machine"]
+        title = "mode='auto' on a grid" if args.grid else "mode='auto' calibration"
+        md = (f"# {title}: {m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, commit {meta['commit']}; "
+              f"{meta['units']}\n\n{md}")
     write_text(os.path.splitext(args.out)[0] + ".md", md + "\n")
     print(md)
     return 0
