@@ -27,9 +27,8 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
       stays sequential.
 
     The limits are set by ``benchmarks/bench_auto.py`` (results/bench_auto_*; the figures and their
-    machines are in those files): the compiled ones from an AMD EPYC and an Intel Xeon VM (the
-    largest work per step where a parallel ParaGRU solve was about as fast as the loop or faster
-    on both), the eager ones from the AMD runs.
+    machines are in those files) on an AMD EPYC and an Intel Xeon VM: the largest work per step
+    where a parallel ParaGRU solve was about as fast as the loop or faster on both.
 
     Args:
         B: batch size.
