@@ -28,6 +28,7 @@ Writes the JSON (version, commit, machine, settings) and a markdown table beside
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -58,6 +59,14 @@ def make(name: str, d: int):
     return make_cell(name, d)  # input size d; state size cell.state_size
 
 
+def _head(name: str, B: int, T: int, cell) -> dict:
+    """A row's case: the cell's name, B, T, state size, structure and work per step."""
+    from pararnn.solver.mode import step_work
+
+    ds, structure = cell.state_size, cell.get_structure()
+    return {"cell": name, "B": B, "T": T, "d": ds, "structure": str(structure), "work": step_work(B, ds, structure)}
+
+
 def case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
     """One row: medians (s) of the loop, eager and compiled parallel, fwd and fwd+bwd, and auto's picks."""
     import pararnn
@@ -75,9 +84,7 @@ def case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
     methods = {"loop": (lambda x: strong_loop(cell, x), params), "parallel": (lambda x: eager(x)[0], params),
                "compile_cell": (lambda x: comp(x)[0], params), "default": (lambda x: default(x)[0], params),
                "auto": (lambda x: auto(x)[0], params)}
-    row = {"cell": name, "B": B, "T": T, "d": ds, "structure": str(cell.get_structure()),
-           "work": pararnn.solver.mode.step_work(B, ds, cell.get_structure()),
-           **time_methods(methods, x, repeats)}
+    row = {**_head(name, B, T, cell), **time_methods(methods, x, repeats)}
     for bw in ("fwd", "fwdbwd"):  # mode="auto" against the faster of what it chooses between
         row[f"regret_{bw}"] = row[f"auto_{bw}_s"] / min(row[f"loop_{bw}_s"], row[f"default_{bw}_s"])
     for training in (True, False):  # what auto picks with the default compile decision
@@ -88,23 +95,21 @@ def case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
 
 
 def grid_case(name: str, B: int, T: int, d: int, repeats: int) -> dict:
-    """One grid row: medians (s) of the strong loop and the sequential and parallel modules (fwd,
-    fwd+bwd), what ``mode="auto"`` took for training and inference, and its regret each way."""
+    """One grid row: the fastest rounds (s) of the strong loop and the sequential and parallel
+    modules (fwd, fwd+bwd), what ``mode="auto"`` took for training and inference, and its regret
+    each way."""
     import pararnn
     from pararnn_studies.bench import strong_loop, time_methods
 
     torch.manual_seed(0)
     cell = make(name, d)
-    ds = cell.state_size
-    x = torch.randn(B, T, d)  # input size d; state size ds (= d)
+    x = torch.randn(B, T, d)  # input size d; state size cell.state_size (= d)
     params = list(cell.parameters())
     modules = {m: pararnn.RNN(cell, mode=m) for m in ("sequential", "parallel", "auto")}
     methods = {"loop": (lambda x: strong_loop(cell, x), params),
                "sequential": (lambda x: modules["sequential"](x)[0], params),
                "parallel": (lambda x: modules["parallel"](x)[0], params)}
-    row = {"cell": name, "B": B, "T": T, "d": ds, "structure": str(cell.get_structure()),
-           "work": pararnn.solver.mode.step_work(B, ds, cell.get_structure()),
-           **time_methods(methods, x, repeats, statistic=min)}
+    row = {**_head(name, B, T, cell), **time_methods(methods, x, repeats, statistic=min)}
     torch.autograd.grad(modules["auto"](x)[0].sum(), params)
     picks = {"fwdbwd": modules["auto"].last_info.mode}
     with torch.no_grad():
@@ -172,31 +177,27 @@ def main(argv=None) -> int:
 
     ensure_writable(args.out, "--out")
     set_threads(args.threads)
-    rows = []
+    saved = None  # the JSON as last written: its rows, and the machine and commit of the run that wrote it
     if args.resume and os.path.isfile(args.out):
-        import json
-
         with open(args.out) as f:
-            rows = json.load(f)["rows"]
+            saved = json.load(f)
+    rows = saved["rows"] if saved else []
     done = {(r["cell"], r["B"], r["T"]) + ((r["d_arg"],) if "d_arg" in r else ()) for r in rows}
     cases = GRID if args.grid else [(*c, args.T) for c in (QUICK if args.quick else CASES)]
+    units = "seconds (fastest of the interleaved rounds)" if args.grid else "seconds (median)"
     for name, B, d, T in progress_bar(cases, desc="cases", unit="case"):
         if (name, B, T, d) in done:
             continue
         row = (grid_case if args.grid else case)(name, B, T, d, args.repeats)
         rows.append({**row, "d_arg": d})
-        units = "seconds (fastest of the interleaved rounds)" if args.grid else "seconds (median)"
-        write_json_atomic(args.out, {**run_metadata(vars(args)), "units": units, "rows": rows})
+        saved = {**run_metadata(vars(args)), "units": units, "rows": rows}
+        write_json_atomic(args.out, saved)
     md = (grid_table if args.grid else table)(rows)
-    if os.path.isfile(args.out):  # the head of the table: the machine and commit of the run that wrote the JSON
-        import json
-
-        with open(args.out) as f:
-            meta = json.load(f)
-        m = meta["machine"]
+    if saved:  # the head of the table
+        m = saved["machine"]
         title = "mode='auto' on a grid" if args.grid else "mode='auto' calibration"
-        md = (f"# {title}: {m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, commit {meta['commit']}; "
-              f"{meta['units']}\n\n{md}")
+        md = (f"# {title}: {m['cpu']}, {m['torch_threads']} thread(s), torch {m['torch']}, commit {saved['commit']}; "
+              f"{saved['units']}\n\n{md}")
     write_text(os.path.splitext(args.out)[0] + ".md", md + "\n")
     print(md)
     return 0
