@@ -49,6 +49,19 @@ class _Adjoint(torch.autograd.Function):
         return (None, None, gh0, None, None, None, None, *f_grads)
 
 
+class _Rows(torch.autograd.Function):
+    """Identity that returns a tensor of its own over the same memory (not a view: no ``_base``;
+    the same version counter, so autograd still sees an in-place write to the input)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
 def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, warn=None,
                    mask: torch.Tensor | None = None, on_jacobians=None, replay: list | None = None):
     """Differentiable parallel solve: ``(H [B, T, d], SolverInfo)``.
@@ -83,11 +96,13 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     pieces = contiguous_pieces(B, T, d, opts.eval_chunk)
     piece = compiled_piece(graph_piece, cell) if opts.compile_cell and can_compile(H) else graph_piece
     f_pieces = []
-    for (b0, b1, t0, t1), u_p in zip(pieces, split_pieces(u, pieces)):
+    compiled = piece is not graph_piece
+    for (b0, b1, t0, t1), u_p in zip(pieces, split_pieces(u, pieces, own_base=compiled)):
         N = (b1 - b0) * (t1 - t0)
         hp = S[b0:b1, t0:t1].reshape(N, d)  # previous states, no grad (a copy for several rows)
         m = None if mask is None else mask[b0:b1, t0:t1].reshape(N)  # padded steps hold the state
-        if piece is not graph_piece:
+        if compiled:  # hp, m detached: no view base for dynamo to guard on (see split_pieces)
+            hp, m = hp.detach(), None if m is None else m.detach()
             static_features(1, hp, u_p)
         f = piece(cell, hp, u_p, m)  # [N, d]
         if not f.requires_grad:
@@ -100,12 +115,18 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
 
 
 
-def split_pieces(x: torch.Tensor, pieces: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+def split_pieces(x: torch.Tensor, pieces: list[tuple[int, int, int, int]], own_base: bool = False) -> list[torch.Tensor]:
     """``x [B, T, *]`` cut into the pieces ``[N_p, *]`` of :func:`pararnn.solver.evaluate.contiguous_pieces`
     (runs of memory, rows in (b, t) order) by one split of ``x`` flattened to ``[B·T, *]``, so that
     autograd's backward is one cat (a slice's backward writes a full-size tensor per slice). One
-    piece is the flattened view itself, whose backward is a view too (a split would copy)."""
+    piece is the flattened view itself, whose backward is a view too (a split would copy).
+
+    ``own_base``: the flattened ``[B·T, *]`` is first made a tensor of its own (:class:`_Rows`, no
+    copy), so the pieces are views of it and not of whatever ``x`` is a view of. A compiled piece
+    guards on its input's view base, and the base of a linear layer's output is ``[T, *]`` at
+    batch 1 and ``[B, T, *]`` above it: without this a batch of 1 compiled graphs of its own."""
     flat = x.reshape(-1, *x.shape[2:])
+    flat = _Rows.apply(flat) if own_base else flat
     if len(pieces) == 1:
         return [flat]
     return list(flat.split([(b1 - b0) * (t1 - t0) for b0, b1, t0, t1 in pieces]))

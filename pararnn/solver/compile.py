@@ -25,6 +25,9 @@ def compiled_piece(fn, cell=None):
     buffers and the reductions into one loop (C++/OpenMP on CPU, Triton on CUDA). Batch and time
     sizes are dynamic and feature sizes static (:func:`static_features`), so dynamo compiles once
     per cell class, parameter shapes, structure, dtype, device and kind of piece, not per B or T.
+    A Newton piece of one sequence and one of several rows are two graphs (dynamo specialises a
+    batch of 1, and the one-row graph reads contiguous rows); an unbacked batch size would share
+    one graph but splits inductor's fused loop into several (measured slower).
     The backend (:func:`pararnn.fastmath.compile_backend`) swaps tanh for the fast one.
 
     Each cell class gets its own copy of ``fn``'s code, so its own dynamo cache and a budget of

@@ -390,3 +390,41 @@ def test_a_hard_cell_converges_compiled_as_eagerly():
     assert (comp.iterations, comp.sweeps) == (eager.iterations, eager.sweeps)
     assert not comp.fell_back.any()
     torch.testing.assert_close(yc, ye, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("own_base", [True, pytest.param(False, marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="the pieces' view base differs by batch: dynamo recompiles"))])
+def test_the_graph_carrying_evaluation_compiles_once_for_a_batch_of_one_and_more(own_base, monkeypatch):
+    """graph_piece (the evaluation that carries autograd's graph) compiled: its input rows are
+    the flattened projected input (a view of a [T, 3d] tensor at batch 1) or, at batch 3, views
+    split from a [B, T, 3d] one; split_pieces(own_base=True), which parallel_solve uses, keeps that base out of
+    dynamo's guards, so gradients at batch 1 and 3 add one graph in all."""
+    from torch._dynamo.utils import counters
+
+    import pararnn.autograd
+    from pararnn.models import ParaGRU
+
+    if not own_base:
+        split = pararnn.autograd.split_pieces
+        monkeypatch.setattr(pararnn.autograd, "split_pieces", lambda x, pieces, own_base=False: split(x, pieces))
+
+    class FreshGRU(ParaGRU):  # a class of its own: its own compiled code and graph count
+        def prepare(self, x):  # u as oneDNN's linear gives it: a view of [T, 3d] at batch 1, [B, T, 3d] above
+            u = self.proj(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
+            return u if x.shape[0] == 1 else u.clone()
+
+    torch.manual_seed(0)
+    cell = FreshGRU(5, 6)
+    comp = pararnn.RNN(cell, compile_cell=True, eval_chunk=240)  # graph pieces of one row (40 steps × 6)
+    eager = pararnn.RNN(cell, compile_cell=False)
+    with torch.no_grad():  # the Newton pieces, at both batches
+        for B in (1, 3):
+            comp(torch.randn(B, 40, 5))
+    before = counters["stats"]["unique_graphs"]
+    for B in (1, 3, 1):
+        x = torch.randn(B, 40, 5, requires_grad=True)
+        gc = torch.autograd.grad(comp(x)[0].sum(), [x, *cell.parameters()])
+        ge = torch.autograd.grad(eager(x)[0].sum(), [x, *cell.parameters()])
+        for a, b in zip(ge, gc):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - before == 1, "graph_piece compiled more than once"
