@@ -88,7 +88,9 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
     return _Tanh.apply(x)
 
 
-_TANH_TARGETS = (torch.tanh, torch.nn.functional.tanh)
+# torch.ops.aten.tanh: a user cell's step traced with its Jacobian (solver.compile.traced_jacobian)
+# reaches the captured graph as aten ops
+_TANH_TARGETS = (torch.tanh, torch.nn.functional.tanh, torch.ops.aten.tanh.default, torch.ops.aten.tanh)
 
 
 def rewrite_tanh(gm: torch.fx.GraphModule) -> int:

@@ -88,6 +88,41 @@ def test_compiled_pieces_use_the_fast_tanh(monkeypatch):
     torch.testing.assert_close(y, 2 * fastmath.tanh_formula(x), rtol=2 * EPS, atol=0)
 
 
+def test_rewrite_reaches_a_traced_jacobian():
+    """A cell with only ``step`` is compiled through its traced step-and-Jacobian graph
+    (solver.compile.traced_jacobian), whose ops reach dynamo's graph as aten ops: their tanh is
+    rewritten too, and f and J are the fast tanh's and its derivative's."""
+    import pararnn
+    from pararnn.solver.compile import traced_jacobian
+
+    class TanhCell(pararnn.Cell):
+        structure = "diagonal"
+
+        def __init__(self):
+            super().__init__()
+            self.state_size = self.input_size = 8
+            self.w = torch.nn.Parameter(torch.linspace(-2, 2, 8))
+
+        def step(self, h, u):  # [N, 8], [N, 8] -> [N, 8]
+            return torch.tanh(self.w * h + u)
+
+    cell = TanhCell()
+    h, u = torch.randn(50, 8) * 2, torch.randn(50, 8) * 2
+    graph, tensors = traced_jacobian(cell, h, u)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(fastmath.rewrite_tanh(gm))
+        assert not [n for n in gm.graph.nodes if n.target in (torch.ops.aten.tanh.default, torch.tanh)], gm.graph
+        return gm
+
+    f, J = torch.compile(lambda h, u: graph(tensors, h, u), backend=backend)(h, u)
+    assert seen and seen[0] >= 1
+    y = fastmath.tanh_formula(cell.w.detach() * h + u)
+    torch.testing.assert_close(f, y, rtol=0, atol=0)
+    torch.testing.assert_close(J, cell.w.detach() * (1 - y * y), rtol=2 * EPS, atol=4 * EPS)
+
+
 def test_fast_tanh_under_torch_func():
     """jvp (cells whose Jacobian is a torch.func.jvp), vmap and grad give tanh's derivative."""
     x, t = torch.randn(64) * 2, torch.randn(64)
