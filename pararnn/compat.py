@@ -87,3 +87,21 @@ def cacheable_functions(marks: dict[str, str]):
     if not hasattr(config, "unsafe_marked_cacheable_functions"):
         return contextlib.nullcontext()
     return config.patch(unsafe_marked_cacheable_functions={**config.unsafe_marked_cacheable_functions, **marks})
+
+
+def set_traced_outputs(gm: torch.fx.GraphModule, nodes: list) -> bool:
+    """Make a ``make_fx`` graph return the tuple ``nodes`` (fx nodes of its graph): its output node
+    and the pytree spec its generated code unflattens the outputs by
+    (``gm.graph._codegen.pytree_info.out_spec``). Returns False, changing nothing, where this torch
+    keeps that spec elsewhere."""
+    from torch.utils import _pytree
+
+    codegen = getattr(gm.graph, "_codegen", None)
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or not hasattr(info, "_replace") or "out_spec" not in getattr(info, "_fields", ()):
+        return False
+    out = next(node for node in gm.graph.nodes if node.op == "output")
+    out.args = (list(nodes),)
+    codegen.pytree_info = info._replace(out_spec=_pytree.tree_structure(tuple(range(len(nodes)))))
+    gm.recompile()
+    return True

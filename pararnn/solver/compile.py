@@ -90,7 +90,8 @@ def traced_jacobian(cell, h: torch.Tensor, u: torch.Tensor):
     the compiled evaluation then compiles once per cell class and shapes, whatever B and T.
 
     ``h [N, d]``, ``u [N, *]``: example rows (their dtype, device and feature shapes). Returns
-    ``(graph, tensors)`` to call as ``graph(tensors, h, u) -> (f [N, d], J [N, *jac])``, or None
+    ``(graph, tensors)`` to call as ``graph(tensors, h, u) -> (f [N, d], J [N, *jac])``, with f's
+    rounding scale ``s [N, d]`` third where ``graph.gives_scale`` (:func:`with_rounding_scale`), or None
     where ``step`` cannot be traced (data-dependent control flow, say; one warning per cell class)
     or the state is complex. Traced once per cell class, structure, parameter shapes, plain
     attributes, dtype and device. The Python values ``step`` reads are constants of the graph:
@@ -132,7 +133,44 @@ def _trace(cell, tensors: dict[str, torch.Tensor], h: torch.Tensor, u: torch.Ten
     hx = torch.randn(n, h.shape[-1], generator=gen, dtype=h.dtype).to(h.device)
     ux = torch.randn(n, *u.shape[1:], generator=gen, dtype=u.dtype).to(u.device)
     with torch.no_grad():
-        return make_fx(step_and_jacobian, tracing_mode="symbolic")([t.detach() for t in tensors.values()], hx, ux)
+        gm = make_fx(step_and_jacobian, tracing_mode="symbolic")([t.detach() for t in tensors.values()], hx, ux)
+    return with_rounding_scale(gm)
+
+
+def with_rounding_scale(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The traced ``(f, J)`` graph of :func:`traced_jacobian` made to return ``(f, J, s)`` where it
+    ends in a sum ``f = a ± alpha·b`` (possibly times numbers, ``c·(a + b)``): s ``[N, d]`` is that
+    sum's triangle bound ``|c|·(|a| + |alpha|·|b|)``,
+    what :meth:`pararnn.Cell.step_jacobian_and_scale` asks a cell for (terms that cancel in f
+    still round at their own size). ``gm.gives_scale`` says whether it does. In place; returns ``gm``."""
+    aten = torch.ops.aten
+    graph = gm.graph
+    out = next(node for node in graph.nodes if node.op == "output")
+    f, J = out.args[0]
+    gm.gives_scale = False
+    total, factor = f, 1.0  # f = factor · total: through multiplications by a number (f = 0.9 · (a + b))
+    while total.target == aten.mul.Tensor and len(total.args) == 2 and \
+            sum(isinstance(t, torch.fx.Node) for t in total.args) == 1:
+        factor *= abs(next(t for t in total.args if not isinstance(t, torch.fx.Node)))
+        total = next(t for t in total.args if isinstance(t, torch.fx.Node))
+    if total.target not in (aten.add.Tensor, aten.sub.Tensor) or len(total.args) != 2:
+        return gm
+    alpha = abs(total.kwargs.get("alpha", 1))
+    with graph.inserting_before(out):
+        a, b = (graph.call_function(aten.abs.default, (t,)) if isinstance(t, torch.fx.Node) else abs(t)
+                for t in total.args)
+        if alpha != 1:
+            b = graph.call_function(aten.mul.Tensor, (b, alpha)) if isinstance(b, torch.fx.Node) else b * alpha
+        s = graph.call_function(aten.add.Tensor, (a, b) if isinstance(a, torch.fx.Node) else (b, a))
+        if factor != 1.0:
+            s = graph.call_function(aten.mul.Tensor, (s, factor))
+    if compat.set_traced_outputs(gm, [f, J, s]):
+        gm.gives_scale = True
+    else:
+        graph.erase_node(s)  # (and its inputs: dead code)
+        graph.eliminate_dead_code()
+        gm.recompile()
+    return gm
 
 
 _SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.device)

@@ -165,14 +165,16 @@ def evaluate_piece(cell, structure, hp: torch.Tensor, u: torch.Tensor, hn: torch
     ``J_out [B·n, *jac]`` (views of the solver's buffers, rows in (b, t) order) and returns
     ``(max|r| [B], q [B])``; ``(max|r|, None)`` with ``measure="err"``, ``(None, None)`` with
     ``measure=False``. ``jac``: ``(graph, tensors)`` of :func:`~pararnn.solver.compile.traced_jacobian`
-    computes f and J in place of the cell's ``step_and_jacobian`` (None: the cell's)."""
+    computes f, J and f's rounding scale in place of the cell's ``step_jacobian_and_scale`` (None:
+    the cell's)."""
     B, n, d = hp.shape
     N = B * n
     hp = hp.reshape(N, d)  # [N, d]
     u = u.reshape(N, *u.shape[2:])
     s = None
     if jac is not None:
-        f, Jc = jac[0](jac[1], hp, u)
+        f, Jc, *scale = jac[0](jac[1], hp, u)
+        s = scale[0] if scale and measure is True else None
     elif measure is True:  # the test reads the cell's rounding scale s [N, d] too (or None)
         f, Jc, s = cell.step_jacobian_and_scale(hp, u)
     else:

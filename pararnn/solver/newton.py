@@ -108,7 +108,14 @@ class NewtonSolver:
         self.plans = {}  # the evaluation pieces' views, per iterate buffer (see evaluate)
         self.policy = StepPolicy(opts, structure, self.atol, self.ws)
         self.window = self.info.shooting_window = shooting_window(opts.shooting, T)
-        self.checks_correction = gives_scale(cell)
+        self.gives_scale = gives_scale(cell)
+
+    def checks_correction(self) -> bool:
+        """Whether converged sequences take :meth:`correction_check`: where the test reads a rounding
+        scale s, the cell's own or one the compiled evaluation derived from a traced step
+        (:func:`pararnn.solver.compile.with_rounding_scale`)."""
+        jac = self.plans.get("jac")
+        return self.gives_scale or (jac is not None and jac[0].gives_scale)
 
     # ------------------------------------------------------------------ the parts of an iteration
     def evaluate(self, measure=True, variant=None):
@@ -247,7 +254,7 @@ class NewtonSolver:
             prev = (err, q)
             policy.record(err, self.H)
             converged = decision.converged
-            if decision.reason == "converged" and self.checks_correction and info.iterations > 0 \
+            if decision.reason == "converged" and self.checks_correction() and info.iterations > 0 \
                     and info.iterations < self.opts.max_iters:
                 passes, correction = self.correction_check(correction)
                 converged = converged & passes

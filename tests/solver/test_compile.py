@@ -271,7 +271,7 @@ def test_traced_jacobian_equals_the_jvp_one(structure):
     for n in (5, 40):
         h, u = torch.randn(n, 6), torch.randn(n, 18)
         graph, tensors = traced_jacobian(cell, h, u)
-        f, J = graph(tensors, h, u)
+        f, J, _ = graph(tensors, h, u)
         f_ref, J_ref = autodiff_step_and_jacobian(cell.step, h, u, cell.get_structure())
         torch.testing.assert_close(f, f_ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(J, J_ref, rtol=1e-5, atol=1e-6)
@@ -282,6 +282,41 @@ def test_traced_jacobian_equals_the_jvp_one(structure):
     graph3 = traced_jacobian(cell, h, u)[0]
     cell.offset.add_(1.0)  # updated in place, it traces again
     assert traced_jacobian(cell, h, u)[0] is not graph3 and traced_jacobian(cell, h, u)[0] is not graph2
+
+
+def test_the_traced_graph_gives_the_rounding_scale_of_the_last_sum():
+    """A traced step that ends in a sum (here 0.9 · ((1 - z) h + z c)) returns that sum's triangle
+    bound as f's rounding scale, s = 0.9 · ((1 - z)|h| + z|c|), which the compiled evaluation's
+    convergence test reads (and turns on the solver's correction check); one that does not end
+    in a sum returns f and J only."""
+    from pararnn.solver.compile import traced_jacobian
+
+    torch.manual_seed(0)
+    cell = StepOnlyGRU(3, 6)
+    h, u = torch.randn(40, 6), torch.randn(40, 18)
+    graph, tensors = traced_jacobian(cell, h, u)
+    assert graph.gives_scale
+    f, J, s = graph(tensors, h, u)
+    with torch.no_grad():
+        uz, ur, uc = u.chunk(3, -1)
+        z = torch.sigmoid(uz + cell.a[0] * h)
+        c = torch.tanh(uc + cell.a[2] * torch.sigmoid(ur + cell.a[1] * h) * h)
+        torch.testing.assert_close(s, 0.9 * ((1 - z) * h.abs() + z * c.abs()))
+        torch.testing.assert_close(f, 0.9 * ((1 - z) * h + z * c))
+
+    class TanhCell(pararnn.Cell):
+        structure = "diagonal"
+
+        def __init__(self):
+            super().__init__()
+            self.state_size = self.input_size = 6
+            self.w = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+
+        def step(self, h, u):
+            return torch.tanh(self.w * h + u)
+
+    graph, tensors = traced_jacobian(TanhCell(), h, h)
+    assert not graph.gives_scale and len(graph(tensors, h, h)) == 2
 
 
 def test_step_only_cell_compiles_once_for_every_shape():
