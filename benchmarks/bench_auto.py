@@ -21,7 +21,7 @@ own overheads count once, on both sides; the table also gives each module agains
 ``--resume`` keeps the rows already in ``--out`` and runs the rest (a run interrupted loses at most
 its current case).
 
-Usage: python benchmarks/bench_auto.py [--threads 1] [--T 2048] [--repeats 5] [--quick | --grid [--resume]]
+Usage: python benchmarks/bench_auto.py [--threads 1] [--T 2048] [--repeats 5] [--quick | --grid [--resume] [--cells ...]]
        [--out results/bench_auto_1thread.json]
 Writes the JSON (version, commit, machine, settings) and a markdown table beside it.
 """
@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", action="store_true", help="B (1, 8, 32) × T (256, 4096, 16384) × d (32, 128, 512): "
                     "what mode='auto' takes against the faster module, ParaGRU, ParaLSTM and a step-only cell")
     ap.add_argument("--resume", action="store_true", help="with --grid: keep the rows already in --out")
+    ap.add_argument("--cells", default=None, help="with --grid: a comma-separated subset of paragru,paralstm,step_only")
     ap.add_argument("--out", default=None, help="default results/bench_auto_{N}thread(s).json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -184,6 +185,12 @@ def main(argv=None) -> int:
     rows = saved["rows"] if saved else []
     done = {(r["cell"], r["B"], r["T"]) + ((r["d_arg"],) if "d_arg" in r else ()) for r in rows}
     cases = GRID if args.grid else [(*c, args.T) for c in (QUICK if args.quick else CASES)]
+    if args.cells:
+        cells = args.cells.split(",")
+        unknown = sorted(set(cells) - {c[0] for c in GRID})
+        if unknown or not args.grid:
+            raise SystemExit(f"bench_auto: --cells takes a subset of paragru,paralstm,step_only with --grid, got {args.cells!r}")
+        cases = [c for c in cases if c[0] in cells]
     units = "seconds (fastest of the interleaved rounds)" if args.grid else "seconds (median)"
     for name, B, d, T in progress_bar(cases, desc="cases", unit="case"):
         if (name, B, T, d) in done:

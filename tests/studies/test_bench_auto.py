@@ -24,3 +24,17 @@ def test_grid_judges_auto_and_resumes(tmp_path, monkeypatch):
                         else {**rows[0], "cell": "paralstm", "B": 1})
     assert mod.main(["--grid", "--resume", "--repeats", "1", "--out", str(out)]) == 0  # only the new case runs
     assert [r["cell"] for r in json.loads(out.read_text())["rows"]] == ["paragru", "step_only", "paralstm"]
+
+
+def test_grid_cells_selects_a_subset(tmp_path, monkeypatch):
+    import pytest
+
+    mod = load_script("bench_auto")
+    monkeypatch.setattr(mod, "GRID", [("paragru", 2, 8, 96), ("step_only", 1, 8, 96)])
+    ran = []
+    monkeypatch.setattr(mod, "grid_case", lambda *a: ran.append(a[0]) or {"cell": a[0], "B": a[1], "T": a[2], "d": a[3]})
+    monkeypatch.setattr(mod, "grid_table", lambda rows: "table")
+    assert mod.main(["--grid", "--cells", "step_only", "--out", str(tmp_path / "g.json")]) == 0
+    assert ran == ["step_only"]
+    with pytest.raises(SystemExit, match="--cells"):
+        mod.main(["--grid", "--cells", "gru", "--out", str(tmp_path / "h.json")])
