@@ -140,9 +140,9 @@ def _trace(cell, tensors: dict[str, torch.Tensor], h: torch.Tensor, u: torch.Ten
 def with_rounding_scale(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The traced ``(f, J)`` graph of :func:`traced_jacobian` made to return ``(f, J, s)`` where it
     ends in a sum ``f = a ± alpha·b`` (possibly times numbers, ``c·(a + b)``): s ``[N, d]`` is that
-    sum's triangle bound ``|c|·(|a| + |alpha|·|b|)``,
-    what :meth:`pararnn.Cell.step_jacobian_and_scale` asks a cell for (terms that cancel in f
-    still round at their own size). ``gm.gives_scale`` says whether it does. In place; returns ``gm``."""
+    sum's triangle bound ``|c|·(|a| + |alpha|·|b|)``, what :meth:`pararnn.Cell.step_jacobian_and_scale`
+    asks a cell for (terms that cancel in f still round at their own size; the bound is never
+    below |f|). ``gm.gives_scale`` says whether it does. In place; returns ``gm``."""
     aten = torch.ops.aten
     graph = gm.graph
     out = next(node for node in graph.nodes if node.op == "output")
