@@ -30,6 +30,20 @@ class DiagGRU(pararnn.Cell):
         return (1 - z) * h + z * c
 
 
+class DiagTanh(pararnn.Cell):
+    """h' = tanh(w·h + u), diagonal, written with ``step`` only (u is the input: no ``prepare``)."""
+
+    structure = "diagonal"
+
+    def __init__(self, d):
+        super().__init__()
+        self.state_size = self.input_size = d
+        self.w = nn.Parameter(torch.linspace(-2, 2, d))
+
+    def step(self, h, u):  # [N, d], [N, d] -> [N, d]
+        return torch.tanh(self.w * h + u)
+
+
 class BlockTanh(pararnn.Cell):
     """tanh RNN with k×k block-diagonal recurrent weights."""
 

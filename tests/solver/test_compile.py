@@ -289,6 +289,8 @@ def test_the_traced_graph_gives_the_rounding_scale_of_the_last_sum():
     bound as f's rounding scale, s = 0.9 · ((1 - z)|h| + z|c|), which the compiled evaluation's
     convergence test reads (and turns on the solver's correction check); one that does not end
     in a sum returns f and J only."""
+    from helpers import DiagTanh
+
     from pararnn.solver.compile import traced_jacobian
 
     torch.manual_seed(0)
@@ -304,18 +306,7 @@ def test_the_traced_graph_gives_the_rounding_scale_of_the_last_sum():
         torch.testing.assert_close(s, 0.9 * ((1 - z) * h.abs() + z * c.abs()))
         torch.testing.assert_close(f, 0.9 * ((1 - z) * h + z * c))
 
-    class TanhCell(pararnn.Cell):
-        structure = "diagonal"
-
-        def __init__(self):
-            super().__init__()
-            self.state_size = self.input_size = 6
-            self.w = torch.nn.Parameter(torch.linspace(-1, 1, 6))
-
-        def step(self, h, u):
-            return torch.tanh(self.w * h + u)
-
-    graph, tensors = traced_jacobian(TanhCell(), h, h)
+    graph, tensors = traced_jacobian(DiagTanh(6), h, h)
     assert not graph.gives_scale and len(graph(tensors, h, h)) == 2
 
 

@@ -92,21 +92,11 @@ def test_rewrite_reaches_a_traced_jacobian():
     """A cell with only ``step`` is compiled through its traced step-and-Jacobian graph
     (solver.compile.traced_jacobian), whose ops reach dynamo's graph as aten ops: their tanh is
     rewritten too, and f and J are the fast tanh's and its derivative's."""
-    import pararnn
+    from helpers import DiagTanh
+
     from pararnn.solver.compile import traced_jacobian
 
-    class TanhCell(pararnn.Cell):
-        structure = "diagonal"
-
-        def __init__(self):
-            super().__init__()
-            self.state_size = self.input_size = 8
-            self.w = torch.nn.Parameter(torch.linspace(-2, 2, 8))
-
-        def step(self, h, u):  # [N, 8], [N, 8] -> [N, 8]
-            return torch.tanh(self.w * h + u)
-
-    cell = TanhCell()
+    cell = DiagTanh(8)
     h, u = torch.randn(50, 8) * 2, torch.randn(50, 8) * 2
     graph, tensors = traced_jacobian(cell, h, u)
     seen = []
