@@ -38,7 +38,8 @@ CASES = ([("paragru", B, 64) for B in (1, 4, 8, 16, 32, 64)] + [("paragru", B, 2
          + [("paralstm", B, 64) for B in (1, 4, 16)] + [("gru", B, 32) for B in (1, 4)] + [("gru", 1, 64)])
 QUICK = [("paragru", 1, 64), ("paragru", 16, 64), ("paralstm", 4, 64), ("gru", 1, 32)]
 GRID_MAX_ELEMENTS = 1 << 24  # B·T·d: the largest grid cases take about a minute each at 3 repeats
-GRID = [(name, B, d, T) for name in ("paragru", "paralstm", "step_only") for B in (1, 8, 32)
+GRID_CELLS = ("paragru", "paralstm", "step_only")
+GRID = [(name, B, d, T) for name in GRID_CELLS for B in (1, 8, 32)
         for d in (32, 128, 512) for T in (256, 4096, 16384) if B * T * d <= GRID_MAX_ELEMENTS]
 
 
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", action="store_true", help="B (1, 8, 32) × T (256, 4096, 16384) × d (32, 128, 512): "
                     "what mode='auto' takes against the faster module, ParaGRU, ParaLSTM and a step-only cell")
     ap.add_argument("--resume", action="store_true", help="with --grid: keep the rows already in --out")
-    ap.add_argument("--cells", default=None, help="with --grid: a comma-separated subset of paragru,paralstm,step_only")
+    ap.add_argument("--cells", default=None, help=f"with --grid: a comma-separated subset of {','.join(GRID_CELLS)}")
     ap.add_argument("--out", default=None, help="default results/bench_auto_{N}thread(s).json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -187,9 +188,8 @@ def main(argv=None) -> int:
     cases = GRID if args.grid else [(*c, args.T) for c in (QUICK if args.quick else CASES)]
     if args.cells:
         cells = args.cells.split(",")
-        unknown = sorted(set(cells) - {c[0] for c in GRID})
-        if unknown or not args.grid:
-            raise SystemExit(f"bench_auto: --cells takes a subset of paragru,paralstm,step_only with --grid, got {args.cells!r}")
+        if set(cells) - set(GRID_CELLS) or not args.grid:
+            raise SystemExit(f"bench_auto: --cells takes a subset of {','.join(GRID_CELLS)} with --grid, got {args.cells!r}")
         cases = [c for c in cases if c[0] in cells]
     units = "seconds (fastest of the interleaved rounds)" if args.grid else "seconds (median)"
     for name, B, d, T in progress_bar(cases, desc="cases", unit="case"):

@@ -166,8 +166,7 @@ def with_rounding_scale(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             s = graph.call_function(aten.mul.Tensor, (s, factor))
     if compat.set_traced_outputs(gm, [f, J, s]):
         gm.gives_scale = True
-    else:
-        graph.erase_node(s)  # (and its inputs: dead code)
+    else:  # the nodes just added are unused: drop them
         graph.eliminate_dead_code()
         gm.recompile()
     return gm
