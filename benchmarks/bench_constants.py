@@ -8,7 +8,9 @@ threads), and reports which wins where; the constants' comments name this file, 
   of 1, 2, 4 and 8 × ``eval_chunk`` state elements;
 - ``ONE_ROW_DIVISOR``: a compiled ParaGRU forward with one sequence per piece against several;
 - ``ONEDNN_MIN_MACS`` (pararnn/linear.py): oneDNN's inner product against ``F.linear`` by size;
-- the fast tanh (pararnn/fastmath.py) against torch's, compiled.
+- the fast tanh (pararnn/fastmath.py) against torch's, compiled;
+- ``fusion_pays`` (pararnn/solver/compile.py): ``compile_cell=True`` against ``False`` per cell
+  (hand-written diagonal, unshared and shared block and dense Jacobians, and an autodiff twin).
 
     python benchmarks/bench_constants.py --threads 1 --out results/bench_constants_xeon.json
 """
@@ -93,6 +95,32 @@ def tanh(n: int = 1 << 20, repeats: int = 9) -> dict:
     return {"n": n, "ms": {k: v * 1e3 for k, v in t.items()}}
 
 
+PARTS = ("chunk_factor", "one_row", "onednn", "tanh", "fusion")
+FUSION_CELLS = ("paragru", "paralstm", "paralstm_autodiff", "deltanet", "gru")
+
+
+def fusion(cells=FUSION_CELLS, shapes=((1, 4096, 64), (8, 1024, 64)), repeats: int = 5) -> list[dict]:
+    """``RNN(cell, mode="parallel")`` with the evaluation compiled and eager, forward (no grad) and
+    forward+backward, interleaved: ms per call, per cell and shape (``d`` the cell's width: its
+    hidden size), with the compile flag ``compile_cell="auto"`` takes for it."""
+    from pararnn.models import ParaLSTM, make_cell
+    from pararnn.solver.compile import fusion_pays
+    from pararnn_studies.bench import autodiff_twin, time_methods
+
+    rows = []
+    for name in cells:
+        for B, T, d in shapes:
+            torch.manual_seed(0)
+            cell = autodiff_twin(ParaLSTM)(d, d) if name == "paralstm_autodiff" else make_cell(name, d)
+            x, params = torch.randn(B, T, d), list(cell.parameters())
+            rnns = {"compiled": RNN(cell, mode="parallel", compile_cell=True),
+                    "eager": RNN(cell, mode="parallel", compile_cell=False)}
+            t = time_methods({k: (lambda x, r=r: r(x)[0], params) for k, r in rnns.items()}, x, repeats)
+            rows.append({"cell": name, "structure": str(cell.get_structure()), "B": B, "T": T, "d": d,
+                         "auto_compiles": fusion_pays(cell), "ms": {k: v * 1e3 for k, v in t.items()}})
+    return rows
+
+
 def markdown(res: dict) -> str:
     from pararnn_studies.common import markdown_table
 
@@ -119,6 +147,16 @@ def markdown(res: dict) -> str:
         t = res["tanh"]
         parts += [f"## tanh, compiled, {t['n']} fp32 elements, ms", "",
                   markdown_table(list(t["ms"]), [[f"{v:.3f}" for v in t["ms"].values()]]), ""]
+    if res.get("fusion"):
+        parts += ["## fusion_pays: compiled / eager evaluation, RNN(cell, mode=\"parallel\"), ms", "",
+                  markdown_table(["cell", "structure", "B, T, d", "compiled fwd / fwd+bwd", "eager fwd / fwd+bwd",
+                                  "eager / compiled time", "compile_cell=\"auto\" compiles"],
+                                 [[r["cell"], r["structure"], f"{r['B']}, {r['T']}, {r['d']}",
+                                   f"{r['ms']['compiled_fwd_s']:.1f} / {r['ms']['compiled_fwdbwd_s']:.1f}",
+                                   f"{r['ms']['eager_fwd_s']:.1f} / {r['ms']['eager_fwdbwd_s']:.1f}",
+                                   f"{r['ms']['eager_fwd_s'] / r['ms']['compiled_fwd_s']:.2f} / "
+                                   f"{r['ms']['eager_fwdbwd_s'] / r['ms']['compiled_fwdbwd_s']:.2f}",
+                                   "yes" if r["auto_compiles"] else "no"] for r in res["fusion"]]), ""]
     return "\n".join(parts)
 
 
@@ -129,19 +167,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (a test)")
     ap.add_argument("--out", default="results/bench_constants.json")
+    ap.add_argument("--parts", help=f"comma-separated, from {', '.join(PARTS)} (default: all; "
+                                     "with --smoke all but chunk_factor)")
     args = ap.parse_args(argv)
+    if args.parts is None:
+        args.parts = ",".join(p for p in PARTS if not (args.smoke and p == "chunk_factor"))
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or set(parts) - set(PARTS):
+        raise SystemExit(f"bench_constants: --parts must name some of {', '.join(PARTS)}, got {args.parts!r}")
     ensure_writable(args.out, "--out")
     set_threads(args.threads)
-    res = run_metadata({"threads": args.threads, "smoke": args.smoke})
+    res = run_metadata({"threads": args.threads, "smoke": args.smoke, "parts": parts})
+    runs = {"chunk_factor": lambda: chunk_factor([(1, 16384, 64), (8, 4096, 256)]),
+            "one_row": lambda: one_row([(8, 1024, 256), (16, 512, 256), (32, 256, 256)]),
+            "onednn": lambda: onednn([1, 16, 64, 256, 1024, 4096, 32768]),
+            "tanh": tanh,
+            "fusion": fusion}
     if args.smoke:
-        res["one_row"] = one_row([(2, 40, 4)], repeats=1)
-        res["onednn"] = onednn([1, 64], repeats=2)
-        res["tanh"] = tanh(1 << 12, repeats=2)
-    else:
-        res["chunk_factor"] = chunk_factor([(1, 16384, 64), (8, 4096, 256)])
-        res["one_row"] = one_row([(8, 1024, 256), (16, 512, 256), (32, 256, 256)])
-        res["onednn"] = onednn([1, 16, 64, 256, 1024, 4096, 32768])
-        res["tanh"] = tanh()
+        runs.update(chunk_factor=lambda: chunk_factor([(2, 40, 4)], factors=(1, 4), repeats=1),
+                    one_row=lambda: one_row([(2, 40, 4)], repeats=1), onednn=lambda: onednn([1, 64], repeats=2),
+                    tanh=lambda: tanh(1 << 12, repeats=2),
+                    fusion=lambda: fusion(("paragru",), ((2, 40, 4),), repeats=1))
+    for part in parts:
+        res[part] = runs[part]()
     write_json_atomic(args.out, res)
     write_text(os.path.splitext(args.out)[0] + ".md", markdown(res))
     print(markdown(res))

@@ -27,11 +27,15 @@ from pararnn.utils.timing import copy_bandwidth, interleaved_medians, median_tim
 from .common import ensure_writable, figure, markdown_table, progress_bar, run_metadata, set_threads, write_json_atomic, write_text
 
 
-class ParaGRUJvp(ParaGRU):
-    """The same cell with its Jacobian left to autodiff (as a user's cell written with ``step`` only)."""
+def autodiff_twin(cell_class: type) -> type:
+    """``cell_class`` with its Jacobian left to autodiff, as a user's cell written with ``step`` only."""
+    return type(f"{cell_class.__name__}Jvp", (cell_class,), {
+        "__doc__": f"{cell_class.__name__} with its Jacobian left to autodiff.",
+        "step_and_jacobian": pararnn.Cell.step_and_jacobian,
+        "step_jacobian_and_scale": pararnn.Cell.step_jacobian_and_scale})
 
-    step_and_jacobian = pararnn.Cell.step_and_jacobian
-    step_jacobian_and_scale = pararnn.Cell.step_jacobian_and_scale
+
+ParaGRUJvp = autodiff_twin(ParaGRU)
 
 
 def weak_loop(cell, x):

@@ -13,7 +13,7 @@ import torch
 
 from .. import compat, fastmath
 from ..cell import LOOP_PROBES, gives_scale, uses_jvp
-from ..structure import Structure
+from ..structure import Block, Structure
 from ..utils.functional import call_with, named_tensors
 
 _COMPILED = {}
@@ -217,13 +217,26 @@ def use_compiled(option, cell, h0: torch.Tensor, B: int, T: int) -> bool:
     """Whether a solve evaluates the cell compiled (``SolverOptions.compile_cell``): ``True`` and
     ``False`` as given (real dtypes only), ``"auto"`` on CPU for a real, non-autocast solve of at
     least :data:`AUTO_COMPILE_ELEMENTS` state elements (``B·T·d``) of a cell class that compiled
-    before or has not been tried. Decided the same while torch.compile traces the module around
+    before or has not been tried, where compiling pays (:func:`fusion_pays`). Decided the same while torch.compile traces the module around
     the solve (the solve itself runs eagerly, :meth:`pararnn.RNN._solve`), so a compiled model
     keeps the fused evaluation."""
     if option != "auto":
         return bool(option) and can_compile(h0)
-    return (h0.device.type == "cpu" and can_compile(h0) and type(cell) not in _FAILED
+    return (h0.device.type == "cpu" and can_compile(h0) and type(cell) not in _FAILED and fusion_pays(cell)
             and B * T * cell.state_size >= AUTO_COMPILE_ELEMENTS and not torch.is_autocast_enabled("cpu"))
+
+
+def fusion_pays(cell) -> bool:
+    """Whether ``compile_cell="auto"`` compiles this cell's evaluation: not for a hand-written
+    ``Block(k)`` Jacobian (k > 1, blocks not shared). Its state interleaves the k entries of each
+    block and its Jacobian is stored block by block, so every load of the state and every store of
+    f and J is strided; inductor's CPU code generator (torch 2.13) leaves such a loop unvectorized,
+    and the scalar fused loop is slower than the eager evaluation's vectorized ops (ParaLSTM:
+    ``benchmarks/bench_constants.py``, part "fusion"). A cell whose Jacobian comes from autodiff
+    still compiles (its eager evaluation, the jvp, is the slower one there), as do shared blocks
+    (DeltaNet: one k×k matrix per step, contiguous)."""
+    structure = cell.get_structure()
+    return uses_jvp(cell) or not (isinstance(structure, Block) and structure.k > 1 and not structure.shared)
 
 
 def resolve_compile(opts, cell, h0: torch.Tensor, B: int, T: int):

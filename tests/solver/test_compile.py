@@ -396,6 +396,28 @@ def test_auto_compiles_large_real_cpu_solves_only():
     assert pararnn.SolverOptions().compile_cell == "auto"
 
 
+def test_auto_leaves_hand_written_unshared_blocks_eager():
+    """compile_cell="auto" does not compile a hand-written Block(k) Jacobian (its fused CPU loop is
+    scalar: strided loads and stores), but does its autodiff twin and shared blocks (DeltaNet)."""
+    from pararnn.models import DeltaNet, ParaLSTM
+    from pararnn.solver.compile import AUTO_COMPILE_ELEMENTS, fusion_pays, use_compiled
+
+    class AutodiffLSTM(ParaLSTM):
+        step_and_jacobian = pararnn.Cell.step_and_jacobian
+        step_jacobian_and_scale = pararnn.Cell.step_jacobian_and_scale
+
+    lstm, twin, delta = ParaLSTM(3, 32), AutodiffLSTM(3, 32), DeltaNet(8, 2, 4)
+    assert not fusion_pays(lstm) and fusion_pays(twin) and fusion_pays(delta)
+    h0 = torch.zeros(2, 64)
+    big = AUTO_COMPILE_ELEMENTS // (2 * 64)
+    assert not use_compiled("auto", lstm, h0, 2, big) and use_compiled("auto", twin, h0, 2, big)
+    assert use_compiled(True, lstm, h0, 2, big)  # asked for: compiled
+    x = torch.randn(2, 64, 3)
+    with torch.no_grad():
+        y, _, info = pararnn.RNN(lstm, mode="parallel")(x, return_info=True)
+    torch.testing.assert_close(y, pararnn.RNN(lstm, mode="sequential")(x)[0])
+
+
 def test_a_hard_cell_converges_compiled_as_eagerly():
     """ParaGRU with recurrent vectors of std 2.0 (latches) needs multiple-shooting sweeps, which run
     the cell eagerly. The compiled evaluation rounds differently, so its checks saw the swept

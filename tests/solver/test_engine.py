@@ -266,6 +266,14 @@ def test_choose_mode():
     assert pararnn.choose_mode(4, 4096, 128, cpu, pararnn.Block(2), training=False, compile_cell=True) == "sequential"
     assert pararnn.choose_mode(4, 4096, 128, cpu, pararnn.Block(2), training=True, compile_cell=True) == "parallel"
     assert pararnn.choose_mode(16, 4096, 128, cpu, pararnn.Block(2), training=True, compile_cell=True) == "sequential"
+    # an unshared Block(k) cell takes those limits uncompiled too (its eager evaluation is as fast),
+    # a shared one (DeltaNet) only compiled
+    for cc in (False, True):
+        assert pararnn.choose_mode(1, 4096, 128, cpu, pararnn.Block(2), training=False, compile_cell=cc) == "parallel"
+        assert pararnn.choose_mode(4, 4096, 128, cpu, pararnn.Block(2), training=True, compile_cell=cc) == "parallel"
+    shared = pararnn.Block(8, shared=True)
+    assert pararnn.choose_mode(1, 4096, 8, cpu, shared, training=False) == "sequential"
+    assert pararnn.choose_mode(1, 4096, 8, cpu, shared, training=False, compile_cell=True) == "parallel"
     # compile_cell: four times the work per step (ParaGRU B = 8, d = 512 trains in parallel; B = 1,
     # d = 512 infers so; results/bench_auto_grid_*)
     assert pararnn.choose_mode(8, 4096, 512, cpu, training=True, compile_cell=True) == "parallel"

@@ -2,6 +2,7 @@
 the one the solver reads."""
 import json
 
+import pytest
 import torch
 from helpers import load_script
 
@@ -17,6 +18,8 @@ def test_smoke_run_writes_results(tmp_path):
     assert [r["rows"] for r in saved["onednn"]] == [1, 64] and all(v > 0 for v in saved["onednn"][0]["us"].values())
     assert set(saved["tanh"]["ms"]) == {"torch.tanh", "fastmath.tanh"}
     assert set(saved["one_row"][0]["ms"]) == {"one_row", "several_rows"}
+    assert saved["fusion"][0]["auto_compiles"] is True and "chunk_factor" not in saved
+    assert set(saved["fusion"][0]["ms"]) == {f"{k}_{p}_s" for k in ("compiled", "eager") for p in ("fwd", "fwdbwd")}
     assert (tmp_path / "c.md").read_text().startswith("# Constants' measurements")
     assert res["settings"]["smoke"] is True
 
@@ -28,3 +31,9 @@ def test_constant_patch_reaches_the_piece_plan():
         after = solver_evaluate.pieces_for(8, 4096, 256, 1 << 18, True)
     assert solver_evaluate.COMPILED_CHUNK_FACTOR == 4 and before != after
     assert torch.tensor([b1 - b0 for b0, b1, _, _ in before]).max() == 1  # one sequence per piece by default
+
+
+def test_parts_are_checked(tmp_path):
+    mod = load_script("bench_constants")
+    with pytest.raises(SystemExit, match="--parts"):
+        mod.main(["--smoke", "--parts", "tanh,nope", "--out", str(tmp_path / "c.json")])
