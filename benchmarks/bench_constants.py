@@ -154,8 +154,8 @@ def markdown(res: dict) -> str:
                                  [[r["cell"], r["structure"], f"{r['B']}, {r['T']}, {r['d']}",
                                    f"{r['ms']['compiled_fwd_s']:.1f} / {r['ms']['compiled_fwdbwd_s']:.1f}",
                                    f"{r['ms']['eager_fwd_s']:.1f} / {r['ms']['eager_fwdbwd_s']:.1f}",
-                                   f"{r['ms']['eager_fwd_s'] / r['ms']['compiled_fwd_s']:.2f} / "
-                                   f"{r['ms']['eager_fwdbwd_s'] / r['ms']['compiled_fwdbwd_s']:.2f}",
+                                   (f"{r['ms']['eager_fwd_s'] / r['ms']['compiled_fwd_s']:.2f} / "
+                                    f"{r['ms']['eager_fwdbwd_s'] / r['ms']['compiled_fwdbwd_s']:.2f}"),
                                    "yes" if r["auto_compiles"] else "no"] for r in res["fusion"]]), ""]
     return "\n".join(parts)
 
