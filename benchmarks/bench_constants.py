@@ -10,7 +10,8 @@ threads), and reports which wins where; the constants' comments name this file, 
 - ``ONEDNN_MIN_MACS`` (pararnn/linear.py): oneDNN's inner product against ``F.linear`` by size;
 - the fast tanh (pararnn/fastmath.py) against torch's, compiled;
 - ``fusion_pays`` (pararnn/solver/compile.py): ``compile_cell=True`` against ``False`` per cell
-  (hand-written diagonal, unshared and shared block and dense Jacobians, and an autodiff twin).
+  (hand-written diagonal, unshared block (two styles), shared block and dense Jacobians, and an
+  autodiff twin).
 
     python benchmarks/bench_constants.py --threads 1 --out results/bench_constants_xeon.json
 """
@@ -23,7 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from pararnn import RNN, fastmath, linear
+from pararnn import RNN, Block, Cell, fastmath, linear
 from pararnn.models import ParaGRU
 from pararnn.solver import evaluate as solver_evaluate
 from pararnn.utils.timing import interleaved_medians
@@ -96,7 +97,27 @@ def tanh(n: int = 1 << 20, repeats: int = 9) -> dict:
 
 
 PARTS = ("chunk_factor", "one_row", "onednn", "tanh", "fusion")
-FUSION_CELLS = ("paragru", "paralstm", "paralstm_autodiff", "deltanet", "gru")
+FUSION_CELLS = ("paragru", "paralstm", "paralstm_autodiff", "block_tanh", "deltanet", "gru")
+
+
+class BlockTanh(Cell):
+    """``h' = tanh(R h + u)``, R block-diagonal with 2×2 blocks, and its Jacobian
+    ``diag(1 - h'²) R`` written by broadcasting (no stacking of entries): a hand-written block
+    Jacobian of another style than ParaLSTM's."""
+
+    structure = Block(2)
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.state_size = self.input_size = d
+        self.R = torch.nn.Parameter(torch.randn(d // 2, 2, 2) * 0.5)
+
+    def step(self, h, u):  # h [N, d], u [N, d] -> [N, d]
+        return torch.tanh((self.R @ h.unflatten(-1, (-1, 2, 1))).flatten(-3) + u)
+
+    def step_and_jacobian(self, h, u):
+        f = self.step(h, u)
+        return f, (1 - f * f).unflatten(-1, (-1, 2, 1)) * self.R  # [N, d/2, 2, 2]
 
 
 def fusion(cells=FUSION_CELLS, shapes=((1, 4096, 64), (8, 1024, 64)), repeats: int = 5) -> list[dict]:
@@ -111,7 +132,8 @@ def fusion(cells=FUSION_CELLS, shapes=((1, 4096, 64), (8, 1024, 64)), repeats: i
     for name in cells:
         for B, T, d in shapes:
             torch.manual_seed(0)
-            cell = autodiff_twin(ParaLSTM)(d, d) if name == "paralstm_autodiff" else make_cell(name, d)
+            cell = (autodiff_twin(ParaLSTM)(d, d) if name == "paralstm_autodiff" else
+                    BlockTanh(d) if name == "block_tanh" else make_cell(name, d))
             x, params = torch.randn(B, T, d), list(cell.parameters())
             rnns = {"compiled": RNN(cell, mode="parallel", compile_cell=True),
                     "eager": RNN(cell, mode="parallel", compile_cell=False)}

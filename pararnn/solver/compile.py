@@ -217,9 +217,9 @@ def use_compiled(option, cell, h0: torch.Tensor, B: int, T: int) -> bool:
     """Whether a solve evaluates the cell compiled (``SolverOptions.compile_cell``): ``True`` and
     ``False`` as given (real dtypes only), ``"auto"`` on CPU for a real, non-autocast solve of at
     least :data:`AUTO_COMPILE_ELEMENTS` state elements (``B·T·d``) of a cell class that compiled
-    before or has not been tried, where compiling pays (:func:`fusion_pays`). Decided the same while torch.compile traces the module around
-    the solve (the solve itself runs eagerly, :meth:`pararnn.RNN._solve`), so a compiled model
-    keeps the fused evaluation."""
+    before or has not been tried, where compiling pays (:func:`fusion_pays`). Decided the same
+    while torch.compile traces the module around the solve (the solve itself runs eagerly,
+    :meth:`pararnn.RNN._solve`), so a compiled model keeps the fused evaluation."""
     if option != "auto":
         return bool(option) and can_compile(h0)
     return (h0.device.type == "cpu" and can_compile(h0) and type(cell) not in _FAILED and fusion_pays(cell)

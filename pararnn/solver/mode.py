@@ -25,8 +25,9 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
       cheaper) and blocks of at most 8 the limits are 32768 and 4096 (dense cells keep the eager
       limits: their cost is the d×d Jacobians and scan, not the elementwise evaluation). Cells
       with unshared ``Block(k)`` Jacobians take the compiled limits compiled or not: their eager
-      evaluation costs 0.8-1.2× their compiled one (``compile_cell="auto"`` leaves a hand-written one eager,
-      :func:`pararnn.solver.compile.fusion_pays`). T < 64 stays sequential.
+      evaluation costs 0.8-1.2× their compiled one (``compile_cell="auto"`` leaves a
+      hand-written one eager, :func:`pararnn.solver.compile.fusion_pays`). T < 64 stays
+      sequential.
 
     The limits are set by ``benchmarks/bench_auto.py`` (results/bench_auto_*; the figures and their
     machines are in those files) on an AMD EPYC and an Intel Xeon VM: the largest work per step
