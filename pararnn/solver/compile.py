@@ -228,13 +228,13 @@ def use_compiled(option, cell, h0: torch.Tensor, B: int, T: int) -> bool:
 
 def fusion_pays(cell) -> bool:
     """Whether ``compile_cell="auto"`` compiles this cell's evaluation: not for a hand-written
-    ``Block(k)`` Jacobian (k > 1, blocks not shared). Its state interleaves the k entries of each
-    block and its Jacobian is stored block by block, so every load of the state and every store of
-    f and J is strided; inductor's CPU code generator (torch 2.13) leaves such a loop unvectorized,
-    and the scalar fused loop is slower than the eager evaluation's vectorized ops (ParaLSTM:
-    ``benchmarks/bench_constants.py``, part "fusion"). A cell whose Jacobian comes from autodiff
-    still compiles (its eager evaluation, the jvp, is the slower one there), as do shared blocks
-    (DeltaNet: one k×k matrix per step, contiguous)."""
+    ``Block(k)`` Jacobian (k > 1, blocks not shared), whose eager evaluation was as fast as the
+    compiled one or faster (``benchmarks/bench_constants.py --parts fusion``: ParaLSTM and a
+    broadcast-style block tanh cell). ParaLSTM's state interleaves each block's entries and its
+    Jacobian is stored entry by entry, so the fused loop's loads and stores are strided, and
+    inductor's CPU code generator (torch 2.13) leaves that loop scalar. A cell whose Jacobian
+    comes from autodiff still compiles (its eager jvp is the slower path), as do shared blocks
+    (DeltaNet) and diagonal and dense Jacobians; ``compile_cell=True`` compiles any cell."""
     structure = cell.get_structure()
     return uses_jvp(cell) or not (isinstance(structure, Block) and structure.k > 1 and not structure.shared)
 
