@@ -1,5 +1,6 @@
 """What a new user gets: the default ``RNN(cell)`` against the strong sequential loop, for a cell
-written with ``step`` only (Jacobian by autodiff) and for the zoo's ParaGRU (hand-written Jacobian).
+written with ``step`` only (Jacobian by autodiff) and for the zoo's ParaGRU (hand-written Jacobian)
+and, with ``--cells``, ParaLSTM.
 
 Per shape, one process, methods interleaved round by round at equal threads: the strong loop
 (``u.unbind(1)``), ``RNN(cell)`` (the default: parallel, evaluation compiled where
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 import pararnn
-from pararnn.models import ParaGRU
+from pararnn.models import ParaGRU, ParaLSTM
 
 SHAPES = [(1, 16384, 64), (1, 4096, 64), (8, 4096, 256), (8, 1024, 256)]
 
@@ -43,11 +44,14 @@ class StepOnlyGRU(pararnn.Cell):
         return (1 - z) * h + z * c
 
 
+CELLS = {"step_only": StepOnlyGRU, "paragru": ParaGRU, "paralstm": ParaLSTM}  # d: the hidden size
+
+
 def bench_shape(name: str, B: int, T: int, d: int, repeats: int) -> dict:
     from pararnn_studies.bench import compile_time, strong_loop, time_methods
 
     torch.manual_seed(0)
-    cell = StepOnlyGRU(d, d) if name == "step_only" else ParaGRU(d, d)
+    cell = CELLS[name](d, d)
     x = torch.randn(B, T, d)
     params = list(cell.parameters())
     default, eager, auto = pararnn.RNN(cell), pararnn.RNN(cell, compile_cell=False), pararnn.RNN(cell, mode="auto")
@@ -91,16 +95,19 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--cells", default="step_only,paragru")
+    ap.add_argument("--cells", default="step_only,paragru", help=f"comma-separated, from {', '.join(CELLS)}")
     ap.add_argument("--shapes", default=None, help="B:T:d,... (default: the four regimes)")
     ap.add_argument("--out", default="results/bench_default.json")
     args = ap.parse_args(argv)
+    cells = args.cells.split(",")
+    if not cells or set(cells) - set(CELLS):
+        raise SystemExit(f"bench_default: --cells must name some of {', '.join(CELLS)}, got {args.cells!r}")
     ensure_writable(args.out, "--out")
     set_threads(args.threads)
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
     res = run_metadata({"threads": args.threads, "repeats": args.repeats, "cells": args.cells, "shapes": shapes})
     res["rows"] = []
-    for name, (B, T, d) in progress_bar([(c, s) for c in args.cells.split(",") for s in shapes], desc="bench default"):
+    for name, (B, T, d) in progress_bar([(c, s) for c in cells for s in shapes], desc="bench default"):
         res["rows"].append(bench_shape(name, B, T, d, args.repeats))
         write_json_atomic(args.out, res)  # each row kept as it ends
     write_text(os.path.splitext(args.out)[0] + ".md", markdown(res))
