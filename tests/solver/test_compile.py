@@ -401,12 +401,9 @@ def test_auto_leaves_hand_written_unshared_blocks_eager():
     scalar: strided loads and stores), but does its autodiff twin and shared blocks (DeltaNet)."""
     from pararnn.models import DeltaNet, ParaLSTM
     from pararnn.solver.compile import AUTO_COMPILE_ELEMENTS, fusion_pays, use_compiled
+    from pararnn_studies.bench import autodiff_twin
 
-    class AutodiffLSTM(ParaLSTM):
-        step_and_jacobian = pararnn.Cell.step_and_jacobian
-        step_jacobian_and_scale = pararnn.Cell.step_jacobian_and_scale
-
-    lstm, twin, delta = ParaLSTM(3, 32), AutodiffLSTM(3, 32), DeltaNet(8, 2, 4)
+    lstm, twin, delta = ParaLSTM(3, 32), autodiff_twin(ParaLSTM)(3, 32), DeltaNet(8, 2, 4)
     assert not fusion_pays(lstm) and fusion_pays(twin) and fusion_pays(delta)
     h0 = torch.zeros(2, 64)
     big = AUTO_COMPILE_ELEMENTS // (2 * 64)
