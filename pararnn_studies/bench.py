@@ -9,6 +9,7 @@ All ratios come from one run: the machines are noisy, so compare within a run on
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -27,8 +28,11 @@ from pararnn.utils.timing import copy_bandwidth, interleaved_medians, median_tim
 from .common import ensure_writable, figure, markdown_table, progress_bar, run_metadata, set_threads, write_json_atomic, write_text
 
 
+@functools.cache
 def autodiff_twin(cell_class: type) -> type:
-    """``cell_class`` with its Jacobian left to autodiff, as a user's cell written with ``step`` only."""
+    """``cell_class`` with its Jacobian left to autodiff, as a user's cell written with ``step`` only.
+    One class per ``cell_class`` (cached): compiled evaluations are cached per class, so a new class
+    per call would compile again."""
     return type(f"{cell_class.__name__}Jvp", (cell_class,), {
         "__doc__": f"{cell_class.__name__} with its Jacobian left to autodiff.",
         "step_and_jacobian": pararnn.Cell.step_and_jacobian,

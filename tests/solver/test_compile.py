@@ -404,6 +404,7 @@ def test_auto_leaves_hand_written_unshared_blocks_eager():
     from pararnn_studies.bench import autodiff_twin
 
     lstm, twin, delta = ParaLSTM(3, 32), autodiff_twin(ParaLSTM)(3, 32), DeltaNet(8, 2, 4)
+    assert autodiff_twin(ParaLSTM) is type(twin)  # one class: its compiled graphs are reused
     assert not fusion_pays(lstm) and fusion_pays(twin) and fusion_pays(delta)
     h0 = torch.zeros(2, 64)
     big = AUTO_COMPILE_ELEMENTS // (2 * 64)
