@@ -9,12 +9,13 @@ def test_writes_results_for_every_case(tmp_path, monkeypatch):
     mod = load_script("bench_first_call")
     compile(mod.CASE, "<case>", "exec")
     caches = []
-    monkeypatch.setattr(mod, "run_case", lambda case, threads, cache: caches.append(cache) or len(caches) * 1.0)
+    monkeypatch.setattr(mod, "run_case", lambda case, threads, cache: caches.append(cache) or
+                        {"seconds": len(caches) * 1.0, "again": 0.5})
     out = tmp_path / "f.json"
     mod.main(["--out", str(out)])
     saved = json.loads(out.read_text())
     assert [r["case"] for r in saved["rows"]] == list(mod.CASES)
-    assert all(r["warm_s"] > r["cold_s"] > 0 for r in saved["rows"])
+    assert all(r["warm_s"] > r["cold_s"] > 0 and r["warm_again_s"] == r["cold_again_s"] == 0.5 for r in saved["rows"])
     assert caches[0] == caches[1] and caches[1] != caches[2]  # cold and warm share a cache; cases do not
     assert (tmp_path / "f.md").read_text().startswith("# First call in a fresh process")
 
