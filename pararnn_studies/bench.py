@@ -2,7 +2,7 @@
 
 Usage (``pararnn bench`` or ``python benchmarks/bench_engine.py``; the options are in cli.py):
     pararnn bench            # the latency and bandwidth regimes and the zoo, ~15 min on 2 cores
-    pararnn bench --quick    # small shapes, under a minute
+    pararnn bench --quick    # small shapes, about a minute
 Writes results/bench_engine.json (version, commit, date, machine, settings) and prints markdown tables.
 All ratios come from one run: the machines are noisy, so compare within a run only.
 """
@@ -274,6 +274,7 @@ def table(rows):
 
 def run(args: argparse.Namespace) -> dict:
     """Run the engine benchmark; returns the results dict (also written to ``args.out``)."""
+    started = time.perf_counter()
     if args.threads < 1 or args.repeats < 1:
         raise SystemExit("pararnn bench: --threads and --repeats must be >= 1")
     cells = [c.strip().lower() for c in args.cells.split(",") if c.strip()]
@@ -309,11 +310,12 @@ def run(args: argparse.Namespace) -> dict:
             result["regimes"][name] = [bench_regime(B, T, d, args.repeats) for B, T, d in shapes]
         result["scan_vs_floor"] = bench_scan_floor(scan_shapes, args.repeats)
     result["cells"] = bench_cells(cells, cell_shapes, args.repeats, device)
+    result["elapsed_s"] = time.perf_counter() - started  # the whole run, compiles included
     write_json_atomic(args.out, result)
     m = result["machine"]
     md = [f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m.get('mem_total_gb')} GB, torch {m['torch']}, "
           f"numba {m['numba']}, {args.threads} torch/numba thread(s). Engine regimes and scan: CPU; "
-          f"per-cell study: {device}.", "",
+          f"per-cell study: {device}. Commit {result['commit']}; the run took {result['elapsed_s']:.0f} s.", "",
           "Engine (ParaGRU), times in ms, forward / forward+backward:", "",
           table([r for rows in result["regimes"].values() for r in rows]) if args.engine else "(skipped)", ""]
     if args.engine:

@@ -31,7 +31,7 @@ def _version() -> str:
 
 
 def bench_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--quick", action="store_true", help="small shapes (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="small shapes (about a minute)")
     ap.add_argument("--threads", type=int, default=1, help="torch and numba threads (default 1)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     ap.add_argument("--cells", default="paragru,paralstm,gru,lstm,lru",

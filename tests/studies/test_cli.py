@@ -81,6 +81,7 @@ def test_bench_json_records_version_commit_date_and_settings_used(tmp_path):
     res = json.loads(out.read_text())
     assert res["pararnn"] and res["date"] and "commit" in res
     assert res["settings"]["Ts"] == [16] and res["settings"]["width"] == 4 and res["settings"]["cells"] == ["paragru"]
+    assert res["elapsed_s"] > 0 and f"the run took {res['elapsed_s']:.0f} s" in (tmp_path / "b.md").read_text()
 
 
 def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
