@@ -21,7 +21,8 @@ own overheads count once, on both sides; the table also gives each module agains
 ``--resume`` keeps the rows already in ``--out`` and runs the rest (a run interrupted loses at most
 its current case).
 
-Usage: python benchmarks/bench_auto.py [--threads 1] [--T 2048] [--repeats 5] [--quick | --grid [--resume] [--cells ...]]
+Usage: python benchmarks/bench_auto.py [--threads 1] [--T 2048] [--repeats 5]
+       [--quick | --grid [--resume] [--cells ...] [--work ...]]
        [--out results/bench_auto_1thread.json]
 Writes the JSON (version, commit, machine, settings) and a markdown table beside it.
 """
@@ -41,6 +42,14 @@ GRID_MAX_ELEMENTS = 1 << 24  # B·T·d: the largest grid cases take about a minu
 GRID_CELLS = ("paragru", "paralstm", "step_only")
 GRID = [(name, B, d, T) for name in GRID_CELLS for B in (1, 8, 32)
         for d in (32, 128, 512) for T in (256, 4096, 16384) if B * T * d <= GRID_MAX_ELEMENTS]
+
+
+def grid_work(name: str, B: int, d: int) -> int:
+    """The work per step (``step_work``) of the grid case ``name`` at ``B``, state size ``d``."""
+    from pararnn.solver.mode import step_work
+    from pararnn.structure import Block
+
+    return step_work(B, d, Block(2) if name == "paralstm" else "diagonal")
 
 
 def make(name: str, d: int):
@@ -168,6 +177,8 @@ def main(argv=None) -> int:
                     "what mode='auto' takes against the faster module, ParaGRU, ParaLSTM and a step-only cell")
     ap.add_argument("--resume", action="store_true", help="with --grid: keep the rows already in --out")
     ap.add_argument("--cells", default=None, help=f"with --grid: a comma-separated subset of {','.join(GRID_CELLS)}")
+    ap.add_argument("--work", default=None, help="with --grid: only the cases of these works per step "
+                    "(comma-separated; step_work), e.g. 8192 to check a change of the limits there")
     ap.add_argument("--out", default=None, help="default results/bench_auto_{N}thread(s).json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -191,6 +202,14 @@ def main(argv=None) -> int:
         if set(cells) - set(GRID_CELLS) or not args.grid:
             raise SystemExit(f"bench_auto: --cells takes a subset of {','.join(GRID_CELLS)} with --grid, got {args.cells!r}")
         cases = [c for c in cases if c[0] in cells]
+    if args.work:
+        try:
+            works = {int(w) for w in args.work.split(",")}
+        except ValueError:
+            raise SystemExit(f"bench_auto: --work takes comma-separated integers, got {args.work!r}") from None
+        if not args.grid:
+            raise SystemExit("bench_auto: --work selects grid cases; use it with --grid")
+        cases = [c for c in cases if grid_work(*c[:3]) in works]
     units = "seconds (fastest of the interleaved rounds)" if args.grid else "seconds (median)"
     for name, B, d, T in progress_bar(cases, desc="cases", unit="case"):
         if (name, B, T, d) in done:

@@ -38,3 +38,18 @@ def test_grid_cells_selects_a_subset(tmp_path, monkeypatch):
     assert ran == ["step_only"]
     with pytest.raises(SystemExit, match="--cells"):
         mod.main(["--grid", "--cells", "gru", "--out", str(tmp_path / "h.json")])
+
+
+def test_grid_work_selects_the_cases_of_one_work_per_step(tmp_path, monkeypatch):
+    import pytest
+
+    mod = load_script("bench_auto")
+    ran = []
+    monkeypatch.setattr(mod, "grid_case", lambda *a: ran.append(a[:4]) or {"cell": a[0], "B": a[1], "T": a[2], "d": a[3]})
+    monkeypatch.setattr(mod, "grid_table", lambda rows: "table")
+    assert mod.main(["--grid", "--work", "8192", "--out", str(tmp_path / "g.json")]) == 0
+    # ParaGRU and the step-only cell at B·d·8 = 8192, ParaLSTM (Block(2)) at B·d·32
+    assert sorted({(c, B, d) for c, B, T, d in ran}) == [
+        ("paragru", 8, 128), ("paragru", 32, 32), ("paralstm", 8, 32), ("step_only", 8, 128), ("step_only", 32, 32)]
+    with pytest.raises(SystemExit, match="--work"):
+        mod.main(["--grid", "--work", "lots", "--out", str(tmp_path / "h.json")])
