@@ -22,10 +22,8 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
       Parallel wins when the work per step, ``B·d·w`` (:func:`step_work`), is small: up to 8192
       when training (the parallel backward is one scan, the sequential one another T-step loop)
       and up to 1024 for inference. With ``compile_cell=True`` (the fused evaluation, 1.5-2.5×
-      cheaper) and blocks of at most 8 the limits are 32768 and 4096, and 8192 for inference of
-      sequences of at least 2048 steps (there the parallel solve's fixed cost per call is spread
-      over enough steps; dense cells keep the eager limits: their cost is the d×d Jacobians and
-      scan, not the elementwise evaluation). Cells
+      cheaper) and blocks of at most 8 the limits are 32768 and 4096 (dense cells keep the eager
+      limits: their cost is the d×d Jacobians and scan, not the elementwise evaluation). Cells
       with unshared ``Block(k)`` Jacobians take the compiled limits compiled or not: their eager
       evaluation costs 0.8-1.2× their compiled one (``compile_cell="auto"`` leaves a
       hand-written one eager, :func:`pararnn.solver.compile.fusion_pays`). T < 64 stays
@@ -56,8 +54,7 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
         return "parallel"
     fused = compile_cell or (isinstance(structure, Block) and not structure.shared)  # eager ≈ compiled there
     if fused and structure.width(d) <= AUTO_MIN_WIDTH:  # the fused evaluation cheapens elementwise work, not d×d Jacobians
-        limit = AUTO_WORK_TRAINING_COMPILED if training else \
-            AUTO_WORK_INFERENCE_COMPILED_LONG if T >= AUTO_LONG_T else AUTO_WORK_INFERENCE_COMPILED
+        limit = AUTO_WORK_TRAINING_COMPILED if training else AUTO_WORK_INFERENCE_COMPILED
     else:
         limit = AUTO_WORK_TRAINING if training else AUTO_WORK_INFERENCE
     return "parallel" if (T >= AUTO_MIN_T and step_work(B, d, structure) <= limit) else "sequential"
@@ -91,8 +88,6 @@ AUTO_WORK_TRAINING = 8192
 AUTO_WORK_INFERENCE = 1024
 AUTO_WORK_TRAINING_COMPILED = 32768  # with compile_cell
 AUTO_WORK_INFERENCE_COMPILED = 4096
-AUTO_WORK_INFERENCE_COMPILED_LONG = 8192  # ... for T >= AUTO_LONG_T
-AUTO_LONG_T = 2048
 AUTO_MIN_T = 64
 AUTO_MIN_WIDTH = 8
 

@@ -279,10 +279,6 @@ def test_choose_mode():
     assert pararnn.choose_mode(8, 4096, 512, cpu, training=True, compile_cell=True) == "parallel"
     assert pararnn.choose_mode(32, 4096, 256, cpu, training=True, compile_cell=True) == "sequential"
     assert pararnn.choose_mode(8, 4096, 256, cpu, training=False, compile_cell=True) == "sequential"
-    # inference at a work of 8192 (ParaGRU B = 8, d = 128): parallel for long sequences only
-    assert pararnn.choose_mode(8, 4096, 128, cpu, training=False, compile_cell=True) == "parallel"
-    assert pararnn.choose_mode(8, 2047, 128, cpu, training=False, compile_cell=True) == "sequential"
-    assert pararnn.choose_mode(8, 4096, 128, cpu, training=False) == "sequential"  # eager
     assert pararnn.choose_mode(1, 4096, 512, cpu, training=False) == "sequential"
     assert pararnn.choose_mode(1, 4096, 512, cpu, training=False, compile_cell=True) == "parallel"
     assert pararnn.choose_mode(1, 4096, 128, cpu, "dense", training=True, compile_cell=True) == "sequential"  # LSTM
