@@ -235,8 +235,15 @@ def fusion_pays(cell) -> bool:
     inductor's CPU code generator (torch 2.13) leaves that loop scalar. A cell whose Jacobian
     comes from autodiff still compiles (its eager jvp is the slower path), as do shared blocks
     (DeltaNet) and diagonal and dense Jacobians; ``compile_cell=True`` compiles any cell."""
-    structure = cell.get_structure()
-    return uses_jvp(cell) or not (isinstance(structure, Block) and structure.k > 1 and not structure.shared)
+    return uses_jvp(cell) or not unshared_blocks(cell.get_structure())
+
+
+def unshared_blocks(structure: Structure) -> bool:
+    """Whether ``structure`` is ``Block(k)`` with k > 1 and a block per k state entries (ParaLSTM's
+    kind): where a hand-written Jacobian evaluates about as fast eagerly as compiled
+    (:func:`fusion_pays`), so ``mode="auto"`` gives it the compiled evaluation's limits either way
+    (:func:`pararnn.solver.mode.choose_mode`)."""
+    return isinstance(structure, Block) and structure.k > 1 and not structure.shared
 
 
 def resolve_compile(opts, cell, h0: torch.Tensor, B: int, T: int):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..kernels.dispatch import auto_backend
-from ..structure import Block, Dense, as_structure
+from ..structure import Dense, as_structure
+from .compile import unshared_blocks
 
 
 def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagonal",
@@ -24,7 +25,7 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
       and up to 1024 for inference. With ``compile_cell=True`` (the fused evaluation, 1.5-2.5×
       cheaper) and blocks of at most 8 the limits are 32768 and 4096 (dense cells keep the eager
       limits: their cost is the d×d Jacobians and scan, not the elementwise evaluation). Cells
-      with unshared ``Block(k)`` Jacobians take the compiled limits compiled or not: their eager
+      with unshared ``Block(k)`` Jacobians, k > 1, take the compiled limits compiled or not: their eager
       evaluation costs 0.8-1.2× their compiled one (``compile_cell="auto"`` leaves a
       hand-written one eager, :func:`pararnn.solver.compile.fusion_pays`). T < 64 stays
       sequential.
@@ -52,7 +53,7 @@ def choose_mode(B: int, T: int, d: int, device: torch.device, structure="diagona
         return "sequential"
     if device.type == "cuda":
         return "parallel"
-    fused = compile_cell or (isinstance(structure, Block) and not structure.shared)  # eager ≈ compiled there
+    fused = compile_cell or unshared_blocks(structure)  # eager ≈ compiled there
     if fused and structure.width(d) <= AUTO_MIN_WIDTH:  # the fused evaluation cheapens elementwise work, not d×d Jacobians
         limit = AUTO_WORK_TRAINING_COMPILED if training else AUTO_WORK_INFERENCE_COMPILED
     else:

@@ -271,6 +271,9 @@ def test_choose_mode():
     for cc in (False, True):
         assert pararnn.choose_mode(1, 4096, 128, cpu, pararnn.Block(2), training=False, compile_cell=cc) == "parallel"
         assert pararnn.choose_mode(4, 4096, 128, cpu, pararnn.Block(2), training=True, compile_cell=cc) == "parallel"
+    # Block(1) is a diagonal (as_structure): eager, the eager limits (a work of 2048 at inference: the loop)
+    assert pararnn.choose_mode(1, 4096, 256, cpu, pararnn.Block(1), training=False) == "sequential"
+    assert pararnn.choose_mode(1, 4096, 256, cpu, pararnn.Block(1), training=False, compile_cell=True) == "parallel"
     shared = pararnn.Block(8, shared=True)
     assert pararnn.choose_mode(1, 4096, 8, cpu, shared, training=False) == "sequential"
     assert pararnn.choose_mode(1, 4096, 8, cpu, shared, training=False, compile_cell=True) == "parallel"
