@@ -6,6 +6,7 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from .structure import Structure, as_structure
+from .utils.functional import autodiff_outside_inference
 
 
 class Cell(nn.Module):
@@ -182,8 +183,10 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
     of J, one backward per probe, batched beyond :data:`LOOP_PROBES`), which costs about a tenth
     of torch.func's forward mode on CPU (a GRU-like cell, N = 256, d = 32: 0.33 against 3.0 ms).
     Otherwise forward mode (``torch.func.jvp``: columns; up to :data:`LOOP_PROBES` probes one by
-    one, more through ``vmap``), which keeps J differentiable. For complex states f must be
-    holomorphic in h.
+    one, more through ``vmap``), which keeps J differentiable. Under :func:`torch.inference_mode`
+    (where reverse mode records nothing and torch 2.11's forward mode gives zero tangents) forward
+    mode with inference mode off, on copies of h and u, without a graph. For complex states f must
+    be holomorphic in h.
 
     Args:
         step: ``step(h [N, d], u [N, *]) -> [N, d]``.
@@ -197,12 +200,24 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
     """
     N, d = h.shape
     structure = as_structure(structure, d)
-    f = lambda hh: step(hh, u)  # noqa: E731
+    if torch.is_inference_mode_enabled():  # reverse mode records nothing there: forward mode, on copies
+        with autodiff_outside_inference():
+            h, u = h.clone(), u.clone()
+            tangents = structure.probe_tangents(N, d, h.dtype, h.device)
+            return _forward_mode(step, h, u, structure, tangents, False)
     tangents = structure.probe_tangents(N, d, h.dtype, h.device)  # [P, N, d]
     compiling = torch.compiler.is_compiling()
     if not (compiling or torch.is_grad_enabled() or h.requires_grad or u.requires_grad or h.is_complex()
             or u.is_complex()):
         return _reverse_mode(step, h, u, structure, tangents)
+    return _forward_mode(step, h, u, structure, tangents, compiling)
+
+
+def _forward_mode(step, h: torch.Tensor, u: torch.Tensor, structure, tangents: torch.Tensor, compiling: bool):
+    """:func:`autodiff_step_and_jacobian` by ``torch.func.jvp``: columns ``J e`` per probe
+    (``tangents [P, N, d]``), assembled; J keeps a graph where its inputs have one."""
+    d = h.shape[-1]
+    f = lambda hh: step(hh, u)  # noqa: E731
     # make_dual cannot trace views with symbolic storage offsets (torch.compile, dynamic); eagerly,
     # on h sharing a larger storage (a piece of the solver's state buffer) it costs the whole
     # storage (ParaGRU B=8, T=4096, d=256 pieces of 1024 rows: 19 ms a jvp against 2.6 ms on a copy)

@@ -7,11 +7,11 @@ the probes found about a cell (:class:`CellFacts`), kept until its parameters ch
 from __future__ import annotations
 
 import torch
-from torch.func import jvp
 
 from . import compat
 from .cell import Cell, autodiff_step_and_jacobian, gives_scale
 from .structure import Dense
+from .utils.functional import jvp
 
 
 def dense_jacobian(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

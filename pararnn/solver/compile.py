@@ -14,7 +14,7 @@ import torch
 from .. import compat, fastmath
 from ..cell import LOOP_PROBES, gives_scale, uses_jvp
 from ..structure import Block, Structure
-from ..utils.functional import call_with, named_tensors
+from ..utils.functional import autodiff_outside_inference, call_with, named_tensors
 
 _COMPILED = {}
 
@@ -130,9 +130,10 @@ def _trace(cell, tensors: dict[str, torch.Tensor], h: torch.Tensor, u: torch.Ten
 
     n = 7  # an example row count that no other size equals (dynamo specialises 0 and 1)
     gen = torch.Generator().manual_seed(0)  # (not the global generator: the user's random stream stays theirs)
-    hx = torch.randn(n, h.shape[-1], generator=gen, dtype=h.dtype).to(h.device)
-    ux = torch.randn(n, *u.shape[1:], generator=gen, dtype=u.dtype).to(u.device)
-    with torch.no_grad():
+    # with inference mode off: under it the traced vjps were zeros (torch 2.11), kept in the cached graph
+    with autodiff_outside_inference(), torch.no_grad():
+        hx = torch.randn(n, h.shape[-1], generator=gen, dtype=h.dtype).to(h.device)
+        ux = torch.randn(n, *u.shape[1:], generator=gen, dtype=u.dtype).to(u.device)
         gm = make_fx(step_and_jacobian, tracing_mode="symbolic")([t.detach() for t in tensors.values()], hx, ux)
     return with_rounding_scale(gm)
 

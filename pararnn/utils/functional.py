@@ -1,6 +1,9 @@
 """``call_with(root, tensors, fn, *args)``: any function run with a module's parameters and buffers
-swapped for other tensors (:func:`torch.func.functional_call` for more than ``root.forward``)."""
+swapped for other tensors (:func:`torch.func.functional_call` for more than ``root.forward``);
+``jvp``: :func:`torch.func.jvp` that also holds under :func:`torch.inference_mode`."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -29,3 +32,28 @@ def call_with(root: nn.Module, tensors: dict[str, torch.Tensor], fn, *args):
     bind = _Bind(root)
     return torch.func.functional_call(bind, {f"root.{k}": t for k, t in tensors.items()}, (fn, *args),
                                       tie_weights=False)
+
+
+def jvp(f, primals: tuple, tangents: tuple):
+    """:func:`torch.func.jvp`, also under :func:`torch.inference_mode`, where torch 2.11's forward
+    AD returns zero tangents (2.13's does not): there the product is taken with inference mode off
+    (:func:`autodiff_outside_inference`), on normal copies of ``primals`` and ``tangents``."""
+    if not torch.is_inference_mode_enabled():
+        return torch.func.jvp(f, primals, tangents)
+    with autodiff_outside_inference():
+        return torch.func.jvp(f, tuple(p.clone() for p in primals), tuple(t.clone() for t in tangents))
+
+
+def autodiff_outside_inference():
+    """A context in which derivatives of a cell's step are right under :func:`torch.inference_mode`
+    too: inference mode off (under it reverse mode records no graph, so a vector-Jacobian product
+    is zero, and torch 2.11's forward AD gives zero tangents), grad mode off (nothing made here
+    joins a graph). A no-op context outside inference mode. Tensors made in inference mode are
+    inference tensors: clone them inside before differentiating with respect to them; a cell's
+    parameters made there serve as they are in forward mode (reverse mode cannot save them)."""
+    if not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack

@@ -232,6 +232,52 @@ def test_inference_mode_with_cells_made_there_and_chunks():
         torch.testing.assert_close(y, pararnn.RNN(cell, mode="sequential")(x)[0])
 
 
+@pytest.mark.parametrize("made_in_inference", [False, True])
+def test_autodiff_jacobians_under_inference_mode(made_in_inference):
+    """Under torch.inference_mode reverse mode records nothing (a vjp gave J = 0 on every torch) and
+    torch 2.11's forward mode gives zero tangents: the Jacobian of a cell written with ``step``
+    only, eager and traced for the compiled evaluation, and the probes' jvp, are the ones outside
+    it, with the cell's parameters made in or out of inference mode."""
+    from pararnn.cell import autodiff_step_and_jacobian
+    from pararnn.solver.compile import _trace
+    from pararnn.utils.functional import jvp, named_tensors
+
+    torch.manual_seed(0)
+    with torch.inference_mode(made_in_inference):
+        cell = DiagGRU(3, 5)
+        h, u = torch.randn(4, 5), torch.randn(4, 15)
+    f_ref, J_ref = autodiff_step_and_jacobian(cell.step, h.clone(), u.clone(), "diagonal")
+    step = lambda x: cell.step(x, u)
+    jv_ref = torch.func.jvp(step, (h.clone(),), (torch.ones_like(h),))[1]
+    gm = _trace(cell, named_tensors(cell), h, u)  # a trace made outside inference mode
+    with torch.inference_mode():
+        for structure in ("diagonal", "dense"):
+            f, J = autodiff_step_and_jacobian(cell.step, h, u, structure)
+            torch.testing.assert_close(f, f_ref.detach())
+            J_dense = J if structure == "dense" else torch.diag_embed(J)
+            torch.testing.assert_close(J_dense, torch.diag_embed(J_ref.detach()))
+        torch.testing.assert_close(jvp(step, (h,), (torch.ones_like(h),))[1], jv_ref.detach())
+        traced = _trace(cell, named_tensors(cell), h, u)  # traced under inference mode
+        values = [t.detach() for t in named_tensors(cell).values()]
+        torch.testing.assert_close(traced(values, h, u)[1], gm(values, h, u)[1])
+        torch.testing.assert_close(traced(values, h, u)[1], J_ref.detach())
+
+
+def test_a_step_only_cell_solved_under_inference_mode_takes_newton_steps():
+    """Its Jacobian was zero there (eager, reverse mode): the solve still converged, by
+    multiple-shooting sweeps. Now Newton as under no_grad: the same iterations, no sweeps."""
+    torch.manual_seed(0)
+    cell = DiagGRU(3, 8)
+    rnn = pararnn.RNN(cell, mode="parallel", compile_cell=False)
+    x = torch.randn(2, 300, 3)
+    with torch.no_grad():
+        y_ref, _, ref = rnn(x, return_info=True)
+    with torch.inference_mode():
+        y, _, info = rnn(x, return_info=True)
+    assert info.sweeps == ref.sweeps == 0 and info.iterations == ref.iterations
+    torch.testing.assert_close(y, y_ref)
+
+
 def test_save_is_safetensors_and_a_legacy_model_pt_still_loads(tmp_path):
     """Weights are model.safetensors (no pickle); a folder saved by pararnn 0.1 (model.pt, no
     checksum) loads too."""
