@@ -278,6 +278,33 @@ def test_a_step_only_cell_solved_under_inference_mode_takes_newton_steps():
     torch.testing.assert_close(y, y_ref)
 
 
+@pytest.mark.parametrize("feature", ["default", "chunk_size", "lengths", "compile_cell", "sequential"])
+@pytest.mark.parametrize("cell_kind", ["zoo", "user"])
+def test_no_grad_contexts_solve_alike(feature, cell_kind):
+    """The same solve under no_grad, under inference_mode, and under inference_mode with the cell
+    made there: the same outputs, final state, Newton iterations and sweeps (a context where the
+    Jacobian degrades still converges, only by other means: the counts see it)."""
+    def run(make_in_inference: bool, context):
+        torch.manual_seed(0)
+        with torch.inference_mode(make_in_inference):
+            cell = ParaGRU(3, 6) if cell_kind == "zoo" else DiagGRU(3, 6)
+            x = torch.randn(3, 80, 3)
+        kw = {"chunk_size": {"chunk_size": 32}, "compile_cell": {"compile_cell": True},
+              "sequential": {"mode": "sequential"}}.get(feature, {})
+        rnn = pararnn.RNN(cell, **({"mode": "parallel"} | kw))
+        call = {"lengths": torch.tensor([80, 41, 7])} if feature == "lengths" else {}
+        with context():
+            y, h, info = rnn(x, return_info=True, **call)
+        return y, h, info
+
+    y, h, ref = run(False, torch.no_grad)
+    for made_there in (False, True):
+        y2, h2, info = run(made_there, torch.inference_mode)
+        torch.testing.assert_close(y2, y)
+        torch.testing.assert_close(h2, h)
+        assert (info.iterations, info.sweeps) == (ref.iterations, ref.sweeps)
+
+
 def test_save_is_safetensors_and_a_legacy_model_pt_still_loads(tmp_path):
     """Weights are model.safetensors (no pickle); a folder saved by pararnn 0.1 (model.pt, no
     checksum) loads too."""
