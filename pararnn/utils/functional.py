@@ -44,6 +44,7 @@ def jvp(f, primals: tuple, tangents: tuple):
         return torch.func.jvp(f, tuple(p.clone() for p in primals), tuple(t.clone() for t in tangents))
 
 
+@contextlib.contextmanager
 def autodiff_outside_inference():
     """A context in which derivatives of a cell's step are right under :func:`torch.inference_mode`
     too: inference mode off (under it reverse mode records no graph, so a vector-Jacobian product
@@ -52,8 +53,7 @@ def autodiff_outside_inference():
     inference tensors: clone them inside before differentiating with respect to them; a cell's
     parameters made there serve as they are in forward mode (reverse mode cannot save them)."""
     if not torch.is_inference_mode_enabled():
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.no_grad())
-    return stack
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
