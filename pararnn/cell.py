@@ -6,7 +6,7 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from .structure import Structure, as_structure
-from .utils.functional import autodiff_outside_inference
+from .utils.functional import autodiff_outside_inference, inference_mode_on
 
 
 class Cell(nn.Module):
@@ -200,7 +200,7 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
     """
     N, d = h.shape
     structure = as_structure(structure, d)
-    if torch.is_inference_mode_enabled():  # reverse mode records nothing there: forward mode, on copies
+    if inference_mode_on():  # reverse mode records nothing there: forward mode, on copies
         with autodiff_outside_inference():
             h, u = h.clone(), u.clone()
             tangents = structure.probe_tangents(N, d, h.dtype, h.device)

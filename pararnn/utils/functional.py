@@ -38,7 +38,7 @@ def jvp(f, primals: tuple, tangents: tuple):
     """:func:`torch.func.jvp`, also under :func:`torch.inference_mode`, where torch 2.11's forward
     AD returns zero tangents (2.13's does not): there the product is taken with inference mode off
     (:func:`autodiff_outside_inference`), on normal copies of ``primals`` and ``tangents``."""
-    if not torch.is_inference_mode_enabled():
+    if not inference_mode_on():
         return torch.func.jvp(f, primals, tangents)
     with autodiff_outside_inference():
         return torch.func.jvp(f, tuple(p.clone() for p in primals), tuple(t.clone() for t in tangents))
@@ -52,8 +52,14 @@ def autodiff_outside_inference():
     joins a graph). A no-op context outside inference mode. Tensors made in inference mode are
     inference tensors: clone them inside before differentiating with respect to them; a cell's
     parameters made there serve as they are in forward mode (reverse mode cannot save them)."""
-    if not torch.is_inference_mode_enabled():
+    if not inference_mode_on():
         yield
         return
     with torch.inference_mode(False), torch.no_grad():
         yield
+
+
+def inference_mode_on() -> bool:
+    """Whether :func:`torch.inference_mode` is on; False while torch.compile traces (dynamo cannot
+    trace the query, and a compiled graph runs no autodiff of its own)."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()

@@ -474,3 +474,16 @@ def test_the_graph_carrying_evaluation_compiles_once_for_a_batch_of_one_and_more
         for a, b in zip(ge, gc):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] - before == 1, "graph_piece compiled more than once"
+
+
+def test_autodiff_jacobian_traces_in_one_graph():
+    """The autodiff Jacobian asks whether inference mode is on, which dynamo cannot trace: the
+    question is skipped while compiling, so a compiled caller keeps one graph."""
+    from pararnn.cell import autodiff_step_and_jacobian
+
+    def step(h, u):
+        return torch.tanh(0.5 * h + u)
+
+    h, u = torch.randn(3, 4), torch.randn(3, 4)
+    compiled = torch.compile(lambda h, u: autodiff_step_and_jacobian(step, h, u, "diagonal"), fullgraph=True)
+    torch.testing.assert_close(compiled(h, u)[1], autodiff_step_and_jacobian(step, h, u, "diagonal")[1])
