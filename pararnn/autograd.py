@@ -75,7 +75,7 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     during the call only: without gradients J's buffer is kept for the next solve).
     ``replay``: repeat the steps of a solve that converged (:func:`pararnn.solver.newton.replay_steps`).
     """
-    if compat.under_torch_func():
+    if compat.under_torch_func() or compat.forward_ad_active():
         raise RuntimeError(TORCH_FUNC_MSG)
     opts = resolve_compile(opts, cell, h0, *u.shape[:2])
     pctx = context_for(opts.process_group)
@@ -134,9 +134,9 @@ def split_pieces(x: torch.Tensor, pieces: list[tuple[int, int, int, int]], own_b
 
 
 TORCH_FUNC_MSG = (
-    "pararnn: torch.func transforms (grad, vmap, jacrev, functional_call under them) cannot trace a parallel "
-    "solve (its Newton loop and scans run outside autograd's functional tracing). Use mode='sequential' "
-    "(or 'auto') under torch.func, or ordinary autograd (loss.backward(), torch.autograd.grad), which the "
-    "parallel solve supports.")
+    "pararnn: torch.func transforms (grad, vmap, jacrev, jvp, functional_call under them) and forward-mode "
+    "AD (torch.autograd.forward_ad) cannot trace a parallel solve (its Newton loop and scans run outside "
+    "autograd's functional tracing). Use mode='sequential' (or 'auto') there, or ordinary autograd "
+    "(loss.backward(), torch.autograd.grad), which the parallel solve supports.")
 
 

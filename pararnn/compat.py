@@ -27,6 +27,15 @@ def under_torch_func() -> bool:
     return functorch_transforms_active()
 
 
+def forward_ad_active() -> bool:
+    """Whether a :mod:`torch.autograd.forward_ad` dual level is open (``forward_ad._current_level``,
+    -1 when none; fallback: False). A parallel solve cannot run there: its probes' own forward-mode
+    products would nest in it."""
+    from torch.autograd import forward_ad
+
+    return getattr(forward_ad, "_current_level", -1) >= 0
+
+
 def functorch_transforms_active() -> bool:
     """Whether any functorch transform is active (the fallback of :func:`under_torch_func` too)."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)

@@ -142,7 +142,7 @@ class RNN(nn.Module):
         mode = self.mode if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        functional = compat.under_torch_func()
+        functional = compat.under_torch_func() or compat.forward_ad_active()
         if functional:  # values cannot be inspected there: only the plain loop traces
             if mode == "parallel":
                 raise RuntimeError(TORCH_FUNC_MSG)

@@ -120,6 +120,25 @@ def test_torch_func_transforms_raise_clearly():
     torch.testing.assert_close(g, g_ref)
 
 
+def test_forward_mode_ad_raises_clearly_and_auto_takes_the_loop():
+    """Forward-mode AD through a parallel solve (``torch.autograd.forward_ad`` duals): a pararnn
+    error naming the way out (it was torch's "Nested forward mode AD is not supported", from the
+    probe's own jvp); ``mode="auto"`` runs the loop there, whose tangent is the finite
+    difference's."""
+    import torch.autograd.forward_ad as fwAD
+
+    cell = ParaGRU(3, 4).double()
+    x, v = torch.randn(2, 30, 3, dtype=torch.float64), torch.randn(2, 30, 3, dtype=torch.float64)
+    with fwAD.dual_level():
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            pararnn.RNN(cell, mode="parallel")(fwAD.make_dual(x, v))
+        tangent = fwAD.unpack_dual(pararnn.RNN(cell, mode="auto")(fwAD.make_dual(x, v))[0]).tangent
+    seq = pararnn.RNN(cell, mode="sequential")
+    eps = 1e-6
+    fd = (seq(x + eps * v)[0] - seq(x - eps * v)[0]) / (2 * eps)
+    torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------ 5-8: the automatic cell probe
 def test_misdeclared_structure_is_caught_on_the_first_parallel_call():
     cell = DenseTanh(3, 6).double()
