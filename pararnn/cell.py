@@ -184,9 +184,10 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
     of torch.func's forward mode on CPU (a GRU-like cell, N = 256, d = 32: 0.33 against 3.0 ms).
     Otherwise forward mode (``torch.func.jvp``: columns; up to :data:`LOOP_PROBES` probes one by
     one, more through ``vmap``), which keeps J differentiable. Under :func:`torch.inference_mode`
-    (where reverse mode records nothing and torch 2.11's forward mode gives zero tangents) forward
-    mode with inference mode off, on copies of h and u, without a graph. For complex states f must
-    be holomorphic in h.
+    (where reverse mode records nothing and torch 2.11's forward mode gives zero tangents) the
+    products are taken with inference mode off, on copies of h and u: by reverse mode, or forward
+    mode where ``step`` reads tensors made in inference mode. For complex states f must be
+    holomorphic in h.
 
     Args:
         step: ``step(h [N, d], u [N, *]) -> [N, d]``.
@@ -200,10 +201,15 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
     """
     N, d = h.shape
     structure = as_structure(structure, d)
-    if inference_mode_on():  # reverse mode records nothing there: forward mode, on copies
+    if inference_mode_on():  # reverse mode records nothing there: the products are taken outside it, on copies
         with autodiff_outside_inference():
             h, u = h.clone(), u.clone()
             tangents = structure.probe_tangents(N, d, h.dtype, h.device)
+            if not (h.is_complex() or u.is_complex()) and not _reads_inference_tensors(step):
+                try:
+                    return _reverse_mode(step, h, u, structure, tangents)
+                except RuntimeError:  # step read another tensor made in inference mode: reverse mode cannot save it
+                    pass
             return _forward_mode(step, h, u, structure, tangents, False)
     tangents = structure.probe_tangents(N, d, h.dtype, h.device)  # [P, N, d]
     compiling = torch.compiler.is_compiling()
@@ -211,6 +217,13 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
             or u.is_complex()):
         return _reverse_mode(step, h, u, structure, tangents)
     return _forward_mode(step, h, u, structure, tangents, compiling)
+
+
+def _reads_inference_tensors(step) -> bool:
+    """Whether ``step``, a module's bound method, reads parameters or buffers made under
+    :func:`torch.inference_mode` (reverse mode cannot save them for backward; forward mode can)."""
+    owner = getattr(step, "__self__", None)
+    return isinstance(owner, nn.Module) and any(t.is_inference() for t in (*owner.parameters(), *owner.buffers()))
 
 
 def _forward_mode(step, h: torch.Tensor, u: torch.Tensor, structure, tangents: torch.Tensor, compiling: bool):
