@@ -199,23 +199,26 @@ def autodiff_step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor, structure
         ``(f [N, d], J)``, J in the structure's storage form (``[N, d]``, ``[N, d/k, k, k]`` or
         ``[N, d, d]``).
     """
-    N, d = h.shape
-    structure = as_structure(structure, d)
+    structure = as_structure(structure, h.shape[-1])
     if inference_mode_on():  # reverse mode records nothing there: the products are taken outside it, on copies
         with autodiff_outside_inference():
-            h, u = h.clone(), u.clone()
-            tangents = structure.probe_tangents(N, d, h.dtype, h.device)
-            if not (h.is_complex() or u.is_complex()) and not _reads_inference_tensors(step):
-                try:
-                    return _reverse_mode(step, h, u, structure, tangents)
-                except RuntimeError:  # step read another tensor made in inference mode: reverse mode cannot save it
-                    pass
-            return _forward_mode(step, h, u, structure, tangents, False)
+            return _autodiff(step, h.clone(), u.clone(), structure)
+    return _autodiff(step, h, u, structure)
+
+
+def _autodiff(step, h: torch.Tensor, u: torch.Tensor, structure):
+    """:func:`autodiff_step_and_jacobian` outside inference mode: reverse mode where no graph of J
+    is wanted and ``step`` reads no tensor made in inference mode (reverse mode cannot save one
+    for backward), else forward mode."""
+    N, d = h.shape
     tangents = structure.probe_tangents(N, d, h.dtype, h.device)  # [P, N, d]
     compiling = torch.compiler.is_compiling()
-    if not (compiling or torch.is_grad_enabled() or h.requires_grad or u.requires_grad or h.is_complex()
-            or u.is_complex()):
-        return _reverse_mode(step, h, u, structure, tangents)
+    graph = compiling or torch.is_grad_enabled() or h.requires_grad or u.requires_grad
+    if not (graph or h.is_complex() or u.is_complex() or _reads_inference_tensors(step)):
+        try:
+            return _reverse_mode(step, h, u, structure, tangents)
+        except RuntimeError:  # e.g. step read another tensor made in inference mode; an error of step's own raises again
+            pass
     return _forward_mode(step, h, u, structure, tangents, compiling)
 
 

@@ -305,9 +305,10 @@ def test_a_step_only_cell_solved_under_inference_mode_takes_newton_steps():
 @pytest.mark.parametrize("feature", ["default", "chunk_size", "lengths", "compile_cell", "sequential"])
 @pytest.mark.parametrize("cell_kind", ["zoo", "user"])
 def test_no_grad_contexts_solve_alike(feature, cell_kind):
-    """The same solve under no_grad, under inference_mode, and under inference_mode with the cell
-    made there: the same outputs, final state, Newton iterations and sweeps (a context where the
-    Jacobian degrades still converges, only by other means: the counts see it)."""
+    """The same solve under no_grad, under inference_mode, and with the cell made under
+    inference_mode, solved there or under no_grad (reverse mode cannot save its tensors): the same
+    outputs, final state, Newton iterations and sweeps (a context where the Jacobian degrades
+    still converges, only by other means: the counts see it)."""
     def run(make_in_inference: bool, context):
         torch.manual_seed(0)
         with torch.inference_mode(make_in_inference):
@@ -322,8 +323,8 @@ def test_no_grad_contexts_solve_alike(feature, cell_kind):
         return y, h, info
 
     y, h, ref = run(False, torch.no_grad)
-    for made_there in (False, True):
-        y2, h2, info = run(made_there, torch.inference_mode)
+    for made_there, context in ((False, torch.inference_mode), (True, torch.inference_mode), (True, torch.no_grad)):
+        y2, h2, info = run(made_there, context)
         torch.testing.assert_close(y2, y)
         torch.testing.assert_close(h2, h)
         assert (info.iterations, info.sweeps) == (ref.iterations, ref.sweeps)
