@@ -45,11 +45,9 @@ GRID = [(name, B, d, T) for name in GRID_CELLS for B in (1, 8, 32)
 
 
 def grid_work(name: str, B: int, d: int) -> int:
-    """The work per step (``step_work``) of the grid case ``name`` at ``B``, state size ``d``."""
-    from pararnn.solver.mode import step_work
-    from pararnn.structure import Block
-
-    return step_work(B, d, Block(2) if name == "paralstm" else "diagonal")
+    """The work per step (``step_work``) of the grid case ``name`` at ``B``, state size ``d``: as
+    its row's head reports it (:func:`_head`), from the cell's own state size and structure."""
+    return _head(name, B, 0, make(name, d))["work"]
 
 
 def make(name: str, d: int):

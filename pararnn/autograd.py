@@ -75,7 +75,7 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     during the call only: without gradients J's buffer is kept for the next solve).
     ``replay``: repeat the steps of a solve that converged (:func:`pararnn.solver.newton.replay_steps`).
     """
-    if compat.under_torch_func() or compat.forward_ad_active():
+    if under_functional_ad():
         raise RuntimeError(TORCH_FUNC_MSG)
     opts = resolve_compile(opts, cell, h0, *u.shape[:2])
     pctx = context_for(opts.process_group)
@@ -131,6 +131,12 @@ def split_pieces(x: torch.Tensor, pieces: list[tuple[int, int, int, int]], own_b
         return [flat]
     return list(flat.split([(b1 - b0) * (t1 - t0) for b0, b1, t0, t1 in pieces]))
 
+
+
+def under_functional_ad() -> bool:
+    """Whether a torch.func transform or a forward-mode AD level (``torch.autograd.forward_ad``) is
+    active: a parallel solve cannot run there (:data:`TORCH_FUNC_MSG`); only the loop traces."""
+    return compat.under_torch_func() or compat.forward_ad_active()
 
 
 TORCH_FUNC_MSG = (

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import compat
-from .autograd import TORCH_FUNC_MSG, parallel_solve
+from .autograd import TORCH_FUNC_MSG, parallel_solve, under_functional_ad
 from .cell import Cell
 from .chunking import chunk_steps, solve_in_chunks
 from .inputs import HALF, all_finite, autocast_dtype, check_x, make_h0, padding_mask, param_like, unpack
@@ -142,7 +142,7 @@ class RNN(nn.Module):
         mode = self.mode if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        functional = compat.under_torch_func() or compat.forward_ad_active()
+        functional = under_functional_ad()
         if functional:  # values cannot be inspected there: only the plain loop traces
             if mode == "parallel":
                 raise RuntimeError(TORCH_FUNC_MSG)
