@@ -49,7 +49,7 @@ class _Adjoint(torch.autograd.Function):
         return (None, None, gh0, None, None, None, None, *f_grads)
 
 
-class _Rows(torch.autograd.Function):
+class OwnTensor(torch.autograd.Function):
     """Identity that returns a tensor of its own over the same memory (not a view: no ``_base``;
     the same version counter, so autograd still sees an in-place write to the input)."""
 
@@ -121,12 +121,12 @@ def split_pieces(x: torch.Tensor, pieces: list[tuple[int, int, int, int]], own_b
     autograd's backward is one cat (a slice's backward writes a full-size tensor per slice). One
     piece is the flattened view itself, whose backward is a view too (a split would copy).
 
-    ``own_base``: the flattened ``[B·T, *]`` is first made a tensor of its own (:class:`_Rows`, no
+    ``own_base``: the flattened ``[B·T, *]`` is first made a tensor of its own (:class:`OwnTensor`, no
     copy), so the pieces are views of it and not of whatever ``x`` is a view of. A compiled piece
     guards on its input's view base, and the base of a linear layer's output is ``[T, *]`` at
     batch 1 and ``[B, T, *]`` above it: without this a batch of 1 compiled graphs of its own."""
     flat = x.reshape(-1, *x.shape[2:])
-    flat = _Rows.apply(flat) if own_base else flat
+    flat = OwnTensor.apply(flat) if own_base else flat
     if len(pieces) == 1:
         return [flat]
     return list(flat.split([(b1 - b0) * (t1 - t0) for b0, b1, t0, t1 in pieces]))

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import compat
-from .autograd import TORCH_FUNC_MSG, parallel_solve, under_functional_ad
+from .autograd import TORCH_FUNC_MSG, OwnTensor, parallel_solve, under_functional_ad
 from .cell import Cell
 from .chunking import chunk_steps, solve_in_chunks
 from .inputs import HALF, all_finite, autocast_dtype, check_x, make_h0, padding_mask, param_like, unpack
@@ -37,6 +37,10 @@ def _renamed(options: dict) -> dict:
     return options
 
 
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is ``b`` or a view of ``b``'s memory (of ``b`` itself or of the tensor ``b`` views)."""
+    base = b if b._base is None else b._base
+    return a is b or a is base or a._base is base
 
 class RNN(nn.Module):
     """Run a :class:`pararnn.Cell` over sequences.
@@ -245,6 +249,8 @@ class RNN(nn.Module):
                                      replay=replay)
         infos.setdefault(i, info)
         y = self.cell.output(H, x)
+        if y is H:  # the states themselves: y gets an autograd node of its own (no copy), so that h_last's
+            y = OwnTensor.apply(H)  # gradient does not pass through y's (hooks, retain_grad, autograd.grad of y)
         if mask is not None:  # zero at padded positions
             y = y * mask[..., None].to(y.dtype)
         return y, H[:, -1].clone(), info  # a copy: a view would keep the chunk's states alive
@@ -286,6 +292,8 @@ class RNN(nn.Module):
         h = make_h0(self.cell, h, u)
         h_next = self.cell.step(h, u[:, 0])
         y = self.cell.output(h_next.unsqueeze(1), x)[:, 0]
+        if _aliases(y, h_next):  # the state itself or a part of it (LSTM's h): an in-place op on y
+            y = y.clone()  # (y += skip, relu_) must not change the state the next step reads
         if mask is not None:
             keep = mask.to(x_t.device)[:, None]
             h_next = torch.where(keep, h_next, h)

@@ -2,12 +2,13 @@
 
 Each case runs one feature of :class:`pararnn.RNN` (chunking, variable lengths, packing, the
 compiled evaluation, autocast, sequential mode) inside one graph context (the input used twice, a
-skip connection, in-place ops on the output, ``retain_graph`` and a second backward, the module
-called twice in one graph, ``torch.func.functional_call``, ``torch.compile`` around it), and
-compares values, the final state and the gradients of x, h0 and every parameter, in float64, with
+skip connection, in-place ops on the output, gradient hooks on the outputs, gradients with respect
+to the outputs themselves, ``retain_graph`` and a second backward, the module called twice in one
+graph, ``torch.func.functional_call``, ``torch.compile`` around it), and compares values, the
+final state and the gradients of x, h0 and every parameter, in float64, with
 the same context built around a plain autograd loop written here. Padded steps hold NaN, which
 must reach nothing. Sequence parallelism over two gloo ranks: tests/parallel/test_distributed.py
-("contexts"); ``pararnn.nn`` with ``bidirectional`` and ``num_layers=2``: the last test here.
+("contexts"); ``pararnn.nn.GRU`` with ``num_layers=2``, one way and both: the last test here.
 """
 import pytest
 import torch
@@ -35,6 +36,7 @@ def loop(cell: pararnn.Cell, x: torch.Tensor, h0: torch.Tensor, mask: torch.Tens
         h = h_new if mask is None else torch.where(mask[:, t, None], h_new, h)
         hs.append(h)
     y = cell.output(torch.stack(hs, 1), x)
+    h = h.clone()  # a tensor of its own, as torch.nn.GRU's h_n: a hook on it sees only its own gradient
     return (y, h) if mask is None else (y * mask[..., None], h)
 
 
@@ -131,6 +133,18 @@ def ctx_inplace(m, x, h0):  # in-place ops on the output before the backward
     return [y, hT], _grads(_loss(y, hT), [x, h0, *m.cell.parameters()])
 
 
+def ctx_hook(m, x, h0):  # gradient hooks on the outputs: each scales only its own tensor's gradient
+    y, hT = m(x, h0)
+    y.register_hook(lambda g: 2 * g)
+    hT.register_hook(lambda g: -g)
+    return [y, hT], _grads(_loss(y, hT), [x, h0, *m.cell.parameters()])
+
+
+def ctx_output_grad(m, x, h0):  # gradients with respect to the outputs themselves (retain_grad, saliency)
+    y, hT = m(x, h0)
+    return [y, hT], _grads(_loss(y, hT), [y, hT, x, h0, *m.cell.parameters()])
+
+
 def ctx_retain(m, x, h0):  # two backward passes over one graph
     y, hT = m(x, h0)
     loss, leaves = _loss(y, hT), [x, h0, *m.cell.parameters()]
@@ -196,15 +210,18 @@ def test_gradients_in_every_graph_context(cell_name, feature, context):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m: f"gradient {i}: {m}")
 
 
-@pytest.mark.parametrize("context", ["plain", "skip", "inplace", "twice"])
+@pytest.mark.parametrize("context", ["plain", "skip", "inplace", "twice", "hook", "output_grad"])
 @pytest.mark.parametrize("chunk_size", [None, 16])
-def test_nn_gru_bidirectional_two_layers_in_graph_contexts(context, chunk_size):
-    """pararnn.nn.GRU(bidirectional=True, num_layers=2) against torch.nn.GRU with the same weights:
-    both directions read x, so chunking must sum the two directions' input gradients."""
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_nn_gru_two_layers_in_graph_contexts(context, chunk_size, bidirectional):
+    """pararnn.nn.GRU(num_layers=2), both ways, against torch.nn.GRU with the same weights: with
+    ``bidirectional`` both directions read x, so chunking must sum the two directions' input
+    gradients; one way, the output is the last layer's states, whose last step h_n also holds."""
     torch.manual_seed(0)
-    H = D // 2  # output 2H = D features: the skip and the second call are well formed
-    ref = nn.GRU(D, H, num_layers=2, bidirectional=True, batch_first=True).double()
-    ours = pararnn.nn.GRU(D, H, num_layers=2, bidirectional=True, batch_first=True, mode="parallel",
+    dirs = 2 if bidirectional else 1
+    H = D // dirs  # output dirs·H = D features: the skip and the second call are well formed
+    ref = nn.GRU(D, H, num_layers=2, bidirectional=bidirectional, batch_first=True).double()
+    ours = pararnn.nn.GRU(D, H, num_layers=2, bidirectional=bidirectional, batch_first=True, mode="parallel",
                           chunk_size=chunk_size).double()
     ours.load_state_dict(ref.state_dict())
 
@@ -218,7 +235,7 @@ def test_nn_gru_bidirectional_two_layers_in_graph_contexts(context, chunk_size):
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, T, D, dtype=torch.float64, generator=g).requires_grad_()
-    h0 = (0.5 * torch.randn(4, B, H, dtype=torch.float64, generator=g)).requires_grad_()
+    h0 = (0.5 * torch.randn(2 * dirs, B, H, dtype=torch.float64, generator=g)).requires_grad_()
     got_v, got_g = CONTEXTS[context](Wrap(ours), x, h0)
     want_v, want_g = CONTEXTS[context](Wrap(ref), x, h0)
     for a, b in zip(got_v, want_v, strict=True):

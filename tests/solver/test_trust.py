@@ -10,7 +10,7 @@ from helpers import DiagGRU
 
 import pararnn
 from pararnn.verify import CellCheckError
-from pararnn.models import ParaGRU, SequenceModel
+from pararnn.models import ParaGRU, ParaLSTM, SequenceModel
 from pararnn.solver.newton import STALL_RATIO, correction_at_floor
 
 
@@ -63,6 +63,40 @@ def test_generate_with_a_tiny_temperature_is_greedy():
     prompt = torch.randint(0, 13, (3, 5))
     tiny = model.generate(prompt, 6, temperature=1e-45, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(tiny, model.generate(prompt, 6, temperature=0))
+
+
+# ---------------------------------------------------------------- outputs are tensors of their own
+@pytest.mark.parametrize("make", [lambda: ParaGRU(6, 6), lambda: ParaLSTM(6, 3), lambda: DiagGRU(6, 6)],
+                         ids=["output_is_state", "output_is_part_of_state", "user_cell"])
+def test_one_step_output_does_not_alias_the_state(make):
+    """``RNN.step`` returns y and the next state; an in-place op on y (``y += skip``, ``relu_``)
+    must leave the state the next step reads unchanged (y was the state itself, or LSTM's h half)."""
+    torch.manual_seed(0)
+    rnn = pararnn.RNN(make())
+    x_t = torch.randn(2, 6)
+    y, h = rnn.step(x_t)
+    want = h.clone()
+    y.mul_(-2)
+    torch.relu_(y)
+    torch.testing.assert_close(h, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("extra", [{}, {"mode": "sequential"}, {"chunk_size": 16}, {"compile_cell": True}],
+                         ids=["parallel", "sequential", "chunk_size", "compile_cell"])
+def test_forward_outputs_are_tensors_of_their_own(extra):
+    """As torch.nn.GRU's: neither output is a view (``y.detach_()`` works, as in TBPTT loops), and
+    y's gradient is dL/dy alone, not h_T's added at the last step (the gradient-context matrix
+    checks hooks and output gradients in every feature)."""
+    torch.manual_seed(0)
+    rnn = pararnn.RNN(ParaGRU(4, 4), **extra)
+    x = torch.randn(2, 40, 4, requires_grad=True)
+    y, h = rnn(x)
+    assert y._base is None and h._base is None
+    gy, gh = torch.autograd.grad(y.sin().sum() + 3 * h.sum(), (y, h))
+    torch.testing.assert_close(gy, y.detach().cos())
+    torch.testing.assert_close(gh, torch.full_like(h, 3.0))
+    y.detach_()
+    assert not y.requires_grad
 
 
 # ---------------------------------------------------------------- the correction's stall rule
