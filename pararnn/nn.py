@@ -129,25 +129,58 @@ class _RNNBase:
                            "torch.nn." + type(self).__name__ + " with the same state_dict for TorchScript.")
 
     # ------------------------------------------------------------------ state layout
-    def _state_from_hx(self, hx, B: int) -> torch.Tensor | None:
-        """``hx [L·D, B, H]`` -> states ``[L·D, B, state]`` (None: zeros)."""
-        if hx is None:
-            return None
-        self._check_hx(hx, "hx", B)
+    def _state_from_hx(self, hx) -> torch.Tensor | None:
+        """``hx [L·D, B, H]`` (checked by :meth:`_check_args`) -> states ``[L·D, B, state]`` (None: zeros)."""
         return hx
 
     def _hx_from_state(self, hn: torch.Tensor):
         return hn
 
-    def _check_hx(self, h, name: str, B: int) -> None:
-        want = (self.num_layers * (2 if self.bidirectional else 1), B, self.hidden_size)
-        if not isinstance(h, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor {list(want)}, got {type(h).__name__}")
-        if tuple(h.shape) != want:
-            raise ValueError(f"{name} must be [num_layers*num_directions, batch, hidden_size] = {list(want)}, "
-                             f"got {list(h.shape)}")
-
     # ------------------------------------------------------------------ forward
+    def _check_args(self, input, hx) -> None:
+        """torch.nn's argument checks, with its exception types and in its order: the input's and
+        hx's dimensions, torch's own ``check_input`` (input size, dtype), then hx's shape and dtype,
+        with messages that name h0/c0/hx (torch's kernel raises a RuntimeError for the dtype)."""
+        name = next(c.__name__ for c in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(self, c))
+        lstm = isinstance(self, nn.LSTM)
+        if lstm and hx is not None and (not isinstance(hx, tuple) or len(hx) != 2):
+            raise TypeError("hx must be a tuple (h0, c0) for an LSTM")
+        hs = None if hx is None else (hx if lstm else (hx,))
+        if hs is not None and not all(isinstance(h, torch.Tensor) for h in hs):
+            raise TypeError(f"hx must be a torch.Tensor (LSTM: a tuple of two), got {type(hx).__name__}")
+        if isinstance(input, PackedSequence):
+            x, batch_sizes = input.data, input.batch_sizes
+        else:
+            if not isinstance(input, torch.Tensor):
+                raise TypeError(f"input must be a torch.Tensor or a PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            batched, batch_sizes = input.dim() == 3, None
+            if hs is not None and any(h.dim() != (3 if batched else 2) for h in hs):
+                which = "hx and cx" if lstm else "hx"
+                got = ", ".join(f"{h.dim()}-D" for h in hs)
+                raise RuntimeError(f"For {'batched 3' if batched else 'unbatched 2'}-D input, {which} should also "
+                                   f"be {3 if batched else 2}-D but got ({got}) tensor{'s' if lstm else ''}")
+            x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
+            hs = hs if hs is None or batched else tuple(h.unsqueeze(1) for h in hs)
+        getattr(self, "_update_flat_weights", lambda: None)()  # torch's check reads its weight list
+        self.check_input(x, batch_sizes)  # torch's: input size (RuntimeError) and dtype (ValueError)
+        if hs is None:
+            return
+        want = tuple(self.get_expected_hidden_size(x, batch_sizes))  # (L·D, B, H), as torch's check
+        autocast = torch.is_autocast_enabled(x.device.type)
+        for h, arg in zip(hs, ("h0", "c0") if lstm else ("hx",), strict=True):
+            if tuple(h.shape) != want:  # torch's RuntimeError, naming the argument
+                raise RuntimeError(f"Expected hidden size {want}, got {list(h.shape)}: {arg} must be "
+                                   "[num_layers*num_directions, batch, hidden_size]")
+            if h.dtype != x.dtype and not autocast:  # torch's kernel raises a RuntimeError
+                raise RuntimeError(f"{arg} dtype ({h.dtype}) does not match input dtype ({x.dtype}): "
+                                   f"convert it ({arg}.to({x.dtype}))")
+
+    def _forward_torch(self, input, hx):
+        """torch.nn's own forward (the torch.nn class after this mixin), with these parameters."""
+        return super().forward(input, hx)
+
     def forward(self, input, hx=None):
         """``input``: ``[T, B, H_in]`` (``[B, T, H_in]`` if batch_first), ``[T, H_in]`` unbatched,
         or a ``PackedSequence``. ``hx``: ``[num_layers·dirs, B, H]`` (LSTM: a tuple ``(h0, c0)``).
@@ -167,28 +200,26 @@ class _RNNBase:
             return self._forward(input, hx)
 
     def _forward(self, input, hx):
+        if isinstance(hx, list):
+            hx = tuple(hx)
+        self._check_args(input, hx)
         packed = isinstance(input, PackedSequence)
         unbatched = False
         if packed:
             x, lengths = pad_packed_sequence(input, batch_first=True)  # [B, T, H_in], original order
             lengths = lengths.to(x.device)
         else:
-            if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
-                raise ValueError(f"input must be a 3-D tensor [T, B, H_in] ([B, T, H_in] if batch_first), "
-                                 f"a 2-D unbatched [T, H_in] or a PackedSequence, got {getattr(input, 'shape', type(input))}")
             unbatched = input.dim() == 2
             x = input.unsqueeze(0) if unbatched else (input if self.batch_first else input.transpose(0, 1))
             lengths = None
             if unbatched and hx is not None:
                 hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"input must have input_size = {self.input_size} features, got {x.shape[-1]}")
-        w = self.weight_ih_l0
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({w.dtype}): convert the "
-                             f"input (input.to({w.dtype})) or the model (model.to({x.dtype}))")
         B = x.shape[0]
-        states = self._state_from_hx(hx, B)  # [L·D, B, state] or None
+        if x.shape[1] == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")  # torch's words
+        if B == 0:  # torch.nn's own forward: empty outputs, connected to the weights as torch's are
+            return self._forward_torch(input, hx)
+        states = self._state_from_hx(hx)  # [L·D, B, state] or None
         dirs = 2 if self.bidirectional else 1
         finals = []
         for layer in range(self.num_layers):
@@ -307,16 +338,8 @@ class LSTM(_RNNBase, nn.LSTM):
         nn.LSTM.__init__(self, *args, **kwargs)
         self._init_solvers(solver_mode, options)
 
-    def _state_from_hx(self, hx, B):
-        if hx is None:
-            return None
-        if isinstance(hx, list):
-            hx = tuple(hx)
-        if not isinstance(hx, tuple) or len(hx) != 2:
-            raise TypeError("hx must be a tuple (h0, c0) for an LSTM")
-        self._check_hx(hx[0], "h0", B)
-        self._check_hx(hx[1], "c0", B)
-        return torch.cat(hx, -1)  # [L·D, B, 2H]: one head, state = [h, c]
+    def _state_from_hx(self, hx):
+        return None if hx is None else torch.cat(hx, -1)  # [L·D, B, 2H]: one head, state = [h, c]
 
     def _hx_from_state(self, hn):
         return hn[..., :self.hidden_size], hn[..., self.hidden_size:]

@@ -250,7 +250,9 @@ class RNN(nn.Module):
         infos.setdefault(i, info)
         y = self.cell.output(H, x)
         if y is H:  # the states themselves: y gets an autograd node of its own (no copy), so that h_last's
-            y = OwnTensor.apply(H)  # gradient does not pass through y's (hooks, retain_grad, autograd.grad of y)
+            # gradient does not pass through y's (hooks, retain_grad, autograd.grad of y); a view under
+            # torch.func and forward-mode AD, which a custom Function without a jvp rule cannot enter
+            y = H.view_as(H) if under_functional_ad() else OwnTensor.apply(H)
         if mask is not None:  # zero at padded positions
             y = y * mask[..., None].to(y.dtype)
         return y, H[:, -1].clone(), info  # a copy: a view would keep the chunk's states alive

@@ -193,6 +193,48 @@ def test_nn_input_of_another_dtype_is_a_value_error_as_in_torch():
         pararnn.nn.GRU(3, 4)(torch.randn(5, 2, 3, dtype=torch.float64))
 
 
+def _hx(module: str, *shape, dtype=torch.float32):
+    h = torch.zeros(*shape, dtype=dtype)
+    return (h, h.clone()) if module == "LSTM" else h
+
+
+FORWARD_CASES = {  # name: (input, hx (module name -> hx)): inputs torch.nn refuses, or takes at batch 0
+    "input_size": (lambda: torch.randn(5, 2, 7), lambda m: None),
+    "1-D input": (lambda: torch.randn(3), lambda m: None),
+    "4-D input": (lambda: torch.randn(1, 5, 2, 3), lambda m: None),
+    "hx 3-D, input unbatched": (lambda: torch.randn(5, 3), lambda m: _hx(m, 1, 1, 4)),
+    "hx 2-D, input batched": (lambda: torch.randn(5, 2, 3), lambda m: _hx(m, 2, 4)),
+    "hx batch": (lambda: torch.randn(5, 2, 3), lambda m: _hx(m, 1, 3, 4)),
+    "hx hidden size": (lambda: torch.randn(5, 2, 3), lambda m: _hx(m, 1, 2, 5)),
+    "hx dtype": (lambda: torch.randn(5, 2, 3), lambda m: _hx(m, 1, 2, 4, dtype=torch.float64)),
+    "T = 0": (lambda: torch.randn(0, 2, 3), lambda m: None),
+    "B = 0": (lambda: torch.randn(5, 0, 3), lambda m: None),
+    "B = 0 with hx": (lambda: torch.randn(5, 0, 3), lambda m: _hx(m, 1, 0, 4)),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+@pytest.mark.parametrize("module", ["GRU", "LSTM", "RNN"])
+def test_nn_forward_raises_what_torch_raises(module, case):
+    """The drop-ins' forward refuses what torch.nn's refuses, with its exception type, and
+    returns what torch.nn's returns where it accepts (batch 0: empty outputs)."""
+    make_x, make_hx = FORWARD_CASES[case]
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, module)(3, 4)
+    ours = getattr(pararnn.nn, module)(3, 4)
+    ours.load_state_dict(ref.state_dict())
+    x, hx = make_x(), make_hx(module)
+    try:
+        want = ref(x, hx)
+    except Exception as e:  # noqa: BLE001 - the type torch raises is the expectation
+        with pytest.raises(type(e)):
+            ours(x, hx)
+        return
+    got = ours(x, hx)
+    torch.testing.assert_close(got, want)
+    assert got[0].requires_grad == want[0].requires_grad
+
+
 def test_linear_scan_h0_dtype_is_checked_with_and_without_cu_seqlens():
     A, b = torch.rand(1, 6, 4), torch.randn(1, 6, 4)
     h0 = torch.randn(2, 4, dtype=torch.float64)
