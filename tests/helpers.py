@@ -1,4 +1,5 @@
-"""User-style cells written the way a user would, for the engine tests."""
+"""User-style cells written the way a user would, and the plain autograd loop the gradient tests
+compare with, for the engine tests."""
 import importlib.util
 import os
 
@@ -111,6 +112,22 @@ def make_cell(kind, din=3, d=6, dtype=torch.float64):
 
 
 KINDS = ["diagonal", "block2", "block3", "dense"]
+
+
+def loop(cell: pararnn.Cell, x: torch.Tensor, h0: torch.Tensor, mask: torch.Tensor | None = None):
+    """The reference: ``h_t = step(h_{t-1}, u_t)`` by plain autograd; padded steps keep the state
+    and read no input (x is zeroed there first), and y is zero there."""
+    if mask is not None:
+        x = x.masked_fill(~mask[..., None], 0)
+    u = cell.prepare(x)
+    h, hs = h0, []
+    for t in range(x.shape[1]):
+        h_new = cell.step(h, u[:, t])
+        h = h_new if mask is None else torch.where(mask[:, t, None], h_new, h)
+        hs.append(h)
+    y = cell.output(torch.stack(hs, 1), x)
+    h = h.clone()  # a tensor of its own, as torch.nn.GRU's h_n: a hook on it sees only its own gradient
+    return (y, h) if mask is None else (y * mask[..., None], h)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

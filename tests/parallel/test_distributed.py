@@ -191,10 +191,10 @@ def _shooting_case(rank, world):
 
 def _contexts_case(rank, world):
     """The gradient-context matrix (test_grad_contexts.py) under sequence parallelism: a skip
-    connection, the input used twice, in-place ops on the output and a second backward, with and
-    without chunk_size, against a plain autograd loop over the whole sequence (fp64)."""
-    from helpers import DiagGRU
-    from test_grad_contexts import loop
+    connection, the input used twice, in-place ops on the output, gradient hooks on the outputs and
+    a second backward, with and without chunk_size, against a plain autograd loop over the whole
+    sequence (fp64)."""
+    from helpers import DiagGRU, loop
 
     T = T_FULL * 3
     sl = _bounds(T, world, rank)
@@ -213,11 +213,14 @@ def _contexts_case(rank, world):
             y.mul_(1.5)
             y += xs
             torch.relu_(y)
+        elif context == "hook":  # each hook scales only its own tensor's gradient
+            y.register_hook(lambda g: 2 * g)
+            hT.register_hook(lambda g: None if g is None else -g)  # None where hT is not in the loss
         loss = (y * gys).sum() + ((hT * gh).sum() if last else 0.0)
         return loss + (xs.sin().sum() if context == "input_twice" else 0.0)
 
     for chunk_size in (None, 4):
-        for context in ("skip", "input_twice", "inplace", "retain"):
+        for context in ("skip", "input_twice", "inplace", "hook", "retain"):
             xf, h0f = x.clone().requires_grad_(), h0.clone().requires_grad_()
             ref, ref_h = loop(cell, xf, h0f)
             ref_grads = torch.autograd.grad(graph(ref, ref_h, xf, gy, context, True), [xf, h0f, *cell.parameters()])

@@ -12,7 +12,7 @@ must reach nothing. Sequence parallelism over two gloo ranks: tests/parallel/tes
 """
 import pytest
 import torch
-from helpers import DiagGRU
+from helpers import DiagGRU, loop
 from torch import nn
 
 import pararnn
@@ -22,22 +22,6 @@ B, T, D = 3, 70, 4  # input size = state size, so that y + x and m(y) are well f
 LENGTHS = torch.tensor([70, 33, 1])
 # chunk_size="auto" takes multiples of 64 steps: this budget gives 64 (+ 6) for the diagonal cells
 AUTO_BUDGET = B * 8 * 8 * 2 * D * 64
-
-
-def loop(cell: pararnn.Cell, x: torch.Tensor, h0: torch.Tensor, mask: torch.Tensor | None = None):
-    """The reference: ``h_t = step(h_{t-1}, u_t)`` by plain autograd; padded steps keep the state
-    and read no input (x is zeroed there first), and y is zero there."""
-    if mask is not None:
-        x = x.masked_fill(~mask[..., None], 0)
-    u = cell.prepare(x)
-    h, hs = h0, []
-    for t in range(x.shape[1]):
-        h_new = cell.step(h, u[:, t])
-        h = h_new if mask is None else torch.where(mask[:, t, None], h_new, h)
-        hs.append(h)
-    y = cell.output(torch.stack(hs, 1), x)
-    h = h.clone()  # a tensor of its own, as torch.nn.GRU's h_n: a hook on it sees only its own gradient
-    return (y, h) if mask is None else (y * mask[..., None], h)
 
 
 def _mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
