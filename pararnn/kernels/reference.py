@@ -39,4 +39,6 @@ def scan_reference(
         else:
             h = bs[t] if h is None else structure.matvec(As[t], h) + bs[t]
         out[t] = h
-    return torch.stack(out, dim=1)
+    # cat, not stack: inside the custom op (below autograd) stack returns a view of a [B, T·d] cat,
+    # and an op's output that is a view cannot be modified in place (h += 1) by the caller
+    return torch.cat([h_t.unsqueeze(1) for h_t in out], dim=1)

@@ -97,6 +97,19 @@ def test_gradients_match_autograd_of_loop(structure, dtype, reverse, backend):
         assert rel_err(x, y) < 1e-12
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference", "assoc"])
+def test_output_is_a_tensor_of_its_own(backend):
+    """Not a view (the reference's stack was one, inside the custom op, so ``h += 1`` raised
+    torch's "view created inside a custom Function"): modified in place, the backward, which
+    needs h, raises autograd's in-place error, as for any op that saves its output."""
+    A, b, h0 = (t.requires_grad_() for t in make("diagonal", 2, 11, 6, torch.float64))
+    out = pararnn.linear_scan(A, b, h0, backend=backend)
+    assert out._base is None
+    out += 1
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("structure", ["diagonal", Block(2), Block(2, shared=True), "dense"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 def test_gradcheck(structure, dtype):
