@@ -341,8 +341,8 @@ class LSTM(_RNNBase, nn.LSTM):
     def _state_from_hx(self, hx):
         return None if hx is None else torch.cat(hx, -1)  # [L·D, B, 2H]: one head, state = [h, c]
 
-    def _hx_from_state(self, hn):
-        return hn[..., :self.hidden_size], hn[..., self.hidden_size:]
+    def _hx_from_state(self, hn):  # copies, not views of one tensor: h_n.detach_() works, as in torch.nn
+        return hn[..., :self.hidden_size].clone(), hn[..., self.hidden_size:].clone()
 
 
 def safe_globals() -> list:

@@ -253,6 +253,8 @@ class RNN(nn.Module):
             # gradient does not pass through y's (hooks, retain_grad, autograd.grad of y); a view under
             # torch.func and forward-mode AD, which a custom Function without a jvp rule cannot enter
             y = H.view_as(H) if under_functional_ad() else OwnTensor.apply(H)
+        elif not chunked and _aliases(y, H):  # a part of the states (LSTM's h): a copy, as torch.nn.LSTM's
+            y = y.clone()  # output is no view (y.detach_()); a chunk is copied into the output buffer anyway
         if mask is not None:  # zero at padded positions
             y = y * mask[..., None].to(y.dtype)
         return y, H[:, -1].clone(), info  # a copy: a view would keep the chunk's states alive

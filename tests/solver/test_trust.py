@@ -83,12 +83,14 @@ def test_one_step_output_does_not_alias_the_state(make):
 
 @pytest.mark.parametrize("extra", [{}, {"mode": "sequential"}, {"chunk_size": 16}, {"compile_cell": True}],
                          ids=["parallel", "sequential", "chunk_size", "compile_cell"])
-def test_forward_outputs_are_tensors_of_their_own(extra):
+@pytest.mark.parametrize("make", [lambda: ParaGRU(4, 4), lambda: ParaLSTM(4, 2)],
+                         ids=["output_is_state", "output_is_part_of_state"])
+def test_forward_outputs_are_tensors_of_their_own(make, extra):
     """As torch.nn.GRU's: neither output is a view (``y.detach_()`` works, as in TBPTT loops), and
     y's gradient is dL/dy alone, not h_T's added at the last step (the gradient-context matrix
     checks hooks and output gradients in every feature)."""
     torch.manual_seed(0)
-    rnn = pararnn.RNN(ParaGRU(4, 4), **extra)
+    rnn = pararnn.RNN(make(), **extra)
     x = torch.randn(2, 40, 4, requires_grad=True)
     y, h = rnn(x)
     assert y._base is None and h._base is None
@@ -97,6 +99,17 @@ def test_forward_outputs_are_tensors_of_their_own(extra):
     torch.testing.assert_close(gh, torch.full_like(h, 3.0))
     y.detach_()
     assert not y.requires_grad
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("module", ["GRU", "LSTM", "RNN"])
+def test_nn_outputs_are_no_views_as_in_torch(module, batch_first):
+    """torch.nn's batched outputs are no views: ``h_n.detach_()`` (a TBPTT loop) works on ours too."""
+    m = getattr(pararnn.nn, module)(3, 4, batch_first=batch_first)
+    out, hn = m(torch.randn(5, 6, 3))
+    for t in (out, *(hn if isinstance(hn, tuple) else (hn,))):
+        assert t._base is None
+        t.detach_()
 
 
 # ---------------------------------------------------------------- the correction's stall rule
