@@ -197,7 +197,40 @@ class _RNNBase:
         with parametrize.cached():  # parametrized weights: computed once, in the caller's grad mode
             for name in getattr(self, "parametrizations", {}):
                 getattr(self, name)
-            return self._forward(input, hx)
+            packed = isinstance(input, PackedSequence)  # and then: whether its lengths differ
+            kind = bool((input.batch_sizes != input.batch_sizes[0]).any()) if packed else None
+            x = input.data if packed else input
+            dtype = self._autocast_output_dtype(x, kind) if isinstance(x, torch.Tensor) else None
+            outputs = self._forward(input, hx)  # under autocast: the projections in its dtype, the state not
+            return outputs if dtype is None else _cast_outputs(outputs, dtype)
+
+    def _autocast_output_dtype(self, x: torch.Tensor, kind: bool | None) -> torch.dtype | None:
+        """Under autocast, the dtype torch.nn's module returns for input ``x`` (None without autocast).
+
+        Autocast's policy for torch's RNN ops differs by op, device, input kind and torch version
+        (CPU, torch 2.13: LSTM and RNN return the lower precision, GRU its input's dtype, and LSTM
+        given a PackedSequence whose lengths differ returns float32), so it is read off torch.nn's
+        own forward on a probe of the same kind (``kind``: None for a tensor, else whether the
+        PackedSequence's lengths differ) of one or two steps, once per class, device type, autocast
+        dtype, kind, and input and weight dtypes."""
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return None
+        key = (type(self), device, torch.get_autocast_dtype(device), kind, x.dtype, self.weight_ih_l0.dtype)
+        if key not in _AUTOCAST_DTYPES:
+            _AUTOCAST_DTYPES[key] = self._torch_output_dtype(x, kind)
+        return _AUTOCAST_DTYPES[key]
+
+    @torch.compiler.disable
+    def _torch_output_dtype(self, x: torch.Tensor, kind: bool | None) -> torch.dtype:
+        steps = x.new_zeros(2, 2, self.input_size)  # [B = 2, T = 2, H_in]
+        if kind is None:
+            probe = steps[0]  # unbatched [T = 2, H_in]
+        else:  # lengths (2, 1) where the input's differ, else (2, 2)
+            probe = pack_padded_sequence(steps, torch.tensor([2, 1 if kind else 2]), batch_first=True)
+        with torch.no_grad():
+            out, _ = self._forward_torch(probe, None)
+        return (out if kind is None else out.data).dtype
 
     def _forward(self, input, hx):
         if isinstance(hx, list):
@@ -245,6 +278,17 @@ class _RNNBase:
         # torch's layout (contiguous [T, B, H] when time-major): a later dropout draws its mask in
         # memory order, so the same seed gives the same mask as after torch.nn's module
         return (x if self.batch_first else x.transpose(0, 1).contiguous()), hn
+
+
+_AUTOCAST_DTYPES: dict[tuple, torch.dtype] = {}  # see _RNNBase._autocast_output_dtype
+
+
+def _cast_outputs(outputs, dtype: torch.dtype):
+    """``(output, h_n)`` (a PackedSequence output, an LSTM's ``(h_n, c_n)``) cast to ``dtype``."""
+    out, hn = outputs
+    out = out._replace(data=out.data.to(dtype)) if isinstance(out, PackedSequence) else out.to(dtype)
+    hn = tuple(h.to(dtype) for h in hn) if isinstance(hn, tuple) else hn.to(dtype)
+    return out, hn
 
 
 def _reverse_within(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:

@@ -169,6 +169,33 @@ def test_bad_arguments_are_named(call, match):
         call()
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("module", ["GRU", "LSTM", "RNN"])
+def test_autocast_returns_torch_nn_s_dtypes(module, x_dtype):
+    """Under CPU autocast the drop-ins return the dtypes torch.nn's modules return (which differ by
+    op and input kind: on torch 2.13, LSTM and RNN the lower precision, GRU its input's, LSTM with a
+    PackedSequence of unequal lengths float32), with bf16-close values, and gradients reach the
+    weights."""
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, module)(3, 8, batch_first=True)
+    ours = getattr(pararnn.nn, module)(3, 8, batch_first=True)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 20, 3).to(x_dtype)
+    pack = torch.nn.utils.rnn.pack_padded_sequence
+    for inp in (x, pack(x, torch.tensor([20, 9]), batch_first=True), pack(x, torch.tensor([20, 20]), batch_first=True)):
+        with torch.autocast("cpu", torch.bfloat16):
+            want, want_h = ref(inp)
+            got, got_h = ours(inp)
+        if isinstance(inp, torch.nn.utils.rnn.PackedSequence):
+            want, got = want.data, got.data
+        want_h, got_h = (want_h, got_h) if module == "LSTM" else ((want_h,), (got_h,))
+        for a, b in zip((got, *got_h), (want, *want_h), strict=True):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=3e-2)
+        got.float().sum().backward()
+        assert ours.weight_hh_l0.grad is not None and bool(ours.weight_hh_l0.grad.abs().sum() > 0)
+
+
 def test_chunk_size_on_the_drop_ins():
     ref, ours = _pair("LSTM", "parallel", input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
     chunked = pararnn.nn.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, mode="parallel",
