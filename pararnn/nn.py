@@ -197,15 +197,13 @@ class _RNNBase:
         with parametrize.cached():  # parametrized weights: computed once, in the caller's grad mode
             for name in getattr(self, "parametrizations", {}):
                 getattr(self, name)
-            packed = isinstance(input, PackedSequence)  # and then: whether its lengths differ
-            kind = bool((input.batch_sizes != input.batch_sizes[0]).any()) if packed else None
-            x = input.data if packed else input
-            dtype = self._autocast_output_dtype(x, kind) if isinstance(x, torch.Tensor) else None
             outputs = self._forward(input, hx)  # under autocast: the projections in its dtype, the state not
+            dtype = self._autocast_output_dtype(input)
             return outputs if dtype is None else _cast_outputs(outputs, dtype)
 
-    def _autocast_output_dtype(self, x: torch.Tensor, kind: bool | None) -> torch.dtype | None:
-        """Under autocast, the dtype torch.nn's module returns for input ``x`` (None without autocast).
+    def _autocast_output_dtype(self, input) -> torch.dtype | None:
+        """Under autocast, the dtype torch.nn's module returns for ``input`` (a tensor or a
+        PackedSequence, already checked); None without autocast.
 
         Autocast's policy for torch's RNN ops differs by op, device, input kind and torch version
         (CPU, torch 2.13: LSTM and RNN return the lower precision, GRU its input's dtype, and LSTM
@@ -213,9 +211,12 @@ class _RNNBase:
         own forward on a probe of the same kind (``kind``: None for a tensor, else whether the
         PackedSequence's lengths differ) of one or two steps, once per class, device type, autocast
         dtype, kind, and input and weight dtypes."""
+        packed = isinstance(input, PackedSequence)
+        x = input.data if packed else input
         device = x.device.type
         if not torch.is_autocast_enabled(device):
             return None
+        kind = bool((input.batch_sizes != input.batch_sizes[0]).any()) if packed else None
         key = (type(self), device, torch.get_autocast_dtype(device), kind, x.dtype, self.weight_ih_l0.dtype)
         if key not in _AUTOCAST_DTYPES:
             _AUTOCAST_DTYPES[key] = self._torch_output_dtype(x, kind)
