@@ -42,6 +42,7 @@ def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
     base = b if b._base is None else b._base
     return a is b or a is base or a._base is base
 
+
 class RNN(nn.Module):
     """Run a :class:`pararnn.Cell` over sequences.
 
@@ -249,14 +250,14 @@ class RNN(nn.Module):
                                      replay=replay)
         infos.setdefault(i, info)
         y = self.cell.output(H, x)
-        if y is H:  # the states themselves: y gets an autograd node of its own (no copy), so that h_last's
+        if mask is not None:  # zero at padded positions (a tensor of its own)
+            y = y * mask[..., None].to(y.dtype)
+        elif y is H:  # the states themselves: y gets an autograd node of its own (no copy), so that h_last's
             # gradient does not pass through y's (hooks, retain_grad, autograd.grad of y); a view under
             # torch.func and forward-mode AD, which a custom Function without a jvp rule cannot enter
             y = H.view_as(H) if under_functional_ad() else OwnTensor.apply(H)
         elif not chunked and _aliases(y, H):  # a part of the states (LSTM's h): a copy, as torch.nn.LSTM's
             y = y.clone()  # output is no view (y.detach_()); a chunk is copied into the output buffer anyway
-        if mask is not None:  # zero at padded positions
-            y = y * mask[..., None].to(y.dtype)
         return y, H[:, -1].clone(), info  # a copy: a view would keep the chunk's states alive
 
     @torch.no_grad()
@@ -296,11 +297,11 @@ class RNN(nn.Module):
         h = make_h0(self.cell, h, u)
         h_next = self.cell.step(h, u[:, 0])
         y = self.cell.output(h_next.unsqueeze(1), x)[:, 0]
-        if _aliases(y, h_next):  # the state itself or a part of it (LSTM's h): an in-place op on y
-            y = y.clone()  # (y += skip, relu_) must not change the state the next step reads
         if mask is not None:
             keep = mask.to(x_t.device)[:, None]
             h_next = torch.where(keep, h_next, h)
             y = y * keep.to(y.dtype)
+        elif _aliases(y, h_next):  # the state itself or a part of it (LSTM's h): an in-place op on y
+            y = y.clone()  # (y += skip, relu_) must not change the state the next step reads
         return y, h_next
 
