@@ -7,6 +7,7 @@ The module validates its inputs, chooses the mode and calls the engine: :mod:`pa
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import warnings
 
@@ -26,6 +27,7 @@ from .solver.mode import choose_mode
 from .solver.newton import replay_steps
 from .solver.options import SolverInfo, SolverOptions, SolveStats
 from .structure import run_transition
+from .verify import untouched_rng
 
 MODES = ("parallel", "sequential", "auto")
 
@@ -156,10 +158,12 @@ class RNN(nn.Module):
         mask = padding_mask(lengths, x, opts.process_group)  # [B, T] or None
         if mask is not None:  # padding is padding: whatever it holds reaches no product, output or gradient
             x = x.masked_fill(~mask[..., None], 0)
-        # with chunk_size every chunk prepares its own inputs: here one step, for dtypes and shapes
+        # with chunk_size every chunk prepares its own inputs: here one step, for dtypes and shapes,
+        # drawing nothing from the caller's random stream (a dropout in prepare: the chunks draw theirs)
         chunked = opts.chunk_size is not None
         xp = x[:, :1] if chunked else x
-        u = self._prepare(xp)  # [B, T, *]
+        with untouched_rng(x.device) if chunked else contextlib.nullcontext():
+            u = self._prepare(xp)  # [B, T, *]
         low = autocast_dtype(u.device)
         real = u.real.dtype if u.is_complex() else u.dtype
         # step's matmuls run in `low`: converge to its precision (autocast leaves float64 alone)

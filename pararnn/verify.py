@@ -282,15 +282,29 @@ def verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
 
 
 
+def untouched_rng(device: torch.device):
+    """A context in which random draws (a dropout in ``prepare``) leave the caller's generator as
+    it was: pararnn's own checks must not shift the user's random stream."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def check_prepare_is_per_step(cell, x: torch.Tensor, n: int = 6) -> None:
     """``chunk_size`` prepares each chunk on its own, which is right only if ``prepare`` acts on each
-    time step independently: checked once per cell on the first ``n`` steps of one sequence."""
+    time step independently: checked once per cell on the first ``n`` steps of one sequence, in
+    eval mode (a dropout in ``prepare`` draws two different masks) and with the random stream
+    untouched."""
     done = CellFacts.of(cell).verified
     if "prepare_per_step" in done or x.shape[1] < 3:
         return
     xs = x[:1, :n].detach()
-    with torch.no_grad():
-        whole, tail = cell.prepare(xs)[:, 2:], cell.prepare(xs[:, 2:])
+    modes = {m: m.training for m in cell.modules()}
+    try:
+        with torch.no_grad(), untouched_rng(x.device):
+            cell.eval()
+            whole, tail = cell.prepare(xs)[:, 2:], cell.prepare(xs[:, 2:])
+    finally:
+        for m, training in modes.items():
+            m.training = training
     if not torch.allclose(whole, tail, rtol=1e-4, atol=1e-6 * (1 + float(whole.abs().max()))):
         raise ValueError(f"chunk_size needs a prepare() that acts on each time step on its own, but "
                          f"{type(cell).__name__}.prepare mixes time steps (e.g. a convolution over T): "

@@ -296,3 +296,41 @@ def test_replay_steps_only_for_clean_parallel_solves():
                                    fell_back=~ok)) is None
     assert replay_steps(SolverInfo(mode="parallel", iterations=3, converged=ok, fell_back=~ok, safeguarded=True)) is None
     assert replay_steps(SolverInfo(mode="sequential")) is None and replay_steps(None) is None
+
+
+class _DropoutGRU(DiagGRU):
+    """Dropout in ``prepare``, where the guide puts a cell's dropout."""
+
+    def prepare(self, x):
+        return torch.nn.functional.dropout(super().prepare(x), 0.3, self.training)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_a_dropout_in_prepare_draws_the_chunks_masks_only(mode):
+    """With chunk_size each chunk's prepare draws its own dropout mask, in order, and the backward's
+    recompute draws the same one again; pararnn's one-off checks draw nothing from the caller's
+    random stream (they misjudged the dropout as mixing time steps, and shifted the stream). The
+    reference draws the masks chunk by chunk in the same order and runs a plain loop (fp64)."""
+    torch.manual_seed(0)
+    cell = _DropoutGRU(3, 4).double().train()
+    x = torch.randn(2, 50, 3, dtype=torch.float64)
+
+    def grads(y, h, xx):
+        return torch.autograd.grad(y.sin().sum() + h.sum(), [xx, *cell.parameters()])
+
+    torch.manual_seed(1)
+    xx = x.clone().requires_grad_()
+    y, h = pararnn.RNN(cell, mode=mode, chunk_size=16)(xx)
+    got = [y, h, *grads(y, h, xx)]
+    torch.manual_seed(1)
+    xr = x.clone().requires_grad_()
+    hr, hs = cell.initial_state(2, torch.float64, "cpu"), []
+    for x_c in xr.split(16, dim=1):
+        u = cell.prepare(x_c)
+        for t in range(u.shape[1]):
+            hr = cell.step(hr, u[:, t])
+            hs.append(hr)
+    yr = torch.stack(hs, 1)
+    want = [yr, hr, *grads(yr, hr, xr)]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
