@@ -17,7 +17,7 @@ from .parallel import context_for
 from .solver.options import ConvergenceError, SolverInfo, auto_chunk_size
 from .structure import compose
 from .utils.functional import call_with, named_tensors
-from .verify import check_prepare_is_per_step, untouched_rng, verified, verify_once
+from .verify import cell_untouched, check_prepare_is_per_step, verified, verify_once
 
 
 class _Place(torch.autograd.Function):
@@ -134,8 +134,8 @@ def chunk_pass(rnn, mode, opts, x, h0, mask, C: int, transitions: dict | None = 
     warm_start = mask is None and type(rnn.cell).output is Cell.output and torch.is_grad_enabled()
     if mode != "sequential" and opts.check_cell and not verified(rnn.cell, h0):  # the one-off cell check,
         # outside the checkpoints (inside one it would save tensors its recompute does not), its
-        # prepare drawing nothing from the caller's random stream (a dropout there)
-        with torch.no_grad(), untouched_rng(x.device):
+        # prepare leaving the caller's random stream and the cell's buffers alone (dropout, batch norm)
+        with cell_untouched(rnn.cell, x.device):
             verify_once(rnn.cell, rnn._prepare(x[:, :min(T, 64)]), h0)
     warms = []
     # the recompute sees the forward's parameters (only checkpointed chunks recompute)

@@ -27,7 +27,7 @@ from .solver.mode import choose_mode
 from .solver.newton import replay_steps
 from .solver.options import SolverInfo, SolverOptions, SolveStats
 from .structure import run_transition
-from .verify import untouched_rng
+from .verify import cell_untouched
 
 MODES = ("parallel", "sequential", "auto")
 
@@ -159,10 +159,10 @@ class RNN(nn.Module):
         if mask is not None:  # padding is padding: whatever it holds reaches no product, output or gradient
             x = x.masked_fill(~mask[..., None], 0)
         # with chunk_size every chunk prepares its own inputs: here one step, for dtypes and shapes,
-        # drawing nothing from the caller's random stream (a dropout in prepare: the chunks draw theirs)
+        # leaving the caller's random stream and the cell's buffers alone (dropout, batch norm)
         chunked = opts.chunk_size is not None
         xp = x[:, :1] if chunked else x
-        with untouched_rng(x.device) if chunked else contextlib.nullcontext():
+        with cell_untouched(self.cell, x.device) if chunked else contextlib.nullcontext():
             u = self._prepare(xp)  # [B, T, *]
         low = autocast_dtype(u.device)
         real = u.real.dtype if u.is_complex() else u.dtype
@@ -184,8 +184,9 @@ class RNN(nn.Module):
         steps = min(T, opts.chunk_size) if isinstance(opts.chunk_size, int) else T  # one solve's steps
         opts = resolve_compile(opts, self.cell, h0, B, steps)  # compile_cell="auto" decided here
         if mode == "auto":
-            training = torch.is_grad_enabled() and (
-                u.requires_grad or h0.requires_grad or any(p.requires_grad for p in self.cell.parameters()))
+            training = torch.is_grad_enabled() and (  # (x: the chunked path's u was made without a graph)
+                x.requires_grad or u.requires_grad or h0.requires_grad
+                or any(p.requires_grad for p in self.cell.parameters()))
             mode = choose_mode(B, T, self.cell.state_size, u.device, self.cell.get_structure(), training,
                                h0.dtype, opts.backend, compile_cell=opts.compile_cell)
         y, hT, info = self._solve(x, None if chunked else u, h0, user_h0, mode, opts, mask)

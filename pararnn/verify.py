@@ -6,6 +6,8 @@ the probes found about a cell (:class:`CellFacts`), kept until its parameters ch
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import compat
@@ -290,25 +292,66 @@ def untouched_rng(device: torch.device):
 
 def check_prepare_is_per_step(cell, x: torch.Tensor, n: int = 6) -> None:
     """``chunk_size`` prepares each chunk on its own, which is right only if ``prepare`` acts on each
-    time step independently: checked once per cell on the first ``n`` steps of one sequence, in
-    eval mode (a dropout in ``prepare`` draws two different masks) and with the random stream
-    untouched."""
+    time step independently: checked once per cell on the first ``n`` steps of one sequence, with
+    the caller's random stream and the cell's modes and buffers (a batch norm's running statistics)
+    left as they were. In the cell's own mode, each input prepared from the same random state (a
+    dropout draws one mask per shape): other values at the first two steps change no later step,
+    and at the last two no earlier one (a batch norm over T in training mode fails). In eval mode:
+    the steps after the first two, prepared alone, equal them prepared after those two (a
+    convolution over T, or a position index, fails)."""
     done = CellFacts.of(cell).verified
     if "prepare_per_step" in done or x.shape[1] < 3:
         return
     xs = x[:1, :n].detach()
+    early, late = xs.clone(), xs.clone()
+    early[:, :2], late[:, -2:] = xs[:, -2:], xs[:, :2]  # other values, valid ones (token ids too)
+    with cell_untouched(cell, x.device):
+        u, ue, ul = _prepare_from_one_state(cell, xs, early, late)
+        ok = _close(ue[:, 2:], u[:, 2:]) and _close(ul[:, :-2], u[:, :-2])
+        cell.eval()
+        ok = ok and _close(cell.prepare(xs[:, 2:]), cell.prepare(xs)[:, 2:])
+    if not ok:
+        raise ValueError(f"chunk_size needs a prepare() that acts on each time step on its own, but "
+                         f"{type(cell).__name__}.prepare mixes time steps (e.g. a convolution over T, or a "
+                         f"batch norm over T in training mode): chunks would see different inputs. Use "
+                         f"chunk_size=None for this cell.")
+    done.add("prepare_per_step")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-6 * (1 + float(b.abs().max())))
+
+
+@contextlib.contextmanager
+def cell_untouched(cell, device: torch.device):
+    """For pararnn's own calls of the cell's code (a probe's ``prepare``): no gradients, the
+    caller's random stream untouched (a dropout), and the cell's modes and buffers (a batch norm's
+    running statistics) as they were afterwards; a buffer is written back only where it changed."""
     modes = {m: m.training for m in cell.modules()}
+    buffers = {k: b.clone() for k, b in cell.named_buffers()}
     try:
-        with torch.no_grad(), untouched_rng(x.device):
-            cell.eval()
-            whole, tail = cell.prepare(xs)[:, 2:], cell.prepare(xs[:, 2:])
+        with torch.no_grad(), untouched_rng(device):
+            yield
     finally:
         for m, training in modes.items():
             m.training = training
-    if not torch.allclose(whole, tail, rtol=1e-4, atol=1e-6 * (1 + float(whole.abs().max()))):
-        raise ValueError(f"chunk_size needs a prepare() that acts on each time step on its own, but "
-                         f"{type(cell).__name__}.prepare mixes time steps (e.g. a convolution over T): "
-                         f"chunks would see different inputs. Use chunk_size=None for this cell.")
-    done.add("prepare_per_step")
+        with torch.no_grad():
+            for k, b in cell.named_buffers():
+                if k in buffers and not torch.equal(b, buffers[k]):
+                    b.copy_(buffers[k])
+
+
+def _prepare_from_one_state(cell, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """``cell.prepare`` of each input, each started from the same random state."""
+    device = xs[0].device
+    cpu = torch.get_rng_state()
+    gpu = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    out = []
+    for x in xs:
+        torch.set_rng_state(cpu)
+        if gpu is not None:
+            torch.cuda.set_rng_state(gpu, device)
+        out.append(cell.prepare(x))
+    return out
 
 

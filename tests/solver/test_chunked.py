@@ -334,3 +334,29 @@ def test_a_dropout_in_prepare_draws_the_chunks_masks_only(mode):
     want = [yr, hr, *grads(yr, hr, xr)]
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+class _BatchNormGRU(DiagGRU):
+    """A batch norm over B and T in ``prepare``: in training mode it mixes the time steps."""
+
+    def __init__(self, din, d):
+        super().__init__(din, d)
+        self.norm = torch.nn.BatchNorm1d(din)
+
+    def prepare(self, x):
+        return super().prepare(self.norm(x.transpose(1, 2)).transpose(1, 2))
+
+
+def test_a_batch_norm_over_time_in_prepare_is_refused_in_training_only():
+    """Training-mode statistics over T differ per chunk: refused, naming the cause, with the running
+    statistics untouched by the check; in eval mode the same cell chunks exactly."""
+    torch.manual_seed(0)
+    cell = _BatchNormGRU(3, 4).double()
+    x = torch.randn(2, 40, 3, dtype=torch.float64)
+    stats = {k: v.clone() for k, v in cell.norm.named_buffers()}
+    with pytest.raises(ValueError, match="batch norm over T"):
+        pararnn.RNN(cell, chunk_size=16)(x)
+    for k, v in cell.norm.named_buffers():
+        torch.testing.assert_close(v, stats[k], rtol=0, atol=0)
+    cell.eval()
+    torch.testing.assert_close(pararnn.RNN(cell, chunk_size=16)(x)[0], pararnn.RNN(cell)(x)[0])
