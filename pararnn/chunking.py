@@ -17,6 +17,7 @@ from .parallel import context_for
 from .solver.options import ConvergenceError, SolverInfo, auto_chunk_size
 from .structure import compose
 from .utils.functional import call_with, named_tensors
+from .utils.rng import RandomState
 from .verify import cell_untouched, check_prepare_is_per_step, verified, verify_once
 
 
@@ -187,7 +188,9 @@ def solve_across_ranks(rnn, mode, opts, x, h0, mask, C: int):
     rtol, atol = opts.tolerances(h0.dtype)
     rank0 = pctx.owns_h0()
     s = h0.detach() if rank0 else torch.zeros_like(h0)
-    for passes in range(1, pctx.size() + 2):
+    start = RandomState(x.device)  # every pass draws what the first did (a dropout in prepare):
+    for passes in range(1, pctx.size() + 2):  # the passes solve one function of the entering states
+        start.restore()
         s_in = h0 if rank0 else s.detach().requires_grad_(torch.is_grad_enabled())
         transitions: dict[int, torch.Tensor] = {}
         y, h, infos, P = chunk_pass(rnn, mode, local, x, s_in, mask, C, transitions)

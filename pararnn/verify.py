@@ -14,6 +14,7 @@ from . import compat
 from .cell import Cell, autodiff_step_and_jacobian, gives_scale
 from .structure import Dense
 from .utils.functional import jvp
+from .utils.rng import RandomState, untouched_rng
 
 
 def dense_jacobian(cell: Cell, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -284,12 +285,6 @@ def verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
 
 
 
-def untouched_rng(device: torch.device):
-    """A context in which random draws (a dropout in ``prepare``) leave the caller's generator as
-    it was: pararnn's own checks must not shift the user's random stream."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
 def check_prepare_is_per_step(cell, x: torch.Tensor, n: int = 6) -> None:
     """``chunk_size`` prepares each chunk on its own, which is right only if ``prepare`` acts on each
     time step independently: checked once per cell on the first ``n`` steps of one sequence, with
@@ -343,14 +338,9 @@ def cell_untouched(cell, device: torch.device):
 
 def _prepare_from_one_state(cell, *xs: torch.Tensor) -> list[torch.Tensor]:
     """``cell.prepare`` of each input, each started from the same random state."""
-    device = xs[0].device
-    cpu = torch.get_rng_state()
-    gpu = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    out = []
+    start, out = RandomState(xs[0].device), []
     for x in xs:
-        torch.set_rng_state(cpu)
-        if gpu is not None:
-            torch.cuda.set_rng_state(gpu, device)
+        start.restore()
         out.append(cell.prepare(x))
     return out
 

@@ -241,7 +241,47 @@ def _contexts_case(rank, world):
                     assert rel_err(a, b) < 1e-9, what
 
 
-CASES = {"contexts": _contexts_case, "shooting": _shooting_case, "scan": _scan_case, "newton": _newton_case, "chunked": _chunked_case, "ddp": _ddp_case,
+def _dropout_case(rank, world):
+    """A dropout in prepare under sequence parallelism with chunk_size: every pass over the ranks'
+    parts draws the same masks (each rank its own chunks', in order, from its own generator), so
+    the passes solve one function of the entering states; values and gradients equal a loop over
+    the whole sequence with each chunk's mask drawn as its rank drew it (fp64)."""
+    from helpers import DiagGRU
+
+    class DropoutGRU(DiagGRU):
+        def prepare(self, x):
+            return torch.nn.functional.dropout(super().prepare(x), 0.3, self.training)
+
+    torch.manual_seed(0)
+    cell = DropoutGRU(3, 4).double().train()
+    T = T_FULL * 3
+    x = torch.randn(2, T, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    bounds = [_bounds(T, world, q) for q in range(world)]
+    xr = x.clone().requires_grad_()
+    us = []
+    for sl in bounds:  # each rank draws from its own generator, seeded alike below, chunk by chunk
+        torch.manual_seed(7)
+        us += [cell.prepare(x_c) for x_c in xr[:, sl].split(5, dim=1)]
+    h, hs = cell.initial_state(2, torch.float64, "cpu"), []
+    for t_u in torch.cat(us, 1).unbind(1):
+        h = cell.step(h, t_u)
+        hs.append(h)
+    ref = torch.stack(hs, 1)
+    ref_grads = torch.autograd.grad(ref.sin().sum(), [xr, *cell.parameters()])
+    torch.manual_seed(7)
+    sl = bounds[rank]
+    xl = x[:, sl].clone().requires_grad_()
+    y, _, info = pararnn.RNN(cell, process_group=dist.group.WORLD, chunk_size=5)(xl, return_info=True)
+    assert info.boundary_passes > 1 and rel_err(y, ref[:, sl]) < 1e-10, (rank, info.boundary_passes)
+    grads = list(torch.autograd.grad(y.sin().sum(), [xl, *cell.parameters()]))
+    for g in grads[1:]:  # the parameters: summed over the ranks
+        dist.all_reduce(g)
+    assert rel_err(grads[0], ref_grads[0][:, sl]) < 1e-9
+    for a, b in zip(grads[1:], ref_grads[1:]):
+        assert rel_err(a, b) < 1e-9
+
+
+CASES = {"contexts": _contexts_case, "dropout": _dropout_case, "shooting": _shooting_case, "scan": _scan_case, "newton": _newton_case, "chunked": _chunked_case, "ddp": _ddp_case,
          "track": _track_case}
 
 
@@ -289,6 +329,10 @@ def test_sequence_parallel_shooting_sweeps(tmp_path):
 
 def test_sequence_parallel_in_graph_contexts(tmp_path):
     _spawn("contexts", 2, tmp_path)
+
+
+def test_sequence_parallel_with_a_dropout_in_prepare(tmp_path):
+    _spawn("dropout", 2, tmp_path)
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):
