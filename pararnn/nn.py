@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import models
 from .linear import linear
 from .rnn import RNN as _Solver
+from .utils.rng import untouched_rng
 
 _WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
@@ -229,7 +230,7 @@ class _RNNBase:
             probe = steps[0]  # unbatched [T = 2, H_in]
         else:  # lengths (2, 1) where the input's differ, else (2, 2)
             probe = pack_padded_sequence(steps, torch.tensor([2, 1 if kind else 2]), batch_first=True)
-        with torch.no_grad():
+        with torch.no_grad(), untouched_rng(x.device):  # (torch's dropout between layers draws)
             out, _ = self._forward_torch(probe, None)
         return (out if kind is None else out.data).dtype
 

@@ -196,6 +196,27 @@ def test_autocast_returns_torch_nn_s_dtypes(module, x_dtype):
         assert ours.weight_hh_l0.grad is not None and bool(ours.weight_hh_l0.grad.abs().sum() > 0)
 
 
+def test_the_autocast_probe_leaves_the_random_stream_alone():
+    """The one-off probe of torch.nn's autocast dtype runs torch's forward, whose dropout between
+    layers draws: the caller's stream after a probed call is the one after a cached call."""
+    import pararnn.nn as pnn
+
+    m = pnn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True).train()
+    x = torch.randn(2, 10, 3)
+
+    def call(probe: bool):
+        if probe:
+            pnn._AUTOCAST_DTYPES.clear()
+        torch.manual_seed(5)
+        with torch.autocast("cpu", torch.bfloat16):
+            y, _ = m(x)
+        return y, torch.rand(3)
+
+    (y1, r1), (y2, r2) = call(True), call(False)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(r1, r2, rtol=0, atol=0)
+
+
 def test_chunk_size_on_the_drop_ins():
     ref, ours = _pair("LSTM", "parallel", input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
     chunked = pararnn.nn.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, mode="parallel",
