@@ -82,8 +82,8 @@ class _RNNBase:
             layer_in = self.input_size if layer == 0 else self.hidden_size * dirs
             for direction in range(dirs):
                 sfx = f"_l{layer}" + ("_reverse" if direction else "")
-                with torch.random.fork_rng(devices=[]):  # the cell's own (discarded) init must not
-                    cell = self._make_cell(layer_in, self.hidden_size)  # shift the RNG: torch.nn's seeds give torch.nn's weights
+                with untouched_rng(torch.device("cpu")):  # the cell's own (discarded) init, made on the
+                    cell = self._make_cell(layer_in, self.hidden_size)  # CPU, must not shift the RNG: torch.nn's seeds give torch.nn's weights
                 cell._bind(self, sfx)
                 rnns.append(_Solver(cell, mode=solver_mode, **solver_options))
         self.__dict__["_rnns"] = rnns  # not submodules: the parameters live here, under torch's names
