@@ -1,6 +1,6 @@
 """Every private torch API pararnn touches, in one place, each with a fallback.
 
-Tested on torch 2.11.0 and 2.12.1 (their CUDA wheels, run on CPU) and 2.13.0 (the CPU build), the range
+Tested on torch 2.11.0, 2.12.1 and 2.14.1 (their CUDA wheels, run on CPU) and 2.13.0 (the CPU build), the range
 ``pyproject.toml`` declares. When one of these moves in a later torch, the fallback keeps the
 library correct (possibly slower) and this module is the one file to update.
 """
