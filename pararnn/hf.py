@@ -23,6 +23,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, Generatio
                           PreTrainedModel)
 from transformers.utils import ModelOutput
 
+from .inputs import padding_from_mask, rotate
 from .models.layers import CELLS, ResidualBlock
 from .rnn import MODES
 
@@ -189,41 +190,16 @@ class PararnnModel(PararnnPreTrainedModel):
 
     def _solve(self, x, mask, state, hidden):
         """The layers over ``x [B, T, d]`` in parallel (per layer one solve), padding per ``mask``."""
-        lengths, shift = _padding(mask, state is not None)
+        lengths, shift = padding_from_mask(mask, state is not None)
         if shift is not None:  # left padding: rotate each row so its tokens come first
-            x = _rotate(x, shift)
+            x = rotate(x, shift)
         new_state = []
         for i, layer in enumerate(self.layers):
             x, h = layer(x, None if state is None else state[i], lengths=lengths)
             new_state.append(h)
             if hidden is not None:
-                hidden.append(x if shift is None else _rotate(x, -shift))
-        return (x if shift is None else _rotate(x, -shift)), new_state
-
-
-def _padding(mask: torch.Tensor | None, continuing: bool):
-    """``(lengths [B] | None, shift [B] | None)`` for a 0/1 ``mask [B, T]``: right padding gives
-    lengths; left padding (a prompt batch) gives lengths and the per-row rotation to right padding."""
-    if mask is None or bool(mask.all()):
-        return None, None
-    lengths = mask.sum(1)
-    if bool((lengths < 1).any()):
-        raise ValueError("attention_mask has a sequence with no token (a row of zeros)")
-    T = mask.shape[1]
-    steps = torch.arange(T, device=mask.device)
-    if torch.equal(mask, steps[None] < lengths[:, None]):
-        return lengths, None
-    if torch.equal(mask, steps[None] >= (T - lengths)[:, None]) and not continuing:
-        return lengths, T - lengths
-    raise ValueError("attention_mask must be left padding (a prompt batch) or right padding: zeros only at "
-                     "the start or only at the end of each row")
-
-
-def _rotate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``out[b, t] = x[b, (t + shift[b]) mod T]`` for ``x [B, T, d]``."""
-    T = x.shape[1]
-    idx = (torch.arange(T, device=x.device)[None] + shift[:, None]) % T  # [B, T]
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+                hidden.append(x if shift is None else rotate(x, -shift))
+        return (x if shift is None else rotate(x, -shift)), new_state
 
 
 class PararnnForCausalLM(PararnnPreTrainedModel, GenerationMixin):

@@ -102,3 +102,40 @@ def unpack(x: torch.Tensor, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor, tor
     valid = steps[None, :] < lengths[:, None]  # [N, L_max]
     idx = (cu[:-1, None] + steps[None, :]).clamp(max=x.shape[1] - 1)  # [N, L_max]
     return x[0][idx] * valid[..., None].to(x.dtype), lengths, valid
+
+
+def padding_from_mask(mask: torch.Tensor | None, continuing: bool = False):
+    """A 0/1 padding mask as :class:`pararnn.RNN`'s ``lengths``, the convention of transformers'
+    and flash-linear-attention's ``attention_mask`` (1 = token, 0 = padding).
+
+    Args:
+        mask: ``[B, T]`` bool (None: no padding).
+        continuing: whether the solve continues from a state (then only right padding is allowed:
+            a left-padded row would start its tokens after padded steps that hold no state).
+
+    Returns:
+        ``(lengths [B] | None, shift [B] | None)``: right padding gives lengths; left padding (a
+        prompt batch) gives lengths and the per-row rotation (:func:`rotate`) to right padding.
+    """
+    if mask is None or bool(mask.all()):
+        return None, None
+    lengths = mask.sum(1)
+    if bool((lengths < 1).any()):
+        raise ValueError("attention_mask has a sequence with no token (a row of zeros)")
+    T = mask.shape[1]
+    steps = torch.arange(T, device=mask.device)
+    if torch.equal(mask, steps[None] < lengths[:, None]):
+        return lengths, None
+    if torch.equal(mask, steps[None] >= (T - lengths)[:, None]) and not continuing:
+        return lengths, T - lengths
+    raise ValueError("attention_mask must be left padding (a prompt batch) or right padding: zeros only at "
+                     "the start or only at the end of each row" + (" (right padding only when continuing from a "
+                                                                    "cached state)" if continuing else ""))
+
+
+def rotate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``out[b, t] = x[b, (t + shift[b]) mod T]`` for ``x [B, T, d]`` and ``shift [B]`` (``-shift``
+    undoes it)."""
+    T = x.shape[1]
+    idx = (torch.arange(T, device=x.device)[None] + shift[:, None]) % T  # [B, T]
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))

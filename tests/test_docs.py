@@ -126,7 +126,7 @@ def test_every_public_name_is_on_the_api_page():
 
     on_page = {name for name, _, _ in _api_objects()}
     absent = []
-    for module in ("pararnn", "pararnn.nn", "pararnn.models", "pararnn.hf", "pararnn.runtime", "pararnn.distributed"):
+    for module in ("pararnn", "pararnn.nn", "pararnn.models", "pararnn.hf", "pararnn.fla", "pararnn.runtime", "pararnn.distributed"):
         mod = importlib.import_module(module)
         absent += [f"{module}.{n}" for n in mod.__all__ if f"{module}.{n}" not in on_page
                    and (inspect.isclass(getattr(mod, n)) or inspect.isfunction(getattr(mod, n)))]
