@@ -114,7 +114,6 @@ def parallel_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions,
     return _Adjoint.apply(H, J, h0, cell.get_structure(), opts.backend, pctx, pieces, *f_pieces), info
 
 
-
 def split_pieces(x: torch.Tensor, pieces: list[tuple[int, int, int, int]], own_base: bool = False) -> list[torch.Tensor]:
     """``x [B, T, *]`` cut into the pieces ``[N_p, *]`` of :func:`pararnn.solver.evaluate.contiguous_pieces`
     (runs of memory, rows in (b, t) order) by one split of ``x`` flattened to ``[B·T, *]``, so that
@@ -130,7 +129,6 @@ def split_pieces(x: torch.Tensor, pieces: list[tuple[int, int, int, int]], own_b
     if len(pieces) == 1:
         return [flat]
     return list(flat.split([(b1 - b0) * (t1 - t0) for b0, b1, t0, t1 in pieces]))
-
 
 
 def under_functional_ad() -> bool:

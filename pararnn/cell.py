@@ -292,5 +292,4 @@ def gives_scale(cell: Cell) -> bool:
     return type(cell).step_jacobian_and_scale is not Cell.step_jacobian_and_scale
 
 
-
 __all__ = ["Cell", "autodiff_step_and_jacobian", "gives_scale", "uses_jvp"]

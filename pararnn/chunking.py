@@ -89,7 +89,6 @@ class _LinkRanks(torch.autograd.Function):
         return None, None, None, None, gy, gh + mu
 
 
-
 def chunk_steps(cell, x, h0, opts) -> int | None:
     """Steps per solve chunk of ``x [B, T, D_in]`` (``opts.chunk_size``, ``"auto"`` resolved), or None
     for one solve over all of T."""

@@ -18,7 +18,6 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -28,7 +27,6 @@ def autocast_dtype(device: torch.device):
     if kind is None or not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)
-
 
 
 def param_like(cell):

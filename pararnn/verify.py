@@ -220,7 +220,6 @@ def _check_scale(cell: Cell, h, u, f, J, rtol) -> None:
             f"terms), but it is below |f| by up to {low:.3g} or negative somewhere.")
 
 
-
 class CellFacts:
     """What the one-off probes found about a cell (kept in ``cell.__dict__``): which (dtype, device,
     structure) passed :func:`pararnn.verify.verify_cell`, whether ``prepare`` is per step, and whether
@@ -282,7 +281,6 @@ def verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
     facts = CellFacts.of(cell)
     facts.affine = affine  # init="auto" reads it
     facts.verified.add(verify_key(cell, h0))
-
 
 
 def check_prepare_is_per_step(cell, x: torch.Tensor, n: int = 6) -> None:

@@ -147,7 +147,6 @@ if HAVE_NUMBA:
                         h[i] = hn[i]
                         ot[i] = hn[i]
 
-
     def _serial(kernel):
         """The same kernel compiled without ``parallel=True`` (prange runs as range), for scans with
         one lane or one numba thread: a parallel launch on numba's workqueue layer costs 0.11-0.12 ms

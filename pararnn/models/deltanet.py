@@ -22,29 +22,13 @@ class DeltaProduct(Cell):
     with several (each head's ``A_t`` repeated for its d_v rows). Output ``y_t = H_tᵀ q_t`` per
     head, ``[B, T, n_heads * d_v]``.
 
-
-
     Args:
-
-
         input_size: D_in, the size of ``x [B, T, D_in]``.
-
-
         d_k: key size (rows of each head's matrix state).
-
-
         d_v: value size (its columns); the state is ``[B, n_heads·d_k·d_v]``.
-
-
         n_h: Householder steps per token.
-
-
         allow_neg_eigval: β ∈ (0, 2) instead of (0, 1).
-
-
         n_heads: independent heads.
-
-
     """
 
     def __init__(self, input_size: int, d_k: int, d_v: int, n_h: int = 1, allow_neg_eigval: bool = False,
@@ -131,23 +115,11 @@ class DeltaProduct(Cell):
 class DeltaNet(DeltaProduct):
     """DeltaNet: DeltaProduct with one Householder step per token (n_h = 1).
 
-
-
     Args:
-
-
         input_size: D_in, the size of ``x [B, T, D_in]``.
-
-
         d_k: key size (rows of the matrix state).
-
-
         d_v: value size (its columns); the state is ``[B, d_k·d_v]``.
-
-
         allow_neg_eigval: β ∈ (0, 2) instead of (0, 1): transitions with eigenvalues down to -1.
-
-
     """
 
     def __init__(self, input_size: int, d_k: int, d_v: int, allow_neg_eigval: bool = False):

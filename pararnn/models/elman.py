@@ -14,23 +14,11 @@ class Elman(Cell):
 
     ``heads > 1`` makes ``W_hh`` block-diagonal (structure ``Block(hidden/heads)``).
 
-
-
     Args:
-
-
         input_size: D_in, the size of ``x [B, T, D_in]``.
-
-
         hidden_size: H, the state ``[B, T, H]``.
-
-
         heads: block-diagonal ``W_hh`` with this many blocks (1: dense).
-
-
         nonlinearity: ``"tanh"`` or ``"relu"``.
-
-
     """
 
     recurrent_parameters = {"weight_hh": "matrix"}  # see models.contractive

@@ -16,20 +16,10 @@ class GRU(Cell):
 
     ``x [B, T, input_size]`` -> state ``[B, T, hidden_size]``. ``heads > 1``: block-diagonal W_hh.
 
-
-
     Args:
-
-
         input_size: D_in, the size of ``x [B, T, D_in]``.
-
-
         hidden_size: H, the state ``[B, T, H]``.
-
-
         heads: block-diagonal ``W_hh`` with this many blocks (1: dense).
-
-
     """
 
     recurrent_parameters = {"weight_hh": "matrix"}  # see models.contractive

@@ -66,29 +66,13 @@ def make_cell(spec: str | Cell, d_model: int, **kwargs) -> Cell:
 class ResidualBlock(nn.Module):
     """``x + W_o RNN(LN(x))`` then ``x + MLP(LN(x))``. ``x [B, T, d_model]`` -> ``[B, T, d_model]``.
 
-
-
     Args:
-
-
         d_model: the width of ``x [B, T, d_model]``.
-
-
         cell: a name from ``CELLS`` or a :class:`pararnn.Cell` (its input size must be d_model).
-
-
         mode: the :class:`pararnn.RNN`'s mode.
-
-
         mlp_ratio: the MLP's hidden width, in multiples of d_model.
-
-
         solver_options: :class:`pararnn.SolverOptions` fields for the RNN.
-
-
         **cell_kwargs: the named cell's constructor arguments (e.g. ``heads``).
-
-
     """
 
     def __init__(self, d_model: int, cell: str | Cell = "paragru", mode: str = "parallel",

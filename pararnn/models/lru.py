@@ -17,26 +17,12 @@ class LRU(Cell):
     the ring ``r_min <= |λ| <= r_max`` (by area), phases in ``[0, max_phase]``. Linear in h:
     Newton is exact in one step.
 
-
-
     Args:
-
-
         input_size: H, the size of ``x [B, T, H]`` and of ``y``.
-
-
         state_size: N, the complex state ``[B, T, N]``.
-
-
         r_min: smallest |λ| of the initial ring.
-
-
         r_max: largest |λ|.
-
-
         max_phase: largest initial phase.
-
-
     """
 
     structure = "diagonal"

@@ -18,20 +18,10 @@ class LSTM(Cell):
     ``[h, c]``), so a multi-head LSTM has a ``Block(2H/heads)`` Jacobian. Use :meth:`split_state`
     / :meth:`join_state` to convert; ``RNN`` outputs ``y = h [B, T, H]``.
 
-
-
     Args:
-
-
         input_size: D_in, the size of ``x [B, T, D_in]``.
-
-
         hidden_size: H; the state is ``[B, 2H]`` (h and c), the output ``h [B, T, H]``.
-
-
         heads: block-diagonal ``W_hh`` with this many blocks (1: dense).
-
-
     """
 
     recurrent_parameters = {"weight_hh": "matrix"}  # see models.contractive

@@ -15,20 +15,10 @@ class ParaGRU(Cell):
     The Jacobian is diagonal and hand-written (``step_and_jacobian``); it is tested against
     torch.func and is faster than the jvp (see benchmarks/bench_engine.py).
 
-
-
     Args:
-
-
         input_size: D_in, the size of ``x [B, T, D_in]``.
-
-
         state_size: d, the state ``[B, T, d]``.
-
-
         a_scale: standard deviation of the recurrent vectors' initial values.
-
-
     """
 
     structure = "diagonal"

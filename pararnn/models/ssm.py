@@ -32,20 +32,10 @@ class SelectiveSSM(DiagonalLinear):
     linear RNN flip signs (parity). ``x [B, T, input_size]`` -> state ``[B, T, state_size]``.
     Linear in h: Newton is exact in one step.
 
-
-
     Args:
-
-
         input_size: D_in, the size of ``x [B, T, D_in]``.
-
-
         state_size: d, the state ``[B, T, d]``.
-
-
         eigenvalue_range: ``"[0,1]"`` or ``"[-1,1]"``.
-
-
     """
 
     def __init__(self, input_size: int, state_size: int, eigenvalue_range: str = "[0,1]"):
@@ -68,7 +58,6 @@ class SelectiveSSM(DiagonalLinear):
         return torch.cat([a, delta * self.inp(x)], -1)  # [B, T, 2d]
 
 
-
 class ComplexSSM(DiagonalLinear):
     """Selective complex diagonal SSM: ``h' = a_t ⊙ h + Δ_t ⊙ (W_B x_t)`` with input-dependent
     ``a_t = exp(-Δ_t ⊙ exp(w)) · exp(i θ_t)``, ``θ_t = W_θ x_t``, ``Δ_t = softplus(W_Δ x_t + b_Δ)``.
@@ -77,21 +66,9 @@ class ComplexSSM(DiagonalLinear):
     turn by a different angle for each token (e.g. ±120° for counting mod 3). ``x [B, T, D_in]``
     -> complex state ``[B, T, N]`` -> ``y = [Re h, Im h]`` ``[B, T, 2N]``. Linear in h.
 
-
-
-
     Args:
-
-
-
         input_size: D_in, the size of ``x [B, T, D_in]``.
-
-
-
         state_size: d, the complex state ``[B, T, d]``.
-
-
-
     """
 
     def __init__(self, input_size: int, state_size: int):
@@ -116,7 +93,6 @@ class ComplexSSM(DiagonalLinear):
         a, delta = self.transitions(x)
         re, im = self.inp(x).to(self.w.dtype).chunk(2, -1)
         return torch.cat([a, delta * torch.complex(re, im)], -1)  # [B, T, 2N] complex
-
 
     def output(self, h, x):
         return torch.cat([h.real, h.imag], -1)

@@ -25,7 +25,6 @@ def hold_padded(f: torch.Tensor, J: torch.Tensor | None, hp: torch.Tensor, m: to
     return f, J
 
 
-
 def evaluate(cell, S: torch.Tensor, u: torch.Tensor, r: torch.Tensor, J: torch.Tensor,
              chunk: int, atol: float = 0.0, structure=None, mask: torch.Tensor | None = None,
              compiled: bool = False, measure: bool | str = True,
@@ -204,7 +203,6 @@ def evaluate_piece(cell, structure, hp: torch.Tensor, u: torch.Tensor, hn: torch
     return err, q
 
 
-
 # Compiled pieces are this many times eval_chunk: a fused piece has no temporaries of its size,
 # so larger pieces only save calls (set by benchmarks/bench_constants.py).
 COMPILED_CHUNK_FACTOR = 4
@@ -236,7 +234,6 @@ def max_abs(t: torch.Tensor) -> torch.Tensor:
     if t.is_complex():
         return t.abs().amax(dim=dims)
     return torch.maximum(t.amax(dim=dims), t.amin(dim=dims).neg())
-
 
 
 def initial_guess(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, H: torch.Tensor) -> bool:

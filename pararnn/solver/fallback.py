@@ -34,7 +34,6 @@ def sequential_solve(step: Callable, u: torch.Tensor, h0: torch.Tensor,
     return torch.stack(out, dim=1)
 
 
-
 def handle_failure(cell, u, S, J, info: SolverInfo, opts: SolverOptions, ctx: ParallelContext = LOCAL,
                    warn=warnings.warn, mask: torch.Tensor | None = None) -> None:
     """The failure policy, applied by the caller of :func:`newton_solve` to its result.

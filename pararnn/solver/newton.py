@@ -25,7 +25,6 @@ ROUNDING_FLOOR = 16.0
 STALL_RATIO = 0.5
 
 
-
 def newton_solve(cell, u: torch.Tensor, h0: torch.Tensor, opts: SolverOptions, ctx: ParallelContext = LOCAL,
                  mask: torch.Tensor | None = None, replay: list | None = None, ws=None, outputs_from_ws: bool = False):
     """Solve ``h_t = f(h_{t-1}, u_t)``, t = 1..T, by Newton with parallel linear scans.
@@ -295,7 +294,6 @@ class NewtonSolver:
         info.converged = converged
         info.fell_back = torch.zeros_like(converged)
         return S, self.J, info
-
 
 
 def correction_at_floor(big: torch.Tensor, last: torch.Tensor, least: torch.Tensor) -> torch.Tensor:

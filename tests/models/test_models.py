@@ -11,7 +11,6 @@ from helpers import rel_err
 LINEAR = {"lru", "ssm", "ssm_neg", "cssm", "deltanet", "deltaproduct"}
 
 
-
 def cell_and_input(name, dtype=torch.float64, B=2, T=40, d=6):
     cell = make_cell(name, d).to(dtype)
     return cell, torch.randn(B, T, d, dtype=dtype)

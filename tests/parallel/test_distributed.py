@@ -19,7 +19,6 @@ def _bounds(T, world, rank):
     return slice(int(idx[0]), int(idx[-1]) + 1)
 
 
-
 def _scan_case(rank, world):
     for structure in ("diagonal", Block(2), "dense"):
         for reverse in (False, True):

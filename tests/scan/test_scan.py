@@ -31,7 +31,6 @@ def tol(dtype):
     return 1e-12 if dtype in (torch.float64, torch.complex128) else 2e-5
 
 
-
 @pytest.mark.parametrize("structure", STRUCTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reverse", [False, True])

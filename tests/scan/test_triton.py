@@ -35,7 +35,6 @@ def make(structure, B, T, d, dtype, seed=0):
     return A.to(dtype), b.to(dtype), h0.to(dtype)
 
 
-
 TOL = {torch.float32: 1e-5, torch.complex64: 1e-5, torch.float16: 2e-3}
 
 

@@ -9,7 +9,6 @@ import pararnn
 from pararnn.models.paragru import ParaGRU
 
 
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("T", [1, 2, 63, 1000])
 @pytest.mark.parametrize("with_h0", [False, True])
@@ -685,7 +684,6 @@ def test_a_cells_rounding_scale_does_not_let_an_amplifying_cell_stop_early():
     x = torch.randn(1, 4096, 64)
     want, loop = _float64_and_loop(cell, x)
     assert rel_err(pararnn.RNN(cell)(x)[0], want) <= 1.5 * loop
-
 
 
 @torch.no_grad()
