@@ -166,8 +166,9 @@ def main(argv=None) -> int:
                "max_abs_diff_y": float(np.abs(yj - y_ref.numpy()).max()),
                "grad_a_rel_diff": float(np.abs(gj - gt).max() / np.abs(gt).max()), **{f"{k}_s": v for k, v in t.items()}}
         rows.append(row)
-    write_json_atomic(out, {**run_metadata({**vars(args), "shapes": SHAPES, "jax": jax.__version__,
-                                            "XLA_FLAGS": os.environ["XLA_FLAGS"], "turn_s": TURN_S}), "rows": rows})
+        write_json_atomic(out, {**run_metadata({**vars(args), "shapes": SHAPES, "jax": jax.__version__,
+                                                "XLA_FLAGS": os.environ["XLA_FLAGS"], "turn_s": TURN_S}),
+                                "rows": rows})  # each shape kept as it ends
     names = ["pararnn"] + (["pararnn_eager"] if args.compile_cell else [])
     header = ["B", "T", "d", "Newton steps pararnn / JAX", "JAX fwd / fwd+bwd (ms)"]
     header += [f"{m} fwd / fwd+bwd (ms)" for m in names] + [f"JAX time / {m} time, fwd / fwd+bwd" for m in names]

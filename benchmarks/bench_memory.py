@@ -55,7 +55,7 @@ def main(argv=None):
         rows.append({"T": T, "d": 64, "B": 1, "peak_rss_bytes": peak, "above_baseline_bytes": above,
                      "bytes_per_step": above / T, "fwdbwd_s": float(dt)})
         print(f"| {T} | {peak / 2**20:.0f} | {above / 2**20:.0f} | {above / T:.0f} | {float(dt):.2f} |")
-    write_json_atomic(args.out, {**run_metadata(vars(args)), "cell": "ParaGRU d=64 B=1, fp32", "rows": rows})
+        write_json_atomic(args.out, {**run_metadata(vars(args)), "cell": "ParaGRU d=64 B=1, fp32", "rows": rows})  # each row kept
     print(f"\nresults: {args.out}")
 
 

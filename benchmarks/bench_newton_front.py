@@ -94,8 +94,10 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     B, T, d = 4, 4096, 64
     cases = [(a, dt) for a in (0.5, 1.0, 1.5, 2.0) for dt in (torch.float64, torch.float32)]
-    rows = [one_case(a, dt, B, T, d, args.max_iters) for a, dt in tqdm(cases, desc="newton front", unit="case")]
-    write_json_atomic(args.out, {**run_metadata({**vars(args), "B": B, "T": T, "d": d}), "rows": rows})
+    rows = []
+    for a, dt in tqdm(cases, desc="newton front", unit="case"):
+        rows.append(one_case(a, dt, B, T, d, args.max_iters))
+        write_json_atomic(args.out, {**run_metadata({**vars(args), "B": B, "T": T, "d": d}), "rows": rows})  # each case kept
     md = markdown_table(
         ["a_std", "dtype", "Newton steps", "converged", "pairs converged after 10 steps", "front after 10",
          "front after 30", "front speed after step 20 (positions/step)", "error vs fp64 loop"],

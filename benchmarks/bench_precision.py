@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         fns = {f"{p}_{k}_s": (lambda c=c, b=(k == "fwdbwd"): run(c, b)) for p, c in ctxs.items() for k in ("fwd", "fwdbwd")}
         row.update(interleaved_medians(fns, args.repeats))
         rows.append(row)
-    write_json_atomic(args.out, {**run_metadata(vars(args)), "rows": rows})
+        write_json_atomic(args.out, {**run_metadata(vars(args)), "rows": rows})  # each cell kept as it ends
     md = markdown_table(
         ["cell", "B", "T", "d", "Newton steps fp32 / bf16", "error vs fp32 loop, fp32 / bf16",
          "fwd ms fp32 / bf16", "fwd+bwd ms fp32 / bf16"],

@@ -159,10 +159,12 @@ def torch_twin(cell):
     return to_torch()
 
 
-def bench_cells(names, shapes, repeats, device="cpu", weak_max_work=8 * 1024 * 1024 * 256):
+def bench_cells(names, shapes, repeats, device="cpu", weak_max_work=8 * 1024 * 1024 * 256, rows=None,
+                on_row=None):
     """Every named cell on every (B, T, d): the naive (slicing) loop, mode="sequential",
-    mode="parallel" and the torch twin, forward and forward+backward (median seconds)."""
-    rows = []
+    mode="parallel" and the torch twin, forward and forward+backward (median seconds).
+    Rows are appended to ``rows`` (a new list if None), and ``on_row()`` is called after each."""
+    rows = [] if rows is None else rows
     jobs = [(n, s) for n in names for s in shapes]
     for name, (B, T, d) in progress_bar(jobs, desc="bench cells", unit="case"):
         torch.manual_seed(0)
@@ -181,6 +183,8 @@ def bench_cells(names, shapes, repeats, device="cpu", weak_max_work=8 * 1024 * 1
         for bw in ("fwd", "fwdbwd"):
             row[f"speedup_{bw}"] = row[f"sequential_{bw}_s"] / row[f"parallel_{bw}_s"]
         rows.append(row)
+        if on_row is not None:
+            on_row()
     return rows
 
 
@@ -304,14 +308,24 @@ def run(args: argparse.Namespace) -> dict:
     settings.update(Ts=Ts, width=width, cells=cells, regimes=regimes if args.engine else {},
                     scan_shapes=scan_shapes if args.engine else [], device=device)
     result = {**run_metadata(settings), "engine_cell": "ParaGRU (diagonal GRU-like)",
-              "units": "seconds (median)", "regimes": {}, "scan_vs_floor": None}
+              "units": "seconds (median)", "complete": False, "regimes": {}, "scan_vs_floor": None, "cells": []}
+
+    def save(complete: bool = False) -> None:
+        """The results so far (an interrupted run keeps every finished measurement)."""
+        result["complete"] = complete
+        result["elapsed_s"] = time.perf_counter() - started  # the whole run, compiles included
+        write_json_atomic(args.out, result)
+
     if args.engine:
         for name, shapes in regimes.items():
-            result["regimes"][name] = [bench_regime(B, T, d, args.repeats) for B, T, d in shapes]
+            result["regimes"][name] = []
+            for B, T, d in shapes:
+                result["regimes"][name].append(bench_regime(B, T, d, args.repeats))
+                save()
         result["scan_vs_floor"] = bench_scan_floor(scan_shapes, args.repeats)
-    result["cells"] = bench_cells(cells, cell_shapes, args.repeats, device)
-    result["elapsed_s"] = time.perf_counter() - started  # the whole run, compiles included
-    write_json_atomic(args.out, result)
+        save()
+    bench_cells(cells, cell_shapes, args.repeats, device, rows=result["cells"], on_row=save)
+    save(complete=True)
     m = result["machine"]
     md = [f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m.get('mem_total_gb')} GB, torch {m['torch']}, "
           f"numba {m['numba']}, {args.threads} torch/numba thread(s). Engine regimes and scan: CPU; "

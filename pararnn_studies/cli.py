@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print(f"pararnn {args.command}: interrupted; finished results are kept", file=sys.stderr)
+        where = f" in {args.out}" if getattr(args, "out", None) else ""
+        print(f"pararnn {args.command}: interrupted; finished results are kept{where}", file=sys.stderr)
         return 130
     return 0
 

@@ -25,6 +25,31 @@ def test_bench_writes_json_table_and_plots(tmp_path):
     assert (tmp_path / "b_time_per_token.png").stat().st_size > 1000
 
 
+def test_an_interrupted_bench_keeps_its_finished_measurements(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the per-cell study: the JSON holds the rows finished before it (marked
+    incomplete), as the message says."""
+    from pararnn_studies import bench
+
+    calls, time_methods = [], bench.time_methods
+
+    def interrupted_on_the_second_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return time_methods(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_methods", interrupted_on_the_second_case)
+    out = tmp_path / "b.json"
+    assert main(["bench", "--no-engine", "--cells", "paragru", "--Ts", "16,32", "--width", "4", "--repeats", "1",
+                 "--out", str(out)]) == 130
+    assert f"finished results are kept in {out}" in capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and [(r["cell"], r["T"]) for r in res["cells"]] == [("paragru", 16)]
+    main(["bench", "--no-engine", "--cells", "paragru", "--Ts", "16", "--width", "4", "--repeats", "1",
+          "--out", str(out)])
+    assert json.loads(out.read_text())["complete"] is True
+
+
 def _run(*argv, timeout=60):
     import subprocess
     import sys
