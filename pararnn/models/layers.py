@@ -54,8 +54,18 @@ def make_cell(spec: str | Cell, d_model: int, **kwargs) -> Cell:
 
     Returns:
         The :class:`pararnn.Cell`.
+
+    Raises:
+        ValueError: an unknown name; an instance whose ``input_size`` is not ``d_model``, or one
+            given with constructor arguments (they apply to a named cell only).
     """
     if isinstance(spec, Cell):
+        if kwargs:
+            raise ValueError(f"cell keyword arguments {sorted(kwargs)} apply to a cell given by name, not to the "
+                             f"instance {type(spec).__name__} (construct it with them instead)")
+        if spec.input_size is not None and spec.input_size != d_model:
+            raise ValueError(f"the cell's input_size ({spec.input_size}) must be the layer's width ({d_model}): "
+                             f"the layer feeds it [B, T, {d_model}]")
         return spec
     table = _cells()
     if not isinstance(spec, str) or spec.lower() not in table:

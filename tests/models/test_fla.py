@@ -11,6 +11,7 @@ import torch
 from helpers import loop
 
 from pararnn.fla import RNNAttention
+from pararnn.models import ParaGRU
 
 D = 8
 
@@ -138,6 +139,10 @@ def test_bad_arguments_are_named():
         RNNAttention(D, "paragru").double()(x, past_key_values=StandInCache())
     with pytest.raises(ValueError, match="layer_idx"):
         RNNAttention(D, "paragru", layer_idx=-1)
+    with pytest.raises(ValueError, match="input_size"):  # a cell instance must take [B, T, hidden_size]
+        RNNAttention(D, ParaGRU(D + 1, D))
+    with pytest.raises(ValueError, match="heads"):  # constructor arguments with an instance would be ignored
+        RNNAttention(D, ParaGRU(D, D), heads=2)
     cache = StandInCache()
     layer(x, past_key_values=cache, use_cache=True)
     left = torch.tensor([[0, 1, 1], [1, 1, 1]])

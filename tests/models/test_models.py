@@ -219,6 +219,8 @@ def test_regression_model_and_cell_instances():
     assert model.blocks[0].cell is not model.blocks[1].cell
     with pytest.raises(ValueError, match="unknown cell"):
         make_cell("transformer", 8)
+    with pytest.raises(ValueError, match="input_size"):  # a block feeds its cell [B, T, d_model]
+        SequenceModel(3, 2, d_model=8, n_layers=1, cell=ParaGRU(4, 8), regression=True)
     with pytest.raises(TypeError, match="token ids"):
         SequenceModel(5, 2, d_model=8, n_layers=1)(torch.randn(2, 3))
 
