@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import difflib
 import warnings
 
 import torch
@@ -33,9 +34,18 @@ MODES = ("parallel", "sequential", "auto")
 
 
 def _renamed(options: dict) -> dict:
+    """``options`` if each is a :class:`SolverOptions` field; a TypeError naming the unknown one
+    (with the nearest field names, or the field it was renamed to) otherwise."""
     if "chunk" in options:
         raise TypeError("the solver option chunk was renamed eval_chunk (state elements per cell evaluation); "
                         "chunk_size is the number of time steps per solve chunk")
+    fields = [f.name for f in dataclasses.fields(SolverOptions)]
+    for name in options:
+        if name not in fields:
+            near = difflib.get_close_matches(name, fields, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
+            raise TypeError(f"unknown solver option {name!r}{hint} (the options are pararnn.SolverOptions' fields: "
+                            f"{', '.join(fields)})")
     return options
 
 

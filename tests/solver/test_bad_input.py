@@ -95,6 +95,16 @@ def test_requires_grad_on_h0_only(rnn):
     assert torch.allclose(g, gs, atol=1e-12)
 
 
+def test_unknown_solver_options_are_named_with_the_nearest_fields(rnn):
+    cell = make_cell("diagonal", din=3, d=6)
+    with pytest.raises(TypeError, match=r"unknown solver option 'max_iter'; did you mean 'max_iters'\?"):
+        pararnn.RNN(cell, max_iter=3)
+    with pytest.raises(TypeError, match=r"unknown solver option 'chunksize'; did you mean 'chunk_size'"):
+        rnn(X(2, 5, 3), chunksize=2)  # a per-call override
+    with pytest.raises(TypeError, match=r"unknown solver option 'zzz' \(the options are .*max_iters"):
+        pararnn.RNN(cell, zzz=1)
+
+
 def test_step_bad_input(rnn):
     with pytest.raises(ValueError, match="x_t must be"):
         rnn.step(X(2, 1, 3))
