@@ -7,7 +7,7 @@ state lives in fla's cache under the layer's ``layer_idx`` (``past_key_values[la
 ["recurrent_state"]``, written with ``past_key_values.update(recurrent_state=..., layer_idx=...,
 offset=T)``), ``attention_mask [B, T]`` marks padding (left-padded prompts included) and
 ``cu_seqlens`` (a keyword) packs sequences ``[1, total, hidden_size]``. Any object with that
-cache interface serves (fla's ``Cache``; transformers' caches do not hold recurrent states)::
+cache interface serves (fla's ``Cache``, or a stand-in with ``len``, ``[layer_idx]`` and ``update``)::
 
     from fla.models.utils import Cache
     layer = pararnn.fla.RNNAttention(hidden_size=256, cell="paragru", layer_idx=0)
