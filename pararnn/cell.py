@@ -6,7 +6,7 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from .structure import Structure, as_structure
-from .utils.functional import autodiff_outside_inference, inference_mode_on
+from .utils.functional import autodiff_outside_inference, inference_mode_on, own_saved_tensors
 
 
 class Cell(nn.Module):
@@ -250,17 +250,12 @@ def _forward_mode(step, h: torch.Tensor, u: torch.Tensor, structure, tangents: t
     return step(h, u), structure.assemble(cols, d)
 
 
-def _as_is(t):
-    return t
-
-
 def _reverse_mode(step, h: torch.Tensor, u: torch.Tensor, structure, probes: torch.Tensor):
     """:func:`autodiff_step_and_jacobian` without a graph of J: rows ``e^T J`` of one backward
     graph of ``step`` per probe ``e`` (``probes [P, N, d]``), assembled and transposed."""
     d = h.shape[-1]
-    # its own saved-tensor hooks: an enclosing activation checkpoint (chunk_size) must not count or
-    # keep what this graph saves
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+    # an enclosing activation checkpoint (chunk_size) must not count or keep what this graph saves
+    with torch.enable_grad(), own_saved_tensors():
         hh = h.detach().requires_grad_()
         out = step(hh, u)
         P = probes.shape[0]

@@ -13,7 +13,7 @@ import torch
 from . import compat
 from .cell import Cell, autodiff_step_and_jacobian, gives_scale
 from .structure import Dense
-from .utils.functional import jvp
+from .utils.functional import jvp, own_saved_tensors
 from .utils.rng import RandomState, untouched_rng
 
 
@@ -275,7 +275,9 @@ def verify_once(cell, u: torch.Tensor, h0: torch.Tensor, n: int = 4) -> None:
     with torch.no_grad():
         u_s = u[b, t].detach()  # [n, *]
         h_s = cell.step(h0[b].detach(), u_s)  # a state at the scale the solve will see, [n, d]
-    with torch.enable_grad(), torch.autocast(u.device.type, enabled=False):  # the cell's math, in full precision
+    # the cell's math, in full precision; its graphs unseen by an enclosing checkpoint (it saves as many
+    # tensors in its recompute, which does not probe again)
+    with torch.enable_grad(), torch.autocast(u.device.type, enabled=False), own_saved_tensors():
         verify_cell(cell, h_s, u_s)
         affine = is_affine(cell, h_s, u_s)
     facts = CellFacts.of(cell)

@@ -1,6 +1,7 @@
 """``call_with(root, tensors, fn, *args)``: any function run with a module's parameters and buffers
 swapped for other tensors (:func:`torch.func.functional_call` for more than ``root.forward``);
-``jvp``: :func:`torch.func.jvp` that also holds under :func:`torch.inference_mode`."""
+``jvp``: :func:`torch.func.jvp` that also holds under :func:`torch.inference_mode`;
+``own_saved_tensors``: autograd graphs of pararnn's own that an enclosing checkpoint does not see."""
 from __future__ import annotations
 
 import contextlib
@@ -63,3 +64,15 @@ def inference_mode_on() -> bool:
     """Whether :func:`torch.inference_mode` is on; False while torch.compile traces (dynamo cannot
     trace the query, and a compiled graph runs no autodiff of its own)."""
     return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def own_saved_tensors():
+    """A context in which autograd saves tensors as they are, whatever saved-tensor hooks enclose
+    it (an activation checkpoint's, ``save_on_cpu``'s): for graphs pararnn builds and consumes itself
+    (reverse-mode Jacobians, the first call's cell probe). A checkpoint that counted them would find
+    fewer in its recompute (which does not probe again) and raise a CheckpointError."""
+    return torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is)

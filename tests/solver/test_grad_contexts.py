@@ -148,6 +148,33 @@ def ctx_functional_call(m, x, h0):  # the parameters swapped in by torch.func.fu
     return [y, hT], _grads(_loss(y, hT), [x, h0, *params.values()])
 
 
+def ctx_checkpoint(m, x, h0):  # activation checkpointing around the module (a first call: its probes inside)
+    from torch.utils.checkpoint import checkpoint
+
+    y, hT = checkpoint(m, x, h0, use_reentrant=False)
+    return [y, hT], _grads(_loss(y, hT), [x, h0, *m.cell.parameters()])
+
+
+def ctx_checkpoint_reentrant(m, x, h0):  # the older reentrant checkpoint (backward re-runs the forward)
+    from torch.utils.checkpoint import checkpoint
+
+    y, hT = checkpoint(m, x, h0, use_reentrant=True)
+    leaves = [x, h0, *m.cell.parameters()]
+    for t in leaves:
+        t.grad = None
+    _loss(y, hT).backward()  # (reentrant checkpoints refuse torch.autograd.grad)
+    grads = [t.grad for t in leaves]
+    for t in leaves:
+        t.grad = None
+    return [y, hT], grads
+
+
+def ctx_save_on_cpu(m, x, h0):  # saved tensors through hooks (offloading)
+    with torch.autograd.graph.save_on_cpu():
+        y, hT = m(x, h0)
+    return [y, hT], _grads(_loss(y, hT), [x, h0, *m.cell.parameters()])
+
+
 def ctx_compile(m, x, h0):  # torch.compile around the module (the reference runs it eagerly)
     if isinstance(m, Loop):
         return ctx_plain(m, x, h0)
