@@ -6,6 +6,7 @@ from :mod:`pararnn.compat`.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import types
 import warnings
 
@@ -130,12 +131,37 @@ def _trace(cell, tensors: dict[str, torch.Tensor], h: torch.Tensor, u: torch.Ten
 
     n = 7  # an example row count that no other size equals (dynamo specialises 0 and 1)
     gen = torch.Generator().manual_seed(0)  # (not the global generator: the user's random stream stays theirs)
-    # with inference mode off: under it the traced vjps were zeros (torch 2.11), kept in the cached graph
-    with autodiff_outside_inference(), torch.no_grad():
-        hx = torch.randn(n, h.shape[-1], generator=gen, dtype=h.dtype).to(h.device)
-        ux = torch.randn(n, *u.shape[1:], generator=gen, dtype=u.dtype).to(u.device)
-        gm = make_fx(step_and_jacobian, tracing_mode="symbolic")([t.detach() for t in tensors.values()], hx, ux)
-    return with_rounding_scale(gm)
+
+    def trace():
+        # with inference mode off: under it the traced vjps were zeros (torch 2.11), kept in the cached graph
+        with autodiff_outside_inference(), torch.no_grad():
+            hx = torch.randn(n, h.shape[-1], generator=gen, dtype=h.dtype).to(h.device)
+            ux = torch.randn(n, *u.shape[1:], generator=gen, dtype=u.dtype).to(u.device)
+            return make_fx(step_and_jacobian, tracing_mode="symbolic")([t.detach() for t in tensors.values()], hx, ux)
+
+    return with_rounding_scale(in_own_thread(trace))
+
+
+def in_own_thread(fn):
+    """``fn()`` run in a new thread, its exception re-raised here: free of this thread's autograd
+    state. The trace of :func:`traced_jacobian` may be first asked for inside an activation
+    checkpoint (``chunk_size``, or the user's ``torch.utils.checkpoint``) or ``save_on_cpu``, whose
+    saved-tensor hooks torch.func refuses ("don't yet support saved tensor hooks"): traced there,
+    the cell class would lose its compiled evaluation for good. The graph itself holds no such state."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            out["error"] = e
+
+    worker = threading.Thread(target=run, name="pararnn-trace")
+    worker.start()
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def with_rounding_scale(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

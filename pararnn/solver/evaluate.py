@@ -171,8 +171,8 @@ def evaluate_piece(cell, structure, hp: torch.Tensor, u: torch.Tensor, hn: torch
     hp = hp.reshape(N, d)  # [N, d]
     u = u.reshape(N, *u.shape[2:])
     s = None
-    if jac is not None:
-        f, Jc, *scale = jac[0](jac[1], hp, u)
+    if jac is not None:  # traced on contiguous rows, whose reshapes it recorded as views: it gets such rows
+        f, Jc, *scale = jac[0](jac[1], hp.contiguous(), u.contiguous())  # (a copy only for one step of several rows)
         s = scale[0] if scale and measure is True else None
     elif measure is True:  # the test reads the cell's rounding scale s [N, d] too (or None)
         f, Jc, s = cell.step_jacobian_and_scale(hp, u)

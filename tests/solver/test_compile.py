@@ -355,6 +355,59 @@ def test_untraceable_step_runs_eagerly_with_one_warning():
     torch.testing.assert_close(y, pararnn.RNN(cell, compile_cell=False)(x)[0])
 
 
+def test_a_traced_jacobian_takes_one_step_of_several_rows():
+    """A piece of one time step and several rows (T = 1, or a one-step last chunk) hands the
+    traced graph rows that are not contiguous; its reshapes, traced on contiguous rows, are
+    views: it raised "view size is not compatible" (Block(2) user cell, compile_cell=True)."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    from helpers import loop, make_cell
+
+    cell = make_cell("block2", din=4, d=6)
+    for T, options in ((1, {}), (65, {"chunk_size": 64})):
+        x = torch.randn(3, T, 4, dtype=torch.float64, requires_grad=True)
+        y, h = pararnn.RNN(cell, mode="parallel", compile_cell=True, **options)(x)
+        y_ref, h_ref = loop(cell, x, torch.zeros(3, 6, dtype=torch.float64))
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+        got = torch.autograd.grad(y.sum() + h.sum(), [x, *cell.parameters()])
+        want = torch.autograd.grad(y_ref.sum() + h_ref.sum(), [x, *cell.parameters()])
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", ["chunk_size", "user_checkpoint", "save_on_cpu"])
+def test_a_first_trace_under_saved_tensor_hooks_keeps_the_compiled_evaluation(where):
+    """The Jacobian graph first asked for inside an activation checkpoint (chunk_size's, or the
+    user's) or save_on_cpu: torch.func refuses saved-tensor hooks, so the trace failed there and the
+    cell class lost its compiled evaluation for good, with a warning that blamed its step."""
+    from torch.utils.checkpoint import checkpoint
+
+    from pararnn.solver.compile import _TRACED
+
+    class FreshCell(StepOnlyGRU):  # a class of its own: nothing traced for it yet
+        pass
+
+    torch.manual_seed(0)
+    cell = FreshCell(3, 4, structure=pararnn.Block(2))
+    x = torch.randn(2, 40, 3, requires_grad=True)
+    rnn = pararnn.RNN(cell, mode="parallel", compile_cell=True, chunk_size=16 if where == "chunk_size" else None)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        if where == "user_checkpoint":
+            y = checkpoint(lambda x: rnn(x)[0], x, use_reentrant=False)
+        elif where == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                y = rnn(x)[0]
+        else:
+            y = rnn(x)[0]
+        y.sum().backward()
+    assert not [w for w in record if "could not be traced" in str(w.message)]
+    traced = [g for key, g in _TRACED.items() if key[0] is FreshCell]
+    assert traced and all(g is not None for g in traced)
+    torch.testing.assert_close(y, pararnn.RNN(cell, mode="sequential")(x)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch):
     """Where inductor cannot compile (here: its backend raises), the cell class runs eagerly from
     then on, with one warning and the eager twin's numbers; an error of the cell itself still raises."""
