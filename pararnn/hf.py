@@ -107,6 +107,7 @@ class PararnnPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["ResidualBlock"]
+    supports_gradient_checkpointing = True  # activation_checkpointing_enable(): one checkpoint per block
 
     def _init_weights(self, module):
         pass  # the modules' own initialisation (the cells choose theirs)
@@ -135,6 +136,7 @@ class PararnnModel(PararnnPreTrainedModel):
                           solver_options=config.solver_options, **config.cell_kwargs)
             for _ in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(d)
+        self.gradient_checkpointing = False  # set by transformers' activation_checkpointing_enable()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -194,8 +196,13 @@ class PararnnModel(PararnnPreTrainedModel):
         if shift is not None:  # left padding: rotate each row so its tokens come first
             x = rotate(x, shift)
         new_state = []
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x, h = layer(x, None if state is None else state[i], lengths=lengths)
+            h0 = None if state is None else state[i]
+            if checkpointed:  # the block's activations recomputed in the backward (transformers' checkpoint function)
+                x, h = self._gradient_checkpointing_func(layer.__call__, x, h0, None, lengths)
+            else:
+                x, h = layer(x, h0, lengths=lengths)
             new_state.append(h)
             if hidden is not None:
                 hidden.append(x if shift is None else rotate(x, -shift))

@@ -100,6 +100,33 @@ def test_right_padding_and_bad_masks():
         PararnnConfig(cell="transformer")
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(reentrant):
+    """transformers' activation_checkpointing_enable (the Trainer's gradient_checkpointing=True):
+    each block runs under transformers' checkpoint function, and a first training step (the
+    solver's one-off cell probe inside the checkpoint) gives the plain model's loss and gradients."""
+    plain, checkpointed = tiny().train(), tiny().train()
+    checkpointed.activation_checkpointing_enable({"use_reentrant": reentrant})
+    calls, checkpoint_func = [], checkpointed.model._gradient_checkpointing_func
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return checkpoint_func(*args, **kwargs)
+
+    checkpointed.model._gradient_checkpointing_func = counted
+    ids = torch.randint(0, V, (2, 24))
+    losses, grads = [], []
+    for model in (plain, checkpointed):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad for p in model.parameters()])
+    assert len(calls) == 2  # one checkpoint per block
+    torch.testing.assert_close(losses[1], losses[0])
+    for a, b in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_trainer_loss_equals_a_plain_loop_and_its_save_loads(tmp_path):
     from transformers import Trainer, TrainingArguments
 
