@@ -147,11 +147,14 @@ def in_own_thread(fn):
     state. The trace of :func:`traced_jacobian` may be first asked for inside an activation
     checkpoint (``chunk_size``, or the user's ``torch.utils.checkpoint``) or ``save_on_cpu``, whose
     saved-tensor hooks torch.func refuses ("don't yet support saved tensor hooks"): traced there,
-    the cell class would lose its compiled evaluation for good. The graph itself holds no such state."""
-    out = {}
+    the cell class would lose its compiled evaluation for good. The graph itself holds no such state.
+    The default device (``torch.set_default_device``, per thread) is carried over: a ``step`` that
+    makes tensors without naming a device makes them where it would in the caller's thread."""
+    out, device = {}, torch.get_default_device()
 
     def run():
         try:
+            torch.set_default_device(device)
             out["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             out["error"] = e

@@ -376,6 +376,19 @@ def test_a_traced_jacobian_takes_one_step_of_several_rows():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_the_trace_thread_keeps_the_default_device_and_raises_here():
+    from pararnn.solver.compile import in_own_thread
+
+    before = torch.get_default_device()
+    try:
+        torch.set_default_device("meta")  # per thread: a new thread would start on the CPU
+        assert in_own_thread(lambda: torch.zeros(1).device).type == "meta"
+    finally:
+        torch.set_default_device(before)
+    with pytest.raises(ZeroDivisionError):
+        in_own_thread(lambda: 1 / 0)
+
+
 @pytest.mark.parametrize("where", ["chunk_size", "user_checkpoint", "save_on_cpu"])
 def test_a_first_trace_under_saved_tensor_hooks_keeps_the_compiled_evaluation(where):
     """The Jacobian graph first asked for inside an activation checkpoint (chunk_size's, or the
