@@ -133,8 +133,10 @@ def _trace(cell, tensors: dict[str, torch.Tensor], h: torch.Tensor, u: torch.Ten
     gen = torch.Generator().manual_seed(0)  # (not the global generator: the user's random stream stays theirs)
 
     def trace():
-        # with inference mode off: under it the traced vjps were zeros (torch 2.11), kept in the cached graph
-        with autodiff_outside_inference(), torch.no_grad():
+        # with inference mode off: under it the traced vjps were zeros (torch 2.11), kept in the cached graph;
+        # with anomaly detection off (process-wide; the caller waits): its NaN checks are data-dependent
+        # branches that symbolic tracing cannot take, and debugging checks are no part of the graph
+        with torch.autograd.set_detect_anomaly(False), autodiff_outside_inference(), torch.no_grad():
             hx = torch.randn(n, h.shape[-1], generator=gen, dtype=h.dtype).to(h.device)
             ux = torch.randn(n, *u.shape[1:], generator=gen, dtype=u.dtype).to(u.device)
             return make_fx(step_and_jacobian, tracing_mode="symbolic")([t.detach() for t in tensors.values()], hx, ux)

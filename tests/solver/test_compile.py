@@ -389,11 +389,12 @@ def test_the_trace_thread_keeps_the_default_device_and_raises_here():
         in_own_thread(lambda: 1 / 0)
 
 
-@pytest.mark.parametrize("where", ["chunk_size", "user_checkpoint", "save_on_cpu"])
+@pytest.mark.parametrize("where", ["chunk_size", "user_checkpoint", "save_on_cpu", "detect_anomaly"])
 def test_a_first_trace_under_saved_tensor_hooks_keeps_the_compiled_evaluation(where):
     """The Jacobian graph first asked for inside an activation checkpoint (chunk_size's, or the
-    user's) or save_on_cpu: torch.func refuses saved-tensor hooks, so the trace failed there and the
-    cell class lost its compiled evaluation for good, with a warning that blamed its step."""
+    user's), save_on_cpu (torch.func refuses saved-tensor hooks) or anomaly detection: the trace
+    failed there and the cell class lost its compiled evaluation for good, with a warning that
+    blamed its step."""
     from torch.utils.checkpoint import checkpoint
 
     from pararnn.solver.compile import _TRACED
@@ -411,6 +412,9 @@ def test_a_first_trace_under_saved_tensor_hooks_keeps_the_compiled_evaluation(wh
             y = checkpoint(lambda x: rnn(x)[0], x, use_reentrant=False)
         elif where == "save_on_cpu":
             with torch.autograd.graph.save_on_cpu():
+                y = rnn(x)[0]
+        elif where == "detect_anomaly":  # its NaN checks are data-dependent branches: untraceable
+            with torch.autograd.detect_anomaly(check_nan=True):
                 y = rnn(x)[0]
         else:
             y = rnn(x)[0]
