@@ -156,7 +156,8 @@ def in_own_thread(fn):
 
     def run():
         try:
-            torch.set_default_device(device)
+            if torch.get_default_device() != device:  # (setting it installs a function mode: only if needed)
+                torch.set_default_device(device)
             out["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             out["error"] = e
