@@ -97,6 +97,16 @@ def test_the_engine_never_imports_its_clients():
             assert not any(n.split(".")[0] == "pararnn_studies" for n in names), mod
 
 
+def test_the_engine_never_imports_the_layers_and_integrations():
+    """The engine (everything but models, nn, fla, hf, distributed) imports none of them: they are
+    its clients (``pararnn/README.md``)."""
+    clients = ("models", "nn", "fla", "hf", "distributed")
+    for mod, deps in import_graph().items():
+        if mod.split(".")[1:2] and mod.split(".")[1] in clients:
+            continue
+        assert not [d for d in deps if d.split(".")[1] in clients], (mod, deps)
+
+
 def test_the_cycle_check_can_fail():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
