@@ -162,7 +162,7 @@ def in_own_thread(fn):
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             out["error"] = e
 
-    worker = threading.Thread(target=run, name="pararnn-trace")
+    worker = threading.Thread(target=run, name="pararnn-trace", daemon=True)  # (Ctrl-C in join() need not wait for it)
     worker.start()
     worker.join()
     if "error" in out:
