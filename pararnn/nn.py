@@ -138,10 +138,11 @@ class _RNNBase:
         return hn
 
     # ------------------------------------------------------------------ forward
-    def _check_args(self, input, hx) -> None:
+    def _check_args(self, input, hx):
         """torch.nn's argument checks, with its exception types and in its order: the input's and
         hx's dimensions, torch's own ``check_input`` (input size, dtype), then hx's shape and dtype,
-        with messages that name h0/c0/hx (torch's kernel raises a RuntimeError for the dtype)."""
+        with messages that name h0/c0/hx (torch's kernel raises a RuntimeError for the dtype).
+        Returns hx with a batch dim (``[L·D, 1, H]`` for an unbatched input; LSTM: a tuple), or None."""
         name = next(c.__name__ for c in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(self, c))
         lstm = isinstance(self, nn.LSTM)
         if lstm and hx is not None and (not isinstance(hx, tuple) or len(hx) != 2):
@@ -167,7 +168,7 @@ class _RNNBase:
         getattr(self, "_update_flat_weights", lambda: None)()  # torch's check reads its weight list
         self.check_input(x, batch_sizes)  # torch's: input size (RuntimeError) and dtype (ValueError)
         if hs is None:
-            return
+            return None
         want = tuple(self.get_expected_hidden_size(x, batch_sizes))  # (L·D, B, H), as torch's check
         autocast = torch.is_autocast_enabled(x.device.type)
         for h, arg in zip(hs, ("h0", "c0") if lstm else ("hx",), strict=True):
@@ -177,6 +178,7 @@ class _RNNBase:
             if h.dtype != x.dtype and not autocast:  # torch's kernel raises a RuntimeError
                 raise RuntimeError(f"{arg} dtype ({h.dtype}) does not match input dtype ({x.dtype}): "
                                    f"convert it ({arg}.to({x.dtype}))")
+        return hs if lstm else hs[0]
 
     def _forward_torch(self, input, hx):
         """torch.nn's own forward (the torch.nn class after this mixin), with these parameters."""
@@ -237,7 +239,7 @@ class _RNNBase:
     def _forward(self, input, hx):
         if isinstance(hx, list):
             hx = tuple(hx)
-        self._check_args(input, hx)
+        hx = self._check_args(input, hx)  # with a batch dim
         packed = isinstance(input, PackedSequence)
         unbatched = False
         if packed:
@@ -247,8 +249,6 @@ class _RNNBase:
             unbatched = input.dim() == 2
             x = input.unsqueeze(0) if unbatched else (input if self.batch_first else input.transpose(0, 1))
             lengths = None
-            if unbatched and hx is not None:
-                hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
         B = x.shape[0]
         if x.shape[1] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")  # torch's words
