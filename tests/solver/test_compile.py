@@ -359,9 +359,6 @@ def test_a_traced_jacobian_takes_one_step_of_several_rows():
     """A piece of one time step and several rows (T = 1, or a one-step last chunk) hands the
     traced graph rows that are not contiguous; its reshapes, traced on contiguous rows, are
     views: it raised "view size is not compatible" (Block(2) user cell, compile_cell=True)."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
     from helpers import loop, make_cell
 
     cell = make_cell("block2", din=4, d=6)
